@@ -1,0 +1,8 @@
+"""One adapter per model family; see :class:`~piofvlm.adapters.base.ModelAdapter`."""
+
+# Importing the family modules registers them.
+from piofvlm.adapters import llava, llava_next  # noqa: E402,F401,I001
+from piofvlm.adapters.base import SUPPORTED_ATTENTION, ModelAdapter
+from piofvlm.adapters.registry import ADAPTERS, get_adapter, register_adapter
+
+__all__ = ["ADAPTERS", "SUPPORTED_ATTENTION", "ModelAdapter", "get_adapter", "register_adapter"]

@@ -1,0 +1,114 @@
+"""The contract between the shared pruning mechanism and one model family.
+
+An adapter is the only place that knows a family's module tree (where the decoder layers, final norm, LM head and
+rotary embedding live), where the visual tokens are in each sample, and how positions are gathered or renumbered
+after tokens are dropped. Methods and the mechanism never look at ``config.model_type`` themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+#: Attention implementations whose masks the mechanism can rebuild after tokens are dropped.
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+
+class ModelAdapter:
+    """Knows one model family (keyed by ``config.model_type``).
+
+    Subclasses set :attr:`model_types` and implement :meth:`image_token_counts`; the module lookups below fit the
+    Hugging Face layout ``model.model.language_model`` + ``model.lm_head`` shared by LLaVA-style models.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: Position ids / rotary tables are laid out as ``(*lead, B, S, *rest)``; this is the index of ``B``.
+    position_batch_dim: ClassVar[int] = 0
+    #: Whether ``positions="renumber"`` is well defined for this family.
+    supports_renumber: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # ----------------------------------------------------------------------------------------------- module tree
+    @property
+    def multimodal_model(self) -> nn.Module:
+        """The module that receives ``input_ids`` and pixel inputs and calls the language model."""
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack (embeddings, layers, final norm, rotary embedding)."""
+        return self.model.model.language_model
+
+    @property
+    def text_config(self) -> Any:
+        return self.language_model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.language_model.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.text_config._attn_implementation
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    # ------------------------------------------------------------------------------------------ visual tokens
+    def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
+        """Number of placeholder tokens of each image of the batch, in order, or ``None`` if unknown.
+
+        ``model_kwargs`` are the keyword arguments of the multimodal model's forward (``pixel_values``,
+        ``image_sizes``, ...). ``None`` makes the mechanism treat each contiguous run of image tokens as one image.
+        """
+        raise NotImplementedError
+
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` bool: which prompt positions hold visual tokens."""
+        return input_ids == self.image_token_id
+
+    # ---------------------------------------------------------------------------------------------- positions
+    def default_position_ids(self, batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        """Positions the language model would use when the caller passes none: ``(1, S)``."""
+        return torch.arange(seq_len, device=device)[None]
+
+    def rotary_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Recompute ``position_embeddings`` (cos, sin) for new position ids (used by ``positions="renumber"``)."""
+        return self.language_model.rotary_emb(hidden_states, position_ids=position_ids)
+
+    def renumber_positions(self, position_ids: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Subtract a per-slot ``shift`` of shape ``(B, S)`` from position ids of layout ``(*lead, B, S)``."""
+        return position_ids - shift
+
+    # ------------------------------------------------------------------------------------ fast proxy support
+    def rotary_fn(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+        """The family's own ``apply_rotary_pos_emb(q, k, cos, sin)``, or ``None`` if the fast proxy cannot be used."""
+        return None
+
+    # ---------------------------------------------------------------------------------------------- checks
+    def check_attention(self) -> None:
+        impl = self.attn_implementation
+        if impl not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"attention implementation {impl!r} is not supported: after tokens are dropped the mechanism rebuilds "
+                f"the attention mask, which it can do for {', '.join(SUPPORTED_ATTENTION)}. Load the model with "
+                "attn_implementation='sdpa' (or one of those)."
+            )

@@ -1,0 +1,46 @@
+"""LLaVA-NeXT (1.6) models: anyres tiling, so each image has its own number of visual tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.llava_next import modeling_llava_next as mln
+
+from piofvlm.adapters.llava import LlavaAdapter
+from piofvlm.adapters.registry import register_adapter
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    """Per image: the base view, then the unpadded high-resolution grid with one ``image_newline`` token per row.
+
+    All of these are placeholder tokens of the image, so all of them are visual tokens and count towards a budget.
+    """
+
+    model_types = ("llava_next",)
+
+    def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
+        image_sizes = model_kwargs.get("image_sizes")
+        if image_sizes is None or model_kwargs.get("pixel_values") is None:
+            return None
+        config = self.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        strategy = model_kwargs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        base = side * side + (1 if strategy == "full" else 0)
+        counts = []
+        for size in torch.as_tensor(image_sizes).tolist():
+            num_tiles = mln.image_size_to_num_patches(
+                size, config.image_grid_pinpoints, config.vision_config.image_size
+            )
+            if num_tiles <= 1:
+                counts.append(base + 1)  # base view + one newline
+                continue
+            rows, cols = mln.get_anyres_image_grid_shape(
+                size, config.image_grid_pinpoints, config.vision_config.image_size
+            )
+            # Same unpadding as the model, applied to an empty tensor to read off the shape only.
+            grid = mln.unpad_image(torch.empty(0, rows * side, cols * side), torch.as_tensor(size))
+            height, width = grid.shape[1], grid.shape[2]
+            counts.append(base + height * (width + 1))
+        return counts

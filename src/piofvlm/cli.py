@@ -1,0 +1,165 @@
+"""Command line: ``piofvlm run`` (one image, one question) and ``piofvlm demo`` (the embedded default model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers.utils import logging as transformers_logging
+
+from piofvlm.loading import DTYPES, build_prompt, load_model
+from piofvlm.registry import available_methods, get_method
+
+logger = logging.getLogger(__name__)
+
+
+def parse_value(text: str) -> Any:
+    """``"0.5"`` -> 0.5, ``"64"`` -> 64, ``"1,10,15"`` -> [1, 10, 15], ``"true"`` -> True, else the string."""
+    if "," in text:
+        return [parse_value(part) for part in text.split(",") if part]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def method_from_args(args: argparse.Namespace) -> Any:
+    fields: dict[str, Any] = {}
+    if args.method != "none":
+        if args.layers is not None:
+            fields["layers"] = parse_value(args.layers)
+        if args.keep is not None:
+            fields["keep"] = parse_value(args.keep)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        fields[key] = parse_value(value)
+    return get_method(args.method, **fields)
+
+
+def generate_timed(model: torch.nn.Module, inputs: dict, method: Any, max_new_tokens: int) -> dict[str, Any]:
+    """Answer, prefill time (one forward of the prompt) and total ``generate`` time, with ``method`` applied.
+
+    One untimed warm-up pass runs first; the times are single wall-clock measurements, not a benchmark.
+    """
+    with torch.no_grad(), method(model):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        model(**inputs, use_cache=True)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        total = time.perf_counter() - start
+    kept = [[len(k) for k in record.kept] for record in method.last_selection]
+    return {
+        "output_ids": output[:, inputs["input_ids"].shape[1] :],
+        "prefill_s": prefill,
+        "total_s": total,
+        "kept": kept,
+    }
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="pio", help=f"one of: {', '.join(available_methods())}")
+    parser.add_argument("--keep", help="ratio (0.111) or count (64) per stage; comma-separated for several stages")
+    parser.add_argument("--layers", help="prune after this many decoder layers; comma-separated for several stages")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other field of the method")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    method = method_from_args(args)
+    model, processor = load_model(args.model, dtype=args.dtype, attn=args.attn, device=args.device)
+    image = Image.open(args.image).convert("RGB")
+    inputs = processor(images=[image], text=[build_prompt(processor, args.prompt)], return_tensors="pt").to(
+        args.device
+    )
+    result = generate_timed(model, dict(inputs), method, args.max_new_tokens)
+    answer = processor.batch_decode(result["output_ids"], skip_special_tokens=True)[0].strip()
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    print(f"answer: {answer}")
+    print(f"method: {json.dumps(method.to_dict())}")
+    stages = " -> ".join(str(sum(k)) for k in result["kept"]) or "(no pruning)"
+    print(f"visual tokens: {visual} -> {stages}")
+    print(
+        f"prefill: {result['prefill_s'] * 1000:.1f} ms   generate ({args.max_new_tokens} new tokens max): "
+        f"{result['total_s'] * 1000:.1f} ms"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from piofvlm import toy
+
+    workdir = Path(args.out or tempfile.mkdtemp(prefix="piofvlm-demo-"))
+    model_dir = workdir / "toy-llava"
+    # No trained checkpoint ships yet: the demo runs a tiny LLaVA with RANDOM weights, so its answers are noise;
+    # it shows the mechanics (tokens kept, timings) through the same from_pretrained code path as a real model.
+    toy.save_toy_llava(model_dir)
+    image_path = workdir / "image.png"
+    toy.random_image(0, (28, 28)).save(image_path)
+    print("piofvlm demo: tiny LLaVA with RANDOM weights (no trained checkpoint ships yet); answers are meaningless.")
+    print(f"model: {model_dir}\nimage: {image_path}")
+    for name, keep in (("none", None), ("pio", "0.111")):
+        print(f"\n== method {name}" + (f", keep {keep}" if keep else ""))
+        run_args = argparse.Namespace(
+            model=str(model_dir),
+            image=str(image_path),
+            prompt="what is the colour of the circle ?",
+            method=name,
+            keep=keep,
+            layers=None,
+            set=None,
+            max_new_tokens=args.max_new_tokens,
+            dtype="float32",
+            attn="sdpa",
+            device="cpu",
+        )
+        cmd_run(run_args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="piofvlm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is pruned (DEBUG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="answer one question about one image, with a method applied")
+    run.add_argument("--model", required=True, help="local checkpoint directory (from_pretrained layout)")
+    run.add_argument("--image", required=True)
+    run.add_argument("--prompt", required=True, help="the question (the image placeholder is added if missing)")
+    add_method_arguments(run)
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    run.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    run.add_argument("--device", default="cpu")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="run the embedded default model with and without PIO (no download)")
+    demo.add_argument("--out", help="folder for the demo's files (default: a new temporary folder)")
+    demo.add_argument("--max-new-tokens", type=int, default=8)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    transformers_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"piofvlm: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

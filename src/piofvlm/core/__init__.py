@@ -1,0 +1,1 @@
+"""The shared mechanism: hooks, sequence rebuild, masks and selection rules. Methods never need to edit it."""

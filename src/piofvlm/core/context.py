@@ -1,0 +1,76 @@
+"""Data passed from the mechanism to a method at a pruning stage, and what a method gives back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from piofvlm.adapters.base import ModelAdapter
+
+
+@dataclass
+class StageContext:
+    """Everything a method may use to choose visual tokens at one pruning stage.
+
+    Shapes: ``B`` samples, ``S`` slots of the current (left-padded) sequence, ``d`` hidden size, ``G`` budget groups.
+    """
+
+    stage: int
+    #: Number of decoder layers that have run before this stage (the prune point ``K``).
+    layer: int
+    #: ``(B, S, d)`` residual stream entering decoder layer ``layer``.
+    hidden_states: torch.Tensor
+    #: ``(B, S)`` bool: real tokens (False for padding slots).
+    valid: torch.Tensor
+    #: ``(B, S)`` long: budget group of each visual token (an image, or the whole sample), -1 for text and padding.
+    groups: torch.Tensor
+    #: ``(B, S)`` long: index of each visual slot among its sample's original visual tokens (prompt order over all
+    #: images, before any stage), -1 for text and padding. Lets spatial methods find a token's place in its grid.
+    visual_index: torch.Tensor
+    #: ``(B, G)`` long: how many visual tokens to keep in each group (0 for groups that do not exist).
+    budgets: torch.Tensor
+    #: The attention mask of the current layout, in the format of the model's attention implementation.
+    attention_mask: Any
+    #: ``(cos, sin)`` of the current layout, as the decoder layers receive them.
+    position_embeddings: tuple[torch.Tensor, ...]
+    #: Position ids of the current layout (``(B, S)``, or ``(*lead, B, S)`` for M-RoPE families).
+    position_ids: torch.Tensor
+    #: ``(B,)`` int64: a fingerprint of each sample's prompt, independent of the batch it is in (for seeding).
+    sample_keys: torch.Tensor
+    adapter: ModelAdapter
+    model: nn.Module
+
+    @property
+    def visual(self) -> torch.Tensor:
+        """``(B, S)`` bool: visual tokens still present."""
+        return self.groups >= 0
+
+
+@dataclass
+class Selection:
+    """A method's decision at one stage."""
+
+    #: ``(B, S)`` bool: visual tokens to keep. Exactly ``budgets`` per group; False on text and padding.
+    keep: torch.Tensor
+    #: ``(B, S)`` float scores of the visual tokens (higher = more important), or None for score-free methods.
+    scores: torch.Tensor | None = None
+
+
+@dataclass
+class StageRecord:
+    """What was selected at one stage, per sample, for tests, plots and users.
+
+    Indices count a sample's visual tokens in prompt order, over all its images (0 .. N_vis - 1), before any stage.
+    """
+
+    stage: int
+    layer: int
+    #: Per sample: ``(N_before,)`` visual indices present before this stage.
+    candidates: list[torch.Tensor] = field(default_factory=list)
+    #: Per sample: ``(k,)`` sorted visual indices kept by this stage.
+    kept: list[torch.Tensor] = field(default_factory=list)
+    #: Per sample: ``(N_before,)`` scores aligned with ``candidates`` (None for score-free methods).
+    scores: list[torch.Tensor | None] = field(default_factory=list)

@@ -1,0 +1,160 @@
+"""PIO-FVLM's layer-local proxy loss and its gradient with respect to the hidden states at the prune point.
+
+Proxy = one decoder layer, the final norm and the LM head; loss = cross-entropy of the logits at a few prompt
+positions against their own argmax (no ground truth). Two exact implementations:
+
+* reference: the decoder layer's own forward on the whole sequence, logits everywhere, then the loss positions;
+* fast: the loss depends on the layer's outputs at the loss positions only, so queries, the MLP and the LM head are
+  computed there alone (keys and values over the prefix). Same loss, same gradient, a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from piofvlm.core.context import StageContext
+
+
+def loss_positions(valid: torch.Tensor, num_positions: int, include_last: bool) -> torch.Tensor:
+    """Slots whose logits enter the loss: ``(B, n)``.
+
+    Default (authors'): the ``n`` prompt positions before the last one, i.e. the last ``n`` rows of the
+    training-style shifted logits. With ``include_last`` the window ends at the last prompt token.
+    Sequences are left-padded, so the same slots are the last real tokens of every sample.
+    """
+    batch_size, seq_len = valid.shape
+    end = seq_len if include_last else seq_len - 1
+    start = end - num_positions
+    if start < 0 or not bool(valid[:, start:end].all()):
+        raise ValueError(
+            f"the proxy loss needs {num_positions} prompt positions before the last token in every sample "
+            f"(num_loss_positions={num_positions}, include_last={include_last}); a prompt is too short"
+        )
+    return torch.arange(start, end, device=valid.device)[None].expand(batch_size, -1)
+
+
+def _gather_seq(tensor: torch.Tensor, slots: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    """Gather ``slots`` (``(B, n)``) along the sequence axis ``batch_dim + 1`` of ``tensor``."""
+    seq_dim = batch_dim + 1
+    batch_size = slots.shape[0]
+    shape = list(tensor.shape)
+    shape[batch_dim] = batch_size
+    tensor = tensor.expand(*shape)
+    index_shape = [1] * tensor.dim()
+    index_shape[batch_dim], index_shape[seq_dim] = batch_size, slots.shape[1]
+    expand = list(tensor.shape)
+    expand[seq_dim] = slots.shape[1]
+    return tensor.gather(seq_dim, slots.view(index_shape).expand(expand))
+
+
+def _self_argmax_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Sum over samples of the mean CE of ``logits`` ``(B, n, V)`` against their own argmax (fp32)."""
+    logits = logits.float()
+    labels = logits.argmax(-1).detach()
+    per_position = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    # A sum over samples (not a batch mean) keeps each sample's gradient what it would be alone.
+    return per_position.view(labels.shape).mean(1).sum()
+
+
+def _reference_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    adapter = ctx.adapter
+    out = adapter.layers[layer_index](
+        x,
+        attention_mask=ctx.attention_mask,
+        position_embeddings=ctx.position_embeddings,
+        position_ids=ctx.position_ids,
+        past_key_values=None,
+        use_cache=False,
+    )
+    out = out[0] if isinstance(out, tuple) else out
+    logits = adapter.lm_head(adapter.final_norm(out))  # (B, S, V)
+    return logits.gather(1, slots[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def _fast_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    adapter = ctx.adapter
+    rotary = adapter.rotary_fn()
+    layer = adapter.layers[layer_index]
+    attn = layer.self_attn
+    batch_size, seq_len, _ = x.shape
+    num_q = slots.shape[1]
+    head_dim = attn.head_dim
+
+    normed = layer.input_layernorm(x)  # (B, S, d)
+    normed_q = normed.gather(1, slots[..., None].expand(-1, -1, normed.shape[-1]))  # (B, n, d)
+    q = attn.q_proj(normed_q).view(batch_size, num_q, -1, head_dim)
+    k = attn.k_proj(normed).view(batch_size, seq_len, -1, head_dim)
+    v = attn.v_proj(normed).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, n, hd), (B, H_kv, S, hd)
+
+    cos, sin = ctx.position_embeddings[0], ctx.position_embeddings[1]
+    batch_dim = adapter.position_batch_dim
+    q, _ = rotary(q, q, _gather_seq(cos, slots, batch_dim), _gather_seq(sin, slots, batch_dim))
+    _, k = rotary(k, k, cos, sin)
+
+    key_index = torch.arange(seq_len, device=x.device)
+    allowed = ctx.valid[:, None, None, :] & (key_index[None, None, None, :] <= slots[:, None, :, None])  # (B,1,n,S)
+    attn_out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling, enable_gqa=True)
+    attn_out = attn.o_proj(attn_out.transpose(1, 2).reshape(batch_size, num_q, -1))  # (B, n, d)
+    residual = x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1])) + attn_out
+    out = residual + layer.mlp(layer.post_attention_layernorm(residual))
+    return adapter.lm_head(adapter.final_norm(out))  # (B, n, V)
+
+
+def proxy_gradient(
+    ctx: StageContext,
+    layer_index: int,
+    num_positions: int = 4,
+    include_last: bool = False,
+    fast: bool = True,
+) -> torch.Tensor:
+    """Gradient of the proxy loss with respect to (a detached copy of) ``ctx.hidden_states``.
+
+    Works inside ``torch.no_grad()`` and ``torch.inference_mode()``: inputs are cloned into ordinary tensors and the
+    graph is built under ``inference_mode(False)`` + ``enable_grad()``. No parameter ``.grad`` is written.
+
+    Args:
+        ctx: the stage context.
+        layer_index: decoder layer used as the proxy.
+        num_positions: number of loss positions.
+        include_last: end the loss window at the last prompt token instead of the one before it.
+        fast: use the exact fast path (falls back to the reference path if the family has no rotary function).
+
+    Returns:
+        ``(B, S, d)`` gradient in the hidden-state dtype.
+    """
+    slots = loss_positions(ctx.valid, num_positions, include_last)
+    use_fast = fast and ctx.adapter.rotary_fn() is not None
+    with torch.inference_mode(False), torch.enable_grad():
+        x = ctx.hidden_states.detach().clone().requires_grad_(True)
+        local = _cloned_context(ctx)
+        logits_fn = _fast_logits if use_fast else _reference_logits
+        loss = _self_argmax_loss(logits_fn(local, layer_index, x, slots.clone()))
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def _cloned_context(ctx: StageContext) -> StageContext:
+    """Copies of the context tensors the graph saves, so inference tensors never enter autograd."""
+
+    def clone(value):
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    return StageContext(
+        stage=ctx.stage,
+        layer=ctx.layer,
+        hidden_states=ctx.hidden_states,
+        valid=ctx.valid.clone(),
+        groups=ctx.groups,
+        visual_index=ctx.visual_index,
+        budgets=ctx.budgets,
+        attention_mask=clone(ctx.attention_mask),
+        position_embeddings=tuple(clone(t) for t in ctx.position_embeddings),
+        position_ids=clone(ctx.position_ids),
+        sample_keys=ctx.sample_keys,
+        adapter=ctx.adapter,
+        model=ctx.model,
+    )

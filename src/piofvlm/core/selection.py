@@ -1,0 +1,143 @@
+"""Vectorised selection rules shared by methods: per-group top-k and greedy feature-space NMS with budget fill.
+
+All functions work on the whole batch at once on the model's device; none loops over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices that sort ``scores`` (``(..., N)``) from high to low; ties keep the lower index first (stable)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+def _clean_scores(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """fp32 scores with NaN and non-visual slots sent to -inf, so they rank last."""
+    scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    return scores.masked_fill(groups < 0, float("-inf"))
+
+
+def rank_within_groups(
+    order: torch.Tensor, groups: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk each row in ``order`` and number the visual slots of each group 0, 1, 2, ...
+
+    Args:
+        order: ``(B, S)`` slot indices, the walking order.
+        groups: ``(B, S)`` group id of each slot, -1 for slots outside every group.
+        num_groups: ``G``.
+
+    Returns:
+        ``(groups_in_order, rank_in_order)``, both ``(B, S)``: group id and rank of ``order[:, j]`` (-1 rank outside).
+    """
+    groups_in_order = groups.gather(1, order)  # (B, S)
+    inside = groups_in_order >= 0
+    one_hot = F.one_hot(groups_in_order.clamp(min=0), num_groups) * inside[..., None]  # (B, S, G)
+    rank = (one_hot.cumsum(1) * one_hot).sum(-1) - 1  # (B, S)
+    return groups_in_order, rank.masked_fill(~inside, -1)
+
+
+def topk_per_group(scores: torch.Tensor, groups: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """Keep the ``budgets[b, g]`` highest-scoring slots of every group (stable tie-break by slot index).
+
+    Args:
+        scores: ``(B, S)``; groups: ``(B, S)`` long, -1 outside; budgets: ``(B, G)`` long.
+
+    Returns:
+        ``(B, S)`` bool keep mask.
+    """
+    order = descending_order(_clean_scores(scores, groups))  # (B, S)
+    groups_in_order, rank = rank_within_groups(order, groups, budgets.shape[1])
+    keep_in_order = (rank >= 0) & (rank < budgets.gather(1, groups_in_order.clamp(min=0)))
+    return torch.zeros_like(keep_in_order).scatter(1, order, keep_in_order)
+
+
+def pack_groups(order: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Lay out each (sample, group) as one row of slot indices in walking order.
+
+    Returns:
+        ``(B * G, N_max)`` long table of slot indices, -1 where a row is shorter than ``N_max``.
+    """
+    batch_size = order.shape[0]
+    groups_in_order, rank = rank_within_groups(order, groups, num_groups)
+    inside = rank >= 0
+    max_len = int(rank.max().item()) + 1 if bool(inside.any()) else 0
+    table = torch.full((batch_size * num_groups, max(max_len, 1)), -1, dtype=torch.long, device=order.device)
+    rows = torch.arange(batch_size, device=order.device)[:, None] * num_groups + groups_in_order  # (B, S)
+    table[rows[inside], rank[inside]] = order[inside]
+    return table
+
+
+def greedy_nms(neighbors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Exact greedy non-maximum suppression for rows already sorted by priority.
+
+    Greedy rule: walk positions 0, 1, 2, ...; a position is selected unless an earlier *selected* position is its
+    neighbour. Computed as the fixed point of ``sel[i] = valid[i] and not any(earlier neighbour j selected)``, by
+    Jacobi iteration: after ``t`` rounds the first ``t`` positions are final, and the first round in which nothing
+    changes proves the unique fixed point, i.e. the greedy answer. Each round is one batched matrix-vector product,
+    so there is one host sync per round, never one per token.
+
+    Args:
+        neighbors: ``(P, N, N)`` bool, ``neighbors[p, i, j]``: positions i and j suppress each other.
+        valid: ``(P, N)`` bool, real positions.
+
+    Returns:
+        ``(P, N)`` bool: selected positions.
+    """
+    num = neighbors.shape[-1]
+    earlier = torch.ones(num, num, dtype=torch.bool, device=neighbors.device).tril(-1)  # j < i
+    suppressors = (neighbors & earlier & valid[:, None, :]).to(torch.float32)  # (P, N, N)
+    selected = valid.clone()
+    for _ in range(num + 1):
+        hit = torch.bmm(suppressors, selected.to(torch.float32)[..., None])[..., 0] > 0  # (P, N)
+        updated = valid & ~hit
+        if torch.equal(updated, selected):
+            break
+        selected = updated
+    return selected
+
+
+def nms_fill_per_group(
+    scores: torch.Tensor,
+    features: torch.Tensor,
+    groups: torch.Tensor,
+    budgets: torch.Tensor,
+    tau: float,
+) -> torch.Tensor:
+    """Per group: greedy NMS in score order on cosine similarity ``>= tau``, then fill to exactly the budget.
+
+    The kept set is the first ``k`` of [NMS-selected tokens in score order] followed by [the other tokens in score
+    order], i.e. the authors' "stop at k" first pass plus their fill-up pass.
+
+    Args:
+        scores: ``(B, S)`` importance (higher first; ties by lower slot index).
+        features: ``(B, S, d)`` features compared by cosine similarity.
+        groups: ``(B, S)`` long, -1 outside; budgets: ``(B, G)`` long.
+        tau: similarity threshold; pairs with cosine ``>= tau`` suppress each other.
+
+    Returns:
+        ``(B, S)`` bool keep mask with exactly ``budgets[b, g]`` slots per group.
+    """
+    batch_size, seq_len = groups.shape
+    num_groups = budgets.shape[1]
+    order = descending_order(_clean_scores(scores, groups))  # (B, S)
+    table = pack_groups(order, groups, num_groups)  # (P, N), P = B * G
+    valid = table >= 0
+    sample = torch.arange(batch_size, device=groups.device).repeat_interleave(num_groups)[:, None]  # (P, 1)
+    feats = features[sample, table.clamp(min=0)].float()  # (P, N, d)
+    feats = F.normalize(feats, dim=-1)
+    neighbors = torch.bmm(feats, feats.transpose(1, 2)) >= tau  # (P, N, N)
+    selected = greedy_nms(neighbors, valid)
+    width = table.shape[1]
+    position = torch.arange(width, device=groups.device)[None].expand_as(table)
+    # Priority: NMS-selected tokens in score order, then the rest in score order, then empty cells.
+    priority = torch.where(selected, position, position + width).masked_fill(~valid, 2 * width)
+    rank = torch.argsort(torch.argsort(priority, dim=1, stable=True), dim=1)  # (P, N) rank of each cell
+    keep_cell = valid & (rank < budgets.reshape(-1, 1))
+    keep = torch.zeros(batch_size, seq_len + 1, dtype=torch.bool, device=groups.device)
+    flat_rows = sample.expand_as(table)[keep_cell]
+    keep[flat_rows, table[keep_cell]] = True
+    return keep[:, :seq_len]

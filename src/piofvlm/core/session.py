@@ -1,0 +1,468 @@
+"""The one mechanism that drops visual tokens between decoder layers, shared by every in-LLM method.
+
+A :class:`PruningHandle` puts forward pre-hooks on one model instance (never on classes):
+
+* on the multimodal model, to read ``input_ids`` and the image inputs of the call;
+* on the language model, to tell prefill from decoding and capture the 2-D padding mask and position ids;
+* on every decoder layer from the first prune point on. At a prune point during prefill it asks the method which
+  visual tokens to keep, then rebuilds the sequence (hidden states, position ids, rotary tables, attention mask) as
+  a shorter left-padded batch; the following layers get the rebuilt tensors. During decoding, the layers after a
+  prune point get a mask sized for their shorter KV cache (and, with ``positions="renumber"``, shifted positions).
+
+Pruning happens only in prefill, i.e. when the cache is empty. The KV cache of a layer holds exactly the tokens that
+layer saw, so layers after a prune point cache only the kept tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from piofvlm.adapters.base import ModelAdapter
+from piofvlm.core.context import StageContext, StageRecord
+from piofvlm.core.masks import causal_padding_mask
+
+if TYPE_CHECKING:
+    from piofvlm.methods.base import TokenPruner
+
+logger = logging.getLogger(__name__)
+
+# Models that currently carry a handle; weak, so nothing outlives the model.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, PruningHandle] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Layout:
+    """A (possibly pruned) left-padded prefill sequence. All tensors are ``(B, S_cur)`` unless stated."""
+
+    source: torch.Tensor  # original prompt slot of each slot, -1 for padding
+    groups: torch.Tensor  # budget group of visual slots, -1 otherwise
+    visual_index: torch.Tensor  # index among the sample's original visual tokens, -1 otherwise
+    shift: torch.Tensor  # (B,) tokens dropped so far (decode position shift under "renumber")
+    attention_mask: Any
+    position_embeddings: tuple[torch.Tensor, ...]
+    position_ids: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.source >= 0
+
+
+@dataclass
+class _Segment:
+    """Layers ``first_layer ..`` share one KV-cache layout after the prefill."""
+
+    first_layer: int
+    valid: torch.Tensor  # (B, S_seg) bool, real tokens of the cached prefill
+    shift: torch.Tensor  # (B,) dropped tokens before this segment (renumber mode)
+
+
+@dataclass
+class _Call:
+    """State of one language-model forward."""
+
+    prefill: bool
+    hidden_dtype: torch.dtype
+    layout: _Layout | None = None  # prefill only
+    pruned: bool = False
+    input_ids: torch.Tensor | None = None
+    original_counts: torch.Tensor | None = None  # (B, G) visual tokens per group before any stage
+    sample_keys: torch.Tensor | None = None
+    attention_mask_2d: torch.Tensor | None = None  # decode only
+    position_ids: torch.Tensor | None = None  # decode only
+    decode_cache: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)
+
+
+class PruningHandle:
+    """Hooks of one method on one model instance. Use :meth:`remove` (or the method's context manager) to undo."""
+
+    def __init__(self, method: TokenPruner, model: nn.Module, adapter: ModelAdapter) -> None:
+        if model in _ACTIVE:
+            raise RuntimeError(
+                "a piofvlm method is already applied to this model; remove its handle (or leave its `with` block) "
+                "before applying another"
+            )
+        self.method = method
+        self.model = model
+        self.adapter = adapter
+        self.records: list[StageRecord] = []
+        self._stage_at_layer = {layer: stage for stage, layer in enumerate(method.layers)}
+        self._first_layer = min(method.layers)
+        self._segments: list[_Segment] = []
+        self._prompt_batch: int | None = None
+        self._pending: tuple[torch.Tensor | None, dict[str, Any]] | None = None
+        self._call: _Call | None = None
+        self._selecting = False
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            self._hooks.append(
+                adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal, with_kwargs=True)
+            )
+            self._hooks.append(
+                adapter.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True)
+            )
+            self._hooks.append(adapter.language_model.register_forward_hook(self._after_language_model))
+            for index in range(self._first_layer, adapter.num_layers):
+                hook = adapter.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True)
+                self._hooks.append(hook)
+        except Exception:
+            self.remove()
+            raise
+        _ACTIVE[model] = self
+
+    # --------------------------------------------------------------------------------------------- lifecycle
+    def remove(self) -> None:
+        """Remove every hook; the model is left exactly as it was."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._call = None
+        self._pending = None
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    def __enter__(self) -> PruningHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._pending = (input_ids, kwargs)
+
+    def _on_language_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pending, self._pending = self._pending, None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise ValueError("piofvlm expects the language model to receive inputs_embeds from the multimodal model")
+        cache = kwargs.get("past_key_values")
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
+            raise ValueError("piofvlm needs a 2-D padding attention_mask (or None); a custom 4-D mask was given")
+        if cache is None or cache.get_seq_length() == 0:
+            self._call = self._start_prefill(embeds, attention_mask, kwargs.get("position_ids"), pending)
+            return
+        self._call = None
+        if not self._segments:
+            return  # a cache this handle did not prefill: nothing was pruned, nothing to adjust
+        if embeds.shape[0] != self._prompt_batch:
+            raise RuntimeError(
+                f"decoding a batch of {embeds.shape[0]} on a cache pruned for a batch of {self._prompt_batch} "
+                "(beam search and cache reordering are not supported while pruning)"
+            )
+        self._call = _Call(
+            prefill=False,
+            hidden_dtype=embeds.dtype,
+            attention_mask_2d=attention_mask,
+            position_ids=kwargs.get("position_ids"),
+        )
+
+    def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._call = None
+
+    def _layer_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            call = self._call
+            if call is None or self._selecting:
+                return None
+            if call.prefill:
+                return self._prefill_layer(index, call, args, kwargs)
+            return self._decode_layer(index, call, args, kwargs)
+
+        return hook
+
+    # ---------------------------------------------------------------------------------------------- prefill
+    def _start_prefill(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        pending: tuple[torch.Tensor | None, dict[str, Any]] | None,
+    ) -> _Call:
+        adapter = self.adapter
+        batch_size, seq_len, _ = embeds.shape
+        device = embeds.device
+        input_ids = pending[0] if pending is not None else None
+        if input_ids is None or tuple(input_ids.shape[:2]) != (batch_size, seq_len):
+            raise ValueError(
+                "piofvlm needs the prompt's input_ids to find the visual tokens: call the model with input_ids "
+                "(as produced by its processor), not inputs_embeds"
+            )
+        valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            valid = attention_mask.to(device=device, dtype=torch.bool)
+            if bool((valid[:, 1:] < valid[:, :-1]).any()):
+                raise ValueError(
+                    "piofvlm needs left padding (padding tokens before the prompt): set "
+                    "processor.tokenizer.padding_side = 'left'"
+                )
+        visual = adapter.visual_token_mask(input_ids.to(device)) & valid
+        if not bool(visual.any()):
+            raise ValueError(
+                f"no image tokens (id {adapter.image_token_id}) in the prompt: visual-token pruning needs an image; "
+                "build the inputs with the model's processor from a prompt containing the image placeholder, or "
+                "run without the method"
+            )
+        image_ids = self._image_ids(visual, pending[1] if pending is not None else {})
+        groups = image_ids if self.method.budget_scope == "image" else image_ids.clamp(max=0)
+        num_groups = int(groups.max().item()) + 1
+        original_counts = torch.stack([(groups == g).sum(1) for g in range(num_groups)], dim=1)  # (B, G)
+        visual_index = torch.where(visual, visual.long().cumsum(1) - 1, -1)
+        if position_ids is None:
+            position_ids = adapter.default_position_ids(batch_size, seq_len, device)
+        source = torch.where(valid, torch.arange(seq_len, device=device)[None], -1)
+        layout = _Layout(
+            source=source,
+            groups=groups,
+            visual_index=visual_index,
+            shift=torch.zeros(batch_size, dtype=torch.long, device=device),
+            attention_mask=None,  # filled in by the first hooked layer from its own arguments
+            position_embeddings=(),
+            position_ids=position_ids,
+        )
+        self._segments = []
+        self._prompt_batch = batch_size
+        self.records = []
+        self.method._last_selection = self.records
+        return _Call(
+            prefill=True,
+            hidden_dtype=embeds.dtype,
+            layout=layout,
+            input_ids=input_ids,
+            original_counts=original_counts,
+            sample_keys=_sample_keys(input_ids.to(device), valid),
+        )
+
+    def _image_ids(self, visual: torch.Tensor, model_kwargs: dict[str, Any]) -> torch.Tensor:
+        """``(B, S)`` index of the image each visual slot belongs to, within its sample; -1 for text."""
+        flat = visual.flatten()
+        total = int(flat.sum().item())
+        counts = self.adapter.image_token_counts(total, model_kwargs)
+        if counts is not None and sum(counts) == total:
+            global_image = torch.repeat_interleave(
+                torch.arange(len(counts), device=visual.device), torch.tensor(counts, device=visual.device)
+            )
+        else:
+            if counts is not None:
+                logger.warning(
+                    "image token counts %s do not add up to the %d image tokens; treating each run as one image",
+                    counts,
+                    total,
+                )
+            starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]  # first slot of each run
+            global_image = (starts.flatten().long().cumsum(0) - 1)[flat]
+        image_of_slot = torch.full_like(flat, -1, dtype=torch.long)
+        image_of_slot[flat] = global_image
+        image_of_slot = image_of_slot.view_as(visual)
+        # Renumber per sample: the first image of each sample is 0.
+        first_image = torch.where(visual, image_of_slot, image_of_slot.max() + 1).min(1, keepdim=True).values
+        return torch.where(visual, image_of_slot - first_image, -1)
+
+    def _prefill_layer(self, index: int, call: _Call, args: tuple, kwargs: dict):
+        layout = call.layout
+        if not layout.position_embeddings:
+            layout.attention_mask = kwargs.get("attention_mask")
+            layout.position_embeddings = tuple(kwargs["position_embeddings"])
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if index in self._stage_at_layer:
+            hidden, layout = self._prune(self._stage_at_layer[index], index, call, hidden)
+            call.layout, call.pruned = layout, True
+        if not call.pruned:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = layout.attention_mask
+        kwargs["position_embeddings"] = layout.position_embeddings
+        kwargs["position_ids"] = layout.position_ids
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _budgets(self, stage: int, call: _Call, layout: _Layout) -> torch.Tensor:
+        num_groups = call.original_counts.shape[1]
+        current = torch.stack([(layout.groups == g).sum(1) for g in range(num_groups)], dim=1)
+        budgets = self.method.stage_budgets(stage, call.original_counts)
+        too_many = budgets > current
+        if bool(too_many.any()):
+            b, g = (int(i) for i in too_many.nonzero()[0])
+            raise ValueError(
+                f"stage {stage} (after layer {self.method.layers[stage]}) asks to keep {int(budgets[b, g])} visual "
+                f"tokens of group {g} of sample {b}, which has only {int(current[b, g])} left "
+                f"({int(call.original_counts[b, g])} before pruning); keep={self.method.keep!r}"
+            )
+        return budgets
+
+    def _prune(self, stage: int, index: int, call: _Call, hidden: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
+        layout = call.layout
+        budgets = self._budgets(stage, call, layout)
+        ctx = StageContext(
+            stage=stage,
+            layer=index,
+            hidden_states=hidden,
+            valid=layout.valid,
+            groups=layout.groups,
+            visual_index=layout.visual_index,
+            budgets=budgets,
+            attention_mask=layout.attention_mask,
+            position_embeddings=layout.position_embeddings,
+            position_ids=layout.position_ids,
+            sample_keys=call.sample_keys,
+            adapter=self.adapter,
+            model=self.model,
+        )
+        self._selecting = True
+        try:
+            selection = self.method.select(ctx)
+        finally:
+            self._selecting = False
+        keep_visual = selection.keep.to(torch.bool) & (layout.groups >= 0)
+        kept_per_group = torch.stack([(keep_visual & (layout.groups == g)).sum(1) for g in range(budgets.shape[1])], 1)
+        if not torch.equal(kept_per_group, budgets):
+            raise RuntimeError(
+                f"{type(self.method).__name__}.select kept {kept_per_group.tolist()} visual tokens per group, "
+                f"the budgets are {budgets.tolist()}"
+            )
+        self._record(stage, index, layout, keep_visual, selection.scores)
+        keep_slot = layout.valid & ((layout.groups < 0) | keep_visual)
+        new_layout, gather_index = self._rebuild(layout, keep_slot, hidden)
+        hidden = hidden.gather(1, gather_index[..., None].expand(-1, -1, hidden.shape[-1]))
+        if self.method.positions == "renumber":
+            new_layout.position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, new_layout.position_ids))
+        new_layout.attention_mask = causal_padding_mask(
+            self.adapter.text_config, new_layout.valid, new_layout.valid.shape[1], hidden.dtype
+        )
+        self._segments.append(_Segment(first_layer=index, valid=new_layout.valid, shift=new_layout.shift))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "stage %d after %d layers: visual tokens per sample %s -> %s",
+                stage,
+                index,
+                (layout.groups >= 0).sum(1).tolist(),
+                (new_layout.groups >= 0).sum(1).tolist(),
+            )
+        return hidden, new_layout
+
+    def _rebuild(self, layout: _Layout, keep_slot: torch.Tensor, hidden: torch.Tensor) -> tuple[_Layout, torch.Tensor]:
+        """Compact the kept slots of every sample to the right of a new, shorter, left-padded sequence."""
+        batch_size, seq_len = keep_slot.shape
+        device = keep_slot.device
+        lengths = keep_slot.sum(1)  # (B,)
+        new_len = int(lengths.max().item())
+        destination = (new_len - lengths)[:, None] + keep_slot.long().cumsum(1) - 1  # (B, S_cur)
+        destination = torch.where(keep_slot, destination, new_len)  # dropped slots go to a scratch column
+        gather_index = torch.full((batch_size, new_len + 1), -1, dtype=torch.long, device=device)
+        gather_index.scatter_(1, destination, torch.arange(seq_len, device=device)[None].expand(batch_size, -1))
+        gather_index = gather_index[:, :new_len]
+        new_valid = gather_index >= 0
+        # Padding slots read a slot of their own row (slot j, or the last one); they are masked everywhere.
+        filler = torch.arange(new_len, device=device).clamp(max=seq_len - 1)[None].expand(batch_size, -1)
+        gather_index = torch.where(new_valid, gather_index, filler)
+
+        def take(values: torch.Tensor, fill: int) -> torch.Tensor:
+            return torch.where(new_valid, values.gather(1, gather_index), fill)
+
+        dropped = layout.valid & ~keep_slot
+        batch_dim = self.adapter.position_batch_dim
+        position_ids = _gather_positions(layout.position_ids, gather_index, batch_dim)
+        if self.method.positions == "renumber":
+            dropped_before = dropped.long().cumsum(1) - dropped.long()  # (B, S_cur) dropped slots before each slot
+            position_ids = self.adapter.renumber_positions(
+                position_ids, _gather_positions(dropped_before, gather_index, 0)
+            )
+            position_embeddings: tuple[torch.Tensor, ...] = ()
+        else:
+            position_embeddings = tuple(
+                _gather_positions(t, gather_index, batch_dim) for t in layout.position_embeddings
+            )
+        new_layout = _Layout(
+            source=take(layout.source, -1),
+            groups=take(layout.groups, -1),
+            visual_index=take(layout.visual_index, -1),
+            shift=layout.shift + dropped.sum(1),
+            attention_mask=None,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+        )
+        return new_layout, gather_index
+
+    def _record(
+        self, stage: int, index: int, layout: _Layout, keep_visual: torch.Tensor, scores: torch.Tensor | None
+    ) -> None:
+        record = StageRecord(stage=stage, layer=index)
+        visual = layout.groups >= 0
+        for b in range(visual.shape[0]):
+            record.candidates.append(layout.visual_index[b][visual[b]])
+            record.kept.append(layout.visual_index[b][keep_visual[b]])
+            record.scores.append(None if scores is None else scores[b][visual[b]].float())
+        self.records.append(record)
+
+    # ---------------------------------------------------------------------------------------------- decode
+    def _decode_layer(self, index: int, call: _Call, args: tuple, kwargs: dict):
+        segment_id = max(i for i, seg in enumerate(self._segments) if seg.first_layer <= index)
+        if segment_id not in call.decode_cache:
+            call.decode_cache[segment_id] = self._decode_inputs(segment_id, index, call, args, kwargs)
+        mask, position_embeddings, position_ids = call.decode_cache[segment_id]
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = mask
+        if position_embeddings is not None:
+            kwargs["position_embeddings"] = position_embeddings
+            kwargs["position_ids"] = position_ids
+        return args, kwargs
+
+    def _decode_inputs(self, segment_id: int, index: int, call: _Call, args: tuple, kwargs: dict):
+        segment = self._segments[segment_id]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        query_length = hidden.shape[1]
+        cache = kwargs.get("past_key_values")
+        cached = cache.get_seq_length(index) if cache is not None else segment.valid.shape[1]
+        new_tokens = cached + query_length - segment.valid.shape[1]  # generated/appended tokens incl. this call's
+        new_valid = torch.ones(hidden.shape[0], new_tokens, dtype=torch.bool, device=hidden.device)
+        mask_2d = call.attention_mask_2d
+        if mask_2d is not None and mask_2d.shape[1] >= new_tokens:
+            new_valid = mask_2d[:, mask_2d.shape[1] - new_tokens :].to(device=hidden.device, dtype=torch.bool)
+        key_valid = torch.cat([segment.valid, new_valid], dim=1)
+        mask = causal_padding_mask(self.adapter.text_config, key_valid, query_length, hidden.dtype)
+        if self.method.positions != "renumber":
+            return mask, None, None
+        position_ids = call.position_ids
+        if position_ids is None:
+            position_ids = self.adapter.default_position_ids(hidden.shape[0], query_length, hidden.device) + cached
+        position_ids = self.adapter.renumber_positions(position_ids, segment.shift[:, None])
+        position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, position_ids))
+        return mask, position_embeddings, position_ids
+
+
+def _gather_positions(values: torch.Tensor, index: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    """Gather ``index`` (``(B, S_new)``) along the sequence axis of ``values`` laid out ``(*lead, B', S, *rest)``.
+
+    A batch axis of size 1 (position ids shared by the batch) is expanded first.
+    """
+    seq_dim = batch_dim + 1
+    batch_size, new_len = index.shape
+    shape = list(values.shape)
+    shape[batch_dim] = batch_size
+    values = values.expand(*shape)
+    index_view = [1] * values.dim()
+    index_view[batch_dim], index_view[seq_dim] = batch_size, new_len
+    expand = list(values.shape)
+    expand[seq_dim] = new_len
+    return values.gather(seq_dim, index.view(index_view).expand(expand))
+
+
+def _sample_keys(input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` int64 fingerprint of each sample's real tokens, counted from its end (so padding does not matter)."""
+    seq_len = input_ids.shape[1]
+    from_end = torch.arange(seq_len, 0, -1, device=input_ids.device)  # 1-based distance from the end
+    weights = from_end * 6364136223846793005 + 1442695040888963407  # int64 arithmetic wraps: a fixed hash
+    return (input_ids.long() * weights * valid.long()).sum(1)

@@ -1,0 +1,85 @@
+"""PIO-FVLM / TRIO: token reduction guided by a layer-local inference objective (arXiv 2602.04657).
+
+Idea: at prune point K, back-propagate a cheap proxy of the model's own next-token confidence (one decoder layer,
+the final norm and the LM head; cross-entropy against its own argmax at a few prompt positions) to the hidden
+states, score each visual token by the L2 norm of its gradient, then pick tokens in score order with feature-space
+NMS (cosine similarity of the hidden states >= ``tau``), filling up to exactly the budget.
+Needs no attention maps, so it works with SDPA and FlashAttention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from piofvlm.core.context import Selection, StageContext
+from piofvlm.core.proxy_loss import proxy_gradient
+from piofvlm.core.selection import nms_fill_per_group, topk_per_group
+from piofvlm.methods.base import TokenPruner
+from piofvlm.registry import register_method
+
+PROXY_LAYERS = ("next", "previous")
+
+
+@register_method
+@dataclass
+class PIO(TokenPruner):
+    """PIO-FVLM. Budget: per stage, visual tokens kept per image (see :class:`TokenPruner`).
+
+    Attributes:
+        tau: cosine-similarity threshold of the NMS; tokens at least this similar to a picked token are suppressed
+            (until the fill-up pass). The authors use 0.8.
+        nms: False selects the plain top-k by gradient norm.
+        proxy_layer: ``"next"``: the decoder layer that will consume the pruned sequence (layer index K; the
+            authors' LLaVA choice); ``"previous"``: the layer that produced the hidden states, applied again (index
+            K-1; the authors' Qwen choice).
+        num_loss_positions: prompt positions whose logits enter the loss (authors: 4).
+        include_last: end the loss window at the last prompt token (the authors' window stops one before it, whose
+            gradient is therefore always zero).
+        fast_proxy: compute the proxy at the loss positions only (exact); False runs the full reference path.
+    """
+
+    name: ClassVar[str] = "pio"
+
+    tau: float = 0.8
+    nms: bool = True
+    proxy_layer: str = "next"
+    num_loss_positions: int = 4
+    include_last: bool = False
+    fast_proxy: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau is a cosine-similarity threshold in [-1, 1], got {self.tau!r}")
+        if self.proxy_layer not in PROXY_LAYERS:
+            raise ValueError(f"proxy_layer must be one of {PROXY_LAYERS}, got {self.proxy_layer!r}")
+        if self.proxy_layer == "previous" and self.layers[0] == 0:
+            raise ValueError("proxy_layer='previous' needs every prune point >= 1 (no layer has run at layer 0)")
+        if isinstance(self.num_loss_positions, bool) or not isinstance(self.num_loss_positions, int):
+            raise ValueError(f"num_loss_positions must be an int >= 1, got {self.num_loss_positions!r}")
+        if self.num_loss_positions < 1:
+            raise ValueError(f"num_loss_positions must be >= 1, got {self.num_loss_positions!r}")
+
+    def proxy_layer_index(self, layer: int) -> int:
+        return layer if self.proxy_layer == "next" else layer - 1
+
+    def score(self, ctx: StageContext) -> torch.Tensor:
+        """``(B, S)`` fp32 L2 norm of the proxy-loss gradient of each slot."""
+        grad = proxy_gradient(
+            ctx,
+            self.proxy_layer_index(ctx.layer),
+            num_positions=self.num_loss_positions,
+            include_last=self.include_last,
+            fast=self.fast_proxy,
+        )
+        return grad.float().norm(dim=-1)
+
+    def select(self, ctx: StageContext) -> Selection:
+        scores = self.score(ctx)
+        if not self.nms:
+            return Selection(keep=topk_per_group(scores, ctx.groups, ctx.budgets), scores=scores)
+        keep = nms_fill_per_group(scores, ctx.hidden_states, ctx.groups, ctx.budgets, float(self.tau))
+        return Selection(keep=keep, scores=scores)

@@ -1,0 +1,32 @@
+"""Named, published configurations (the authors' settings), as ready methods.
+
+Counts are visual tokens per image, so they assume LLaVA-1.5's 576 tokens per image; their mean over the 32 layers
+of LLaVA-1.5-7B is the paper's budget (spec A.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from piofvlm.registry import get_method
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # w/o VE, 64 tokens (11.1%): (576 + 9*92 + 5*54 + 17*22) / 32 = 64.0. Authors' code comment.
+    "pio-llava15-64": {"method": "pio", "layers": [1, 10, 15], "keep": [92, 54, 22], "positions": "renumber"},
+    # w/o VE, 128 tokens (22.2%): every published LLaVA-1.5 eval script.
+    "pio-llava15-128": {"method": "pio", "layers": [1, 10, 15], "keep": [218, 128, 54], "positions": "renumber"},
+    # w/o VE, 192 tokens (33.3%): not published; a same-shape schedule with mean 192.0 (inferred, unverified).
+    "pio-llava15-192": {"method": "pio", "layers": [1, 10, 15], "keep": [346, 202, 85], "positions": "renumber"},
+}
+
+
+def available_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> Any:
+    """The method configured as preset ``name``; ``overrides`` replace fields (e.g. ``positions="keep"``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(available_presets())}")
+    fields = {**PRESETS[name], **overrides}
+    return get_method(fields.pop("method"), **fields)

@@ -1,0 +1,45 @@
+"""Methods by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+M = TypeVar("M", bound=type)
+
+METHODS: dict[str, type] = {}
+
+
+def register_method(cls: M) -> M:
+    """Class decorator: register a method dataclass under its ``name`` (lowercase, unique)."""
+    name = getattr(cls, "name", "")
+    if not name or name != name.lower() or not name.replace("_", "").isalnum():
+        raise ValueError(f"a method name must be a non-empty lowercase identifier, got {name!r} for {cls.__name__}")
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"a method named {name!r} is already registered ({METHODS[name].__name__})")
+    METHODS[name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(METHODS)
+
+
+def get_method(name: str, **fields: Any) -> Any:
+    """Build the method registered as ``name`` with the given hyperparameters.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones), or unknown / invalid hyperparameters.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
+    cls = METHODS[name]
+    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for method {name!r}; "
+            f"its fields are: {', '.join(sorted(known)) or '(none)'}"
+        )
+    return cls(**fields)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from piofvlm import toy as tiny_models  # noqa: E402
+from piofvlm.core.context import Selection, StageContext  # noqa: E402
+from piofvlm.methods.base import TokenPruner  # noqa: E402
+
+PROMPTS = [
+    "USER : <image> what is the colour of the circle ? ASSISTANT :",
+    "USER : <image> how many ? ASSISTANT :",
+    "USER : <image> describe this picture please , count the small objects in the image . ASSISTANT :",
+]
+IMAGE_SIZES = [(28, 28), (40, 60), (56, 30)]
+
+
+@functools.cache
+def model(kind: str, attn: str = "sdpa", num_layers: int = 4, dtype: torch.dtype = torch.float32):
+    build = tiny_models.build_llava if kind == "llava" else tiny_models.build_llava_next
+    return build(attn=attn, num_layers=num_layers, dtype=dtype)
+
+
+@functools.cache
+def processor(kind: str):
+    return tiny_models.build_processor(kind)
+
+
+def make_inputs(kind: str, indices=(0, 1, 2), prompts=None, images=None):
+    prompts = prompts or [PROMPTS[i] for i in indices]
+    images = images or [tiny_models.random_image(i, IMAGE_SIZES[i]) for i in indices]
+    return processor(kind)(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def single_inputs(kind: str, i: int):
+    return make_inputs(kind, indices=(i,))
+
+
+@dataclass
+class FixedSelection(TokenPruner):
+    """Test method: keeps the visual indices given per stage and per sample (relative to the original ones)."""
+
+    name: ClassVar[str] = "fixed_test"
+    chosen: list[list[list[int]]] | None = None  # [stage][sample] -> original visual indices to keep
+
+    def select(self, ctx: StageContext) -> Selection:
+        keep = torch.zeros_like(ctx.groups, dtype=torch.bool)
+        for b, wanted in enumerate(self.chosen[ctx.stage]):
+            keep[b] = torch.isin(ctx.visual_index[b], torch.tensor(wanted, dtype=torch.long)) & (ctx.groups[b] >= 0)
+        return Selection(keep=keep)
