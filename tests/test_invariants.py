@@ -147,6 +147,8 @@ def test_several_images_per_prompt_budget_per_image():
 def test_model_untouched_and_hooks_removed_after_exception():
     m = model("llava")
     inputs = make_inputs("llava")
+    with torch.no_grad():
+        m(**inputs)  # transformers installs its own output-recorder hooks on the first forward
     modules = list(m.modules())
     before = [(len(mod._forward_pre_hooks), len(mod._forward_hooks)) for mod in modules]
     state = {k: v.clone() for k, v in m.state_dict().items()}
@@ -180,3 +182,26 @@ def test_inference_mode_matches_no_grad():
         got = m(**inputs).logits
     assert torch.equal(expected, got)
     assert [k.tolist() for k in method.last_selection[0].kept] == kept
+
+
+def test_replacement_hidden_states_reach_the_kept_tokens():
+    """A merging method's hidden states replace the kept tokens' ones; kept tokens keep their positions."""
+    m = model("llava")
+    inputs = make_inputs("llava", indices=(0,))
+    chosen = [[[0, 10, 20]]]
+
+    class Merge(FixedSelection):
+        def select(self, ctx):
+            selection = super().select(ctx)
+            selection.hidden_states = torch.where(selection.keep[..., None], ctx.hidden_states * 2, ctx.hidden_states)
+            return selection
+
+    plain = FixedSelection(layers=[1], keep=3, chosen=chosen)
+    merged = Merge(layers=[1], keep=3, chosen=chosen)
+    with torch.no_grad():
+        with plain(m):
+            base = m(**inputs).logits
+        with merged(m):
+            changed = m(**inputs).logits
+    assert base.shape == changed.shape
+    assert not torch.allclose(base[:, -1], changed[:, -1])

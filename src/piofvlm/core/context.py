@@ -57,6 +57,9 @@ class Selection:
     keep: torch.Tensor
     #: ``(B, S)`` float scores of the visual tokens (higher = more important), or None for score-free methods.
     scores: torch.Tensor | None = None
+    #: Optional ``(B, S, d)`` replacement hidden states (e.g. kept tokens with dropped ones merged into them); only
+    #: kept slots are read. A merged token keeps the position of the token it was merged into.
+    hidden_states: torch.Tensor | None = None
 
 
 @dataclass

@@ -110,10 +110,15 @@ class PruningHandle:
             for index in range(self._first_layer, adapter.num_layers):
                 hook = adapter.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True)
                 self._hooks.append(hook)
+            method.attach(self)
         except Exception:
             self.remove()
             raise
         _ACTIVE[model] = self
+
+    def add_hook(self, hook: torch.utils.hooks.RemovableHandle) -> None:
+        """Own an extra hook (e.g. a method's hook on the vision tower): it is removed with this handle."""
+        self._hooks.append(hook)
 
     # --------------------------------------------------------------------------------------------- lifecycle
     def remove(self) -> None:
@@ -334,6 +339,13 @@ class PruningHandle:
                 f"the budgets are {budgets.tolist()}"
             )
         self._record(stage, index, layout, keep_visual, selection.scores)
+        if selection.hidden_states is not None:
+            if selection.hidden_states.shape != hidden.shape:
+                raise RuntimeError(
+                    f"{type(self.method).__name__}.select returned hidden states of shape "
+                    f"{tuple(selection.hidden_states.shape)}, expected {tuple(hidden.shape)}"
+                )
+            hidden = selection.hidden_states.to(hidden.dtype)
         keep_slot = layout.valid & ((layout.groups < 0) | keep_visual)
         new_layout, gather_index = self._rebuild(layout, keep_slot, hidden)
         hidden = hidden.gather(1, gather_index[..., None].expand(-1, -1, hidden.shape[-1]))

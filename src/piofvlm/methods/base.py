@@ -121,6 +121,12 @@ class TokenPruner(Method):
         if self.positions == "renumber" and not adapter.supports_renumber:
             raise ValueError(f"positions='renumber' is not defined for {adapter.model_types[0]} models; use 'keep'")
 
+    def attach(self, handle: PruningHandle) -> None:
+        """Called once the mechanism's hooks are in place; register extra hooks with ``handle.add_hook``.
+
+        For methods that need more than the decoder's hidden states (e.g. vision-tower attention). Default: nothing.
+        """
+
     def apply(self, model: nn.Module) -> PruningHandle:
         """Put this method's hooks on ``model`` (this instance only). Call ``.remove()`` on the handle to undo."""
         adapter = get_adapter(model)
