@@ -125,3 +125,12 @@ def test_presets_and_schedule_helpers():
         piofvlm.schedule_for_average_retention(0.05, [4], 32)
     with pytest.raises(ValueError, match="unknown preset 'x'.*pio-llava15-128"):
         piofvlm.get_preset("x")
+
+
+def test_image_tokens_on_a_filled_cache_are_refused():
+    """Chunked prefill would prune only part of the prompt: refused instead of silently wrong."""
+    m = model("llava")
+    inputs = make_inputs("llava", indices=(0,))
+    with pytest.raises(ValueError, match="image tokens arrived on a non-empty KV cache"):
+        with torch.no_grad(), piofvlm.get_method("random", keep=0.5)(m):
+            m.generate(**inputs, max_new_tokens=3, prefill_chunk_size=20)

@@ -1,0 +1,43 @@
+# Set-up and checks. Every target works on a fresh machine: `install` creates .venv with the CPU build of torch
+# first, then the package with torch pinned by constraints.txt (so nothing pulls another torch build).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-dev demo test test-slow test-all lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+
+demo: install
+	$(BIN)/piofvlm demo
+
+test: install-dev
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install-dev  # pytest exits 5 when no test is marked slow: not a failure
+	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
+
+test-all: install-dev
+	$(BIN)/python -m pytest -q
+
+lint: install-dev
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: install-dev
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
