@@ -1,4 +1,4 @@
-"""Command line: ``piofvlm run`` (one image, one question) and ``piofvlm demo`` (the embedded default model)."""
+"""Command line: ``piofvlm run | demo | eval | show``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 from piofvlm.loading import DTYPES, build_prompt, load_model
+from piofvlm.overlay import overlay_panels
 from piofvlm.registry import available_methods, get_method
 
 logger = logging.getLogger(__name__)
@@ -38,11 +39,7 @@ def method_from_args(args: argparse.Namespace) -> Any:
             fields["layers"] = parse_value(args.layers)
         if args.keep is not None:
             fields["keep"] = parse_value(args.keep)
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        fields[key] = parse_value(value)
+    fields.update(_parse_sets(args.set))
     return get_method(args.method, **fields)
 
 
@@ -96,17 +93,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def testbed_available() -> bool:
+    try:
+        from piofvlm.testbed.model import CHECKPOINT_DIR
+    except ImportError:
+        return False
+    return (Path(CHECKPOINT_DIR) / "model.safetensors").is_file()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    workdir = Path(args.out or tempfile.mkdtemp(prefix="piofvlm-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if testbed_available():
+        return _demo_testbed(args, workdir)
     from piofvlm import toy
 
-    workdir = Path(args.out or tempfile.mkdtemp(prefix="piofvlm-demo-"))
     model_dir = workdir / "toy-llava"
-    # No trained checkpoint ships yet: the demo runs a tiny LLaVA with RANDOM weights, so its answers are noise;
+    # Without the trained testbed checkpoint the demo runs a tiny LLaVA with RANDOM weights: its answers are noise;
     # it shows the mechanics (tokens kept, timings) through the same from_pretrained code path as a real model.
     toy.save_toy_llava(model_dir)
     image_path = workdir / "image.png"
     toy.random_image(0, (28, 28)).save(image_path)
-    print("piofvlm demo: tiny LLaVA with RANDOM weights (no trained checkpoint ships yet); answers are meaningless.")
+    print("piofvlm demo: tiny LLaVA with RANDOM weights (no trained checkpoint installed); answers are meaningless.")
     print(f"model: {model_dir}\nimage: {image_path}")
     for name, keep in (("none", None), ("pio", "0.111")):
         print(f"\n== method {name}" + (f", keep {keep}" if keep else ""))
@@ -127,6 +135,90 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_testbed(args: argparse.Namespace, workdir: Path) -> int:
+    from piofvlm.testbed import data
+    from piofvlm.testbed.model import CHECKPOINT_DIR, load_testbed, prompt
+
+    model, processor = load_testbed()
+    sample = data.make_sample("test", args.index)
+    image_path = workdir / "image.png"
+    sample["image"].save(image_path)
+    inputs = dict(processor(images=[sample["image"]], text=[prompt(sample["question"])], return_tensors="pt"))
+    num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    print(f"piofvlm demo: the project's testbed VLM ({CHECKPOINT_DIR})")
+    print(f"image: {image_path}\nquestion: {sample['question']}   (expected answer: {sample['answer']})")
+    pio = get_method("pio", keep=0.111)
+    for label, method in (("all tokens", get_method("none")), ("PIO, 11.1% kept after layer 2", pio)):
+        result = generate_timed(model, inputs, method, max_new_tokens=args.max_new_tokens)
+        answer = processor.batch_decode(result["output_ids"], skip_special_tokens=True)[0].strip()
+        stages = " -> ".join(str(sum(k)) for k in result["kept"]) or str(num_visual)
+        print(
+            f"{label:32s} answer: {answer:8s} visual tokens: {num_visual} -> {stages:6s} "
+            f"prefill {result['prefill_s'] * 1000:7.1f} ms   generate {result['total_s'] * 1000:7.1f} ms"
+        )
+    overlay = overlay_panels(sample["image"], pio.last_selection, num_visual, boxes=data.relevant_boxes(sample))
+    overlay_path = workdir / "overlay.png"
+    overlay.save(overlay_path)
+    print(f"tokens kept by PIO (overlay): {overlay_path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from piofvlm.evaluation import build_entries, evaluate, write_results
+    from piofvlm.testbed import data
+    from piofvlm.testbed.model import load_testbed
+
+    fields = dict(_parse_sets(args.set))
+    entries = build_entries(
+        args.methods.split(","), parse_list(args.keep), parse_list(args.layers), fields
+    )  # validated before any compute
+    model, processor = load_testbed(path=args.model)
+    samples = data.make_split(args.split, args.num_samples)
+    rows = evaluate(model, processor, samples, entries, batch_size=args.batch_size, progress=not args.quiet)
+    chance = {task: data.chance_accuracy(task) for task in data.TASKS}
+    counts = {task: sum(s["task"] == task for s in samples) for task in data.TASKS}
+    chance["all"] = sum(chance[t] * counts[t] for t in data.TASKS) / max(1, len(samples))
+    config = {key: value for key, value in vars(args).items() if key != "func"}
+    paths = write_results(Path(args.out), config, rows, chance)
+    print((Path(args.out) / "results.md").read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from piofvlm.testbed import data
+    from piofvlm.testbed.model import load_testbed, prompt
+
+    method = method_from_args(args)
+    model, processor = load_testbed(path=args.model)
+    sample = data.make_sample(args.split, args.index)
+    inputs = processor(images=[sample["image"]], text=[prompt(sample["question"])], return_tensors="pt")
+    num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with torch.no_grad(), method(model):
+        output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+    image = overlay_panels(sample["image"], method.last_selection, num_visual, boxes=data.relevant_boxes(sample))
+    image.save(args.out)
+    print(f"question: {sample['question']}  expected: {sample['answer']}  answer: {answer}")
+    print(f"overlay: {args.out}")
+    return 0
+
+
+def parse_list(text: str) -> list[Any]:
+    value = parse_value(text)
+    return value if isinstance(value, list) else [value]
+
+
+def _parse_sets(items: list[str] | None) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        pairs.append((key, parse_value(value)))
+    return pairs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="piofvlm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is pruned (DEBUG)")
@@ -145,8 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the embedded default model with and without PIO (no download)")
     demo.add_argument("--out", help="folder for the demo's files (default: a new temporary folder)")
-    demo.add_argument("--max-new-tokens", type=int, default=8)
+    demo.add_argument("--index", type=int, default=0, help="which test sample of the testbed to show")
+    demo.add_argument("--max-new-tokens", type=int, default=4)
     demo.set_defaults(func=cmd_demo)
+
+    evaluate = sub.add_parser("eval", help="accuracy retention of methods x budgets on the testbed")
+    evaluate.add_argument("--model", help="testbed checkpoint directory (default: the shipped one)")
+    evaluate.add_argument("--methods", default="none,random,pio", help="comma-separated method names")
+    evaluate.add_argument("--keep", default="0.111,0.222,0.333", help="budgets, comma-separated (one stage)")
+    evaluate.add_argument("--layers", default="2", help="prune point(s) of every method")
+    evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="a field given to every method")
+    evaluate.add_argument("--split", default="test", help="train, val, test or heldout")
+    evaluate.add_argument("--num-samples", type=int, default=500)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--out", default="runs/eval", help="folder for results.json, results.md, accuracy.png")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=cmd_eval)
+
+    show = sub.add_parser("show", help="PNG of a testbed image with the tokens a method kept, per stage")
+    show.add_argument("--model", help="testbed checkpoint directory (default: the shipped one)")
+    show.add_argument("--split", default="test")
+    show.add_argument("--index", type=int, default=0)
+    add_method_arguments(show)
+    show.add_argument("--out", default="overlay.png")
+    show.set_defaults(func=cmd_show)
     return parser
 
 
