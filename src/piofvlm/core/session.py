@@ -159,13 +159,10 @@ class PruningHandle:
             self._call = self._start_prefill(embeds, attention_mask, kwargs.get("position_ids"), pending)
             return
         self._call = None
-        input_ids, model_kwargs = pending if pending is not None else (None, {})
-        pixels = any(
-            value is not None
-            for key, value in model_kwargs.items()
-            if key.startswith("pixel_values") or key == "mm_encoder_outputs"
-        )
-        if pixels and input_ids is not None and bool(self.adapter.visual_token_mask(input_ids).any()):
+        input_ids = pending[0] if pending is not None else None
+        # One generated token may be the image id by chance; a multi-token continuation holding image tokens
+        # (chunked prefill, a new image on an old cache) would be pruned partially or not at all: refused.
+        if input_ids is not None and input_ids.shape[1] > 1 and bool(self.adapter.visual_token_mask(input_ids).any()):
             raise ValueError(
                 "image tokens arrived on a non-empty KV cache: visual tokens are pruned in one prefill over the whole "
                 "prompt, so chunked prefill or adding images to an existing cache is not supported"
