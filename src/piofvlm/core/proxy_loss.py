@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from piofvlm.core.context import StageContext
+from piofvlm.core.ops import gather_sequence
 
 
 def loss_positions(valid: torch.Tensor, num_positions: int, include_last: bool) -> torch.Tensor:
@@ -32,20 +33,6 @@ def loss_positions(valid: torch.Tensor, num_positions: int, include_last: bool) 
             f"(num_loss_positions={num_positions}, include_last={include_last}); a prompt is too short"
         )
     return torch.arange(start, end, device=valid.device)[None].expand(batch_size, -1)
-
-
-def _gather_seq(tensor: torch.Tensor, slots: torch.Tensor, batch_dim: int) -> torch.Tensor:
-    """Gather ``slots`` (``(B, n)``) along the sequence axis ``batch_dim + 1`` of ``tensor``."""
-    seq_dim = batch_dim + 1
-    batch_size = slots.shape[0]
-    shape = list(tensor.shape)
-    shape[batch_dim] = batch_size
-    tensor = tensor.expand(*shape)
-    index_shape = [1] * tensor.dim()
-    index_shape[batch_dim], index_shape[seq_dim] = batch_size, slots.shape[1]
-    expand = list(tensor.shape)
-    expand[seq_dim] = slots.shape[1]
-    return tensor.gather(seq_dim, slots.view(index_shape).expand(expand))
 
 
 def _self_argmax_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -92,7 +79,7 @@ def _fast_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: to
 
     cos, sin = ctx.position_embeddings[0], ctx.position_embeddings[1]
     batch_dim = adapter.position_batch_dim
-    q, _ = rotary(q, q, _gather_seq(cos, slots, batch_dim), _gather_seq(sin, slots, batch_dim))
+    q, _ = rotary(q, q, gather_sequence(cos, slots, batch_dim), gather_sequence(sin, slots, batch_dim))
     _, k = rotary(k, k, cos, sin)
 
     key_index = torch.arange(seq_len, device=x.device)

@@ -26,6 +26,7 @@ from torch import nn
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.core.context import StageContext, StageRecord
 from piofvlm.core.masks import causal_padding_mask
+from piofvlm.core.ops import gather_sequence
 
 if TYPE_CHECKING:
     from piofvlm.methods.base import TokenPruner
@@ -394,16 +395,16 @@ class PruningHandle:
 
         dropped = layout.valid & ~keep_slot
         batch_dim = self.adapter.position_batch_dim
-        position_ids = _gather_positions(layout.position_ids, gather_index, batch_dim)
+        position_ids = gather_sequence(layout.position_ids, gather_index, batch_dim)
         if self.method.positions == "renumber":
             dropped_before = dropped.long().cumsum(1) - dropped.long()  # (B, S_cur) dropped slots before each slot
             position_ids = self.adapter.renumber_positions(
-                position_ids, _gather_positions(dropped_before, gather_index, 0)
+                position_ids, gather_sequence(dropped_before, gather_index, 0)
             )
             position_embeddings: tuple[torch.Tensor, ...] = ()
         else:
             position_embeddings = tuple(
-                _gather_positions(t, gather_index, batch_dim) for t in layout.position_embeddings
+                gather_sequence(t, gather_index, batch_dim) for t in layout.position_embeddings
             )
         new_layout = _Layout(
             source=take(layout.source, -1),
@@ -461,23 +462,6 @@ class PruningHandle:
         position_ids = self.adapter.renumber_positions(position_ids, segment.shift[:, None])
         position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, position_ids))
         return mask, position_embeddings, position_ids
-
-
-def _gather_positions(values: torch.Tensor, index: torch.Tensor, batch_dim: int) -> torch.Tensor:
-    """Gather ``index`` (``(B, S_new)``) along the sequence axis of ``values`` laid out ``(*lead, B', S, *rest)``.
-
-    A batch axis of size 1 (position ids shared by the batch) is expanded first.
-    """
-    seq_dim = batch_dim + 1
-    batch_size, new_len = index.shape
-    shape = list(values.shape)
-    shape[batch_dim] = batch_size
-    values = values.expand(*shape)
-    index_view = [1] * values.dim()
-    index_view[batch_dim], index_view[seq_dim] = batch_size, new_len
-    expand = list(values.shape)
-    expand[seq_dim] = new_len
-    return values.gather(seq_dim, index.view(index_view).expand(expand))
 
 
 def _sample_keys(input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
