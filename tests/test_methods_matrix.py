@@ -18,12 +18,19 @@ MATRIX: dict[str, tuple[dict, int]] = {
     "pdrop": ({"layers": [1, 3]}, 2),
     "dart": ({"layers": [2], "image_pivots": 2, "text_pivots": 2}, 1),
     "divprune": ({}, 1),
+    "visionzip": ({}, 1),
+    "vscan": ({"local_layer": 0, "window": 3}, 1),
+    "chain": ({"encoder": {"method": "visionzip", "keep": 1.0}, "llm": {"method": "pio", "layers": [2]}}, 1),
 }
 
 
 def build(name: str, keep, **extra):
     """The method with ``keep`` at its last stage (earlier stages keep twice as much, capped at everything)."""
     fields, stages = MATRIX[name]
+    if name == "chain":  # the llm part carries the budget, the encoder part keeps twice as much
+        first = min(1.0, 2 * keep) if isinstance(keep, float) else 2 * keep
+        encoder = {**fields["encoder"], "keep": first}
+        return piofvlm.get_method(name, encoder=encoder, llm={**fields["llm"], "keep": keep}, **extra)
     if stages > 1:
         first = min(1.0, 2 * keep) if isinstance(keep, float) else 2 * keep
         keep = [first, keep]
