@@ -18,6 +18,8 @@ MATRIX: dict[str, tuple[dict, int]] = {
     "pdrop": ({"layers": [1, 3]}, 2),
     "dart": ({"layers": [2], "image_pivots": 2, "text_pivots": 2}, 1),
     "divprune": ({}, 1),
+    "sparsevlm": ({"layers": [1, 2]}, 2),
+    "cdpruner": ({}, 1),
     "visionzip": ({}, 1),
     "vscan": ({"local_layer": 0, "window": 3}, 1),
     "chain": ({"encoder": {"method": "visionzip", "keep": 1.0}, "llm": {"method": "pio", "layers": [2]}}, 1),

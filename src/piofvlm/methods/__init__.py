@@ -1,6 +1,7 @@
 """One file per method. Importing this package registers them all."""
 
 from piofvlm.methods.base import Method, NoReduction, TokenPruner
+from piofvlm.methods.cdpruner import CDPruner
 from piofvlm.methods.chain import Chain
 from piofvlm.methods.dart import DART
 from piofvlm.methods.divprune import DivPrune
@@ -9,6 +10,7 @@ from piofvlm.methods.pdrop import PDrop
 from piofvlm.methods.pio import PIO
 from piofvlm.methods.pool import Pool
 from piofvlm.methods.random import RandomPrune
+from piofvlm.methods.sparsevlm import SparseVLM
 from piofvlm.methods.visionzip import VisionZip
 from piofvlm.methods.vscan import VScan
 from piofvlm.registry import register_method
@@ -18,6 +20,7 @@ register_method(NoReduction)
 __all__ = [
     "DART",
     "PIO",
+    "CDPruner",
     "Chain",
     "DivPrune",
     "FastV",
@@ -26,6 +29,7 @@ __all__ = [
     "PDrop",
     "Pool",
     "RandomPrune",
+    "SparseVLM",
     "TokenPruner",
     "VScan",
     "VisionZip",
