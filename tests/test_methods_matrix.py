@@ -103,3 +103,39 @@ def test_batch_equals_single_and_deterministic(kind, name):
         for i in range(3):
             m(**single_inputs(kind, i))
             assert [r.kept[0].tolist() for r in method.last_selection] == [kept[i] for kept in batch_kept]
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart", "sparsevlm"])
+def test_attention_based_methods_agree_under_sdpa_and_eager(name):
+    inputs = make_inputs("llava")
+    kept = []
+    for attn in ("sdpa", "eager"):
+        method = build(name, 0.3)
+        with torch.no_grad(), method(model("llava", attn)):
+            model("llava", attn)(**inputs)
+        kept.append([[k.tolist() for k in r.kept] for r in method.last_selection])
+    assert kept[0] == kept[1]
+
+
+def test_random_seed_changes_the_draw():
+    inputs = make_inputs("llava")
+    draws = []
+    for seed in (0, 0, 1):
+        method = build("random", 0.3, seed=seed)
+        with torch.no_grad(), method(model("llava")):
+            model("llava")(**inputs)
+        draws.append([k.tolist() for k in method.last_selection[0].kept])
+    assert draws[0] == draws[1] != draws[2]
+
+
+def test_a_family_without_vision_support_gets_a_clear_error():
+    from piofvlm.adapters.base import ModelAdapter
+    from piofvlm.methods._vision import check_encoder_side
+
+    class NoVision(ModelAdapter):
+        model_types = ("future_vlm",)
+
+    with pytest.raises(
+        ValueError, match=r"VisionZip needs the vision tower: vision_layers is not available for future"
+    ):
+        check_encoder_side(piofvlm.get_method("visionzip"), NoVision(model("llava")), "auto")
