@@ -139,3 +139,19 @@ def test_a_family_without_vision_support_gets_a_clear_error():
         ValueError, match=r"VisionZip needs the vision tower: vision_layers is not available for future"
     ):
         check_encoder_side(piofvlm.get_method("visionzip"), NoVision(model("llava")), "auto")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["pool", "visionzip", "vscan", "chain"])
+def test_generate_prefill_matches_forward(kind, name):
+    """generate() encodes images itself (mm_encoder_outputs, no image_sizes in the model call): same selection."""
+    m = model(kind)
+    inputs = make_inputs(kind)
+    method = build(name, 0.3)
+    with torch.no_grad(), method(m):
+        forward = m(**inputs).logits[:, -1]
+        kept = [[k.tolist() for k in r.kept] for r in method.last_selection]
+        out = m.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert [[k.tolist() for k in r.kept] for r in method.last_selection] == kept
+    torch.testing.assert_close(out.logits[0], forward, rtol=1e-4, atol=1e-5)
+    assert "get_image_features" not in vars(m.model)  # the instance wrapper is gone

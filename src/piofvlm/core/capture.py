@@ -11,6 +11,8 @@ PIO's proxy re-running a layer) are ignored.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +75,14 @@ class VisionInputs:
         self.kwargs: dict[str, Any] = {}
         self.input_ids: torch.Tensor | None = None
         self.hidden: dict[int, torch.Tensor] = {}
-        hook = self.adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal, with_kwargs=True)
+        self.image_kwargs: dict[str, Any] = {}
+        multimodal = self.adapter.multimodal_model
+        hook = multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True)
         handle.add_hook(hook)
+        if hasattr(multimodal, "get_image_features"):
+            # transformers' generate() encodes images itself (``mm_encoder_outputs``) and drops ``image_sizes`` from
+            # the model call, so the image inputs are read where they are encoded, on this instance only.
+            handle.add_hook(_InstanceWrap(multimodal, "get_image_features", self._on_image_features))
         vision_layers = self.adapter.vision_layers
         for index in sorted(set(layers)):
             if not -len(vision_layers) <= index < len(vision_layers):
@@ -87,9 +95,15 @@ class VisionInputs:
             handle.add_hook(hook)
 
     def _on_multimodal(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("pixel_values") is not None:
+        if kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
             self.kwargs = dict(kwargs)
             self.input_ids = kwargs.get("input_ids", args[0] if args else None)
+
+    def _on_image_features(self, args: tuple, kwargs: dict) -> None:
+        names = ("pixel_values", "image_sizes")
+        self.image_kwargs = {
+            name: kwargs.get(name, args[i] if len(args) > i else None) for i, name in enumerate(names)
+        }
 
     def _store(self, index: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -108,7 +122,8 @@ class VisionInputs:
         """Where each visual token of each sample comes from (see :class:`VisualMap`)."""
         if self.input_ids is None:
             raise RuntimeError("no image inputs were captured for this prefill (call the model with pixel_values)")
-        images = self.adapter.visual_token_sources(self.kwargs)  # per image of the batch, in order
+        image_inputs = {**self.kwargs, **{k: v for k, v in self.image_kwargs.items() if v is not None}}
+        images = self.adapter.visual_token_sources(image_inputs)  # per image of the batch, in order
         mask = self.kwargs.get("attention_mask")
         visual = self.adapter.visual_token_mask(self.input_ids)
         if mask is not None:
@@ -132,3 +147,22 @@ class VisionInputs:
                 filled, image_index = filled + n, image_index + 1
         device = ctx.visual_index.device
         return VisualMap(**{name: table.to(device) for name, table in tables.items()})
+
+
+class _InstanceWrap:
+    """Wrap one bound method of one instance to observe its arguments; ``remove()`` restores it (hook-like)."""
+
+    def __init__(self, obj: Any, name: str, observer: Callable[[tuple, dict], None]) -> None:
+        self.obj, self.name = obj, name
+        original = getattr(obj, name)
+
+        @functools.wraps(original)  # keeps the signature, which generate() inspects
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            observer(args, kwargs)
+            return original(*args, **kwargs)
+
+        setattr(obj, name, wrapper)
+
+    def remove(self) -> None:
+        if self.name in vars(self.obj):
+            delattr(self.obj, self.name)
