@@ -17,6 +17,43 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pio-llava15-128": {"method": "pio", "layers": [1, 10, 15], "keep": [218, 128, 54], "positions": "renumber"},
     # w/o VE, 192 tokens (33.3%): not published; a same-shape schedule with mean 192.0 (inferred, unverified).
     "pio-llava15-192": {"method": "pio", "layers": [1, 10, 15], "keep": [346, 202, 85], "positions": "renumber"},
+    # w/ VE ("encoder-involved"), 64 tokens: VScan-style encoder stage keeps 96, PIO keeps 32 after layer 16;
+    # (96 + 32) / 2 = 64 (README default usage, spec A.2 / A.9).
+    "pio-llava15-64-ve": {
+        "method": "chain",
+        "encoder": {"method": "vscan", "keep": 96},
+        "llm": {"method": "pio", "layers": [16], "keep": 32},
+        "positions": "renumber",
+    },
+    # w/ VE 128 and 192: not published; the same 3:1 split (inferred, unverified).
+    "pio-llava15-128-ve": {
+        "method": "chain",
+        "encoder": {"method": "vscan", "keep": 192},
+        "llm": {"method": "pio", "layers": [16], "keep": 64},
+        "positions": "renumber",
+    },
+    "pio-llava15-192-ve": {
+        "method": "chain",
+        "encoder": {"method": "vscan", "keep": 288},
+        "llm": {"method": "pio", "layers": [16], "keep": 96},
+        "positions": "renumber",
+    },
+    # Qwen2.5-VL-7B w/ VE, 11.1%: the encoder keeps 16.7%, PIO keeps a third of that after layer 14, proxy on the
+    # same layer, original M-RoPE positions; VScan on blocks 7 / 31 with 4 x 4 windows and mean attention received.
+    # The authors round int(ratio * current) per stage; here each ratio counts the original tokens (0.167 / 3).
+    "pio-qwen25vl-11-ve": {
+        "method": "chain",
+        "encoder": {
+            "method": "vscan",
+            "keep": 0.167,
+            "local_layer": 7,
+            "global_layer": 31,
+            "window": 4,
+            "attention": "mean",
+        },
+        "llm": {"method": "pio", "layers": [14], "keep": 0.167 / 3, "proxy_layer": "previous"},
+        "positions": "keep",
+    },
 }
 
 

@@ -103,6 +103,57 @@ class ModelAdapter:
         """The family's own ``apply_rotary_pos_emb(q, k, cos, sin)``, or ``None`` if the fast proxy cannot be used."""
         return None
 
+    # ------------------------------------------------------------------------- vision tower (encoder-side methods)
+    # Families that support encoder-side methods override these; the defaults raise a ValueError saying what is
+    # missing, so a method can report which capability a family lacks.
+    def _no_vision(self, what: str) -> ValueError:
+        return ValueError(
+            f"{what} is not available for {self.model_types[0] if self.model_types else '?'} models: "
+            f"{type(self).__name__} does not implement it (see piofvlm.adapters.base.ModelAdapter)"
+        )
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder module."""
+        raise self._no_vision("vision_tower")
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision encoder's transformer blocks, in order."""
+        raise self._no_vision("vision_layers")
+
+    @property
+    def vision_feature_layer_index(self) -> int:
+        """Index in :attr:`vision_layers` of the block whose output feeds the projector (>= 0)."""
+        raise self._no_vision("vision_feature_layer_index")
+
+    @property
+    def vision_has_cls(self) -> bool:
+        """Whether each vision-encoder input starts with a [CLS] token that is not a visual token of the prompt."""
+        raise self._no_vision("vision_has_cls")
+
+    def vision_attention(self, layer_index: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explicit self-attention of vision block ``layer_index`` from the hidden states entering it.
+
+        Args:
+            layer_index: index in :attr:`vision_layers`.
+            hidden_states: ``(N_crops, T, d_v)`` input of that block (T includes a [CLS] token if there is one).
+
+        Returns:
+            ``(probs, keys)``: ``(N_crops, H, T, T)`` fp32 attention probabilities and ``(N_crops, T, hd)`` keys
+            averaged over heads (VisionZip's merge metric).
+        """
+        raise self._no_vision("vision_attention")
+
+    def visual_token_sources(self, model_kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """For each image of the batch, in order, where each of its visual tokens comes from.
+
+        Returns one dict per image with ``(N_img,)`` long tensors: ``crop`` (input of the vision tower's batch),
+        ``patch`` (patch index within the crop, not counting [CLS]), ``grid``/``row``/``col`` (place in the image's
+        token grid(s)); ``crop``/``patch`` are -1 for tokens without a vision-encoder patch (e.g. row separators).
+        """
+        raise self._no_vision("visual_token_sources")
+
     # ---------------------------------------------------------------------------------------------- checks
     def check_attention(self) -> None:
         impl = self.attn_implementation

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
 from transformers.models.llama import modeling_llama
 
 from piofvlm.adapters.base import ModelAdapter
@@ -31,3 +33,73 @@ class LlavaAdapter(ModelAdapter):
         if self.text_config.model_type in ("llama", "mistral", "qwen2"):
             return modeling_llama.apply_rotary_pos_emb
         return None
+
+    # ------------------------------------------------------------------------------------------ vision tower
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        tower = self.vision_tower
+        encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
+        if encoder is None or not hasattr(encoder, "layers"):
+            raise self._no_vision(f"the encoder blocks of vision tower {type(tower).__name__}")
+        return encoder.layers
+
+    def _select_strategy(self) -> str:
+        return self.model.config.vision_feature_select_strategy
+
+    @property
+    def vision_feature_layer_index(self) -> int:
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(
+                f"vision_feature_layer={layer!r} concatenates several vision layers; encoder-side methods need a "
+                "single feature layer"
+            )
+        num_layers = len(self.vision_layers)
+        index = layer % (num_layers + 1) - 1  # hidden_states[layer] is the output of block (layer mod (n+1)) - 1
+        if index < 0:
+            raise ValueError(f"vision_feature_layer={layer} selects the embeddings, not a vision block")
+        return index
+
+    @property
+    def vision_has_cls(self) -> bool:
+        # "default" drops the first encoder token as [CLS] (CLIP); "full" feeds every token to the projector.
+        return self._select_strategy() == "default"
+
+    def vision_attention(self, layer_index: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self.vision_layers[layer_index]
+        attn = block.self_attn
+        num_crops, length, _ = hidden_states.shape
+        normed = block.layer_norm1(hidden_states)
+        q = attn.q_proj(normed).view(num_crops, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(num_crops, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = (torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale).softmax(-1)  # (N, H, T, T)
+        return probs, k.mean(1)
+
+    def _check_patch_tokens(self) -> int:
+        if not self.vision_has_cls:
+            raise ValueError(
+                "vision_feature_select_strategy='full' makes the [CLS] token a visual token of the prompt; "
+                "encoder-side methods support the 'default' strategy only"
+            )
+        vision = self.model.config.vision_config
+        return vision.image_size // vision.patch_size
+
+    def visual_token_sources(self, model_kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        side = self._check_patch_tokens()
+        patch = torch.arange(side * side)
+        images = []
+        for crop in range(int(model_kwargs["pixel_values"].shape[0])):
+            images.append(
+                {
+                    "crop": torch.full_like(patch, crop),
+                    "patch": patch,
+                    "grid": torch.zeros_like(patch),
+                    "row": patch // side,
+                    "col": patch % side,
+                }
+            )
+        return images

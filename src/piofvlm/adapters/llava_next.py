@@ -44,3 +44,42 @@ class LlavaNextAdapter(LlavaAdapter):
             height, width = grid.shape[1], grid.shape[2]
             counts.append(base + height * (width + 1))
         return counts
+
+    def visual_token_sources(self, model_kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Base view first (grid 0, ``side x side``), then the unpadded high-resolution grid with its trailing
+        ``image_newline`` column (grid 1). The model's own packing is run on (crop, patch) labels to get the order.
+        """
+        side = self._check_patch_tokens()
+        config = self.model.config
+        image_sizes = torch.as_tensor(model_kwargs["image_sizes"])
+        labels, start = [], 0
+        for size in image_sizes.tolist():
+            num_crops = mln.image_size_to_num_patches(
+                size, config.image_grid_pinpoints, config.vision_config.image_size
+            )
+            crop = torch.arange(start, start + num_crops)[:, None].expand(-1, side * side)
+            patch = torch.arange(side * side)[None].expand(num_crops, -1)
+            labels.append(torch.stack([crop, patch], dim=-1).double())  # (num_crops, side*side, 2)
+            start += num_crops
+        newline = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+        packed, _ = self.multimodal_model.pack_image_features(
+            labels, image_sizes, self._select_strategy(), image_newline=newline
+        )
+        images = []
+        for tokens in packed:
+            crop, patch = tokens[:, 0].long(), tokens[:, 1].long()
+            index = torch.arange(crop.shape[0])
+            base = index < side * side
+            rest = index - side * side
+            newlines = (crop < 0).nonzero()
+            width = int(newlines[0, 0]) - side * side + 1 if len(newlines) else 1
+            images.append(
+                {
+                    "crop": crop,
+                    "patch": patch,
+                    "grid": torch.where(base, 0, 1),
+                    "row": torch.where(base, index // side, rest // width),
+                    "col": torch.where(base, index % side, rest % width),
+                }
+            )
+        return images

@@ -141,3 +141,28 @@ def nms_fill_per_group(
     flat_rows = sample.expand_as(table)[keep_cell]
     keep[flat_rows, table[keep_cell]] = True
     return keep[:, :seq_len]
+
+
+def group_rows(groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay out every (sample, group) as one row of its slots in sequence order.
+
+    Returns:
+        ``(table, valid, sample)``: ``(P, N)`` slot indices (P = B * G, -1 past a row's end), ``(P, N)`` bool, and
+        ``(P, 1)`` the sample of each row.
+    """
+    batch_size, seq_len = groups.shape
+    order = torch.arange(seq_len, device=groups.device)[None].expand(batch_size, -1)
+    table = pack_groups(order, groups, num_groups)
+    sample = torch.arange(batch_size, device=groups.device).repeat_interleave(num_groups)[:, None]
+    return table, table >= 0, sample
+
+
+def rows_to_mask(
+    table: torch.Tensor, keep_cell: torch.Tensor, sample: torch.Tensor, shape: torch.Size
+) -> torch.Tensor:
+    """Scatter a ``(P, N)`` per-row keep mask back to a ``(B, S)`` slot mask (inverse of :func:`group_rows`)."""
+    batch_size, seq_len = shape
+    keep = torch.zeros(batch_size, seq_len + 1, dtype=torch.bool, device=table.device)
+    keep_cell = keep_cell & (table >= 0)
+    keep[sample.expand_as(table)[keep_cell], table[keep_cell]] = True
+    return keep[:, :seq_len]

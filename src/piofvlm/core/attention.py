@@ -1,0 +1,116 @@
+"""Explicit attention of one decoder layer, computed from that layer's own queries and keys.
+
+Attention-based methods (FastV, PyramidDrop, SparseVLM, DART's key norms) need a few rows of one layer's attention
+map. Asking the model for ``output_attentions`` would force eager attention on every layer; instead we recompute the
+one layer's projections (input norm, q/k projections, optional per-head q/k norms, the family's RoPE) from the hidden
+states entering it. The result does not depend on the attention implementation the model runs with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from piofvlm.adapters.base import ModelAdapter
+from piofvlm.core.proxy_loss import _gather_seq
+
+
+def _rotary(adapter: ModelAdapter, reason: str):
+    rotary = adapter.rotary_fn()
+    if rotary is None:
+        raise ValueError(
+            f"{reason} needs the model family's rotary function (adapter.rotary_fn()), which "
+            f"{type(adapter).__name__} does not provide for text model type {adapter.text_config.model_type!r}"
+        )
+    return rotary
+
+
+def layer_keys(
+    adapter: ModelAdapter,
+    layer_index: int,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
+    """Keys of decoder layer ``layer_index``: ``(B, H_kv, S, hd)``, rotated by RoPE if ``position_embeddings``."""
+    attn = adapter.layers[layer_index].self_attn
+    batch_size, seq_len, _ = hidden.shape
+    normed = adapter.layers[layer_index].input_layernorm(hidden)
+    k = attn.k_proj(normed).view(batch_size, seq_len, -1, attn.head_dim)
+    if hasattr(attn, "k_norm"):  # Qwen3-style per-head norms
+        k = attn.k_norm(k)
+    k = k.transpose(1, 2)
+    if position_embeddings is not None:
+        _, k = _rotary(adapter, "key states")(k, k, position_embeddings[0], position_embeddings[1])
+    return k
+
+
+def layer_attention(
+    adapter: ModelAdapter,
+    layer_index: int,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, ...],
+    valid: torch.Tensor,
+    query_slots: torch.Tensor,
+) -> torch.Tensor:
+    """Causal softmax attention of decoder layer ``layer_index`` for the given query slots, in fp32.
+
+    Args:
+        adapter: the model family's adapter.
+        layer_index: decoder layer whose ``self_attn`` projections are used.
+        hidden: ``(B, S, d)`` hidden states entering that layer.
+        position_embeddings: ``(cos, sin)`` of the current layout.
+        valid: ``(B, S)`` bool, real tokens (padding keys are masked out).
+        query_slots: ``(B, n)`` long, slots whose attention rows are wanted.
+
+    Returns:
+        ``(B, H, n, S)`` attention probabilities (rows sum to 1 over the allowed keys).
+    """
+    rotary = _rotary(adapter, "explicit attention scores")
+    layer = adapter.layers[layer_index]
+    attn = layer.self_attn
+    batch_size, seq_len, _ = hidden.shape
+    num_q = query_slots.shape[1]
+    normed = layer.input_layernorm(hidden)
+    normed_q = normed.gather(1, query_slots[..., None].expand(-1, -1, normed.shape[-1]))  # (B, n, d)
+    q = attn.q_proj(normed_q).view(batch_size, num_q, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)  # (B, H, n, hd)
+    batch_dim = adapter.position_batch_dim
+    cos_q = _gather_seq(position_embeddings[0], query_slots, batch_dim)
+    sin_q = _gather_seq(position_embeddings[1], query_slots, batch_dim)
+    q, _ = rotary(q, q, cos_q, sin_q)
+    k = layer_keys(adapter, layer_index, hidden, position_embeddings)  # (B, H_kv, S, hd)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # (B, H, n, S)
+    key_index = torch.arange(seq_len, device=hidden.device)
+    allowed = valid[:, None, None, :] & (key_index[None, None, None, :] <= query_slots[:, None, :, None])
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+def attention_received(
+    adapter: ModelAdapter,
+    layer_index: int,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, ...],
+    valid: torch.Tensor,
+    query: str,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """``(B, S)`` attention each slot receives, averaged over heads, from the last query or from every query.
+
+    Args:
+        query: ``"last"``: the last prompt token's row; ``"mean"``: the mean over every real query row (rows that
+            cannot see a key contribute 0 to it, as in an eager attention map).
+        chunk: query rows per step for ``"mean"`` (bounds memory to ``B * H * chunk * S``).
+    """
+    batch_size, seq_len = valid.shape
+    if query == "last":
+        slots = torch.full((batch_size, 1), seq_len - 1, dtype=torch.long, device=valid.device)
+        return layer_attention(adapter, layer_index, hidden, position_embeddings, valid, slots)[:, :, 0].mean(1)
+    total = torch.zeros(batch_size, seq_len, dtype=torch.float32, device=valid.device)
+    for start in range(0, seq_len, chunk):
+        slots = torch.arange(start, min(start + chunk, seq_len), device=valid.device)[None].expand(batch_size, -1)
+        probs = layer_attention(adapter, layer_index, hidden, position_embeddings, valid, slots).mean(1)  # (B,n,S)
+        probs = torch.nan_to_num(probs) * valid.gather(1, slots)[..., None]  # padding query rows are empty
+        total += probs.sum(1)
+    return total / valid.sum(1, keepdim=True).clamp(min=1)

@@ -1,0 +1,168 @@
+"""Hooks that methods register through ``attach`` to see more than the hidden states at their prune point.
+
+* :class:`LayerInputs`: the hidden states entering chosen decoder layers (e.g. layer K-1 for FastV's attention);
+* :class:`VisionInputs`: the multimodal call's image inputs (``input_ids``, ``pixel_values``, ``image_sizes``, ...)
+  and the hidden states entering chosen vision-encoder layers, plus the map from each visual token of the prompt
+  to its image, its vision-encoder crop and patch, and its place in the image's grid(s).
+
+Every hook is owned by the pruning handle, so it is removed with it. Captures made while a method is selecting (e.g.
+PIO's proxy re-running a layer) are ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from piofvlm.core.context import StageContext
+from piofvlm.core.session import PruningHandle
+
+
+class LayerInputs:
+    """Hidden states entering decoder layers ``indices`` in the latest forward: ``self.hidden[i]``, ``(B, S, d)``."""
+
+    def __init__(self, handle: PruningHandle, indices: list[int]) -> None:
+        self.hidden: dict[int, torch.Tensor] = {}
+        for index in sorted(set(indices)):
+            hook = handle.adapter.layers[index].register_forward_pre_hook(self._store(handle, index), with_kwargs=True)
+            handle.add_hook(hook)
+
+    def _store(self, handle: PruningHandle, index: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if not getattr(handle, "_selecting", False):
+                self.hidden[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def get(self, index: int, ctx: StageContext) -> torch.Tensor:
+        hidden = self.hidden.get(index)
+        if hidden is None or tuple(hidden.shape[:2]) != tuple(ctx.valid.shape):
+            raise RuntimeError(f"the hidden states entering decoder layer {index} were not captured for this prefill")
+        return hidden
+
+
+@dataclass
+class VisualMap:
+    """Per visual token of each sample (aligned with ``StageContext.visual_index``): ``(B, N_max)`` long tables.
+
+    ``-1`` marks entries past a sample's visual tokens, and ``crop``/``patch`` are -1 for visual tokens without a
+    vision-encoder patch (LLaVA-NeXT's ``image_newline`` tokens).
+    """
+
+    image: torch.Tensor  # image index within the sample
+    crop: torch.Tensor  # index of the vision-encoder input (crop) in the vision tower's batch
+    patch: torch.Tensor  # patch index within the crop (0-based, not counting a [CLS] token)
+    grid: torch.Tensor  # which grid of its image the token lies in (LLaVA-NeXT: 0 base view, 1 high-res)
+    row: torch.Tensor  # row within that grid
+    col: torch.Tensor  # column within that grid
+
+    def at(self, name: str, ctx: StageContext) -> torch.Tensor:
+        """``(B, S)`` value of table ``name`` for each slot of the current layout (-1 for non-visual slots)."""
+        table = getattr(self, name)
+        values = table.gather(1, ctx.visual_index.clamp(min=0))
+        return torch.where(ctx.visual_index >= 0, values, -1)
+
+
+class VisionInputs:
+    """Captures the image inputs of the multimodal call and the inputs of vision-encoder layers ``layers``."""
+
+    def __init__(self, handle: PruningHandle, layers: list[int]) -> None:
+        self.adapter = handle.adapter
+        self.kwargs: dict[str, Any] = {}
+        self.input_ids: torch.Tensor | None = None
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.image_kwargs: dict[str, Any] = {}
+        multimodal = self.adapter.multimodal_model
+        hook = multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True)
+        handle.add_hook(hook)
+        if hasattr(multimodal, "get_image_features"):
+            # transformers' generate() encodes images itself (``mm_encoder_outputs``) and drops ``image_sizes`` from
+            # the model call, so the image inputs are read where they are encoded, on this instance only.
+            handle.add_hook(_InstanceWrap(multimodal, "get_image_features", self._on_image_features))
+        vision_layers = self.adapter.vision_layers
+        for index in sorted(set(layers)):
+            if not -len(vision_layers) <= index < len(vision_layers):
+                raise ValueError(
+                    f"vision layer {index} does not exist: the vision encoder has {len(vision_layers)} layers"
+                )
+            hook = vision_layers[index].register_forward_pre_hook(
+                self._store(index % len(vision_layers)), with_kwargs=True
+            )
+            handle.add_hook(hook)
+
+    def _on_multimodal(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
+            self.kwargs = dict(kwargs)
+            self.input_ids = kwargs.get("input_ids", args[0] if args else None)
+
+    def _on_image_features(self, args: tuple, kwargs: dict) -> None:
+        names = ("pixel_values", "image_sizes")
+        self.image_kwargs = {
+            name: kwargs.get(name, args[i] if len(args) > i else None) for i, name in enumerate(names)
+        }
+
+    def _store(self, index: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            self.hidden[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def layer_input(self, index: int) -> torch.Tensor:
+        """``(N_crops, T, d_v)`` hidden states entering vision layer ``index`` in the latest image encoding."""
+        index %= len(self.adapter.vision_layers)
+        if index not in self.hidden:
+            raise RuntimeError(f"vision layer {index} did not run in this forward (no pixel_values?)")
+        return self.hidden[index]
+
+    def visual_map(self, ctx: StageContext) -> VisualMap:
+        """Where each visual token of each sample comes from (see :class:`VisualMap`)."""
+        if self.input_ids is None:
+            raise RuntimeError("no image inputs were captured for this prefill (call the model with pixel_values)")
+        image_inputs = {**self.kwargs, **{k: v for k, v in self.image_kwargs.items() if v is not None}}
+        images = self.adapter.visual_token_sources(image_inputs)  # per image of the batch, in order
+        mask = self.kwargs.get("attention_mask")
+        visual = self.adapter.visual_token_mask(self.input_ids)
+        if mask is not None:
+            visual = visual & mask.bool()
+        per_sample = visual.sum(1).tolist()
+        width = max(per_sample)
+        tables = {
+            name: torch.full((len(per_sample), width), -1, dtype=torch.long) for name in VisualMap.__annotations__
+        }
+        image_iter = iter(images)
+        for b, count in enumerate(per_sample):
+            filled, image_index = 0, 0
+            while filled < count:
+                tokens = next(image_iter, None)
+                if tokens is None or filled + tokens["crop"].shape[0] > count:
+                    raise RuntimeError("the image inputs do not match the image tokens of the prompt")
+                n = tokens["crop"].shape[0]
+                tables["image"][b, filled : filled + n] = image_index
+                for name in ("crop", "patch", "grid", "row", "col"):
+                    tables[name][b, filled : filled + n] = tokens[name]
+                filled, image_index = filled + n, image_index + 1
+        device = ctx.visual_index.device
+        return VisualMap(**{name: table.to(device) for name, table in tables.items()})
+
+
+class _InstanceWrap:
+    """Wrap one bound method of one instance to observe its arguments; ``remove()`` restores it (hook-like)."""
+
+    def __init__(self, obj: Any, name: str, observer: Callable[[tuple, dict], None]) -> None:
+        self.obj, self.name = obj, name
+        original = getattr(obj, name)
+
+        @functools.wraps(original)  # keeps the signature, which generate() inspects
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            observer(args, kwargs)
+            return original(*args, **kwargs)
+
+        setattr(obj, name, wrapper)
+
+    def remove(self) -> None:
+        if self.name in vars(self.obj):
+            delattr(self.obj, self.name)

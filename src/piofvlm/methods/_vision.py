@@ -1,0 +1,79 @@
+"""Shared pieces of the encoder-side methods (VisionZip, VScan): vision-attention scores per visual slot, merging."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from piofvlm.core.capture import VisionInputs, VisualMap
+from piofvlm.core.context import StageContext
+
+ATTENTION_MODES = ("auto", "cls", "mean")
+
+
+def check_encoder_side(method: object, adapter: object, attention: str) -> None:
+    """Raise ``ValueError`` unless ``method`` can act on the adapted model's vision tower."""
+    name = type(method).__name__
+    if list(method.layers) != [0]:
+        raise ValueError(f"{name} acts on the vision encoder's output, i.e. before the first layer: use layers=[0]")
+    try:
+        adapter.vision_layers  # noqa: B018 - raises a ValueError naming what the adapter lacks
+        has_cls = adapter.vision_has_cls
+        adapter.vision_feature_layer_index  # noqa: B018
+    except ValueError as error:
+        raise ValueError(f"{name} needs the vision tower: {error}") from error
+    if attention == "cls" and not has_cls:
+        raise ValueError(f"{name}(attention='cls') needs a [CLS] token, which this vision encoder has not; use 'mean'")
+
+
+def slot_scores(
+    ctx: StageContext, vision: VisionInputs, vmap: VisualMap, layer: int, attention: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slot: vision-attention score and the vision keys (mean over heads) of its patch at vision block ``layer``.
+
+    ``attention``: ``"cls"`` = attention from the crop's [CLS] token, ``"mean"`` = attention received, averaged over
+    every query of the crop; ``"auto"`` = ``"cls"`` when the encoder has a [CLS] token. Scores are averaged over
+    heads. Slots without a patch (e.g. ``image_newline``) score ``-inf`` and get zero keys.
+
+    Returns:
+        ``(scores, keys)``: ``(B, S)`` fp32 and ``(B, S, hd)``.
+    """
+    adapter = ctx.adapter
+    has_cls = adapter.vision_has_cls
+    mode = ("cls" if has_cls else "mean") if attention == "auto" else attention
+    probs, keys = adapter.vision_attention(layer, vision.layer_input(layer))  # (N, H, T, T), (N, T, hd)
+    offset = 1 if has_cls else 0
+    crop_scores = probs[:, :, 0, offset:].mean(1) if mode == "cls" else probs.mean(1).mean(1)[:, offset:]  # (N, P)
+    crop, patch = vmap.at("crop", ctx), vmap.at("patch", ctx)
+    has_patch = crop >= 0
+    c, p = crop.clamp(min=0), patch.clamp(min=0)
+    scores = torch.where(has_patch, crop_scores[c, p], float("-inf"))
+    slot_keys = keys[c, p + offset] * has_patch[..., None]
+    return scores, slot_keys
+
+
+def merge_into(
+    hidden: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, similarity_feats: torch.Tensor
+) -> torch.Tensor:
+    """Average each target with the sources assigned to it (each source goes to its most cosine-similar target).
+
+    Args:
+        hidden: ``(n, d)`` values to merge; sources / targets: ``(n_s,)`` / ``(n_t,)`` row indices;
+        similarity_feats: ``(n, f)`` features compared by cosine similarity.
+
+    Returns:
+        ``(n_t, d)``: ``(target + sum of its sources) / (1 + number of sources)``.
+    """
+    merged = hidden[targets].float()
+    if len(sources) == 0 or len(targets) == 0:
+        return merged
+    feats = F.normalize(similarity_feats.float(), dim=-1)
+    assign = (feats[sources] @ feats[targets].T).argmax(-1)  # (n_s,), first maximum
+    sums = merged.index_add(0, assign, hidden[sources].float())
+    counts = 1 + torch.bincount(assign, minlength=len(targets)).to(merged.dtype)[:, None]
+    return sums / counts
+
+
+def top(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest values (ties to the lower index)."""
+    return torch.sort(values, descending=True, stable=True).indices[:k]

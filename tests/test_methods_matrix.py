@@ -1,0 +1,157 @@
+"""Every method x model family x budget: exact kept counts, keep-all identity, hooks removed, determinism, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import piofvlm
+from conftest import make_inputs, model, single_inputs
+
+KINDS = ["llava", "llava_next"]
+
+# name -> (fields, number of stages); the tiny models have 4 decoder layers and 2 vision layers.
+MATRIX: dict[str, tuple[dict, int]] = {
+    "random": ({"layers": [1]}, 1),
+    "pool": ({}, 1),
+    "fastv": ({"layers": [2]}, 1),
+    "pdrop": ({"layers": [1, 3]}, 2),
+    "dart": ({"layers": [2], "image_pivots": 2, "text_pivots": 2}, 1),
+    "divprune": ({}, 1),
+    "sparsevlm": ({"layers": [1, 2]}, 2),
+    "cdpruner": ({}, 1),
+    "visionzip": ({}, 1),
+    "vscan": ({"local_layer": 0, "window": 3}, 1),
+    "chain": ({"encoder": {"method": "visionzip", "keep": 1.0}, "llm": {"method": "pio", "layers": [2]}}, 1),
+}
+
+
+def build(name: str, keep, **extra):
+    """The method with ``keep`` at its last stage (earlier stages keep twice as much, capped at everything)."""
+    fields, stages = MATRIX[name]
+    if name == "chain":  # the llm part carries the budget, the encoder part keeps twice as much
+        first = min(1.0, 2 * keep) if isinstance(keep, float) else 2 * keep
+        encoder = {**fields["encoder"], "keep": first}
+        return piofvlm.get_method(name, encoder=encoder, llm={**fields["llm"], "keep": keep}, **extra)
+    if stages > 1:
+        first = min(1.0, 2 * keep) if isinstance(keep, float) else 2 * keep
+        keep = [first, keep]
+    return piofvlm.get_method(name, **{**fields, "keep": keep, **extra})
+
+
+def expected(keep, counts: list[int]) -> list[int]:
+    if isinstance(keep, int):
+        return [keep] * len(counts)
+    return [max(1, int(keep * n + 0.5)) for n in counts]
+
+
+def image_counts(kind: str, inputs) -> list[list[int]]:
+    """Visual tokens per image, per sample (one image per sample in these inputs)."""
+    return [[int(n)] for n in (inputs["input_ids"] == 4).sum(1)]
+
+
+def hook_counts(m) -> list[tuple[int, int]]:
+    return [(len(mod._forward_pre_hooks), len(mod._forward_hooks)) for mod in m.modules()]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(MATRIX))
+@pytest.mark.parametrize("keep", [0.3, 5])
+def test_exact_counts_and_hooks_removed(kind, name, keep):
+    m = model(kind)
+    inputs = make_inputs(kind)
+    with torch.no_grad():
+        m(**inputs)  # transformers adds its own recorder hooks on the first forward
+    before = hook_counts(m)
+    method = build(name, keep)
+    with torch.no_grad(), method(m):
+        out = m(**inputs)
+    assert hook_counts(m) == before
+    assert torch.isfinite(out.logits).all()
+    counts = [c[0] for c in image_counts(kind, inputs)]
+    assert [len(k) for k in method.last_selection[-1].kept] == expected(keep, counts)
+    for record in method.last_selection:
+        for kept, candidates in zip(record.kept, record.candidates, strict=True):
+            assert bool(torch.isin(kept, candidates).all())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_keep_all_is_identical(kind, name):
+    m = model(kind)
+    inputs = make_inputs(kind)
+    valid = inputs["attention_mask"].bool()
+    method = build(name, 1.0)
+    with torch.no_grad():
+        reference = m(**inputs).logits
+        with method(m):
+            pruned = m(**inputs).logits
+    torch.testing.assert_close(pruned[valid], reference[valid], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_batch_equals_single_and_deterministic(kind, name):
+    m = model(kind)
+    inputs = make_inputs(kind)
+    method = build(name, 0.3)
+    with torch.no_grad(), method(m):
+        m(**inputs)
+        batch_kept = [[k.tolist() for k in r.kept] for r in method.last_selection]
+        m(**inputs)
+        assert [[k.tolist() for k in r.kept] for r in method.last_selection] == batch_kept
+        for i in range(3):
+            m(**single_inputs(kind, i))
+            assert [r.kept[0].tolist() for r in method.last_selection] == [kept[i] for kept in batch_kept]
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart", "sparsevlm"])
+def test_attention_based_methods_agree_under_sdpa_and_eager(name):
+    inputs = make_inputs("llava")
+    kept = []
+    for attn in ("sdpa", "eager"):
+        method = build(name, 0.3)
+        with torch.no_grad(), method(model("llava", attn)):
+            model("llava", attn)(**inputs)
+        kept.append([[k.tolist() for k in r.kept] for r in method.last_selection])
+    assert kept[0] == kept[1]
+
+
+def test_random_seed_changes_the_draw():
+    inputs = make_inputs("llava")
+    draws = []
+    for seed in (0, 0, 1):
+        method = build("random", 0.3, seed=seed)
+        with torch.no_grad(), method(model("llava")):
+            model("llava")(**inputs)
+        draws.append([k.tolist() for k in method.last_selection[0].kept])
+    assert draws[0] == draws[1] != draws[2]
+
+
+def test_a_family_without_vision_support_gets_a_clear_error():
+    from piofvlm.adapters.base import ModelAdapter
+    from piofvlm.methods._vision import check_encoder_side
+
+    class NoVision(ModelAdapter):
+        model_types = ("future_vlm",)
+
+    with pytest.raises(
+        ValueError, match=r"VisionZip needs the vision tower: vision_layers is not available for future"
+    ):
+        check_encoder_side(piofvlm.get_method("visionzip"), NoVision(model("llava")), "auto")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["pool", "visionzip", "vscan", "chain"])
+def test_generate_prefill_matches_forward(kind, name):
+    """generate() encodes images itself (mm_encoder_outputs, no image_sizes in the model call): same selection."""
+    m = model(kind)
+    inputs = make_inputs(kind)
+    method = build(name, 0.3)
+    with torch.no_grad(), method(m):
+        forward = m(**inputs).logits[:, -1]
+        kept = [[k.tolist() for k in r.kept] for r in method.last_selection]
+        out = m.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert [[k.tolist() for k in r.kept] for r in method.last_selection] == kept
+    torch.testing.assert_close(out.logits[0], forward, rtol=1e-4, atol=1e-5)
+    assert "get_image_features" not in vars(m.model)  # the instance wrapper is gone
