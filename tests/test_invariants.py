@@ -205,3 +205,28 @@ def test_replacement_hidden_states_reach_the_kept_tokens():
             changed = m(**inputs).logits
     assert base.shape == changed.shape
     assert not torch.allclose(base[:, -1], changed[:, -1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_adjacent_images_get_their_own_budgets(kind, call):
+    """Two images with no text between them form one run of image tokens; each still keeps its own budget,
+    in a plain forward (pixel inputs) and under generate() (which passes precomputed encoder outputs)."""
+    from conftest import processor
+    from piofvlm.toy import random_image
+
+    m = model(kind)
+    images = [random_image(0, (28, 28)), random_image(1, (40, 60))]
+    inputs = processor(kind)(
+        images=images, text=["USER : <image> <image> how many ? ASSISTANT :"], return_tensors="pt", padding=True
+    )
+    method = piofvlm.get_method("random", layers=[1], keep=3)
+    with torch.no_grad(), method(m):
+        if call == "forward":
+            m(**inputs)
+        else:
+            m.generate(**inputs, max_new_tokens=2, do_sample=False)
+    kept = method.last_selection[0].kept[0]
+    first_image = 49 if kind == "llava" else 112
+    assert len(kept) == 6
+    assert int((kept < first_image).sum()) == 3

@@ -81,6 +81,20 @@ class ModelAdapter:
         """
         raise NotImplementedError
 
+    @staticmethod
+    def counts_from_encoder_outputs(model_kwargs: dict[str, Any], modality: str = "image") -> list[int] | None:
+        """Per-item token counts from precomputed encoder outputs, if the call carries them.
+
+        ``generate()`` (transformers 5.x) runs the vision tower before the model call and passes
+        ``mm_encoder_outputs`` instead of ``pixel_values``/``image_sizes``; their ``pooler_output`` is a list with
+        one ``(tokens, d)`` tensor per item.
+        """
+        outputs = (model_kwargs.get("mm_encoder_outputs") or {}).get(modality)
+        features = getattr(outputs, "pooler_output", None)
+        if isinstance(features, (list, tuple)):
+            return [int(f.shape[0]) for f in features]
+        return None
+
     def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` bool: which prompt positions hold visual tokens."""
         return input_ids == self.image_token_id

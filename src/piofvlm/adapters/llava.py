@@ -19,6 +19,9 @@ class LlavaAdapter(ModelAdapter):
     model_types = ("llava",)
 
     def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
+        from_encoder = self.counts_from_encoder_outputs(model_kwargs)
+        if from_encoder is not None:
+            return from_encoder
         pixel_values = model_kwargs.get("pixel_values")
         if pixel_values is None:
             return None

@@ -21,6 +21,9 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
 
     def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
+        from_encoder = self.counts_from_encoder_outputs(model_kwargs)
+        if from_encoder is not None:
+            return from_encoder
         image_sizes = model_kwargs.get("image_sizes")
         if image_sizes is None or model_kwargs.get("pixel_values") is None:
             return None

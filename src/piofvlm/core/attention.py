@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from piofvlm.adapters.base import ModelAdapter
-from piofvlm.core.proxy_loss import _gather_seq
+from piofvlm.core.ops import gather_sequence
 
 
 def _rotary(adapter: ModelAdapter, reason: str):
@@ -76,8 +76,8 @@ def layer_attention(
         q = attn.q_norm(q)
     q = q.transpose(1, 2)  # (B, H, n, hd)
     batch_dim = adapter.position_batch_dim
-    cos_q = _gather_seq(position_embeddings[0], query_slots, batch_dim)
-    sin_q = _gather_seq(position_embeddings[1], query_slots, batch_dim)
+    cos_q = gather_sequence(position_embeddings[0], query_slots, batch_dim)
+    sin_q = gather_sequence(position_embeddings[1], query_slots, batch_dim)
     q, _ = rotary(q, q, cos_q, sin_q)
     k = layer_keys(adapter, layer_index, hidden, position_embeddings)  # (B, H_kv, S, hd)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
