@@ -8,10 +8,13 @@ after tokens are dropped. Methods and the mechanism never look at ``config.model
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from piofvlm.core.session import PruningHandle
 
 #: Attention implementations whose masks the mechanism can rebuild after tokens are dropped.
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -25,8 +28,10 @@ class ModelAdapter:
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    #: Position ids / rotary tables are laid out as ``(*lead, B, S, *rest)``; this is the index of ``B``.
+    #: Position ids are laid out as ``(*lead, B, S)``; this is the index of ``B`` (1 for M-RoPE's ``(3, B, S)``).
     position_batch_dim: ClassVar[int] = 0
+    #: The rotary tables (cos, sin) are laid out as ``(*lead, B, S, *rest)``; this is the index of ``B``.
+    rotary_batch_dim: ClassVar[int] = 0
     #: Whether ``positions="renumber"`` is well defined for this family.
     supports_renumber: ClassVar[bool] = True
 
@@ -85,6 +90,10 @@ class ModelAdapter:
         """``(B, S)`` bool: which prompt positions hold visual tokens."""
         return input_ids == self.image_token_id
 
+    def visual_modality(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` long: 0 for image tokens, 1 for video tokens, -1 elsewhere (``budget_scope="modality"``)."""
+        return torch.where(self.visual_token_mask(input_ids), 0, -1)
+
     # ---------------------------------------------------------------------------------------------- positions
     def default_position_ids(self, batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
         """Positions the language model would use when the caller passes none: ``(1, S)``."""
@@ -97,6 +106,18 @@ class ModelAdapter:
     def renumber_positions(self, position_ids: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """Subtract a per-slot ``shift`` of shape ``(B, S)`` from position ids of layout ``(*lead, B, S)``."""
         return position_ids - shift
+
+    def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The ``position_ids`` argument the decoder layers get, from the language model's ``position_ids``."""
+        return position_ids
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def attach(self, handle: PruningHandle) -> None:
+        """Called once the mechanism's hooks are in place, before the method's own ``attach``.
+
+        For family-specific inputs that must follow the rebuilt sequence (e.g. Qwen3-VL's deepstack features); extra
+        hooks go through ``handle.add_hook``. Default: nothing.
+        """
 
     # ------------------------------------------------------------------------------------ fast proxy support
     def rotary_fn(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
