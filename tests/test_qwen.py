@@ -10,13 +10,28 @@ import torch.nn.functional as F
 
 import piofvlm
 from conftest import FixedSelection
+from piofvlm.adapters import get_adapter
 from piofvlm.core import proxy_loss
-from piofvlm.toy_qwen import IMAGE, QWEN_KINDS, VIDEO, add_videos, build_qwen, build_qwen_processor, random_image
+from piofvlm.toy_qwen import (
+    IMAGE,
+    ONEVISION,
+    OV_IMAGE,
+    OV_VIDEO,
+    QWEN_KINDS,
+    VIDEO,
+    add_videos,
+    build_onevision,
+    build_onevision_processor,
+    build_qwen,
+    build_qwen_processor,
+    random_image,
+)
 from test_pio import capture_context, simple_nms
 
-IMAGE_ID, VIDEO_ID = 4, 5
-#: Per sample: prompt, image sizes (dynamic resolution: 16, 18, 15 + 8 tokens) and video grids (12 tokens).
-SAMPLES = [
+KINDS = [*QWEN_KINDS, ONEVISION]
+#: Per sample: prompt, image sizes and video grids. Qwen (dynamic resolution): images of 16, 18, 15 + 8 tokens, a
+#: video of 12. LLaVA-OneVision: anyres images of 112, 203 tokens, a 2-frame video of 33, two multi-image views of 50.
+QWEN_SAMPLES = [
     (f"USER : {IMAGE} what is the colour of the circle ? ASSISTANT :", [(112, 112)], []),
     (f"USER : {IMAGE} left {VIDEO} how many ? ASSISTANT :", [(168, 84)], [(2, 4, 6)]),
     (
@@ -25,47 +40,67 @@ SAMPLES = [
         [],
     ),
 ]
-SUPPRESS = [IMAGE_ID, VIDEO_ID, 6, 7]  # a random model may emit placeholder ids
+ONEVISION_SAMPLES = [
+    (prompt.replace(IMAGE, OV_IMAGE).replace(VIDEO, OV_VIDEO), sizes, videos)
+    for (prompt, _, videos), sizes in zip(QWEN_SAMPLES, [[(28, 28)], [(40, 60)], [(56, 30), (28, 28)]], strict=True)
+]
+EXPECTED_COUNTS = {ONEVISION: [[112], [203, 33], [50, 50]], **{kind: [[16], [18, 12], [15, 8]] for kind in QWEN_KINDS}}
+SUPPRESS = list(range(4, 10))  # a random model may emit placeholder ids
 #: Greedy, exactly 4 new tokens (no early end of sequence, so batch and single outputs line up).
 GREEDY = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "suppress_tokens": SUPPRESS}
 
 
 @functools.cache
 def model(kind: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+    if kind == ONEVISION:
+        return build_onevision(attn=attn, dtype=dtype)
     return build_qwen(kind, attn=attn, dtype=dtype)
 
 
 @functools.cache
 def processor(kind: str):
-    return build_qwen_processor(kind)
+    return build_onevision_processor() if kind == ONEVISION else build_qwen_processor(kind)
 
 
 def make_inputs(kind: str, indices=(0, 1, 2)):
-    prompts = [SAMPLES[i][0] for i in indices]
-    images = [random_image(10 * i + j, size) for i in indices for j, size in enumerate(SAMPLES[i][1])]
-    videos = [grid for i in indices for grid in SAMPLES[i][2]]
+    samples = ONEVISION_SAMPLES if kind == ONEVISION else QWEN_SAMPLES
+    prompts = [samples[i][0] for i in indices]
+    images = [[random_image(10 * i + j, size) for j, size in enumerate(samples[i][1])] for i in indices]
+    if kind != ONEVISION:
+        images = [image for sample in images for image in sample]
+    videos = [grid for i in indices for grid in samples[i][2]]
     return add_videos(kind, processor(kind), prompts, images, videos)
 
 
-def visual_counts(inputs) -> list[list[int]]:
-    """Per sample, the tokens of each image / video in prompt order."""
-    merge = 4
-    items = [int(g.prod()) // merge for g in inputs["image_grid_thw"]]
-    videos = [int(g.prod()) // merge for g in inputs.get("video_grid_thw", [])]
-    ids = inputs["input_ids"]
+def placeholder_ids(kind: str) -> tuple[int, int]:
+    config = model(kind).config
+    return config.image_token_id, config.video_token_id
+
+
+def visual_counts(kind: str, inputs) -> list[list[int]]:
+    """Per sample, the tokens of each image / video in prompt order, from the processor's output alone."""
+    image_id, video_id = placeholder_ids(kind)
+    if kind == ONEVISION:  # items are separated by text in these prompts: one run of placeholders per item
+        return [
+            [
+                len(run)
+                for run in "".join("iv"[t == video_id] if t in (image_id, video_id) else " " for t in row).split()
+            ]
+            for row in inputs["input_ids"].tolist()
+        ]
+    sizes = {
+        image_id: iter([int(g.prod()) // 4 for g in inputs["image_grid_thw"]]),
+        video_id: iter([int(g.prod()) // 4 for g in inputs.get("video_grid_thw", [])]),
+    }
     result = []
-    image_iter, video_iter = iter(items), iter(videos)
-    for row in ids:
-        sample, remaining, current = [], 0, None
-        for token in row.tolist():
-            if token not in (IMAGE_ID, VIDEO_ID):
-                continue
-            if remaining == 0:
-                current = token
-                remaining = next(image_iter if token == IMAGE_ID else video_iter)
-                sample.append(remaining)
-            assert token == current
-            remaining -= 1
+    for row in inputs["input_ids"].tolist():
+        sample, remaining = [], 0
+        for token in row:
+            if token in sizes:
+                if remaining == 0:
+                    remaining = next(sizes[token])
+                    sample.append(remaining)
+                remaining -= 1
         result.append(sample)
     return result
 
@@ -74,13 +109,18 @@ def expected_kept(ratio: float, count: int) -> int:
     return max(1, int(ratio * count + 0.5))
 
 
-def test_toy_inputs_have_dynamic_resolution_and_video():
-    inputs = make_inputs("qwen2_vl")
-    assert visual_counts(inputs) == [[16], [18, 12], [15, 8]]
-    assert set(inputs["mm_token_type_ids"][1].tolist()) == {0, 1, 2}
+@pytest.mark.parametrize("kind", KINDS)
+def test_toy_inputs_and_item_counts(kind):
+    """Dynamic resolution, video and several images per prompt; the adapter counts every item as the processor did."""
+    inputs = make_inputs(kind)
+    counts = visual_counts(kind, inputs)
+    assert counts == EXPECTED_COUNTS[kind]
+    assert get_adapter(model(kind)).image_token_counts(0, dict(inputs)) == [n for sample in counts for n in sample]
+    if kind != ONEVISION:
+        assert set(inputs["mm_token_type_ids"][1].tolist()) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_keep_all_is_identical(kind, attn, batch):
@@ -97,10 +137,10 @@ def test_keep_all_is_identical(kind, attn, batch):
             pruned_gen = m.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(pruned[valid], reference[valid])
     assert torch.equal(pruned_gen, reference_gen)
-    assert [len(k) for k in method.last_selection[0].kept] == [sum(c) for c in visual_counts(inputs)]
+    assert [len(k) for k in method.last_selection[0].kept] == [sum(c) for c in visual_counts(kind, inputs)]
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_prefill_stays_causal_after_pruning(kind, attn):
     """Changing the last prompt token changes no earlier logit (the authors' Qwen path became bidirectional here)."""
@@ -109,26 +149,27 @@ def test_prefill_stays_causal_after_pruning(kind, attn):
     other = dict(inputs)
     other["input_ids"] = inputs["input_ids"].clone()
     other["input_ids"][:, -1] = processor(kind).tokenizer.convert_tokens_to_ids("?")
+    totals = [sum(c) for c in visual_counts(kind, inputs)]
     chosen = [[[0, 3, 5, 9, 12], [1, 2, 17, 20, 29]]]
     method = FixedSelection(layers=[1], keep=5, budget_scope="sample", chosen=chosen)
     with torch.no_grad(), method(m):
         first = m(**inputs).logits
         second = m(**other).logits
     # the pruned output is a shorter left-padded batch: each sample's real tokens are its last ones
-    lengths = inputs["attention_mask"].sum(1) - torch.tensor([16 - 5, 30 - 5])
+    lengths = inputs["attention_mask"].sum(1) - torch.tensor(totals) + 5
     for b, length in enumerate(lengths.tolist()):
         torch.testing.assert_close(first[b, -length:-1], second[b, -length:-1], rtol=0, atol=1e-6)
     assert not torch.allclose(first[:, -1], second[:, -1])
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_exact_counts_and_cache_lengths(kind):
     m = model(kind)
     inputs = make_inputs(kind)
     method = piofvlm.get_method("pio", layers=[1, 3], keep=[0.5, 0.2])
     with torch.no_grad(), method(m):
         out = m(**inputs, use_cache=True)
-    counts = visual_counts(inputs)
+    counts = visual_counts(kind, inputs)
     records = method.last_selection
     stage1 = [sum(expected_kept(0.5, n) for n in sample) for sample in counts]  # a ratio applies per image / video
     stage2 = [sum(expected_kept(0.2, n) for n in sample) for sample in counts]
@@ -138,35 +179,43 @@ def test_exact_counts_and_cache_lengths(kind):
         for kept, candidates in zip(record.kept, record.candidates, strict=True):
             assert torch.equal(kept, kept.sort().values)
             assert bool(torch.isin(kept, candidates).all())
-    # per image: the first image of sample 2 (15 tokens, indices 0..14) keeps round(7.5) = 8 at stage 1
-    assert int((records[0].kept[2] < 15).sum()) == 8 and int((records[0].kept[2] >= 15).sum()) == 4
+    # per image: each image of sample 2 keeps half of its own tokens at stage 1
+    first, second = counts[2]
+    kept = records[0].kept[2]
+    assert (int((kept < first).sum()), int((kept >= first).sum())) == (
+        expected_kept(0.5, first),
+        expected_kept(0.5, second),
+    )
     text = inputs["attention_mask"].sum(1) - torch.tensor([sum(c) for c in counts])
     length1, length2 = int((text + torch.tensor(stage1)).max()), int((text + torch.tensor(stage2)).max())
     cache = out.past_key_values
     assert [cache.get_seq_length(i) for i in range(4)] == [inputs["input_ids"].shape[1], length1, length1, length2]
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("scope", ["image", "sample", "modality"])
 def test_budget_scopes_with_images_and_video(kind, scope):
-    """Sample 1 has an image (18 tokens) then a video (12): together, separately, or per image / video."""
+    """Sample 1 has an image then a video: together, separately, or per image / video."""
     m = model(kind)
     inputs = make_inputs(kind, indices=(1,))
+    image_tokens, video_tokens = visual_counts(kind, inputs)[0]
     method = piofvlm.get_method("random", layers=[1], keep=6, budget_scope=scope)
     with torch.no_grad(), method(m):
         m(**inputs)
     kept = method.last_selection[0].kept[0]
-    from_image, from_video = int((kept < 18).sum()), int((kept >= 18).sum())
+    from_image, from_video = int((kept < image_tokens).sum()), int((kept >= image_tokens).sum())
     if scope == "sample":
         assert from_image + from_video == 6
     else:  # "image": the image and the video are groups of their own; "modality": the images vs the videos
         assert (from_image, from_video) == (6, 6)
-    with pytest.raises(ValueError, match=r"keep=13 visual tokens is more than group 1 of sample 0 has \(12\)"):
-        with torch.no_grad(), piofvlm.get_method("random", layers=[1], keep=13, budget_scope="image")(m):
+    too_many = video_tokens + 1
+    message = rf"keep={too_many} visual tokens is more than group 1 of sample 0 has \({video_tokens}\)"
+    with pytest.raises(ValueError, match=message):
+        with torch.no_grad(), piofvlm.get_method("random", layers=[1], keep=too_many, budget_scope="image")(m):
             m(**inputs)
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_decode_continuity(kind, attn):
     """Cached greedy decoding after pruning equals a no-cache forward of the same pruned sequence (rope_deltas)."""
@@ -190,7 +239,8 @@ def test_decode_continuity(kind, attn):
     batch = sequences.shape[0]
     full = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(batch, new_tokens, dtype=torch.long)], 1)
-    full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, new_tokens))
+    if "mm_token_type_ids" in inputs:
+        full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, new_tokens))
     with torch.no_grad(), fixed(m):
         logits = m(input_ids=sequences, use_cache=False, **full).logits
     for step in range(new_tokens):
@@ -199,7 +249,7 @@ def test_decode_continuity(kind, attn):
         assert torch.equal(cached.argmax(-1), uncached.argmax(-1))
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method_name", ["pio", "random"])
 def test_batch_equals_single(kind, method_name):
     """Padding, mixed image sizes and a video in one batch: each sample equals its single run."""
@@ -217,16 +267,19 @@ def test_batch_equals_single(kind, method_name):
             assert torch.equal(m.generate(**single, **GREEDY)[:, -4:], batch_gen[i : i + 1])
 
 
-def independent_scores(m, inputs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-layer autograd on the unhooked model's hidden states at ``layer``, M-RoPE from ``get_rope_index``."""
+def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-layer autograd on the unhooked model's hidden states at ``layer``; Qwen M-RoPE from ``get_rope_index``."""
     with torch.no_grad():
         hidden = m(**inputs, output_hidden_states=True).hidden_states[layer]
-    positions, _ = m.model.get_rope_index(
-        inputs["input_ids"],
-        mm_token_type_ids=inputs["mm_token_type_ids"],
-        image_grid_thw=inputs.get("image_grid_thw"),
-        video_grid_thw=inputs.get("video_grid_thw"),
-    )
+    if kind == ONEVISION:
+        positions = torch.arange(hidden.shape[1])[None]
+    else:
+        positions, _ = m.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+        )
     lm = m.model.language_model
     x = hidden.clone().requires_grad_(True)
     seq = x.shape[1]
@@ -235,16 +288,16 @@ def independent_scores(m, inputs, layer: int) -> tuple[torch.Tensor, torch.Tenso
         logits = m.lm_head(lm.norm(out))[0].float()
         window = logits[seq - 5 : seq - 1]
         (grad,) = torch.autograd.grad(F.cross_entropy(window, window.argmax(-1)), x)
-    visual = (inputs["input_ids"][0] == IMAGE_ID) | (inputs["input_ids"][0] == VIDEO_ID)
+    visual = torch.isin(inputs["input_ids"][0], torch.tensor(placeholder_ids(kind)))
     return grad[0, visual].float().norm(dim=-1), hidden[0, visual]
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layer", [0, 3])  # Qwen3-VL's recorded hidden states exclude deepstack: use layers 0, 3
 def test_kept_indices_match_independent_computation(kind, layer):
     m = model(kind)
     inputs = make_inputs(kind, indices=(1,))
-    scores, feats = independent_scores(m, inputs, layer)
+    scores, feats = independent_scores(kind, m, inputs, layer)
     k = expected_kept(0.3, len(scores))
     method = piofvlm.get_method("pio", layers=[layer], keep=0.3, budget_scope="sample")
     with torch.no_grad(), method(m):
@@ -254,7 +307,7 @@ def test_kept_indices_match_independent_computation(kind, layer):
     assert record.kept[0].tolist() == simple_nms(scores, feats, k, 0.8)
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fast_proxy_equals_reference(kind, attn, dtype):
@@ -263,7 +316,8 @@ def test_fast_proxy_equals_reference(kind, attn, dtype):
     # eager fp64 with padding is NaN in stock transformers (see test_pio): that case runs one unpadded sample
     inputs = make_inputs(kind, indices=(1,) if (attn, dtype) == ("eager", torch.float64) else (0, 1, 2))
     for key in ("pixel_values", "pixel_values_videos"):
-        inputs[key] = inputs[key].to(dtype)
+        if key in inputs:
+            inputs[key] = inputs[key].to(dtype)
     ctx = capture_context(m, inputs, layer=2)
     assert m.model.language_model.layers[0].self_attn is not None and ctx.adapter.rotary_fn() is not None
     fast = proxy_loss.proxy_gradient(ctx, 2, fast=True)

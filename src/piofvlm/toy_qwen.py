@@ -1,7 +1,7 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models and offline processors built from configs (no hub).
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA-OneVision models and offline processors (no hub).
 
-For tests and demos. transformers' Qwen video processors need torchvision, which this project does not install, so
-video inputs are built by :func:`add_videos` (random frames, the same layout the video processor produces).
+For tests and demos. transformers' video processors need torchvision, which this project does not install, so video
+inputs are built by :func:`add_videos` (random frames, in the layout the video processors produce).
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BatchFeature,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -26,19 +30,23 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from piofvlm.toy import PAD_TOKEN, WORDS, random_image
+from piofvlm.toy import PAD_TOKEN, WORDS, random_image, text_config
+
+ONEVISION = "llava_onevision"
+#: Placeholders of the LLaVA-OneVision toy prompts (one token each; the processor expands images).
+OV_IMAGE, OV_VIDEO = "<image>", "<video>"
 
 QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
-SPECIAL = [IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END]
+SPECIAL = [IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, "<image>", "<video>"]
 #: Frame timestamps (Qwen3-VL writes one before each video frame).
 TIMESTAMPS = [f"<{t}.0s>" for t in range(8)]
 #: Stands for a video token while the processor tokenizes (it refuses video tokens without a video processor).
 _VIDEO_STANDIN = "<video_standin>"
-IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START_ID, VISION_END_ID = 4, 5, 6, 7
+IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START_ID, VISION_END_ID, OV_IMAGE_ID, OV_VIDEO_ID = 4, 5, 6, 7, 8, 9
 #: An image placeholder as written in a prompt.
 IMAGE = f"{VISION_START} {IMAGE_PAD} {VISION_END}"
 #: A video placeholder as written in a prompt (expanded by :func:`add_videos`).
@@ -145,51 +153,120 @@ def build_qwen_processor(kind: str) -> Any:
     return OfflineProcessor(image_processor=image_processor, tokenizer=build_qwen_tokenizer(), video_processor=None)
 
 
+def build_onevision(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """A tiny random ``LlavaOnevisionForConditionalGeneration`` (SigLIP 28 px / patch 4: 49 tokens a view)."""
+    torch.manual_seed(seed)
+    text = text_config(num_layers).to_dict()
+    text.update(model_type="qwen2", layer_types=None)
+    config = LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 4,
+            "vision_use_head": False,
+        },
+        text_config=text,
+        image_token_index=OV_IMAGE_ID,
+        video_token_index=OV_VIDEO_ID,
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+        vision_aspect_ratio="anyres_max_9",
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def build_onevision_processor() -> Any:
+    """``LlavaOnevisionProcessor`` with the tiny offline tokenizer and the PIL image processor (no video processor)."""
+
+    class OfflineProcessor(LlavaOnevisionProcessor):
+        def check_argument_for_proper_class(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]]
+    )
+    OfflineProcessor.__name__ = LlavaOnevisionProcessor.__name__
+    return OfflineProcessor(
+        image_processor=image_processor,
+        tokenizer=build_qwen_tokenizer(),
+        video_processor=None,
+        num_image_tokens=49,
+        vision_feature_select_strategy="full",
+    )
+
+
 def add_videos(
     kind: str, processor: Any, prompts: list[str], images: list[Image.Image] | None, videos: list[tuple[int, int, int]]
 ) -> BatchFeature:
-    """Processor outputs for prompts with images and videos; each :data:`VIDEO` placeholder takes one video.
+    """Processor outputs for prompts with images and videos; each video placeholder takes one video.
 
-    A video is given by its grid ``(frames, height, width)`` in patches after temporal merging (``height`` and
-    ``width`` multiples of 2); its pixels are random. Qwen3-VL prompts get a timestamp and their own vision
-    start/end tokens per frame, as the Qwen3-VL processor writes them.
+    Qwen families: a video is given by its grid ``(frames, height, width)`` in patches after temporal merging
+    (``height`` and ``width`` even) and placeholder :data:`VIDEO`; Qwen3-VL prompts get a timestamp and their own
+    vision start/end tokens per frame, as the Qwen3-VL processor writes them. LLaVA-OneVision: placeholder
+    :data:`OV_VIDEO`, only ``frames`` is used (28 px frames; all videos of a batch need the same number of frames).
+    A video's pixels are random but depend on its shape only, so a video is the same alone or in any batch.
     """
+    placeholder = OV_VIDEO if kind == ONEVISION else VIDEO
     queue = list(videos)
     expanded = []
     for prompt in prompts:
-        pieces = prompt.split(VIDEO)
+        pieces = prompt.split(placeholder)
         text = pieces[0]
         for piece in pieces[1:]:
             frames, height, width = queue.pop(0)
-            per_frame = " ".join([_VIDEO_STANDIN] * (height * width // 4))
-            if kind == "qwen3_vl":
-                text += " ".join(f"{TIMESTAMPS[t]} {VISION_START} {per_frame} {VISION_END}" for t in range(frames))
+            if kind == ONEVISION:
+                text += " ".join([_VIDEO_STANDIN] * (frames * 16 + 1))  # 4 x 4 pooled tokens a frame, one newline
             else:
-                text += f"{VISION_START} {' '.join([per_frame] * frames)} {VISION_END}"
+                per_frame = " ".join([_VIDEO_STANDIN] * (height * width // 4))
+                if kind == "qwen3_vl":
+                    frames_text = (f"{TIMESTAMPS[t]} {VISION_START} {per_frame} {VISION_END}" for t in range(frames))
+                    text += " ".join(frames_text)
+                else:
+                    text += f"{VISION_START} {' '.join([per_frame] * frames)} {VISION_END}"
             text += piece
         expanded.append(text)
     if queue:
         raise ValueError(f"{len(videos)} videos for {len(videos) - len(queue)} video placeholders")
     inputs = processor(images=images or None, text=expanded, return_tensors="pt", padding=True)
     standin = inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids(_VIDEO_STANDIN)
-    inputs["input_ids"] = inputs["input_ids"].masked_fill(standin, VIDEO_TOKEN_ID)
-    inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"].masked_fill(standin, 2)
-    if videos:
-        # Each video's pixels depend on its grid only, so a video is the same alone or in any batch.
-        pixels = [
-            torch.rand(t * h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(t * 10_000 + h * 100 + w))
-            for t, h, w in videos
-        ]
-        inputs["pixel_values_videos"] = torch.cat(pixels)
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(
+        standin, OV_VIDEO_ID if kind == ONEVISION else VIDEO_TOKEN_ID
+    )
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"].masked_fill(standin, 2)
+    if not videos:
+        return inputs
+
+    def pixels(t: int, h: int, w: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand(*shape, generator=torch.Generator().manual_seed(t * 10_000 + h * 100 + w))
+
+    if kind == ONEVISION:
+        inputs["pixel_values_videos"] = torch.stack([pixels(t, h, w, (t, 3, 28, 28)) for t, h, w in videos])
+    else:
+        inputs["pixel_values_videos"] = torch.cat(
+            [pixels(t, h, w, (t * h * w, 3 * 2 * 14 * 14)) for t, h, w in videos]
+        )
         inputs["video_grid_thw"] = torch.tensor(videos, dtype=torch.long)
     return inputs
 
 
 __all__ = [
     "IMAGE",
+    "ONEVISION",
+    "OV_IMAGE",
+    "OV_VIDEO",
     "QWEN_KINDS",
     "VIDEO",
     "add_videos",
+    "build_onevision",
+    "build_onevision_processor",
     "build_qwen",
     "build_qwen_processor",
     "build_qwen_tokenizer",

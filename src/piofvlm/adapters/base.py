@@ -133,3 +133,29 @@ class ModelAdapter:
                 f"the attention mask, which it can do for {', '.join(SUPPORTED_ATTENTION)}. Load the model with "
                 "attn_implementation='sdpa' (or one of those)."
             )
+
+
+def items_in_prompt_order(modality: torch.Tensor, sizes: dict[int, list[int]]) -> list[int] | None:
+    """Token counts of the images and videos of a batch in the order they appear, images and videos mixed.
+
+    Args:
+        modality: ``(B, S)`` long, as :meth:`ModelAdapter.visual_modality` (0 image, 1 video, -1 elsewhere).
+        sizes: per modality, the token count of each of its items in batch order (as the model consumes them).
+
+    Returns:
+        The count of each item in flat (sample-major) prompt order, or ``None`` if the counts do not match the tokens.
+        A video written frame by frame with text in between is still one item.
+    """
+    modality = modality.flatten()
+    modality = modality[modality >= 0]  # (N_visual,)
+    item = torch.empty_like(modality)
+    for value in (0, 1):
+        counts = sizes.get(value, [])
+        slots = modality == value
+        if int(slots.sum()) != sum(counts):
+            return None
+        lengths = torch.tensor(counts, dtype=torch.long, device=modality.device)
+        item[slots] = torch.repeat_interleave(torch.arange(len(counts), device=modality.device), lengths)
+    # Consecutive visual tokens of the same (modality, index) are one image or video.
+    _, run_lengths = torch.unique_consecutive(modality * (len(item) + 1) + item, return_counts=True)
+    return run_lengths.tolist()

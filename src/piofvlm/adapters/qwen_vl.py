@@ -25,7 +25,7 @@ from torch import nn
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-from piofvlm.adapters.base import ModelAdapter
+from piofvlm.adapters.base import ModelAdapter, items_in_prompt_order
 from piofvlm.adapters.registry import register_adapter
 
 if TYPE_CHECKING:
@@ -66,18 +66,8 @@ class QwenVLAdapter(ModelAdapter):
         input_ids = model_kwargs.get("input_ids")
         if input_ids is None:
             return None
-        counts = {0: self._item_sizes(model_kwargs, "image"), 1: self._item_sizes(model_kwargs, "video")}
-        modality = self.visual_modality(input_ids).flatten()
-        modality = modality[modality >= 0]  # (N_visual,) in flat batch order
-        item = torch.empty_like(modality)
-        for value, sizes in counts.items():
-            slots = modality == value
-            if int(slots.sum()) != sum(sizes):
-                return None
-            item[slots] = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
-        # Consecutive visual tokens of the same (modality, index) form one image or video.
-        _, run_lengths = torch.unique_consecutive(modality * (len(item) + 1) + item, return_counts=True)
-        return run_lengths.tolist()
+        sizes = {0: self._item_sizes(model_kwargs, "image"), 1: self._item_sizes(model_kwargs, "video")}
+        return items_in_prompt_order(self.visual_modality(input_ids), sizes)
 
     def _item_sizes(self, model_kwargs: dict[str, Any], modality: str) -> list[int]:
         """Tokens of each image (or video) of the call: from its grid, or from features ``generate`` pre-encoded."""
