@@ -122,7 +122,7 @@ def test_toy_inputs_and_item_counts(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 3])  # batch 3 has padding: stricter
 def test_keep_all_is_identical(kind, attn, batch):
     """Keep-all at layers 0 and 2 (before and after Qwen3-VL's deepstack layers): bit-identical logits and tokens."""
     m = model(kind, attn)
@@ -215,14 +215,17 @@ def test_budget_scopes_with_images_and_video(kind, scope):
             m(**inputs)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("kind", "positions"),
+    [*((kind, "keep") for kind in KINDS), (ONEVISION, "renumber")],  # renumber: 1-D RoPE only
+)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_decode_continuity(kind, attn):
+def test_decode_continuity(kind, attn, positions):
     """Cached greedy decoding after pruning equals a no-cache forward of the same pruned sequence (rope_deltas)."""
     m = model(kind, attn)
     inputs = make_inputs(kind)
     layers, keep = [0, 2], [0.6, 0.3]
-    method = piofvlm.get_method("pio", layers=layers, keep=keep)
+    method = piofvlm.get_method("pio", layers=layers, keep=keep, positions=positions)
     new_tokens = 5
     with torch.no_grad(), method(m):
         generated = m.generate(
@@ -234,7 +237,7 @@ def test_decode_continuity(kind, attn):
             suppress_tokens=SUPPRESS,
         )
     chosen = [[k.tolist() for k in record.kept] for record in method.last_selection]
-    fixed = FixedSelection(layers=layers, keep=keep, chosen=chosen)
+    fixed = FixedSelection(layers=layers, keep=keep, chosen=chosen, positions=positions)
     sequences = generated.sequences
     batch = sequences.shape[0]
     full = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
