@@ -6,8 +6,9 @@ A stage's ``keep`` is either
   nearest integer and at least 1; or
 * a count (``int >= 1``) of visual tokens each group keeps.
 
-A budget group is one image (``budget_scope="image"``, the default) or all visual tokens of a sample
-(``budget_scope="sample"``). Visual tokens are all the image placeholder tokens of the prompt, so for LLaVA-NeXT an
+A budget group is one image or one video (``budget_scope="image"``, the default), all visual tokens of a sample
+(``budget_scope="sample"``), or per sample all its image tokens and, separately, all its video tokens
+(``budget_scope="modality"``). Visual tokens are all the image placeholder tokens of the prompt, so for LLaVA-NeXT an
 image's count includes its base view, its high-resolution tiles and its ``image_newline`` tokens.
 """
 

@@ -8,10 +8,13 @@ after tokens are dropped. Methods and the mechanism never look at ``config.model
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from piofvlm.core.session import PruningHandle
 
 #: Attention implementations whose masks the mechanism can rebuild after tokens are dropped.
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -25,8 +28,10 @@ class ModelAdapter:
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    #: Position ids / rotary tables are laid out as ``(*lead, B, S, *rest)``; this is the index of ``B``.
+    #: Position ids are laid out as ``(*lead, B, S)``; this is the index of ``B`` (1 for M-RoPE's ``(3, B, S)``).
     position_batch_dim: ClassVar[int] = 0
+    #: The rotary tables (cos, sin) are laid out as ``(*lead, B, S, *rest)``; this is the index of ``B``.
+    rotary_batch_dim: ClassVar[int] = 0
     #: Whether ``positions="renumber"`` is well defined for this family.
     supports_renumber: ClassVar[bool] = True
 
@@ -99,6 +104,10 @@ class ModelAdapter:
         """``(B, S)`` bool: which prompt positions hold visual tokens."""
         return input_ids == self.image_token_id
 
+    def visual_modality(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` long: 0 for image tokens, 1 for video tokens, -1 elsewhere (``budget_scope="modality"``)."""
+        return torch.where(self.visual_token_mask(input_ids), 0, -1)
+
     # ---------------------------------------------------------------------------------------------- positions
     def default_position_ids(self, batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
         """Positions the language model would use when the caller passes none: ``(1, S)``."""
@@ -111,6 +120,18 @@ class ModelAdapter:
     def renumber_positions(self, position_ids: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """Subtract a per-slot ``shift`` of shape ``(B, S)`` from position ids of layout ``(*lead, B, S)``."""
         return position_ids - shift
+
+    def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The ``position_ids`` argument the decoder layers get, from the language model's ``position_ids``."""
+        return position_ids
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def attach(self, handle: PruningHandle) -> None:
+        """Called once the mechanism's hooks are in place, before the method's own ``attach``.
+
+        For family-specific inputs that must follow the rebuilt sequence (e.g. Qwen3-VL's deepstack features); extra
+        hooks go through ``handle.add_hook``. Default: nothing.
+        """
 
     # ------------------------------------------------------------------------------------ fast proxy support
     def rotary_fn(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
@@ -177,3 +198,29 @@ class ModelAdapter:
                 f"the attention mask, which it can do for {', '.join(SUPPORTED_ATTENTION)}. Load the model with "
                 "attn_implementation='sdpa' (or one of those)."
             )
+
+
+def items_in_prompt_order(modality: torch.Tensor, sizes: dict[int, list[int]]) -> list[int] | None:
+    """Token counts of the images and videos of a batch in the order they appear, images and videos mixed.
+
+    Args:
+        modality: ``(B, S)`` long, as :meth:`ModelAdapter.visual_modality` (0 image, 1 video, -1 elsewhere).
+        sizes: per modality, the token count of each of its items in batch order (as the model consumes them).
+
+    Returns:
+        The count of each item in flat (sample-major) prompt order, or ``None`` if the counts do not match the tokens.
+        A video written frame by frame with text in between is still one item.
+    """
+    modality = modality.flatten()
+    modality = modality[modality >= 0]  # (N_visual,)
+    item = torch.empty_like(modality)
+    for value in (0, 1):
+        counts = sizes.get(value, [])
+        slots = modality == value
+        if int(slots.sum()) != sum(counts):
+            return None
+        lengths = torch.tensor(counts, dtype=torch.long, device=modality.device)
+        item[slots] = torch.repeat_interleave(torch.arange(len(counts), device=modality.device), lengths)
+    # Consecutive visual tokens of the same (modality, index) are one image or video.
+    _, run_lengths = torch.unique_consecutive(modality * (len(item) + 1) + item, return_counts=True)
+    return run_lengths.tolist()

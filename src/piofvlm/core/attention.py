@@ -75,7 +75,7 @@ def layer_attention(
     if hasattr(attn, "q_norm"):
         q = attn.q_norm(q)
     q = q.transpose(1, 2)  # (B, H, n, hd)
-    batch_dim = adapter.position_batch_dim
+    batch_dim = adapter.rotary_batch_dim  # cos/sin tables (Qwen: already (B, S, hd))
     cos_q = gather_sequence(position_embeddings[0], query_slots, batch_dim)
     sin_q = gather_sequence(position_embeddings[1], query_slots, batch_dim)
     q, _ = rotary(q, q, cos_q, sin_q)

@@ -50,7 +50,7 @@ def _reference_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slot
         x,
         attention_mask=ctx.attention_mask,
         position_embeddings=ctx.position_embeddings,
-        position_ids=ctx.position_ids,
+        position_ids=adapter.layer_position_ids(ctx.position_ids),
         past_key_values=None,
         use_cache=False,
     )
@@ -78,7 +78,7 @@ def _fast_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: to
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, n, hd), (B, H_kv, S, hd)
 
     cos, sin = ctx.position_embeddings[0], ctx.position_embeddings[1]
-    batch_dim = adapter.position_batch_dim
+    batch_dim = adapter.rotary_batch_dim
     q, _ = rotary(q, q, gather_sequence(cos, slots, batch_dim), gather_sequence(sin, slots, batch_dim))
     _, k = rotary(k, k, cos, sin)
 

@@ -111,6 +111,7 @@ class PruningHandle:
             for index in range(self._first_layer, adapter.num_layers):
                 hook = adapter.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True)
                 self._hooks.append(hook)
+            adapter.attach(self)
             method.attach(self)
         except Exception:
             self.remove()
@@ -135,6 +136,18 @@ class PruningHandle:
     @property
     def active(self) -> bool:
         return bool(self._hooks)
+
+    def prefill_slots(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """During a prefill, outside a method's selection: the current sequence layout, else None.
+
+        Returns ``(source, visual)``, both ``(B, S_cur)``: the original prompt slot of each slot (-1 for padding) and
+        whether it holds a visual token still present. Between layers this is the layout of the hidden states the
+        last decoder layer produced (pruning happens before a layer runs).
+        """
+        call = self._call
+        if call is None or not call.prefill or self._selecting:
+            return None
+        return call.layout.source, call.layout.groups >= 0
 
     def __enter__(self) -> PruningHandle:
         return self
@@ -229,7 +242,13 @@ class PruningHandle:
                 "run without the method"
             )
         image_ids = self._image_ids(visual, pending[1] if pending is not None else {})
-        groups = image_ids if self.method.budget_scope == "image" else image_ids.clamp(max=0)
+        scope = self.method.budget_scope
+        if scope == "image":
+            groups = image_ids
+        elif scope == "modality":
+            groups = torch.where(visual, adapter.visual_modality(input_ids.to(device)), -1)
+        else:
+            groups = image_ids.clamp(max=0)
         num_groups = int(groups.max().item()) + 1
         original_counts = torch.stack([(groups == g).sum(1) for g in range(num_groups)], dim=1)  # (B, G)
         visual_index = torch.where(visual, visual.long().cumsum(1) - 1, -1)
@@ -297,7 +316,7 @@ class PruningHandle:
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = layout.attention_mask
         kwargs["position_embeddings"] = layout.position_embeddings
-        kwargs["position_ids"] = layout.position_ids
+        kwargs["position_ids"] = self.adapter.layer_position_ids(layout.position_ids)
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
@@ -394,8 +413,7 @@ class PruningHandle:
             return torch.where(new_valid, values.gather(1, gather_index), fill)
 
         dropped = layout.valid & ~keep_slot
-        batch_dim = self.adapter.position_batch_dim
-        position_ids = gather_sequence(layout.position_ids, gather_index, batch_dim)
+        position_ids = gather_sequence(layout.position_ids, gather_index, self.adapter.position_batch_dim)
         if self.method.positions == "renumber":
             dropped_before = dropped.long().cumsum(1) - dropped.long()  # (B, S_cur) dropped slots before each slot
             position_ids = self.adapter.renumber_positions(
@@ -404,7 +422,7 @@ class PruningHandle:
             position_embeddings: tuple[torch.Tensor, ...] = ()
         else:
             position_embeddings = tuple(
-                gather_sequence(t, gather_index, batch_dim) for t in layout.position_embeddings
+                gather_sequence(t, gather_index, self.adapter.rotary_batch_dim) for t in layout.position_embeddings
             )
         new_layout = _Layout(
             source=take(layout.source, -1),
@@ -438,7 +456,7 @@ class PruningHandle:
         kwargs["attention_mask"] = mask
         if position_embeddings is not None:
             kwargs["position_embeddings"] = position_embeddings
-            kwargs["position_ids"] = position_ids
+            kwargs["position_ids"] = self.adapter.layer_position_ids(position_ids)
         return args, kwargs
 
     def _decode_inputs(self, segment_id: int, index: int, call: _Call, args: tuple, kwargs: dict):

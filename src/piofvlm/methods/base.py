@@ -17,7 +17,7 @@ from piofvlm.core.context import Selection, StageContext, StageRecord
 from piofvlm.core.selection import topk_per_group
 from piofvlm.core.session import PruningHandle
 
-BUDGET_SCOPES = ("image", "sample")
+BUDGET_SCOPES = ("image", "sample", "modality")
 POSITION_MODES = ("keep", "renumber")
 
 
@@ -58,8 +58,10 @@ class TokenPruner(Method):
         layers: prune points: stage ``s`` runs after ``layers[s]`` decoder layers (0 = before the first layer).
         keep: per stage, a ratio (float in (0, 1]) of each budget group's original visual tokens, or a count (int).
             A single value is allowed with a single prune point. See :mod:`piofvlm.budget`.
-        budget_scope: ``"image"``: each image keeps its own budget; ``"sample"``: one budget over all visual
-            tokens of a sample (a count is then per sample, a ratio of the sample's visual tokens).
+        budget_scope: ``"image"``: each image, and each video (all its frames), keeps its own budget;
+            ``"sample"``: one budget over all visual tokens of a sample, images and videos together (a count is then
+            per sample, a ratio of the sample's visual tokens); ``"modality"``: per sample, one budget over its
+            images and a separate one over its videos (a count is then per sample and modality).
         positions: ``"keep"``: kept tokens keep their original RoPE positions and decoding continues at the
             unpruned length; ``"renumber"``: positions are compacted after each stage and decoding is shifted by the
             number of dropped tokens (the authors' LLaVA behaviour).

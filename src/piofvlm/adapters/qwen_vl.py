@@ -1,0 +1,178 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic resolution, video, multimodal RoPE (M-RoPE) and Qwen3-VL deepstack.
+
+What differs from LLaVA, as of transformers 5.x:
+
+* Visual tokens are the image placeholders (``image_token_id``) *and* the video placeholders (``video_token_id``).
+  Each image has ``t * h * w / merge**2`` of them from its ``image_grid_thw`` row; each video likewise from
+  ``video_grid_thw`` (Qwen3-VL writes a video frame by frame with timestamps in between: still one video).
+* The language model receives M-RoPE position ids ``(3, B, S)`` (temporal, height, width), or ``(4, B, S)`` with
+  the text positions first when ``generate`` prepares them; the decoder layers receive only those text positions (or
+  None). The rotary tables (cos, sin) are already combined per section: ``(B, S, head_dim)``, and the attention
+  applies them Llama-style, so the fast PIO proxy uses the family's own ``apply_rotary_pos_emb`` unchanged.
+* Kept tokens keep their original 3-D positions. Decoding positions come from the model's ``rope_deltas``,
+  computed from the unpruned prompt, so they continue exactly where the unpruned model would.
+  ``positions="renumber"`` is refused: a visual token's M-RoPE position is its grid coordinate, and the text after an
+  image continues at ``start + max(h, w) / merge``, not at ``start + number of tokens``, so "compact the positions
+  by the number of dropped tokens" has no meaning these models were trained with.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers.models.qwen2_vl import modeling_qwen2_vl
+from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+from piofvlm.adapters.base import ModelAdapter, items_in_prompt_order
+from piofvlm.adapters.registry import register_adapter
+
+if TYPE_CHECKING:
+    from piofvlm.core.session import PruningHandle
+
+
+@register_adapter
+class QwenVLAdapter(ModelAdapter):
+    """Qwen2-VL (``Qwen2VLForConditionalGeneration``)."""
+
+    model_types = ("qwen2_vl",)
+    position_batch_dim = 1  # (3, B, S), or (4, B, S) with the text positions first
+    rotary_batch_dim = 0  # cos, sin: (B, S, head_dim)
+    supports_renumber = False
+
+    @property
+    def video_token_id(self) -> int:
+        return int(self.model.config.video_token_id)
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    # ------------------------------------------------------------------------------------------ visual tokens
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
+
+    def visual_modality(self, input_ids: torch.Tensor) -> torch.Tensor:
+        modality = torch.full_like(input_ids, -1, dtype=torch.long)
+        modality = modality.masked_fill(input_ids == self.image_token_id, 0)
+        return modality.masked_fill(input_ids == self.video_token_id, 1)
+
+    def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
+        """Tokens of each image and each video, in the order they appear in the batch (images and videos mixed).
+
+        Computed from ``input_ids`` and the per-item sizes, so a video written frame by frame (Qwen3-VL) is one item.
+        """
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None:
+            return None
+        sizes = {0: self._item_sizes(model_kwargs, "image"), 1: self._item_sizes(model_kwargs, "video")}
+        return items_in_prompt_order(self.visual_modality(input_ids), sizes)
+
+    def _item_sizes(self, model_kwargs: dict[str, Any], modality: str) -> list[int]:
+        """Tokens of each image (or video) of the call: from its grid, or from features ``generate`` pre-encoded."""
+        grid = model_kwargs.get(f"{modality}_grid_thw")
+        if grid is not None:
+            return (grid.prod(-1) // self.merge_size**2).tolist()
+        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get(modality)
+        if encoded is not None:  # generate() runs the vision tower first and passes per-item features instead
+            return [int(features.shape[0]) for features in encoded.pooler_output]
+        return []
+
+    # ---------------------------------------------------------------------------------------------- positions
+    def default_position_ids(self, batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(seq_len, device=device).view(1, 1, -1).expand(3, 1, -1)
+
+    def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        # The text model hands its layers the text row of 4-row position ids, and nothing for plain M-RoPE ids.
+        return position_ids[0] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else None
+
+    def rotary_fn(self):  # noqa: D102 - documented in the base class
+        return modeling_qwen2_vl.apply_rotary_pos_emb
+
+    # ---------------------------------------------------------------------------------------------- checks
+    def check_attention(self) -> None:
+        super().check_attention()
+        if "sliding_attention" in (getattr(self.text_config, "layer_types", None) or ()):
+            raise ValueError(
+                "this model uses sliding-window attention layers; after tokens are dropped the mechanism rebuilds "
+                "full causal masks only. Load it with use_sliding_window=False."
+            )
+
+
+@register_adapter
+class Qwen25VLAdapter(QwenVLAdapter):
+    """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): the same language-model side as Qwen2-VL."""
+
+    model_types = ("qwen2_5_vl",)
+
+
+@register_adapter
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL (``Qwen3VLForConditionalGeneration``): interleaved M-RoPE, per-head q/k norms and deepstack.
+
+    Deepstack: the vision tower's intermediate features are added to the visual tokens' hidden states after each of
+    the first ``len(vision_config.deepstack_visual_indexes)`` decoder layers. The language model indexes them by the
+    *unpruned* sequence, so while pruning the adapter takes them out of the language model's call and adds them
+    itself, after the same layers, to the visual tokens still present (each to the token it belongs to). Prune
+    points before or between deepstack layers therefore work; dropped tokens' features are dropped with them.
+    """
+
+    model_types = ("qwen3_vl",)
+
+    def rotary_fn(self):  # noqa: D102 - documented in the base class
+        return modeling_qwen3_vl.apply_rotary_pos_emb
+
+    @property
+    def num_deepstack_layers(self) -> int:
+        return len(getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    def attach(self, handle: PruningHandle) -> None:
+        """Re-route deepstack injection through hooks that follow the pruned sequence (see the class docstring)."""
+        if not self.num_deepstack_layers or min(handle.method.layers) >= self.num_deepstack_layers:
+            return  # every deepstack layer runs on the unpruned sequence: the model's own injection is exact
+        state = _DeepstackState(handle)
+        handle.add_hook(self.language_model.register_forward_pre_hook(state.take, with_kwargs=True))
+        handle.add_hook(self.language_model.register_forward_hook(state.release))
+        for index in range(min(self.num_deepstack_layers, self.num_layers)):
+            handle.add_hook(self.layers[index].register_forward_hook(state.injector(index)))
+
+
+class _DeepstackState:
+    """The deepstack features of the current prefill, injected after their layers into the current layout."""
+
+    def __init__(self, handle: PruningHandle) -> None:
+        self.handle = handle
+        self.features: list[torch.Tensor] | None = None
+        self.row_of_slot: torch.Tensor | None = None  # (B, S_prompt) row of each visual slot in the features
+
+    def take(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        features = kwargs.get("deepstack_visual_embeds")
+        if features is None:
+            return None
+        mask = kwargs["visual_pos_masks"]  # (B, S) bool, rows of the features in flat (sample-major) order
+        self.row_of_slot = (mask.flatten().long().cumsum(0) - 1).view_as(mask)
+        self.features = list(features)
+        kwargs = dict(kwargs)
+        kwargs["deepstack_visual_embeds"] = None
+        kwargs["visual_pos_masks"] = None
+        return args, kwargs
+
+    def release(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.features = None
+        self.row_of_slot = None
+
+    def injector(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            slots = self.handle.prefill_slots()
+            if self.features is None or slots is None:
+                return None  # decoding, or a method's proxy forward of this layer: nothing is injected
+            source, visual = slots
+            hidden = output[0] if isinstance(output, tuple) else output
+            rows = self.row_of_slot.to(source.device).gather(1, source.clamp(min=0))  # (B, S_cur)
+            features = self.features[index].to(hidden.device, hidden.dtype)
+            hidden = hidden.clone()
+            hidden[visual] = hidden[visual] + features[rows[visual]]
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook

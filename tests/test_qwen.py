@@ -1,0 +1,376 @@
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL: mechanism invariants, M-RoPE positions, video, dynamic resolution, deepstack."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import piofvlm
+from conftest import FixedSelection
+from piofvlm.adapters import get_adapter
+from piofvlm.core import proxy_loss
+from piofvlm.toy_qwen import (
+    IMAGE,
+    ONEVISION,
+    OV_IMAGE,
+    OV_VIDEO,
+    QWEN_KINDS,
+    VIDEO,
+    add_videos,
+    build_onevision,
+    build_onevision_processor,
+    build_qwen,
+    build_qwen_processor,
+    random_image,
+)
+from test_pio import capture_context, simple_nms
+
+KINDS = [*QWEN_KINDS, ONEVISION]
+#: Per sample: prompt, image sizes and video grids. Qwen (dynamic resolution): images of 16, 18, 15 + 8 tokens, a
+#: video of 12. LLaVA-OneVision: anyres images of 112, 203 tokens, a 2-frame video of 33, two multi-image views of 50.
+QWEN_SAMPLES = [
+    (f"USER : {IMAGE} what is the colour of the circle ? ASSISTANT :", [(112, 112)], []),
+    (f"USER : {IMAGE} left {VIDEO} how many ? ASSISTANT :", [(168, 84)], [(2, 4, 6)]),
+    (
+        f"USER : {IMAGE} right {IMAGE} describe this picture please , count the small objects . ASSISTANT :",
+        [(84, 140), (112, 56)],
+        [],
+    ),
+]
+ONEVISION_SAMPLES = [
+    (prompt.replace(IMAGE, OV_IMAGE).replace(VIDEO, OV_VIDEO), sizes, videos)
+    for (prompt, _, videos), sizes in zip(QWEN_SAMPLES, [[(28, 28)], [(40, 60)], [(56, 30), (28, 28)]], strict=True)
+]
+EXPECTED_COUNTS = {ONEVISION: [[112], [203, 33], [50, 50]], **{kind: [[16], [18, 12], [15, 8]] for kind in QWEN_KINDS}}
+SUPPRESS = list(range(4, 10))  # a random model may emit placeholder ids
+#: Greedy, exactly 4 new tokens (no early end of sequence, so batch and single outputs line up).
+GREEDY = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "suppress_tokens": SUPPRESS}
+
+
+@functools.cache
+def model(kind: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+    if kind == ONEVISION:
+        return build_onevision(attn=attn, dtype=dtype)
+    return build_qwen(kind, attn=attn, dtype=dtype)
+
+
+@functools.cache
+def processor(kind: str):
+    return build_onevision_processor() if kind == ONEVISION else build_qwen_processor(kind)
+
+
+def make_inputs(kind: str, indices=(0, 1, 2)):
+    samples = ONEVISION_SAMPLES if kind == ONEVISION else QWEN_SAMPLES
+    prompts = [samples[i][0] for i in indices]
+    images = [[random_image(10 * i + j, size) for j, size in enumerate(samples[i][1])] for i in indices]
+    if kind != ONEVISION:
+        images = [image for sample in images for image in sample]
+    videos = [grid for i in indices for grid in samples[i][2]]
+    return add_videos(kind, processor(kind), prompts, images, videos)
+
+
+def placeholder_ids(kind: str) -> tuple[int, int]:
+    config = model(kind).config
+    return config.image_token_id, config.video_token_id
+
+
+def visual_counts(kind: str, inputs) -> list[list[int]]:
+    """Per sample, the tokens of each image / video in prompt order, from the processor's output alone."""
+    image_id, video_id = placeholder_ids(kind)
+    if kind == ONEVISION:  # items are separated by text in these prompts: one run of placeholders per item
+        return [
+            [
+                len(run)
+                for run in "".join("iv"[t == video_id] if t in (image_id, video_id) else " " for t in row).split()
+            ]
+            for row in inputs["input_ids"].tolist()
+        ]
+    sizes = {
+        image_id: iter([int(g.prod()) // 4 for g in inputs["image_grid_thw"]]),
+        video_id: iter([int(g.prod()) // 4 for g in inputs.get("video_grid_thw", [])]),
+    }
+    result = []
+    for row in inputs["input_ids"].tolist():
+        sample, remaining = [], 0
+        for token in row:
+            if token in sizes:
+                if remaining == 0:
+                    remaining = next(sizes[token])
+                    sample.append(remaining)
+                remaining -= 1
+        result.append(sample)
+    return result
+
+
+def expected_kept(ratio: float, count: int) -> int:
+    return max(1, int(ratio * count + 0.5))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_toy_inputs_and_item_counts(kind):
+    """Dynamic resolution, video and several images per prompt; the adapter counts every item as the processor did."""
+    inputs = make_inputs(kind)
+    counts = visual_counts(kind, inputs)
+    assert counts == EXPECTED_COUNTS[kind]
+    assert get_adapter(model(kind)).image_token_counts(0, dict(inputs)) == [n for sample in counts for n in sample]
+    if kind != ONEVISION:
+        assert set(inputs["mm_token_type_ids"][1].tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 3])  # batch 3 has padding: stricter
+def test_keep_all_is_identical(kind, attn, batch):
+    """Keep-all at layers 0 and 2 (before and after Qwen3-VL's deepstack layers): bit-identical logits and tokens."""
+    m = model(kind, attn)
+    inputs = make_inputs(kind, indices=(1,) if batch == 1 else (0, 1, 2))
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        reference = m(**inputs).logits
+        reference_gen = m.generate(**inputs, max_new_tokens=5, do_sample=False)
+        method = piofvlm.get_method("pio", layers=[0, 2], keep=[1.0, 1.0])
+        with method(m):
+            pruned = m(**inputs).logits
+            pruned_gen = m.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(pruned[valid], reference[valid])
+    assert torch.equal(pruned_gen, reference_gen)
+    assert [len(k) for k in method.last_selection[0].kept] == [sum(c) for c in visual_counts(kind, inputs)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefill_stays_causal_after_pruning(kind, attn):
+    """Changing the last prompt token changes no earlier logit (the authors' Qwen path became bidirectional here)."""
+    m = model(kind, attn)
+    inputs = make_inputs(kind, indices=(0, 1))
+    other = dict(inputs)
+    other["input_ids"] = inputs["input_ids"].clone()
+    other["input_ids"][:, -1] = processor(kind).tokenizer.convert_tokens_to_ids("?")
+    totals = [sum(c) for c in visual_counts(kind, inputs)]
+    chosen = [[[0, 3, 5, 9, 12], [1, 2, 17, 20, 29]]]
+    method = FixedSelection(layers=[1], keep=5, budget_scope="sample", chosen=chosen)
+    with torch.no_grad(), method(m):
+        first = m(**inputs).logits
+        second = m(**other).logits
+    # the pruned output is a shorter left-padded batch: each sample's real tokens are its last ones
+    lengths = inputs["attention_mask"].sum(1) - torch.tensor(totals) + 5
+    for b, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(first[b, -length:-1], second[b, -length:-1], rtol=0, atol=1e-6)
+    assert not torch.allclose(first[:, -1], second[:, -1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_counts_and_cache_lengths(kind):
+    m = model(kind)
+    inputs = make_inputs(kind)
+    method = piofvlm.get_method("pio", layers=[1, 3], keep=[0.5, 0.2])
+    with torch.no_grad(), method(m):
+        out = m(**inputs, use_cache=True)
+    counts = visual_counts(kind, inputs)
+    records = method.last_selection
+    stage1 = [sum(expected_kept(0.5, n) for n in sample) for sample in counts]  # a ratio applies per image / video
+    stage2 = [sum(expected_kept(0.2, n) for n in sample) for sample in counts]
+    assert [len(k) for k in records[0].kept] == stage1
+    assert [len(k) for k in records[1].kept] == stage2
+    for record in records:
+        for kept, candidates in zip(record.kept, record.candidates, strict=True):
+            assert torch.equal(kept, kept.sort().values)
+            assert bool(torch.isin(kept, candidates).all())
+    # per image: each image of sample 2 keeps half of its own tokens at stage 1
+    first, second = counts[2]
+    kept = records[0].kept[2]
+    assert (int((kept < first).sum()), int((kept >= first).sum())) == (
+        expected_kept(0.5, first),
+        expected_kept(0.5, second),
+    )
+    text = inputs["attention_mask"].sum(1) - torch.tensor([sum(c) for c in counts])
+    length1, length2 = int((text + torch.tensor(stage1)).max()), int((text + torch.tensor(stage2)).max())
+    cache = out.past_key_values
+    assert [cache.get_seq_length(i) for i in range(4)] == [inputs["input_ids"].shape[1], length1, length1, length2]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("scope", ["image", "sample", "modality"])
+def test_budget_scopes_with_images_and_video(kind, scope):
+    """Sample 1 has an image then a video: together, separately, or per image / video."""
+    m = model(kind)
+    inputs = make_inputs(kind, indices=(1,))
+    image_tokens, video_tokens = visual_counts(kind, inputs)[0]
+    method = piofvlm.get_method("random", layers=[1], keep=6, budget_scope=scope)
+    with torch.no_grad(), method(m):
+        m(**inputs)
+    kept = method.last_selection[0].kept[0]
+    from_image, from_video = int((kept < image_tokens).sum()), int((kept >= image_tokens).sum())
+    if scope == "sample":
+        assert from_image + from_video == 6
+    else:  # "image": the image and the video are groups of their own; "modality": the images vs the videos
+        assert (from_image, from_video) == (6, 6)
+    too_many = video_tokens + 1
+    message = rf"keep={too_many} visual tokens is more than group 1 of sample 0 has \({video_tokens}\)"
+    with pytest.raises(ValueError, match=message):
+        with torch.no_grad(), piofvlm.get_method("random", layers=[1], keep=too_many, budget_scope="image")(m):
+            m(**inputs)
+
+
+@pytest.mark.parametrize(
+    ("kind", "positions"),
+    [*((kind, "keep") for kind in KINDS), (ONEVISION, "renumber")],  # renumber: 1-D RoPE only
+)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_decode_continuity(kind, attn, positions):
+    """Cached greedy decoding after pruning equals a no-cache forward of the same pruned sequence (rope_deltas)."""
+    m = model(kind, attn)
+    inputs = make_inputs(kind)
+    layers, keep = [0, 2], [0.6, 0.3]
+    method = piofvlm.get_method("pio", layers=layers, keep=keep, positions=positions)
+    new_tokens = 5
+    with torch.no_grad(), method(m):
+        generated = m.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            suppress_tokens=SUPPRESS,
+        )
+    chosen = [[k.tolist() for k in record.kept] for record in method.last_selection]
+    fixed = FixedSelection(layers=layers, keep=keep, chosen=chosen, positions=positions)
+    sequences = generated.sequences
+    batch = sequences.shape[0]
+    full = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(batch, new_tokens, dtype=torch.long)], 1)
+    if "mm_token_type_ids" in inputs:
+        full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, new_tokens))
+    with torch.no_grad(), fixed(m):
+        logits = m(input_ids=sequences, use_cache=False, **full).logits
+    for step in range(new_tokens):
+        cached, uncached = generated.logits[step], logits[:, -new_tokens - 1 + step]
+        torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
+        assert torch.equal(cached.argmax(-1), uncached.argmax(-1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method_name", ["pio", "random"])
+def test_batch_equals_single(kind, method_name):
+    """Padding, mixed image sizes and a video in one batch: each sample equals its single run."""
+    m = model(kind)
+    inputs = make_inputs(kind)
+    method = piofvlm.get_method(method_name, layers=[1, 2], keep=[0.4, 0.2])
+    with torch.no_grad(), method(m):
+        batch_logits = m(**inputs).logits[:, -1]
+        batch_gen = m.generate(**inputs, **GREEDY)[:, -4:]
+        batch_kept = [[k.tolist() for k in r.kept] for r in method.last_selection]
+        for i in range(3):
+            single = make_inputs(kind, indices=(i,))
+            torch.testing.assert_close(m(**single).logits[:, -1], batch_logits[i : i + 1], rtol=1e-4, atol=1e-5)
+            assert [r.kept[0].tolist() for r in method.last_selection] == [kept[i] for kept in batch_kept]
+            assert torch.equal(m.generate(**single, **GREEDY)[:, -4:], batch_gen[i : i + 1])
+
+
+def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-layer autograd on the unhooked model's hidden states at ``layer``; Qwen M-RoPE from ``get_rope_index``."""
+    with torch.no_grad():
+        hidden = m(**inputs, output_hidden_states=True).hidden_states[layer]
+    if kind == ONEVISION:
+        positions = torch.arange(hidden.shape[1])[None]
+    else:
+        positions, _ = m.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+        )
+    lm = m.model.language_model
+    x = hidden.clone().requires_grad_(True)
+    seq = x.shape[1]
+    with torch.enable_grad():
+        out = lm.layers[layer](x, attention_mask=None, position_embeddings=lm.rotary_emb(x, positions))
+        logits = m.lm_head(lm.norm(out))[0].float()
+        window = logits[seq - 5 : seq - 1]
+        (grad,) = torch.autograd.grad(F.cross_entropy(window, window.argmax(-1)), x)
+    visual = torch.isin(inputs["input_ids"][0], torch.tensor(placeholder_ids(kind)))
+    return grad[0, visual].float().norm(dim=-1), hidden[0, visual]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layer", [0, 3])  # Qwen3-VL's recorded hidden states exclude deepstack: use layers 0, 3
+def test_kept_indices_match_independent_computation(kind, layer):
+    m = model(kind)
+    inputs = make_inputs(kind, indices=(1,))
+    scores, feats = independent_scores(kind, m, inputs, layer)
+    k = expected_kept(0.3, len(scores))
+    method = piofvlm.get_method("pio", layers=[layer], keep=0.3, budget_scope="sample")
+    with torch.no_grad(), method(m):
+        m(**inputs)
+    record = method.last_selection[0]
+    torch.testing.assert_close(record.scores[0], scores, rtol=1e-4, atol=1e-7)
+    assert record.kept[0].tolist() == simple_nms(scores, feats, k, 0.8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_proxy_equals_reference(kind, attn, dtype):
+    """The fast proxy applies the family's own rotary function to the combined M-RoPE tables: same gradient."""
+    m = model(kind, attn, dtype=dtype)
+    # eager fp64 with padding is NaN in stock transformers (see test_pio): that case runs one unpadded sample
+    inputs = make_inputs(kind, indices=(1,) if (attn, dtype) == ("eager", torch.float64) else (0, 1, 2))
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(dtype)
+    ctx = capture_context(m, inputs, layer=2)
+    assert m.model.language_model.layers[0].self_attn is not None and ctx.adapter.rotary_fn() is not None
+    fast = proxy_loss.proxy_gradient(ctx, 2, fast=True)
+    reference = proxy_loss.proxy_gradient(ctx, 2, fast=False)
+    valid = ctx.valid
+    if dtype == torch.float64 and attn == "sdpa":
+        assert (fast - reference)[valid].abs().max().item() < 1e-10
+    else:
+        scale = reference[valid].abs().max()
+        assert ((fast - reference)[valid].abs().max() / scale).item() < 1e-5
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_deepstack_follows_pruning_before_deepstack_layers():
+    """Qwen3-VL, prune at 0 (before both deepstack layers): equals the stock language model run on the kept tokens,
+    with their own positions and only their deepstack features."""
+    m = model("qwen3_vl")
+    inputs = make_inputs("qwen3_vl", indices=(1,))
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(kwargs)
+
+    lm = m.model.language_model
+    hook = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            m(**inputs)
+    finally:
+        hook.remove()
+    visual = captured["visual_pos_masks"][0]
+    kept_visual = [1, 4, 6, 17, 18, 25, 29]  # from the image (18 tokens) and the video (12)
+    keep_slot = ~visual
+    keep_slot[visual.nonzero()[kept_visual, 0]] = True
+    with torch.no_grad():
+        hidden = lm(
+            inputs_embeds=captured["inputs_embeds"][:, keep_slot],
+            position_ids=captured["position_ids"][:, :, keep_slot],
+            attention_mask=torch.ones(1, int(keep_slot.sum()), dtype=torch.long),
+            visual_pos_masks=visual[keep_slot][None],
+            deepstack_visual_embeds=[f[kept_visual] for f in captured["deepstack_visual_embeds"]],
+        ).last_hidden_state
+        expected = m.lm_head(hidden[:, -1])
+        fixed = FixedSelection(layers=[0], keep=len(kept_visual), budget_scope="sample", chosen=[[kept_visual]])
+        with fixed(m):
+            got = m(**inputs).logits[:, -1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", QWEN_KINDS)
+def test_renumber_is_refused(kind):
+    with pytest.raises(ValueError, match=f"positions='renumber' is not defined for {kind} models; use 'keep'"):
+        piofvlm.get_method("pio", positions="renumber").apply(model(kind))
