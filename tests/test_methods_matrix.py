@@ -155,3 +155,82 @@ def test_generate_prefill_matches_forward(kind, name):
     assert [[k.tolist() for k in r.kept] for r in method.last_selection] == kept
     torch.testing.assert_close(out.logits[0], forward, rtol=1e-4, atol=1e-5)
     assert "get_image_features" not in vars(m.model)  # the instance wrapper is gone
+
+
+# ------------------------------------------------------------------------------------ Qwen and OneVision families
+ENCODER_SIDE = ["pool", "visionzip", "vscan", "chain"]
+NEW_KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+
+
+def new_family(kind: str):
+    """The tiny model and its batch of 3 (images of several sizes, a video, two images in one prompt)."""
+    import test_qwen
+
+    return test_qwen.model(kind), test_qwen
+
+
+def build_new(name: str, keep, **extra):
+    if name == "chain":
+        return build(name, keep, **extra)
+    fields = {"local_layer": 0, "window": 2} if name == "vscan" else {}
+    return piofvlm.get_method(name, keep=keep, **fields, **extra)
+
+
+def _cases(names: list[str]) -> list:
+    """Every (name, kind) pair; besides pool and visionzip only Qwen2.5-VL runs in the quick suite."""
+    return [
+        pytest.param(name, kind, marks=[] if name in ("pool", "visionzip") or kind == "qwen2_5_vl" else pytest.mark.slow)
+        for name in names
+        for kind in NEW_KINDS
+    ]
+
+
+@pytest.mark.parametrize(("name", "kind"), _cases(ENCODER_SIDE))
+def test_new_families_exact_counts_batch_equals_single(kind, name):
+    """Exact counts per image and per video, hooks removed, deterministic, batch == single (each item its budget)."""
+    m, tq = new_family(kind)
+    inputs = tq.make_inputs(kind)
+    with torch.no_grad():
+        m(**inputs)
+    before = hook_counts(m)
+    method = build_new(name, 0.3)
+    with torch.no_grad(), method(m):
+        out = m(**inputs)
+        kept = [[k.tolist() for k in r.kept] for r in method.last_selection]
+        m(**inputs)
+        assert [[k.tolist() for k in r.kept] for r in method.last_selection] == kept
+        for i in range(3):
+            m(**tq.make_inputs(kind, indices=(i,)))
+            assert [r.kept[0].tolist() for r in method.last_selection] == [k[i] for k in kept]
+    assert hook_counts(m) == before
+    assert torch.isfinite(out.logits).all()
+    counts = tq.visual_counts(kind, inputs)
+    assert [len(k) for k in kept[-1]] == [sum(tq.expected_kept(0.3, n) for n in sample) for sample in counts]
+
+
+@pytest.mark.parametrize(("name", "kind"), _cases(ENCODER_SIDE))
+def test_new_families_keep_all_is_identical(kind, name):
+    m, tq = new_family(kind)
+    inputs = tq.make_inputs(kind)
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        reference = m(**inputs).logits
+        with build_new(name, 1.0)(m):
+            pruned = m(**inputs).logits
+    torch.testing.assert_close(pruned[valid], reference[valid], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", NEW_KINDS)
+@pytest.mark.parametrize("name", ["pool", "vscan"])
+def test_new_families_generate_prefill_matches_forward(kind, name):
+    """generate() encodes images and videos before the model call: the same selection as a plain forward."""
+    m, tq = new_family(kind)
+    inputs = tq.make_inputs(kind)
+    method = build_new(name, 0.3)
+    with torch.no_grad(), method(m):
+        forward = m(**inputs).logits[:, -1]
+        kept = [[k.tolist() for k in r.kept] for r in method.last_selection]
+        out = m.generate(**inputs, **tq.GREEDY, output_logits=True, return_dict_in_generate=True)
+    assert [[k.tolist() for k in r.kept] for r in method.last_selection] == kept
+    torch.testing.assert_close(out.logits[0], forward, rtol=1e-4, atol=1e-5)

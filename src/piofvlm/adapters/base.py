@@ -163,6 +163,11 @@ class ModelAdapter:
         raise self._no_vision("vision_feature_layer_index")
 
     @property
+    def vision_local_layer_index(self) -> int:
+        """Default shallow block of VScan's local scan (``local_layer=None``)."""
+        raise self._no_vision("vision_local_layer_index (VScan's default local_layer)")
+
+    @property
     def vision_has_cls(self) -> bool:
         """Whether each vision-encoder input starts with a [CLS] token that is not a visual token of the prompt."""
         raise self._no_vision("vision_has_cls")
@@ -179,6 +184,24 @@ class ModelAdapter:
             averaged over heads (VisionZip's merge metric).
         """
         raise self._no_vision("vision_attention")
+
+    def vision_token_scores(self, layer_index: int, vision: Any, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vision-attention score and merge keys of every visual token source at vision block ``layer_index``.
+
+        Args:
+            layer_index: index in :attr:`vision_layers`.
+            vision: the :class:`~piofvlm.core.capture.VisionInputs` of the current call.
+            mode: ``"cls"`` (attention from the [CLS] token) or ``"mean"`` (attention received, mean over queries);
+                heads are averaged.
+
+        Returns:
+            ``(scores, keys)``: ``(N, P)`` fp32 and ``(N, P, hd)``, indexed by the ``crop`` and ``patch`` of
+            :meth:`visual_token_sources`. Default: one row per vision-encoder crop, one column per patch.
+        """
+        probs, keys = self.vision_attention(layer_index, vision.layer_input(layer_index))  # (N, H, T, T), (N, T, hd)
+        offset = 1 if self.vision_has_cls else 0
+        scores = probs[:, :, 0, offset:].mean(1) if mode == "cls" else probs.mean(1).mean(1)[:, offset:]
+        return scores, keys[:, offset:]
 
     def visual_token_sources(self, model_kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         """For each image of the batch, in order, where each of its visual tokens comes from.
@@ -211,6 +234,12 @@ def items_in_prompt_order(modality: torch.Tensor, sizes: dict[int, list[int]]) -
         The count of each item in flat (sample-major) prompt order, or ``None`` if the counts do not match the tokens.
         A video written frame by frame with text in between is still one item.
     """
+    items = prompt_items(modality, sizes)
+    return None if items is None else [length for _, _, length in items]
+
+
+def prompt_items(modality: torch.Tensor, sizes: dict[int, list[int]]) -> list[tuple[int, int, int]] | None:
+    """Like :func:`items_in_prompt_order`, but each item as ``(modality, index within its modality, tokens)``."""
     modality = modality.flatten()
     modality = modality[modality >= 0]  # (N_visual,)
     item = torch.empty_like(modality)
@@ -222,5 +251,8 @@ def items_in_prompt_order(modality: torch.Tensor, sizes: dict[int, list[int]]) -
         lengths = torch.tensor(counts, dtype=torch.long, device=modality.device)
         item[slots] = torch.repeat_interleave(torch.arange(len(counts), device=modality.device), lengths)
     # Consecutive visual tokens of the same (modality, index) are one image or video.
-    _, run_lengths = torch.unique_consecutive(modality * (len(item) + 1) + item, return_counts=True)
-    return run_lengths.tolist()
+    keys, run_lengths = torch.unique_consecutive(modality * (len(item) + 1) + item, return_counts=True)
+    return [
+        (int(key) // (len(item) + 1), int(key) % (len(item) + 1), int(length))
+        for key, length in zip(keys.tolist(), run_lengths.tolist(), strict=True)
+    ]

@@ -68,9 +68,17 @@ class LlavaAdapter(ModelAdapter):
         return index
 
     @property
+    def vision_has_cls_token(self) -> bool:
+        """Whether the encoder prepends a [CLS] token (CLIP does; SigLIP does not)."""
+        embeddings = getattr(self.vision_tower, "embeddings", None) or getattr(
+            getattr(self.vision_tower, "vision_model", None), "embeddings", None
+        )
+        return embeddings is None or hasattr(embeddings, "class_embedding")
+
+    @property
     def vision_has_cls(self) -> bool:
         # "default" drops the first encoder token as [CLS] (CLIP); "full" feeds every token to the projector.
-        return self._select_strategy() == "default"
+        return self.vision_has_cls_token and self._select_strategy() == "default"
 
     def vision_attention(self, layer_index: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         block = self.vision_layers[layer_index]
@@ -83,7 +91,7 @@ class LlavaAdapter(ModelAdapter):
         return probs, k.mean(1)
 
     def _check_patch_tokens(self) -> int:
-        if not self.vision_has_cls:
+        if self.vision_has_cls_token and not self.vision_has_cls:
             raise ValueError(
                 "vision_feature_select_strategy='full' makes the [CLS] token a visual token of the prompt; "
                 "encoder-side methods support the 'default' strategy only"

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.models.qwen3_vl import modeling_qwen3_vl
+from transformers.vision_utils import get_vision_window_index
 
-from piofvlm.adapters.base import ModelAdapter, items_in_prompt_order
+from piofvlm.adapters.base import ModelAdapter, items_in_prompt_order, prompt_items
 from piofvlm.adapters.registry import register_adapter
 
 if TYPE_CHECKING:
@@ -90,6 +91,147 @@ class QwenVLAdapter(ModelAdapter):
     def rotary_fn(self):  # noqa: D102 - documented in the base class
         return modeling_qwen2_vl.apply_rotary_pos_emb
 
+    # ------------------------------------------------------------------------------------------ vision tower
+    # The ViT packs every image (or video) of a call into one sequence of patches, laid out 2x2 merge unit by merge
+    # unit, and attends within each frame (``cu_seqlens``; Qwen2.5-VL's window blocks within each window). The patch
+    # merger turns each unit of ``merge_size**2`` patches into one LLM token, so scores are given per LLM token.
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.multimodal_model.visual
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.blocks
+
+    @property
+    def vision_feature_layer_index(self) -> int:
+        return len(self.vision_layers) - 1  # the last block feeds the patch merger
+
+    @property
+    def vision_has_cls(self) -> bool:
+        return False
+
+    @property
+    def vision_local_layer_index(self) -> int:
+        """Shallow block for VScan's local scan: Qwen2.5-VL-7B's authors use block 7 of 32 (the first full-attention
+        block); families without window attention get the same relative depth (``depth // 4 - 1``)."""
+        return max(0, len(self.vision_layers) // 4 - 1)
+
+    def _unit_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Original index of each merge unit in the blocks' order (Qwen2.5-VL permutes units into windows)."""
+        return torch.arange(int((grid_thw.prod(-1) // self.merge_size**2).sum()), device=grid_thw.device)
+
+    def _vision_qk(
+        self, layer_index: int, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries and keys ``(H, L, hd)`` and head-mean keys before RoPE ``(L, hd)`` of ``(L, d)`` inputs."""
+        block = self.vision_layers[layer_index]
+        attn = block.attn
+        q, k, _ = attn.qkv(block.norm1(hidden)).reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
+        raw_keys = k.mean(1)
+        q, k = modeling_qwen2_vl.apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+        return q.transpose(0, 1), k.transpose(0, 1), raw_keys
+
+    def vision_attention(
+        self,
+        layer_index: int,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full softmax attention of block ``layer_index`` over each row of ``hidden_states`` ``(N, T, d)``.
+
+        ``position_embeddings``: the block's 2-D rotary ``(cos, sin)`` for the ``T`` patches, ``(T, hd)``.
+        Returns ``(N, H, T, T)`` fp32 probabilities and ``(N, T, hd)`` head-mean keys (before RoPE).
+        """
+        if position_embeddings is None:
+            raise ValueError("the Qwen ViT's attention needs its 2-D rotary embeddings (position_embeddings)")
+        probs, keys = [], []
+        for hidden in hidden_states:
+            q, k, raw = self._vision_qk(layer_index, hidden, position_embeddings)
+            scaling = self.vision_layers[layer_index].attn.scaling
+            probs.append((torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling).softmax(-1))
+            keys.append(raw)
+        return torch.stack(probs), torch.stack(keys)
+
+    def _patch_scores(
+        self, layer_index: int, vision: Any, modality: str, chunk: int = 1024
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention received by each patch (heads and queries averaged within its attention segment) and its
+        head-mean key, in the blocks' patch order: ``(P,)`` and ``(P, hd)``."""
+        hidden = vision.layer_input(layer_index, modality)  # (P, d)
+        kwargs = vision.layer_call_kwargs(layer_index, modality)
+        cu_seqlens = kwargs["cu_seqlens"].tolist()
+        cos, sin = kwargs["position_embeddings"]
+        scaling = self.vision_layers[layer_index].attn.scaling
+        scores = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        keys = []
+        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
+            q, k, raw = self._vision_qk(layer_index, hidden[start:end], (cos[start:end], sin[start:end]))
+            keys.append(raw)
+            for first in range(0, end - start, chunk):  # bounds memory to H * chunk * L
+                logits = torch.matmul(q[:, first : first + chunk].float(), k.float().transpose(-1, -2)) * scaling
+                scores[start:end] += logits.softmax(-1).mean(0).sum(0)
+            scores[start:end] /= end - start
+        return scores, torch.cat(keys)
+
+    def vision_token_scores(self, layer_index: int, vision: Any, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image or video (images first, then videos, each in the model's order) and per LLM token: the mean
+        over its ``merge_size**2`` patches of their attention received and of their keys (VisPruner's rule)."""
+        if mode != "mean":
+            raise ValueError("the Qwen vision encoder has no [CLS] token: use attention='mean'")
+        rows_scores, rows_keys = [], []
+        inputs = vision.image_kwargs
+        for modality in ("image", "video"):
+            grid = inputs.get(f"{modality}_grid_thw")
+            if grid is None or (modality, layer_index % len(self.vision_layers)) not in vision.hidden:
+                continue
+            unit = self.merge_size**2
+            scores, keys = self._patch_scores(layer_index, vision, modality)
+            scores = scores.view(-1, unit).mean(1)
+            keys = keys.view(-1, unit, keys.shape[-1]).mean(1)
+            order = self._unit_order(grid.to(scores.device))  # units in the blocks' order -> original units
+            scores = torch.empty_like(scores).index_copy_(0, order, scores)
+            keys = torch.empty_like(keys).index_copy_(0, order, keys)
+            sizes = (grid.prod(-1) // unit).tolist()
+            rows_scores += list(scores.split(sizes))
+            rows_keys += list(keys.split(sizes))
+        width = max(len(row) for row in rows_scores)
+        table = torch.stack([torch.nn.functional.pad(row, (0, width - len(row))) for row in rows_scores])
+        key_table = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, width - len(row))) for row in rows_keys])
+        return table, key_table
+
+    def visual_token_sources(self, model_kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Per image or video in prompt order: ``crop`` = its row in :meth:`vision_token_scores` (images first),
+        ``patch`` = its LLM token, ``grid`` = the frame (0 for images), ``row``/``col`` on the merged grid."""
+        input_ids = model_kwargs["input_ids"]
+        modality = self.visual_modality(input_ids)
+        if model_kwargs.get("attention_mask") is not None:
+            modality = modality.masked_fill(~model_kwargs["attention_mask"].bool(), -1)
+        grids = {}
+        for value, name in ((0, "image"), (1, "video")):
+            grid = model_kwargs.get(f"{name}_grid_thw")
+            grids[value] = [] if grid is None or not bool((modality == value).any()) else grid.tolist()
+        sizes = {value: [t * h * w // self.merge_size**2 for t, h, w in grid] for value, grid in grids.items()}
+        items = prompt_items(modality, sizes)
+        if items is None:
+            raise RuntimeError("the image / video grids do not match the visual tokens of the prompt")
+        sources = []
+        for kind, index, count in items:
+            t, h, w = grids[kind][index]
+            width, per_frame = w // self.merge_size, h * w // self.merge_size**2
+            token = torch.arange(count)
+            row = len(grids[0]) * kind + index
+            sources.append(
+                {
+                    "crop": torch.full_like(token, row),
+                    "patch": token,
+                    "grid": token // per_frame,
+                    "row": token % per_frame // width,
+                    "col": token % width,
+                }
+            )
+        return sources
+
     # ---------------------------------------------------------------------------------------------- checks
     def check_attention(self) -> None:
         super().check_attention()
@@ -105,6 +247,21 @@ class Qwen25VLAdapter(QwenVLAdapter):
     """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): the same language-model side as Qwen2-VL."""
 
     model_types = ("qwen2_5_vl",)
+
+    @property
+    def vision_local_layer_index(self) -> int:
+        """The first full-attention block, as PIO-FVLM's authors (spec A.9): 7 for Qwen2.5-VL-7B."""
+        return int(self.model.config.vision_config.fullatt_block_indexes[0])
+
+    def _unit_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        vision = self.model.config.vision_config
+        window_index, _ = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=vision.spatial_merge_size,
+            window_size=vision.window_size,
+            patch_size=vision.patch_size,
+        )
+        return window_index.to(grid_thw.device)
 
 
 @register_adapter

@@ -12,6 +12,7 @@ PIO's proxy re-running a layer) are ignored.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,15 +75,22 @@ class VisionInputs:
         self.adapter = handle.adapter
         self.kwargs: dict[str, Any] = {}
         self.input_ids: torch.Tensor | None = None
-        self.hidden: dict[int, torch.Tensor] = {}
-        self.image_kwargs: dict[str, Any] = {}
+        #: ``(modality, layer) ->`` hidden states entering that vision layer in the latest encoding of that modality
+        #: (images and videos go through the vision tower in separate calls).
+        self.hidden: dict[tuple[str, int], torch.Tensor] = {}
+        #: ``(modality, layer) ->`` the keyword arguments of that call of the layer (Qwen: ``cu_seqlens``, rotary).
+        self.layer_kwargs: dict[tuple[str, int], dict[str, Any]] = {}
+        self._encoded: dict[str, dict[str, Any]] = {}
+        self._modality: str | None = None  # the modality being encoded, if any
         multimodal = self.adapter.multimodal_model
         hook = multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True)
         handle.add_hook(hook)
-        if hasattr(multimodal, "get_image_features"):
-            # transformers' generate() encodes images itself (``mm_encoder_outputs``) and drops ``image_sizes`` from
-            # the model call, so the image inputs are read where they are encoded, on this instance only.
-            handle.add_hook(_InstanceWrap(multimodal, "get_image_features", self._on_image_features))
+        for modality in ("image", "video"):
+            if hasattr(multimodal, f"get_{modality}_features"):
+                # transformers' generate() encodes images itself (``mm_encoder_outputs``) and drops ``image_sizes``
+                # from the model call, so the inputs are read where they are encoded, on this instance only.
+                name = f"get_{modality}_features"
+                handle.add_hook(_InstanceWrap(multimodal, name, functools.partial(self._encode, modality)))
         vision_layers = self.adapter.vision_layers
         for index in sorted(set(layers)):
             if not -len(vision_layers) <= index < len(vision_layers):
@@ -95,34 +103,66 @@ class VisionInputs:
             handle.add_hook(hook)
 
     def _on_multimodal(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
+        pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        if pixels or kwargs.get("mm_encoder_outputs"):
+            if pixels:  # this call encodes its own images / videos: forget inputs of earlier encodings
+                self._encoded = {}
             self.kwargs = dict(kwargs)
             self.input_ids = kwargs.get("input_ids", args[0] if args else None)
 
-    def _on_image_features(self, args: tuple, kwargs: dict) -> None:
-        names = ("pixel_values", "image_sizes")
-        self.image_kwargs = {
-            name: kwargs.get(name, args[i] if len(args) > i else None) for i, name in enumerate(names)
-        }
+    @property
+    def image_kwargs(self) -> dict[str, Any]:
+        """The inputs of the latest image and video encodings (``pixel_values``, ``image_sizes``, grids, ...)."""
+        return {name: value for inputs in self._encoded.values() for name, value in inputs.items()}
+
+    def _encode(self, modality: str, function: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run ``get_<modality>_features``, recording its inputs and tagging vision-layer captures with ``modality``.
+
+        A nested call (Qwen3-VL encodes videos through ``get_image_features``) belongs to the outer one.
+        """
+        if self._modality is not None:
+            return function(*args, **kwargs)
+        try:
+            bound = dict(inspect.signature(function).bind_partial(*args, **kwargs).arguments)
+        except TypeError:
+            bound = dict(kwargs)
+        bound.pop("kwargs", None)
+        self._encoded[modality] = {name: value for name, value in bound.items() if value is not None}
+        self._modality = modality
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self._modality = None
 
     def _store(self, index: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            self.hidden[index] = args[0] if args else kwargs["hidden_states"]
+            modality = self._modality or "image"
+            self.hidden[(modality, index)] = args[0] if args else kwargs["hidden_states"]
+            self.layer_kwargs[(modality, index)] = kwargs
 
         return hook
 
-    def layer_input(self, index: int) -> torch.Tensor:
-        """``(N_crops, T, d_v)`` hidden states entering vision layer ``index`` in the latest image encoding."""
+    def layer_input(self, index: int, modality: str = "image") -> torch.Tensor:
+        """Hidden states entering vision layer ``index`` in the latest encoding of ``modality``.
+
+        LLaVA-style towers: ``(N_crops, T, d_v)``; Qwen: ``(patches, d_v)``, every image (or video) of the call.
+        """
         index %= len(self.adapter.vision_layers)
-        if index not in self.hidden:
-            raise RuntimeError(f"vision layer {index} did not run in this forward (no pixel_values?)")
-        return self.hidden[index]
+        if (modality, index) not in self.hidden:
+            raise RuntimeError(f"vision layer {index} did not run on {modality} inputs in this forward")
+        return self.hidden[(modality, index)]
+
+    def layer_call_kwargs(self, index: int, modality: str = "image") -> dict[str, Any]:
+        """Keyword arguments vision layer ``index`` received in the latest encoding of ``modality``."""
+        self.layer_input(index, modality)
+        return self.layer_kwargs[(modality, index % len(self.adapter.vision_layers))]
 
     def visual_map(self, ctx: StageContext) -> VisualMap:
         """Where each visual token of each sample comes from (see :class:`VisualMap`)."""
         if self.input_ids is None:
             raise RuntimeError("no image inputs were captured for this prefill (call the model with pixel_values)")
         image_inputs = {**self.kwargs, **{k: v for k, v in self.image_kwargs.items() if v is not None}}
+        image_inputs["input_ids"] = self.input_ids
         images = self.adapter.visual_token_sources(image_inputs)  # per image of the batch, in order
         mask = self.kwargs.get("attention_mask")
         visual = self.adapter.visual_token_mask(self.input_ids)
@@ -150,16 +190,16 @@ class VisionInputs:
 
 
 class _InstanceWrap:
-    """Wrap one bound method of one instance to observe its arguments; ``remove()`` restores it (hook-like)."""
+    """Wrap one bound method of one instance: ``around(original, args, kwargs)`` runs instead of it; ``remove()``
+    restores it (hook-like)."""
 
-    def __init__(self, obj: Any, name: str, observer: Callable[[tuple, dict], None]) -> None:
+    def __init__(self, obj: Any, name: str, around: Callable[[Callable, tuple, dict], Any]) -> None:
         self.obj, self.name = obj, name
         original = getattr(obj, name)
 
         @functools.wraps(original)  # keeps the signature, which generate() inspects
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            observer(args, kwargs)
-            return original(*args, **kwargs)
+            return around(original, args, kwargs)
 
         setattr(obj, name, wrapper)
 

@@ -39,16 +39,13 @@ def slot_scores(
         ``(scores, keys)``: ``(B, S)`` fp32 and ``(B, S, hd)``.
     """
     adapter = ctx.adapter
-    has_cls = adapter.vision_has_cls
-    mode = ("cls" if has_cls else "mean") if attention == "auto" else attention
-    probs, keys = adapter.vision_attention(layer, vision.layer_input(layer))  # (N, H, T, T), (N, T, hd)
-    offset = 1 if has_cls else 0
-    crop_scores = probs[:, :, 0, offset:].mean(1) if mode == "cls" else probs.mean(1).mean(1)[:, offset:]  # (N, P)
+    mode = ("cls" if adapter.vision_has_cls else "mean") if attention == "auto" else attention
+    crop_scores, crop_keys = adapter.vision_token_scores(layer, vision, mode)  # (N, P), (N, P, hd)
     crop, patch = vmap.at("crop", ctx), vmap.at("patch", ctx)
     has_patch = crop >= 0
     c, p = crop.clamp(min=0), patch.clamp(min=0)
-    scores = torch.where(has_patch, crop_scores[c, p], float("-inf"))
-    slot_keys = keys[c, p + offset] * has_patch[..., None]
+    scores = torch.where(has_patch, crop_scores[c, p].float(), float("-inf"))
+    slot_keys = crop_keys[c, p] * has_patch[..., None]
     return scores, slot_keys
 
 

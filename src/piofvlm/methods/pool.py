@@ -71,7 +71,7 @@ class Pool(TokenPruner):
         vmap = self._vision.visual_map(ctx)
         image, grid, row, col = (vmap.at(n, ctx) for n in ("image", "grid", "row", "col"))
         separator = vmap.at("crop", ctx) < 0
-        bucket = torch.where(ctx.groups >= 0, (image * 2 + grid) * 2 + separator.long(), -1)
+        bucket = torch.where(ctx.groups >= 0, (image * 100_003 + grid) * 2 + separator.long(), -1)
         keep = torch.zeros_like(ctx.groups, dtype=torch.bool)
         hidden = ctx.hidden_states.clone()
         for b in range(ctx.groups.shape[0]):

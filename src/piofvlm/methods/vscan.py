@@ -44,7 +44,8 @@ class VScan(TokenPruner):
     through :class:`~piofvlm.methods.chain.Chain` (PIO-FVLM's encoder-involved mode).
 
     Attributes:
-        local_layer: vision block of the local scan (authors: 5 for CLIP ViT-L; Qwen2.5-VL: 7).
+        local_layer: vision block of the local scan (authors: 5 for CLIP ViT-L; Qwen2.5-VL: 7, its first
+            full-attention block); None = the adapter's ``vision_local_layer_index`` (Qwen families only).
         global_layer: vision block of the global scan; None = the block whose output feeds the projector.
         window: window side, in patches (authors: 6 on a 24 x 24 grid; Qwen2.5-VL: 4).
         local_share: share of the budget given to the local scan (authors: 0.5).
@@ -54,7 +55,7 @@ class VScan(TokenPruner):
     name: ClassVar[str] = "vscan"
 
     layers: list[int] = field(default_factory=lambda: [0])
-    local_layer: int = 5
+    local_layer: int | None = 5
     global_layer: int | None = None
     window: int = 6
     local_share: float = 0.5
@@ -73,13 +74,19 @@ class VScan(TokenPruner):
         super().check_model(adapter)
         check_encoder_side(self, adapter, self.attention)
         num_blocks = len(adapter.vision_layers)
+        if self.local_layer is None:
+            adapter.vision_local_layer_index  # noqa: B018 - raises a ValueError naming what the adapter lacks
         for value, label in ((self.local_layer, "local_layer"), (self.global_layer, "global_layer")):
             if value is not None and not -num_blocks <= value < num_blocks:
-                raise ValueError(f"{label}={value} does not exist: the vision encoder has {num_blocks} blocks")
+                raise ValueError(
+                    f"{label}={value} does not exist: the vision encoder has {num_blocks} blocks "
+                    f"(valid: {-num_blocks} .. {num_blocks - 1})"
+                )
 
     def attach(self, handle: PruningHandle) -> None:
         num_blocks = len(handle.adapter.vision_layers)
-        self._local = self.local_layer % num_blocks
+        local = handle.adapter.vision_local_layer_index if self.local_layer is None else self.local_layer
+        self._local = local % num_blocks
         deep = handle.adapter.vision_feature_layer_index if self.global_layer is None else self.global_layer
         self._global = deep % num_blocks
         self._vision = VisionInputs(handle, [self._local, self._global])
@@ -90,7 +97,7 @@ class VScan(TokenPruner):
         global_scores, _ = slot_scores(ctx, self._vision, vmap, self._global, self.attention)
         image, grid = vmap.at("image", ctx), vmap.at("grid", ctx)
         window_id = (vmap.at("row", ctx) // self.window) * 100_003 + vmap.at("col", ctx) // self.window
-        window_key = (image * 2 + grid) * 10_000_019 + window_id
+        window_key = (image * 100_003 + grid) * 10_000_019 + window_id
         keep = torch.zeros_like(ctx.groups, dtype=torch.bool)
         hidden = ctx.hidden_states.clone()
         for b in range(ctx.groups.shape[0]):
