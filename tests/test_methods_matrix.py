@@ -179,7 +179,9 @@ def build_new(name: str, keep, **extra):
 def _cases(names: list[str]) -> list:
     """Every (name, kind) pair; besides pool and visionzip only Qwen2.5-VL runs in the quick suite."""
     return [
-        pytest.param(name, kind, marks=[] if name in ("pool", "visionzip") or kind == "qwen2_5_vl" else pytest.mark.slow)
+        pytest.param(
+            name, kind, marks=[] if name in ("pool", "visionzip") or kind == "qwen2_5_vl" else pytest.mark.slow
+        )
         for name in names
         for kind in NEW_KINDS
     ]

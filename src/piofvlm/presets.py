@@ -39,15 +39,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "positions": "renumber",
     },
     # Qwen2.5-VL-7B w/ VE, 11.1%: the encoder keeps 16.7%, PIO keeps a third of that after layer 14, proxy on the
-    # same layer, original M-RoPE positions; VScan on blocks 7 / 31 with 4 x 4 windows and mean attention received.
+    # same layer, original M-RoPE positions; VScan on the first full-attention block (7) and the last block (31, the
+    # one feeding the merger) with 4 x 4 windows of the merged grid and mean attention received.
     # The authors round int(ratio * current) per stage; here each ratio counts the original tokens (0.167 / 3).
     "pio-qwen25vl-11-ve": {
         "method": "chain",
         "encoder": {
             "method": "vscan",
             "keep": 0.167,
-            "local_layer": 7,
-            "global_layer": 31,
+            "local_layer": None,
+            "global_layer": None,
             "window": 4,
             "attention": "mean",
         },
