@@ -34,7 +34,7 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_TOKEN_ID = range(5)
-NUM_IMAGE_TOKENS = data.GRID * data.GRID  # 576
+NUM_IMAGE_TOKENS = data.GRID * data.GRID  # 256
 # CLIP normalisation constants (the processor uses the same values).
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,7 +42,7 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 # Default model shapes (see README.md for the measured accuracy of the shipped checkpoint).
 DEFAULT_SHAPES: dict[str, int] = {
     "vision_hidden": 128,
-    "vision_layers": 4,
+    "vision_layers": 3,
     "vision_heads": 4,
     "vision_mlp": 384,
     "text_hidden": 128,
