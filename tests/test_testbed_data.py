@@ -76,3 +76,25 @@ def test_balanced_answers() -> None:
         answers = [s["answer"] for s in samples if s["task"] == task]
         freq = max(answers.count(a) for a in set(answers)) / len(answers)
         assert freq < 2.0 * data.chance_accuracy(task)
+
+
+# Measured accuracy of the shipped checkpoint on test[0:48] minus 5 points (see src/piofvlm/testbed/README.md).
+CHECKPOINT_MIN_ACCURACY = float("nan")
+
+
+def test_shipped_checkpoint_answers() -> None:
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from piofvlm.testbed import CHECKPOINT_DIR, IMAGE_TOKEN_ID, NUM_IMAGE_TOKENS, evaluate_answers, load_testbed
+
+    if not (CHECKPOINT_DIR / "model.safetensors").exists():
+        pytest.skip("testbed checkpoint not shipped")
+    torch.manual_seed(0)
+    model, processor = load_testbed()
+    assert isinstance(model, LlavaForConditionalGeneration)
+    assert model.config.image_token_id == IMAGE_TOKEN_ID and model.config.image_seq_length == NUM_IMAGE_TOKENS
+    assert AutoProcessor.from_pretrained(CHECKPOINT_DIR).tokenizer.padding_side == "left"
+    samples = data.make_split("test", 48)
+    res = evaluate_answers(model, processor, samples, batch_size=16)
+    assert res["all"] >= CHECKPOINT_MIN_ACCURACY, res

@@ -39,7 +39,6 @@ from .model import (
     build_model,
     build_processor,
     build_tokenizer,
-    prompt,
 )
 
 log = logging.getLogger("piofvlm.testbed.train")
@@ -122,9 +121,9 @@ def quick_eval(
 
 def train(
     out: Path,
-    steps: int = 2400,
-    batch_size: int = 32,
-    lr: float = 2e-3,
+    steps: int = 1000,
+    batch_size: int = 16,
+    lr: float = 1.5e-3,
     aux_weight: float = 1.0,
     seed: int = 0,
     shapes: dict[str, int] | None = None,
@@ -132,14 +131,33 @@ def train(
     n_val: int = 250,
     bf16: bool = False,
     log_every: int = 25,
+    minutes: float | None = None,
+    save_every: int = 0,
+    align_weight: float = 1.0,
+    init: Path | None = None,
+    data_offset: int = 0,
 ) -> dict[str, Any]:
-    """Train from scratch and save the checkpoint to ``out``; returns a summary dict (also written as JSON)."""
+    """Train from scratch and save the checkpoint to ``out``; returns a summary dict (also written as JSON).
+
+    The LR schedule is a fixed 30-step linear warm-up then a cosine decay to 5% over ``steps``. With ``minutes``,
+    the total number of steps is instead fixed once, right after the warm-up, from the measured step time so that
+    training fits the budget; the chosen number is logged and saved, and ``--steps N`` reproduces the same run.
+    """
     torch.manual_seed(seed)
     tok = build_tokenizer()
     vocab = tok.get_vocab()
     processor = build_processor(tok)
     model = build_model(shapes, seed=seed)
+    if init is not None:
+        # Warm start (stage 2 of the recipe): same architecture, weights from a previous run.
+        from transformers import LlavaForConditionalGeneration
+
+        model.load_state_dict(LlavaForConditionalGeneration.from_pretrained(init).state_dict())
     model.train()
+    emb = model.get_input_embeddings()
+    # Word ids of the aux classes, for the alignment loss of the visual tokens with the word embeddings.
+    colour_word = torch.tensor([-100] + [vocab[c] for c in COLOUR_NAMES])
+    kind_word = torch.tensor([-100] + [vocab[k.lower()] for k in KIND_NAMES])
     vis_dim = model.config.vision_config.hidden_size
     aux_head = nn.Linear(vis_dim, 1 + len(COLOUR_NAMES) + 1 + len(KIND_NAMES))
     captured: dict[str, torch.Tensor] = {}
@@ -147,14 +165,18 @@ def train(
     def grab(_mod: nn.Module, _inp: Any, output: Any) -> None:
         captured["h"] = output.last_hidden_state
 
+    def grab_proj(_mod: nn.Module, _inp: Any, output: Any) -> None:
+        captured["proj"] = output
+
     handle = model.model.vision_tower.register_forward_hook(grab)
+    handle_proj = model.model.multi_modal_projector.register_forward_hook(grab_proj)
     params = list(model.parameters()) + list(aux_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
     )
-    warmup = max(1, steps // 20)
+    warmup = 30
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -166,10 +188,15 @@ def train(
     history = []
     t0 = time.time()
     n_col = 1 + len(COLOUR_NAMES)
-    for step in range(steps):
+    step = 0
+    while step < steps:
+        if minutes is not None and step == warmup:
+            per_step = (time.time() - t0) / warmup
+            steps = warmup + int((minutes * 60 - (time.time() - t0)) / per_step)
+            log.info("time budget %.1f min: %.2f s/step -> %d steps in total", minutes, per_step, steps)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        batch = make_batch("train", step * batch_size, batch_size, vocab)
+        batch = make_batch("train", data_offset + step * batch_size, batch_size, vocab)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             outp = model(
                 input_ids=batch["input_ids"],
@@ -186,8 +213,19 @@ def train(
         )
         aux = aux.float()
         aux_loss = F.cross_entropy(aux[..., :n_col].reshape(-1, n_col), batch["aux_colour"].reshape(-1))
-        aux_loss = aux_loss + F.cross_entropy(aux[..., n_col:].reshape(-1, aux.shape[-1] - n_col), batch["aux_kind"].reshape(-1))
+        aux_loss = aux_loss + F.cross_entropy(
+            aux[..., n_col:].reshape(-1, aux.shape[-1] - n_col), batch["aux_kind"].reshape(-1)
+        )
         loss = lm_loss + aux_weight * aux_loss
+        if align_weight > 0:
+            # Visual tokens entering the decoder should read as the words of their colour and shape/letter
+            # (tied embeddings): this makes question-word -> patch matching and answer copying easy to learn.
+            proj = captured.pop("proj").float().reshape(-1, emb.weight.shape[1])
+            word_logits = proj @ emb.weight.float().t()
+            align = F.cross_entropy(word_logits, colour_word[batch["aux_colour"].reshape(-1)], ignore_index=-100)
+            align = align + F.cross_entropy(word_logits, kind_word[batch["aux_kind"].reshape(-1)], ignore_index=-100)
+            loss = loss + align_weight * align
+        captured.clear()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -202,7 +240,12 @@ def train(
             res = quick_eval(model, val, vocab, bf16=bf16)
             history.append({"step": step + 1, "seconds": round(time.time() - t0, 1), "val": res})
             log.info("eval step %d: %s", step + 1, res)
+        if save_every and (step + 1) % save_every == 0:
+            model.save_pretrained(out / f"step{step + 1}")
+            processor.save_pretrained(out / f"step{step + 1}")
+        step += 1
     handle.remove()
+    handle_proj.remove()
     train_seconds = time.time() - t0
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -210,9 +253,13 @@ def train(
     processor.save_pretrained(out)
     summary = {
         "steps": steps,
+        "minutes_budget": minutes,
         "batch_size": batch_size,
         "lr": lr,
         "aux_weight": aux_weight,
+        "align_weight": align_weight,
+        "init": str(init) if init else None,
+        "data_offset": data_offset,
         "seed": seed,
         "shapes": dict(DEFAULT_SHAPES, **(shapes or {})),
         "train_seconds": round(train_seconds, 1),
@@ -227,18 +274,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=2400)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--aux-weight", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--n-val", type=int, default=250)
     ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--minutes", type=float, default=None, help="fit the number of steps to this time budget")
+    ap.add_argument("--save-every", type=int, default=0, help="also save intermediate checkpoints to OUT/stepN")
+    ap.add_argument("--align-weight", type=float, default=1.0)
+    ap.add_argument("--init", type=Path, default=None, help="warm start from this checkpoint (stage 2)")
+    ap.add_argument("--data-offset", type=int, default=0, help="first training sample index (fresh data per stage)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 for this tiny model here)")
-    ap.add_argument("--shapes", type=str, default="{}", help='JSON overrides of DEFAULT_SHAPES, e.g. {"text_layers": 6}')
+    ap.add_argument(
+        "--shapes", type=str, default="{}", help='JSON overrides of DEFAULT_SHAPES, e.g. {"text_layers": 6}'
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
     summary = train(
         args.out,
         steps=args.steps,
@@ -251,6 +307,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         n_val=args.n_val,
         bf16=args.bf16,
         log_every=args.log_every,
+        minutes=args.minutes,
+        save_every=args.save_every,
+        align_weight=args.align_weight,
+        init=args.init,
+        data_offset=args.data_offset,
     )
     log.info("done in %.0f s; final val %s", summary["train_seconds"], summary["history"][-1]["val"])
 
