@@ -86,9 +86,12 @@ def aux_targets(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return colour, kind
 
 
-def make_batch(split: str, start: int, size: int, vocab: dict[str, int]) -> dict[str, Any]:
+def make_batch(
+    split: str, start: int, size: int, vocab: dict[str, int], tasks: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Training batch of ``size`` consecutive samples (tasks cycle) with auxiliary per-patch targets."""
-    samples = [data.make_sample(split, i, with_ids=True) for i in range(start, start + size)]
+    tasks = tuple(tasks or data.TASKS)
+    samples = [data.make_sample(split, i, tasks[i % len(tasks)], with_ids=True) for i in range(start, start + size)]
     batch: dict[str, Any] = encode(samples, vocab, with_answer=True)
     batch["pixel_values"] = pixel_values([s["image"] for s in samples])
     targets = [aux_targets(s) for s in samples]
@@ -136,6 +139,7 @@ def train(
     align_weight: float = 1.0,
     init: Path | None = None,
     data_offset: int = 0,
+    tasks: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train from scratch and save the checkpoint to ``out``; returns a summary dict (also written as JSON).
 
@@ -184,7 +188,7 @@ def train(
         t = (step - warmup) / max(1, steps - warmup)
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    val = data.make_split("val", n_val)
+    val = [s for s in data.make_split("val", n_val) if tasks is None or s["task"] in tasks]
     history = []
     t0 = time.time()
     n_col = 1 + len(COLOUR_NAMES)
@@ -196,7 +200,7 @@ def train(
             log.info("time budget %.1f min: %.2f s/step -> %d steps in total", minutes, per_step, steps)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        batch = make_batch("train", data_offset + step * batch_size, batch_size, vocab)
+        batch = make_batch("train", data_offset + step * batch_size, batch_size, vocab, tasks)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             outp = model(
                 input_ids=batch["input_ids"],
@@ -260,6 +264,7 @@ def train(
         "align_weight": align_weight,
         "init": str(init) if init else None,
         "data_offset": data_offset,
+        "tasks": list(tasks) if tasks else list(data.TASKS),
         "seed": seed,
         "shapes": dict(DEFAULT_SHAPES, **(shapes or {})),
         "train_seconds": round(train_seconds, 1),
@@ -287,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--align-weight", type=float, default=1.0)
     ap.add_argument("--init", type=Path, default=None, help="warm start from this checkpoint (stage 2)")
     ap.add_argument("--data-offset", type=int, default=0, help="first training sample index (fresh data per stage)")
+    ap.add_argument("--tasks", type=str, default=None, help="comma-separated subset of task types")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 for this tiny model here)")
     ap.add_argument(
@@ -312,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         align_weight=args.align_weight,
         init=args.init,
         data_offset=args.data_offset,
+        tasks=args.tasks.split(",") if args.tasks else None,
     )
     log.info("done in %.0f s; final val %s", summary["train_seconds"], summary["history"][-1]["val"])
 
