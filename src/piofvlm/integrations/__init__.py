@@ -1,0 +1,1 @@
+"""Integrations with third-party tools. Each submodule imports its tool itself: importing piofvlm imports none."""
