@@ -1,6 +1,7 @@
 """lmms-eval model ``piofvlm``: a Hugging Face VLM with a piofvlm method applied while it answers.
 
-Registered through the ``lmms_eval.models`` entry point (see ``pyproject.toml``), so that after
+Registered through the ``lmms_eval.models`` entry point (:func:`piofvlm.integrations.lmms_eval_manifest`), so
+that after
 ``pip install piofvlm[eval]`` (see docs/evaluation.md for the install without torchvision)::
 
     python -m lmms_eval --model piofvlm --model_args pretrained=DIR,method=pio,keep=0.111 --tasks pope --batch_size 8
@@ -33,7 +34,6 @@ import torch
 from lmms_eval import utils as lmms_utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.protocol import ChatMessages
 from tqdm.auto import tqdm
 
@@ -43,7 +43,6 @@ from piofvlm.registry import METHODS, available_methods, get_method
 
 logger = logging.getLogger(__name__)
 
-MODEL_ID = "piofvlm"
 # LLaVA-1.5's prompt (what piofvlm.loading.build_prompt uses) for processors that ship no chat template.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
@@ -53,11 +52,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-
-
-def manifest() -> ModelManifest:
-    """Entry point of group ``lmms_eval.models``: the ``piofvlm`` chat model."""
-    return ModelManifest(model_id=MODEL_ID, chat_class_path=f"{__name__}.PiofvlmModel")
 
 
 # ------------------------------------------------------------------------------------------------ model args
@@ -75,23 +69,27 @@ def _parse_text(value: Any) -> Any:
     return value
 
 
-def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
-    """``(True, value converted to annotation)`` if ``value`` fits ``annotation``, else ``(False, None)``."""
+def _coerce(value: Any, annotation: Any, widen: bool = True) -> tuple[bool, Any]:
+    """``(True, value converted to annotation)`` if ``value`` fits ``annotation``, else ``(False, None)``.
+
+    An int is widened to a float field, except in a union that takes the int as it is (``keep: float | int``).
+    """
     if annotation is Any:
         return True, value
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        for member in typing.get_args(annotation):
-            ok, converted = _coerce(value, member)
-            if ok:
-                return True, converted
+        for strict in (True, False) if widen else (True,):
+            for member in typing.get_args(annotation):
+                ok, converted = _coerce(value, member, widen=not strict)
+                if ok:
+                    return True, converted
         return False, None
     if origin in (list, tuple):
         (item,) = typing.get_args(annotation)[:1] or (Any,)
         if isinstance(value, (list, tuple)):
-            items = [_coerce(v, item) for v in value]
+            items = [_coerce(v, item, widen) for v in value]
             return (True, [v for _, v in items]) if all(ok for ok, _ in items) else (False, None)
-        return _coerce(value, item)  # a single value where a list is expected: the methods accept one stage
+        return _coerce(value, item, widen)  # a single value where a list is expected: the methods accept one stage
     if annotation is type(None):
         return value is None, None
     if annotation is bool:
@@ -99,7 +97,7 @@ def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float) if widen else float) and not isinstance(value, bool)
         return ok, float(value) if ok else None
     if annotation is str:
         return isinstance(value, str), value
@@ -173,7 +171,6 @@ class PiofvlmModel(lmms):
     ) -> None:
         super().__init__()
         from accelerate import Accelerator
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         self.method = method_from_model_args(method, method_fields)  # validated before anything is loaded
         if str(batch_size).startswith("auto"):
@@ -182,16 +179,10 @@ class PiofvlmModel(lmms):
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
 
-        config = AutoConfig.from_pretrained(pretrained)
-        if config.model_type not in ADAPTERS:
-            raise ValueError(
-                f"{pretrained}: model_type {config.model_type!r} is not supported by piofvlm; "
-                f"supported: {', '.join(sorted(ADAPTERS))}"
-            )
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
-        if self._world_size > 1:
+        if self._world_size > 1:  # one model per process: cuda:<local rank> when there is CUDA, else the CPU
             local = self.accelerator.local_process_index
             device = f"cuda:{local}" if torch.cuda.is_available() and device != "cpu" else "cpu"
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -199,17 +190,29 @@ class PiofvlmModel(lmms):
             dtype = "bfloat16" if self._device.type == "cuda" else "float32"
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-
-        model = AutoModelForImageTextToText.from_pretrained(
-            pretrained, dtype=DTYPES[dtype], attn_implementation=attn_implementation
-        )
+        model, self.processor = self.load(pretrained, DTYPES[dtype], attn_implementation)
         self._model = model.to(self._device).eval()
-        self.processor = AutoProcessor.from_pretrained(pretrained)
         self.processor.tokenizer.padding_side = "left"  # batched generation
         if not getattr(self.processor, "chat_template", None):
-            self.processor.chat_template = FALLBACK_CHAT_TEMPLATE
+            image_token = getattr(self.processor, "image_token", None) or "<image>"
+            self.processor.chat_template = FALLBACK_CHAT_TEMPLATE.replace("<image>", image_token)
         self.pretrained = pretrained
         logger.info("piofvlm lmms-eval model: %s on %s, method %s", pretrained, self._device, self.method.to_dict())
+
+    def load(self, pretrained: str, dtype: torch.dtype, attn_implementation: str) -> tuple[torch.nn.Module, Any]:
+        """``(model, processor)`` of ``pretrained``, refused before any weight is read if piofvlm cannot adapt it."""
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        config = AutoConfig.from_pretrained(pretrained)
+        if config.model_type not in ADAPTERS:
+            raise ValueError(
+                f"{pretrained}: model_type {config.model_type!r} is not supported by piofvlm; "
+                f"supported: {', '.join(sorted(ADAPTERS))}"
+            )
+        model = AutoModelForImageTextToText.from_pretrained(
+            pretrained, dtype=dtype, attn_implementation=attn_implementation
+        )
+        return model, AutoProcessor.from_pretrained(pretrained)
 
     # lmms-eval reads these.
     @property
