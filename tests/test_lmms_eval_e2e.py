@@ -1,0 +1,108 @@
+"""End to end with the real lmms-eval: its CLI and evaluator, a local task of testbed samples, the shipped checkpoint.
+
+The score equals what ``piofvlm eval`` reports for the same samples and method, per sample too; batch 8 equals
+batch 1; and ``accelerate launch --cpu --num_processes 2`` (lmms-eval's data parallelism) equals one process.
+Nothing is downloaded: the task's YAML, utils.py and dataset are written here, and the hub is switched off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmms_task import TASK, write_task
+from piofvlm.testbed.model import CHECKPOINT_DIR
+
+pytestmark = pytest.mark.slow
+NUM_SAMPLES = 32
+METHOD_ARGS = "method=pio,keep=0.111,layers=2"
+
+
+def offline_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(home))
+    env.pop("LMMS_EVAL_PLUGINS", None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (make install-eval)")
+    if not (CHECKPOINT_DIR / "model.safetensors").is_file():
+        pytest.skip(f"the shipped testbed checkpoint is missing ({CHECKPOINT_DIR})")
+    root = tmp_path_factory.mktemp("lmms")
+    task_dir = write_task(root / "task", "test", NUM_SAMPLES)
+    # `piofvlm eval` on the same samples and method (its --split/--num-samples slice is the task's dataset).
+    cmd = [sys.executable, "-m", "piofvlm.cli", "eval", "--methods", "pio", "--keep", "0.111", "--layers", "2"]
+    cmd += ["--split", "test", "--num-samples", str(NUM_SAMPLES), "--batch-size", "8", "--out", str(root / "ours")]
+    subprocess.run([*cmd, "--quiet"], check=True, capture_output=True, env=offline_env(root / "hf"))
+    ours = json.loads((root / "ours" / "results.json").read_text())["rows"][0]["accuracy"]["all"]
+    return root, task_dir, ours
+
+
+def run_lmms_eval(root: Path, task_dir: Path, name: str, batch_size: int, processes: int = 1) -> tuple[float, list]:
+    """lmms-eval's CLI on the local task; its score and per-sample first words, in doc order."""
+    out = root / name
+    args = ["-m", "lmms_eval", "--model", "piofvlm", "--model_args", f"pretrained={CHECKPOINT_DIR},{METHOD_ARGS}"]
+    args += ["--tasks", TASK, "--include_path", str(task_dir), "--batch_size", str(batch_size)]
+    args += ["--output_path", str(out), "--log_samples"]
+    if processes == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes)]
+        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd += ["--main_process_port", str(free_port()), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=offline_env(root / "hf"), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results,) = out.rglob("*_results.json")
+    (samples,) = out.rglob(f"*_samples_{TASK}.jsonl")
+    score = json.loads(results.read_text())["results"][TASK]["exact_match,none"]
+    rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+    from piofvlm.testbed.model import first_word
+
+    return score, [
+        first_word(r["filtered_resps"] if isinstance(r["filtered_resps"], str) else r["filtered_resps"][0])
+        for r in rows
+    ]
+
+
+@pytest.fixture(scope="module")
+def batch8(setup):
+    root, task_dir, _ = setup
+    return run_lmms_eval(root, task_dir, "batch8", batch_size=8)
+
+
+def test_lmms_eval_score_equals_piofvlm_eval(setup, batch8):
+    from piofvlm import get_method
+    from piofvlm.testbed import data
+    from piofvlm.testbed.model import generate_answers, load_testbed
+
+    _, _, ours = setup
+    score, answers = batch8
+    assert len(answers) == NUM_SAMPLES
+    assert score == pytest.approx(ours, abs=1e-12)
+    model, processor = load_testbed()
+    with get_method("pio", keep=0.111, layers=[2])(model):
+        expected = generate_answers(model, processor, data.make_split("test", NUM_SAMPLES), batch_size=8)
+    assert answers == expected
+
+
+def test_lmms_eval_batch_one_equals_batch_eight(setup, batch8):
+    root, task_dir, _ = setup
+    assert run_lmms_eval(root, task_dir, "batch1", batch_size=1) == batch8
+
+
+def test_accelerate_two_processes_equal_one(setup, batch8):
+    root, task_dir, _ = setup
+    assert run_lmms_eval(root, task_dir, "dp2", batch_size=8, processes=2) == batch8
