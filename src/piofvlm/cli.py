@@ -146,6 +146,9 @@ def _demo_testbed(args: argparse.Namespace, workdir: Path) -> int:
     inputs = dict(processor(images=[sample["image"]], text=[prompt(sample["question"])], return_tensors="pt"))
     num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     print(f"piofvlm demo: the project's testbed VLM ({CHECKPOINT_DIR})")
+    status = Path(CHECKPOINT_DIR) / "STATUS"
+    if status.is_file():
+        print(f"checkpoint status: {status.read_text().strip()}")
     print(f"image: {image_path}\nquestion: {sample['question']}   (expected answer: {sample['answer']})")
     pio = get_method("pio", keep=0.111)
     for label, method in (("all tokens", get_method("none")), ("PIO, 11.1% kept after layer 2", pio)):
@@ -160,6 +163,7 @@ def _demo_testbed(args: argparse.Namespace, workdir: Path) -> int:
     overlay_path = workdir / "overlay.png"
     overlay.save(overlay_path)
     print(f"tokens kept by PIO (overlay): {overlay_path}")
+    print("times: one measurement after a warm-up, on this machine now; `piofvlm bench` measures properly")
     return 0
 
 
