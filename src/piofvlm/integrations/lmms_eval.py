@@ -1,7 +1,8 @@
 """lmms-eval model ``piofvlm``: a Hugging Face VLM with a piofvlm method applied while it answers.
 
 Registered through the ``lmms_eval.models`` entry point (:func:`piofvlm.integrations.lmms_eval_manifest`). After
-the install in docs/evaluation.md (lmms-eval with ``--no-deps``, then ``piofvlm[eval]``; no torchvision)::
+the install in the README section "Evaluate on standard benchmarks" (lmms-eval with ``--no-deps``, then
+``piofvlm[eval]``; no torchvision)::
 
     python -m lmms_eval --model piofvlm --model_args pretrained=DIR,method=pio,keep=0.111 --tasks pope --batch_size 8
     accelerate launch --num_processes 8 -m lmms_eval --model piofvlm --model_args ... --tasks pope --batch_size 8
