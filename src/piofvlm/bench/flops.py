@@ -90,19 +90,24 @@ def decode_flops(shape: TextShape, layer_lengths: list[int], steps: int) -> int:
     return total
 
 
-def pio_proxy_flops(shape: TextShape, seq_len: int, positions: int, fast: bool = True) -> dict[str, int]:
+def pio_proxy_flops(
+    shape: TextShape, seq_len: int, positions: int, candidates: int, kept: int, fast: bool = True
+) -> dict[str, int]:
     """One PIO stage's proxy on ``seq_len`` tokens: ``{"forward", "backward", "nms"}`` FLOPs.
 
     Fast path: keys and values over the sequence, queries, attention, MLP and LM head at ``positions`` slots only.
     Reference path: the full layer and the LM head everywhere. The backward computes input gradients only (no
     weight gradients): each linear costs its forward again, attention twice its forward. NMS: the cosine-similarity
-    matrix over the candidates (its fixed-point rounds are matrix-vector products, not counted).
+    matrix over the first prefix the NMS always compares (``min(candidates, max(2 kept, 64))`` tokens), a lower
+    bound: the prefix doubles when suppression leaves fewer than ``kept`` tokens (its fixed-point rounds are
+    matrix-vector products, not counted). A lower bound keeps the FLOP-ideal speedup on the high side.
     """
     d = shape.hidden_size
     q_tokens = positions if fast else seq_len
     linear = linear_flops(shape, q_tokens, seq_len) + lm_head_flops(shape, q_tokens)
     attention = attention_flops(shape, q_tokens, seq_len)
-    return {"forward": linear + attention, "backward": linear + 2 * attention, "nms": 2 * seq_len * seq_len * d}
+    prefix = min(candidates, max(2 * kept, 64))
+    return {"forward": linear + attention, "backward": linear + 2 * attention, "nms": 2 * prefix * prefix * d}
 
 
 def paper_layer_macs(shape: TextShape, n_visual: float) -> float:

@@ -164,14 +164,18 @@ def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int
     )
 
 
-def _selection_flops(method: Any, shape: fl.TextShape, stage_lengths: list[int]) -> dict[str, int] | None:
+def _selection_flops(
+    method: Any, shape: fl.TextShape, stage_lengths: list[int], records: list[dict[str, int]]
+) -> dict[str, int] | None:
     """FLOPs of the method's own selection per run, or None when the method's cost is not modelled."""
     if method.name in ("none", "random"):
         return {"forward": 0, "backward": 0, "nms": 0}
     if isinstance(method, PIO):
         total = {"forward": 0, "backward": 0, "nms": 0}
-        for seq_len in stage_lengths:
-            part = fl.pio_proxy_flops(shape, seq_len, method.num_loss_positions, fast=method.fast_proxy)
+        for seq_len, record in zip(stage_lengths, records, strict=True):
+            part = fl.pio_proxy_flops(
+                shape, seq_len, method.num_loss_positions, record["before"], record["kept"], fast=method.fast_proxy
+            )
             if not method.nms:
                 part["nms"] = 0
             total = {k: total[k] + part[k] for k in total}
@@ -314,8 +318,9 @@ def _variant_result(
     if new != config.new_tokens:
         raise RuntimeError(f"{label}: generated {new} tokens, expected {config.new_tokens}")
     stage_lengths = [lengths[r["layer"] - 1] if r["layer"] > 0 else prompt_len for r in records]
-    selection = _selection_flops(method, shape, stage_lengths) if isinstance(method, TokenPruner) else None
-    if not isinstance(method, TokenPruner):
+    if isinstance(method, TokenPruner):
+        selection = _selection_flops(method, shape, stage_lengths, records)
+    else:  # the unpruned baseline
         selection = {"forward": 0, "backward": 0, "nms": 0}
     model_prefill = fl.prefill_flops(shape, lengths)
     decode = fl.decode_flops(shape, lengths, config.new_tokens - 1)
