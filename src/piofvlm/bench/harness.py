@@ -232,6 +232,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     load_start = load_average()
+    environment = _environment(device)  # before the run: the commit of the code that runs
     model, inputs, model_info = _load(config)
     shape = fl.TextShape.from_config(model.config.text_config)
     entries = config.expand_variants()
@@ -288,7 +289,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "config": config.to_dict(),
         "model": {**model_info, "text_shape": dataclasses.asdict(shape), "visual_tokens": num_visual},
         "prompt_tokens": prompt_len,
-        "environment": _environment(device),
+        "environment": environment,
         "load_average": {"start": load_start, "end": load_average()},
         "memory_kind": memory.kind,
         "memory_reset_ok": memory.reset_ok,
