@@ -132,6 +132,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from piofvlm.bench import BenchConfig, run_benchmark, write_outputs
     from piofvlm.bench.report import markdown
 
+    if args.render:
+        for path in args.render:
+            result = json.loads(Path(path).read_text())
+            written = write_outputs(result, Path(path).parent, write_json=False)
+            print("wrote " + ", ".join(str(p) for p in written.values()))
+        return 0
     data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.preset or args.model:
         data["preset"], data["model_path"] = args.preset, args.model
@@ -190,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="efficiency benchmark: latency, overhead, memory, KV, FLOPs per method")
     bench.add_argument("--config", help="JSON experiment file (benchmarks/*.json); flags below override it")
+    bench.add_argument("--render", nargs="+", metavar="JSON", help="only rewrite the .md/.png of result files")
     source = bench.add_mutually_exclusive_group()
     source.add_argument("--preset", help="model shape preset with random weights (see piofvlm.bench.SHAPES)")
     source.add_argument("--model", help="local checkpoint directory instead of a preset")

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from piofvlm.bench import flops as fl
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,6 +87,16 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def schedule_ideal(result: dict[str, Any], layer: int, retained: float) -> float:
+    """Prefill FLOP ratio of keeping ``retained`` of the visual tokens from decoder layer ``layer`` on (no selection
+    cost): the FLOP-ideal line of the plot."""
+    shape = fl.TextShape(**result["model"]["text_shape"])
+    prompt, visual = result["prompt_tokens"], result["model"]["visual_tokens"]
+    pruned = prompt - visual + round(retained * visual)
+    lengths = [prompt if i < layer else pruned for i in range(shape.num_layers)]
+    return fl.prefill_flops(shape, [prompt] * shape.num_layers) / fl.prefill_flops(shape, lengths)
+
+
 def plot(result: dict[str, Any], path: str | Path) -> bool:
     """Prefill speedup vs retained fraction per method, measured (solid) and FLOP-ideal (dashed). False if no
     matplotlib."""
@@ -109,8 +121,15 @@ def plot(result: dict[str, Any], path: str | Path) -> bool:
         ax.plot(x, [v["ratios"]["e2e_speedup"] for v in rows], "s:", color=color, label=f"{name} end to end")
         ideal = [v["ratios"].get("prefill_ideal") for v in rows]
         if all(i is not None for i in ideal):
-            ax.plot(x, ideal, "--", color=color, alpha=0.6, label=f"{name} FLOP-ideal prefill")
+            ax.plot(x, ideal, "x--", color=color, alpha=0.6, label=f"{name} FLOP-ideal prefill (incl. selection)")
+    for layer in sorted(
+        {v["stages"][0]["layer"] for rows in by_method.values() for v in rows if len(v["stages"]) == 1}
+    ):
+        grid = [i / 100 for i in range(2, 101)]
+        ax.plot(grid, [schedule_ideal(result, layer, r) for r in grid], "k-", alpha=0.35, linewidth=1,
+                label=f"FLOP-ideal, schedule only (prune after layer {layer})")  # fmt: skip
     ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlim(0, 1.02)
     ax.set_xlabel("visual tokens retained after the last stage (fraction)")
     ax.set_ylabel("speedup vs unpruned")
     cfg, model = result["config"], result["model"]
