@@ -133,10 +133,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from piofvlm.bench.report import markdown
 
     if args.render:
-        for path in args.render:
-            result = json.loads(Path(path).read_text())
-            written = write_outputs(result, Path(path).parent, write_json=False)
-            print("wrote " + ", ".join(str(p) for p in written.values()))
+        from piofvlm.bench.report import plot
+
+        for path in map(Path, args.render):
+            result = json.loads(path.read_text())
+            path.with_suffix(".md").write_text(markdown(result))
+            plot(result, path.with_suffix(".png"))
+            print(f"wrote {path.with_suffix('.md')}, {path.with_suffix('.png')}")
         return 0
     data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.preset or args.model:

@@ -433,17 +433,15 @@ def _extrapolate(v: dict[str, Any], base_prefill: float, select_s: float, num_la
     return (base_prefill * full_layers / num_layers) / full_time
 
 
-def write_outputs(result: dict[str, Any], out_dir: str | Path, write_json: bool = True) -> dict[str, Path]:
+def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """``<name>.json``, ``<name>.md`` and (with matplotlib) ``<name>.png`` in ``out_dir``."""
     from piofvlm.bench.report import markdown, plot
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / result["config"]["name"]
-    paths = {"md": stem.with_suffix(".md")}
-    if write_json:
-        paths["json"] = stem.with_suffix(".json")
-        paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
+    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
     paths["md"].write_text(markdown(result))
     png = stem.with_suffix(".png")
     if plot(result, png):
