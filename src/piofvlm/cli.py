@@ -133,10 +133,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from piofvlm.bench.report import markdown
 
     if args.render:
+        from piofvlm.bench.harness import add_ratios
         from piofvlm.bench.report import plot
 
         for path in map(Path, args.render):
             result = json.loads(path.read_text())
+            add_ratios(result)
+            path.write_text(json.dumps(result, indent=1) + "\n")
             path.with_suffix(".md").write_text(markdown(result))
             plot(result, path.with_suffix(".png"))
             print(f"wrote {path.with_suffix('.md')}, {path.with_suffix('.png')}")

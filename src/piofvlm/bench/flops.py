@@ -77,9 +77,16 @@ def lm_head_flops(shape: TextShape, positions: int) -> int:
     return 2 * positions * shape.hidden_size * shape.vocab_size
 
 
-def prefill_flops(shape: TextShape, layer_lengths: list[int], logits_positions: int = 1) -> int:
-    """Prefill of a prompt whose layer ``l`` ran on ``layer_lengths[l]`` tokens (read off the KV cache)."""
-    return sum(layer_flops(shape, n, n) for n in layer_lengths) + lm_head_flops(shape, logits_positions)
+def prefill_flops(shape: TextShape, layer_lengths: list[int], logits_positions: int = 1, causal: bool = False) -> int:
+    """Prefill of a prompt whose layer ``l`` ran on ``layer_lengths[l]`` tokens (read off the KV cache).
+
+    ``causal``: count only the query-key pairs a causal kernel must compute (``n (n + 1) / 2`` instead of ``n^2``).
+    """
+    total = lm_head_flops(shape, logits_positions)
+    for n in layer_lengths:
+        pairs = n * (n + 1) // 2 if causal else n * n
+        total += linear_flops(shape, n) + 2 * 2 * pairs * shape.q_dim
+    return total
 
 
 def decode_flops(shape: TextShape, layer_lengths: list[int], steps: int) -> int:

@@ -284,8 +284,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                 )
             )  # fmt: skip
             del cache, generated
-    _add_ratios(variants, model_info, config)
-    return {
+    result = {
         "config": config.to_dict(),
         "model": {**model_info, "text_shape": dataclasses.asdict(shape), "visual_tokens": num_visual},
         "prompt_tokens": prompt_len,
@@ -295,6 +294,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "memory_reset_ok": memory.reset_ok,
         "variants": variants,
     }
+    add_ratios(result)
+    return result
 
 
 def _variant_result(
@@ -376,13 +377,21 @@ def _variant_result(
     }
 
 
-def _add_ratios(variants: list[dict[str, Any]], model_info: dict[str, Any], config: BenchConfig) -> None:
-    """Speedups against the baseline (ratios of medians), FLOP-ideal speedups and measured / ideal."""
+def add_ratios(result: dict[str, Any]) -> None:
+    """Speedups against the baseline (ratios of medians), FLOP-ideal speedups and measured / ideal, in place.
+
+    Only stored data is read, so the ratios can be recomputed from a result file (``piofvlm bench --render``).
+    Two ideals: attention counted dense (``n^2`` query-key pairs, what masked kernels compute) and causal
+    (``n (n + 1) / 2``, what a causal kernel must compute).
+    """
+    variants = result["variants"]
+    shape = fl.TextShape(**result["model"]["text_shape"])
     base = next(v for v in variants if v["method"]["method"] == "none")
     base_prefill = base["prefill_s"]["median"]
     base_e2e = base["e2e_s"]["median"]
     base_flops = base["flops"]
-    full_layers = model_info["full_layers"]
+    base_causal = fl.prefill_flops(shape, base["layer_lengths"], causal=True)
+    full_layers = result["model"]["full_layers"]
     num_layers = len(base["layer_lengths"])
     for v in variants:
         f = v["flops"]
@@ -398,10 +407,14 @@ def _add_ratios(variants: list[dict[str, Any]], model_info: dict[str, Any], conf
         }
         if f["prefill_total"] is not None:
             ideal = base_flops["prefill_total"] / f["prefill_total"]
+            selection = sum(f["selection"].values())
+            ideal_causal = base_causal / (fl.prefill_flops(shape, v["layer_lengths"], causal=True) + selection)
             ideal_e2e = (base_flops["prefill_total"] + base_flops["decode"]) / (f["prefill_total"] + f["decode"])
             ratios.update(
                 prefill_ideal=ideal,
                 prefill_measured_over_ideal=ratios["prefill_speedup"] / ideal,
+                prefill_ideal_causal=ideal_causal,
+                prefill_measured_over_ideal_causal=ratios["prefill_speedup"] / ideal_causal,
                 e2e_ideal=ideal_e2e,
                 e2e_measured_over_ideal=ratios["e2e_speedup"] / ideal_e2e,
             )

@@ -46,7 +46,8 @@ def markdown(result: dict[str, Any]) -> str:
     """Timing table and FLOPs/memory table (times: median [min-max] ms)."""
     lines = [header(result), ""]
     lines.append(
-        "| variant | visual kept | prefill ms | speedup | FLOP-ideal | meas/ideal | e2e ms | e2e speedup | "
+        "| variant | visual kept | prefill ms | speedup | FLOP-ideal (dense / causal attn) | meas/ideal | e2e ms | "
+        "e2e speedup | "
         "decode ms/tok | select ms (proxy fwd / bwd / NMS) | overhead vs unpruned prefill |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -61,8 +62,9 @@ def markdown(result: dict[str, Any]) -> str:
         over = "-" if overhead is None else f"{_pct(overhead, 2)} (full depth ~{_pct(overhead_full, 2)})"
         lines.append(
             f"| {v['label']} | {v['kept_visual']}/{v['visual_tokens']} | {_ms(v['prefill_s'])} | "
-            f"{_x(r['prefill_speedup'])} | {_x(r.get('prefill_ideal'))} | "
-            f"{_pct(r.get('prefill_measured_over_ideal'), 0)} | "
+            f"{_x(r['prefill_speedup'])} | {_x(r.get('prefill_ideal'))} / {_x(r.get('prefill_ideal_causal'))} | "
+            f"{_pct(r.get('prefill_measured_over_ideal'), 0)} / "
+            f"{_pct(r.get('prefill_measured_over_ideal_causal'), 0)} | "
             f"{_ms(v['e2e_s'])} | {_x(r['e2e_speedup'])} | {v['decode_ms_per_token']:.1f} | {split} | {over} |"
         )
     lines += ["", "| variant | exact prefill TFLOP (model + selection) | exact ratio | paper formula ratio "
