@@ -430,7 +430,9 @@ def add_ratios(result: dict[str, Any]) -> None:
         v["ratios"] = ratios
 
 
-def _extrapolate(v: dict[str, Any], base_prefill: float, select_s: float, num_layers: int, full_layers: int) -> float:
+def _extrapolate(
+    v: dict[str, Any], base_prefill: float, select_s: float, num_layers: int, full_layers: int
+) -> float | None:
     """Prefill speedup at full depth, assuming per-layer times stay as measured (single- or multi-stage).
 
     Unpruned per-layer time ``t_N = base / L``; pruned layers' mean time from this run's prefill minus the
@@ -439,6 +441,8 @@ def _extrapolate(v: dict[str, Any], base_prefill: float, select_s: float, num_la
     if not v["stages"]:
         return 1.0
     first = v["stages"][0]["layer"]
+    if num_layers - first < 4:
+        return None  # too few pruned layers to estimate their per-layer time
     per_layer = base_prefill / num_layers
     pruned_layers = num_layers - first
     per_pruned = max(v["prefill_s"]["median"] - select_s - first * per_layer, 0.0) / max(pruned_layers, 1)
