@@ -100,6 +100,12 @@ def greedy_nms(neighbors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return selected
 
 
+def _grow(prefix: int, width: int) -> int:
+    """A prefix past half the width costs nearly the full matrix anyway: take everything (at most 1.25x the
+    all-token cost overall)."""
+    return width if prefix > width // 2 else prefix
+
+
 def nms_fill_per_group(
     scores: torch.Tensor,
     features: torch.Tensor,
@@ -115,8 +121,9 @@ def nms_fill_per_group(
 
     Greedy decisions on the first ``L`` tokens of the score order depend on those tokens only, so the NMS runs on a
     prefix of the order (twice the largest budget at first) and doubles it until every group has its ``k``
-    NMS-selected tokens inside the prefix, or the prefix is everything. The result is the same as over all tokens;
-    the ``L x L`` similarity matrix is usually far smaller than the ``N x N`` one.
+    NMS-selected tokens inside the prefix, or the prefix is everything (a prefix past half of the tokens becomes all
+    of them). The result is the same as over all tokens; the ``L x L`` similarity matrix is usually far smaller than
+    the ``N x N`` one.
 
     Args:
         scores: ``(B, S)`` importance (higher first; ties by lower slot index).
@@ -137,7 +144,7 @@ def nms_fill_per_group(
     row_budget = budgets.reshape(-1, 1)  # (P, 1)
     sample = torch.arange(batch_size, device=groups.device).repeat_interleave(num_groups)[:, None]  # (P, 1)
     prefix = initial_prefix if initial_prefix is not None else max(2 * int(budgets.max().item()), 64)
-    prefix = min(max(prefix, 1), width)
+    prefix = _grow(max(prefix, 1), width)
     while True:
         cells = table[:, :prefix]
         feats = F.normalize(features[sample, cells.clamp(min=0)].float(), dim=-1)  # (P, L, d)
@@ -145,7 +152,7 @@ def nms_fill_per_group(
         selected = greedy_nms(neighbors, valid[:, :prefix])
         if prefix == width or bool((selected.sum(1, keepdim=True) >= row_budget).all()):
             break
-        prefix = min(2 * prefix, width)
+        prefix = _grow(2 * prefix, width)
     selected = F.pad(selected, (0, width - prefix))  # cells past the prefix: not NMS-selected (fill pass only)
     position = torch.arange(width, device=groups.device)[None].expand_as(table)
     # Priority: NMS-selected tokens in score order, then the rest in score order, then empty cells.
