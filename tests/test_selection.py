@@ -80,3 +80,18 @@ def test_nms_fill_batched_groups_equal_one_by_one():
             )
             assert torch.equal(keep[b, slots], sub[0])
     assert keep.sum().item() == 15 and not keep[groups < 0].any()
+
+
+def test_nms_fill_prefix_search_equals_full_nms():
+    """Any starting prefix (doubling until the budgets are met) gives the all-token answer."""
+    generator = torch.Generator().manual_seed(2)
+    feats = torch.randn(2, 90, 6, generator=generator)
+    feats[:, 40:] = feats[:, :50] + 0.1 * torch.randn(2, 50, 6, generator=generator)  # many near-duplicates
+    scores = torch.rand(2, 90, generator=generator)
+    groups = torch.tensor([[-1] * 5 + [0] * 40 + [1] * 45, [0] * 85 + [-1] * 5])
+    for tau in (0.2, 0.6, 0.95):
+        for budgets in (torch.tensor([[3, 20], [30, 0]]), torch.tensor([[40, 45], [85, 0]])):
+            full = nms_fill_per_group(scores, feats, groups, budgets, tau, initial_prefix=90)
+            for start in (1, 4, 17):
+                assert torch.equal(nms_fill_per_group(scores, feats, groups, budgets, tau, initial_prefix=start), full)
+            assert torch.equal(nms_fill_per_group(scores, feats, groups, budgets, tau), full)

@@ -100,23 +100,37 @@ def greedy_nms(neighbors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return selected
 
 
+def _grow(prefix: int, width: int) -> int:
+    """A prefix past half the width costs nearly the full matrix anyway: take everything (at most 1.25x the
+    all-token cost overall)."""
+    return width if prefix > width // 2 else prefix
+
+
 def nms_fill_per_group(
     scores: torch.Tensor,
     features: torch.Tensor,
     groups: torch.Tensor,
     budgets: torch.Tensor,
     tau: float,
+    initial_prefix: int | None = None,
 ) -> torch.Tensor:
     """Per group: greedy NMS in score order on cosine similarity ``>= tau``, then fill to exactly the budget.
 
     The kept set is the first ``k`` of [NMS-selected tokens in score order] followed by [the other tokens in score
     order], i.e. the authors' "stop at k" first pass plus their fill-up pass.
 
+    Greedy decisions on the first ``L`` tokens of the score order depend on those tokens only, so the NMS runs on a
+    prefix of the order (twice the largest budget at first) and doubles it until every group has its ``k``
+    NMS-selected tokens inside the prefix, or the prefix is everything (a prefix past half of the tokens becomes all
+    of them). The result is the same as over all tokens; the ``L x L`` similarity matrix is usually far smaller than
+    the ``N x N`` one.
+
     Args:
         scores: ``(B, S)`` importance (higher first; ties by lower slot index).
         features: ``(B, S, d)`` features compared by cosine similarity.
         groups: ``(B, S)`` long, -1 outside; budgets: ``(B, G)`` long.
         tau: similarity threshold; pairs with cosine ``>= tau`` suppress each other.
+        initial_prefix: first prefix length (default: twice the largest budget, at least 64).
 
     Returns:
         ``(B, S)`` bool keep mask with exactly ``budgets[b, g]`` slots per group.
@@ -126,17 +140,25 @@ def nms_fill_per_group(
     order = descending_order(_clean_scores(scores, groups))  # (B, S)
     table = pack_groups(order, groups, num_groups)  # (P, N), P = B * G
     valid = table >= 0
-    sample = torch.arange(batch_size, device=groups.device).repeat_interleave(num_groups)[:, None]  # (P, 1)
-    feats = features[sample, table.clamp(min=0)].float()  # (P, N, d)
-    feats = F.normalize(feats, dim=-1)
-    neighbors = torch.bmm(feats, feats.transpose(1, 2)) >= tau  # (P, N, N)
-    selected = greedy_nms(neighbors, valid)
     width = table.shape[1]
+    row_budget = budgets.reshape(-1, 1)  # (P, 1)
+    sample = torch.arange(batch_size, device=groups.device).repeat_interleave(num_groups)[:, None]  # (P, 1)
+    prefix = initial_prefix if initial_prefix is not None else max(2 * int(budgets.max().item()), 64)
+    prefix = _grow(max(prefix, 1), width)
+    while True:
+        cells = table[:, :prefix]
+        feats = F.normalize(features[sample, cells.clamp(min=0)].float(), dim=-1)  # (P, L, d)
+        neighbors = torch.bmm(feats, feats.transpose(1, 2)) >= tau  # (P, L, L)
+        selected = greedy_nms(neighbors, valid[:, :prefix])
+        if prefix == width or bool((selected.sum(1, keepdim=True) >= row_budget).all()):
+            break
+        prefix = _grow(2 * prefix, width)
+    selected = F.pad(selected, (0, width - prefix))  # cells past the prefix: not NMS-selected (fill pass only)
     position = torch.arange(width, device=groups.device)[None].expand_as(table)
     # Priority: NMS-selected tokens in score order, then the rest in score order, then empty cells.
     priority = torch.where(selected, position, position + width).masked_fill(~valid, 2 * width)
     rank = torch.argsort(torch.argsort(priority, dim=1, stable=True), dim=1)  # (P, N) rank of each cell
-    keep_cell = valid & (rank < budgets.reshape(-1, 1))
+    keep_cell = valid & (rank < row_budget)
     keep = torch.zeros(batch_size, seq_len + 1, dtype=torch.bool, device=groups.device)
     flat_rows = sample.expand_as(table)[keep_cell]
     keep[flat_rows, table[keep_cell]] = True

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.core.context import StageContext, StageRecord
@@ -356,7 +357,8 @@ class PruningHandle:
         )
         self._selecting = True
         try:
-            selection = self.method.select(ctx)
+            with record_function("piofvlm.select"):  # profiler label, free when no profiler runs
+                selection = self.method.select(ctx)
         finally:
             self._selecting = False
         keep_visual = selection.keep.to(torch.bool) & (layout.groups >= 0)
@@ -375,13 +377,14 @@ class PruningHandle:
                 )
             hidden = selection.hidden_states.to(hidden.dtype)
         keep_slot = layout.valid & ((layout.groups < 0) | keep_visual)
-        new_layout, gather_index = self._rebuild(layout, keep_slot, hidden)
-        hidden = hidden.gather(1, gather_index[..., None].expand(-1, -1, hidden.shape[-1]))
-        if self.method.positions == "renumber":
-            new_layout.position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, new_layout.position_ids))
-        new_layout.attention_mask = causal_padding_mask(
-            self.adapter.text_config, new_layout.valid, new_layout.valid.shape[1], hidden.dtype
-        )
+        with record_function("piofvlm.rebuild"):
+            new_layout, gather_index = self._rebuild(layout, keep_slot, hidden)
+            hidden = hidden.gather(1, gather_index[..., None].expand(-1, -1, hidden.shape[-1]))
+            if self.method.positions == "renumber":
+                new_layout.position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, new_layout.position_ids))
+            new_layout.attention_mask = causal_padding_mask(
+                self.adapter.text_config, new_layout.valid, new_layout.valid.shape[1], hidden.dtype
+            )
         self._segments.append(_Segment(first_layer=index, valid=new_layout.valid, shift=new_layout.shift))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch.profiler import record_function
 
 from piofvlm.core.context import Selection, StageContext
 from piofvlm.core.proxy_loss import proxy_gradient
@@ -81,5 +82,6 @@ class PIO(TokenPruner):
         scores = self.score(ctx)
         if not self.nms:
             return Selection(keep=topk_per_group(scores, ctx.groups, ctx.budgets), scores=scores)
-        keep = nms_fill_per_group(scores, ctx.hidden_states, ctx.groups, ctx.budgets, float(self.tau))
+        with record_function("piofvlm.nms"):
+            keep = nms_fill_per_group(scores, ctx.hidden_states, ctx.groups, ctx.budgets, float(self.tau))
         return Selection(keep=keep, scores=scores)
