@@ -28,10 +28,11 @@ IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {PAD_TOKEN: 0, "<unk>": 1, "<s>": 2, "</s>": 3, IMAGE_TOKEN: 4}
-    for word in WORDS:
-        vocab.setdefault(word, len(vocab))
+def word_level_tokenizer(tokens: list[str], special_tokens: list[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer (built offline) over ``<pad> <unk> <s> </s>`` + ``tokens``; left padding."""
+    vocab = {PAD_TOKEN: 0, "<unk>": 1, "<s>": 2, "</s>": 3}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(
@@ -40,10 +41,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        additional_special_tokens=[IMAGE_TOKEN],
+        additional_special_tokens=special_tokens,
     )
     tok.padding_side = "left"
     return tok
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The LLaVA toy tokenizer: ``<image>`` is id 4."""
+    return word_level_tokenizer([IMAGE_TOKEN, *WORDS], [IMAGE_TOKEN])
 
 
 def text_config(num_layers: int = 4, vocab_size: int = 64) -> LlamaConfig:

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BatchFeature,
     LlavaOnevisionConfig,
@@ -30,7 +29,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from piofvlm.toy import PAD_TOKEN, WORDS, random_image, text_config
+from piofvlm.toy import WORDS, random_image, text_config, word_level_tokenizer
 
 ONEVISION = "llava_onevision"
 #: Placeholders of the LLaVA-OneVision toy prompts (one token each; the processor expands images).
@@ -54,21 +53,7 @@ VIDEO = f"{VISION_START} {VIDEO_PAD} {VISION_END}"
 
 
 def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {PAD_TOKEN: 0, "<unk>": 1, "<s>": 2, "</s>": 3}
-    for token in [*SPECIAL, *TIMESTAMPS, _VIDEO_STANDIN, *WORDS]:
-        vocab.setdefault(token, len(vocab))
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token=PAD_TOKEN,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        additional_special_tokens=SPECIAL,
-    )
-    tok.padding_side = "left"
-    return tok
+    return word_level_tokenizer([*SPECIAL, *TIMESTAMPS, _VIDEO_STANDIN, *WORDS], SPECIAL)
 
 
 def _text_config(kind: str, num_layers: int, vocab_size: int) -> dict[str, Any]:

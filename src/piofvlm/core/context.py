@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,16 @@ class StageContext:
     def visual(self) -> torch.Tensor:
         """``(B, S)`` bool: visual tokens still present."""
         return self.groups >= 0
+
+    def budget_groups(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(sample, budget, slots)`` for every group that has tokens and a budget > 0 (for methods whose rule
+        is easiest written one group at a time); ``slots`` are the group's slot indices in sequence order."""
+        for b in range(self.groups.shape[0]):
+            for g in range(self.budgets.shape[1]):
+                budget = int(self.budgets[b, g])
+                slots = (self.groups[b] == g).nonzero()[:, 0]
+                if budget > 0 and len(slots) > 0:
+                    yield b, budget, slots
 
 
 @dataclass

@@ -71,22 +71,17 @@ class SparseVLM(TokenPruner):
         scores = self.rater_scores(ctx)
         keep = torch.zeros_like(ctx.groups, dtype=torch.bool)
         hidden = ctx.hidden_states.clone()
-        for b in range(ctx.groups.shape[0]):
-            for g in range(ctx.budgets.shape[1]):
-                budget = int(ctx.budgets[b, g])
-                slots = (ctx.groups[b] == g).nonzero()[:, 0]
-                if budget == 0 or len(slots) == 0:
-                    continue
-                recycled = min(round(self.recycle * budget), budget - 1) if budget < len(slots) else 0
-                order = top(scores[b, slots], len(slots))
-                keep[b, slots[order[: budget - recycled]]] = True
-                if recycled == 0:
-                    continue
-                dropped = order[budget - recycled :]
-                pool = dropped[: max(recycled, math.ceil(self.recycle_pool * len(dropped)))]
-                feats = ctx.hidden_states[b, slots[pool]]
-                centres = torch.arange(recycled, device=pool.device)
-                members = torch.arange(recycled, len(pool), device=pool.device)
-                keep[b, slots[pool[:recycled]]] = True
-                hidden[b, slots[pool[:recycled]]] = merge_into(feats, members, centres, feats).to(hidden.dtype)
+        for b, budget, slots in ctx.budget_groups():
+            recycled = min(round(self.recycle * budget), budget - 1) if budget < len(slots) else 0
+            order = top(scores[b, slots], len(slots))
+            keep[b, slots[order[: budget - recycled]]] = True
+            if recycled == 0:
+                continue
+            dropped = order[budget - recycled :]
+            pool = dropped[: max(recycled, math.ceil(self.recycle_pool * len(dropped)))]
+            feats = ctx.hidden_states[b, slots[pool]]
+            centres = torch.arange(recycled, device=pool.device)
+            members = torch.arange(recycled, len(pool), device=pool.device)
+            keep[b, slots[pool[:recycled]]] = True
+            hidden[b, slots[pool[:recycled]]] = merge_into(feats, members, centres, feats).to(hidden.dtype)
         return Selection(keep=keep, scores=scores, hidden_states=hidden)

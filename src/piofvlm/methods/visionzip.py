@@ -74,35 +74,30 @@ class VisionZip(TokenPruner):
         scores, keys = slot_scores(ctx, self._vision, vmap, self._layer, self.attention)
         keep = torch.zeros_like(ctx.groups, dtype=torch.bool)
         hidden = ctx.hidden_states.clone()
-        for b in range(ctx.groups.shape[0]):
-            for g in range(ctx.budgets.shape[1]):
-                budget = int(ctx.budgets[b, g])
-                slots = (ctx.groups[b] == g).nonzero()[:, 0]
-                if budget == 0 or len(slots) == 0:
-                    continue
-                group_scores = scores[b, slots]
-                with_patch = torch.isfinite(group_scores)
-                contextual = min(round(self.contextual * budget), budget - 1)
-                if budget > int(with_patch.sum()):  # every patch token is kept: nothing left to merge
-                    contextual = 0
-                dominant = top(group_scores, budget - contextual)
-                rest = torch.ones_like(with_patch)
-                rest[dominant] = False
-                rest = (rest & with_patch).nonzero()[:, 0]  # sequence order
-                keep[b, slots[dominant]] = True
-                if contextual == 0:
-                    continue
-                step = max(1, len(rest) // contextual)
-                is_target = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
-                is_target[torch.arange(0, len(rest), step, device=rest.device)[:contextual]] = True
-                targets, sources = slots[rest[is_target]], slots[rest[~is_target]]
-                index = torch.cat([targets, sources])
-                merged = merge_into(
-                    ctx.hidden_states[b, index],
-                    torch.arange(len(targets), len(index), device=index.device),
-                    torch.arange(len(targets), device=index.device),
-                    keys[b, index],
-                )
-                keep[b, targets] = True
-                hidden[b, targets] = merged.to(hidden.dtype)
+        for b, budget, slots in ctx.budget_groups():
+            group_scores = scores[b, slots]
+            with_patch = torch.isfinite(group_scores)
+            contextual = min(round(self.contextual * budget), budget - 1)
+            if budget > int(with_patch.sum()):  # every patch token is kept: nothing left to merge
+                contextual = 0
+            dominant = top(group_scores, budget - contextual)
+            rest = torch.ones_like(with_patch)
+            rest[dominant] = False
+            rest = (rest & with_patch).nonzero()[:, 0]  # sequence order
+            keep[b, slots[dominant]] = True
+            if contextual == 0:
+                continue
+            step = max(1, len(rest) // contextual)
+            is_target = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
+            is_target[torch.arange(0, len(rest), step, device=rest.device)[:contextual]] = True
+            targets, sources = slots[rest[is_target]], slots[rest[~is_target]]
+            index = torch.cat([targets, sources])
+            merged = merge_into(
+                ctx.hidden_states[b, index],
+                torch.arange(len(targets), len(index), device=index.device),
+                torch.arange(len(targets), device=index.device),
+                keys[b, index],
+            )
+            keep[b, targets] = True
+            hidden[b, targets] = merged.to(hidden.dtype)
         return Selection(keep=keep, scores=scores, hidden_states=hidden)

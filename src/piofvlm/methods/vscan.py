@@ -100,28 +100,21 @@ class VScan(TokenPruner):
         window_key = (image * 100_003 + grid) * 10_000_019 + window_id
         keep = torch.zeros_like(ctx.groups, dtype=torch.bool)
         hidden = ctx.hidden_states.clone()
-        for b in range(ctx.groups.shape[0]):
-            for g in range(ctx.budgets.shape[1]):
-                budget = int(ctx.budgets[b, g])
-                slots = (ctx.groups[b] == g).nonzero()[:, 0]
-                if budget == 0 or len(slots) == 0:
-                    continue
-                with_patch = torch.isfinite(local_scores[b, slots])
-                chosen = torch.zeros(len(slots), dtype=torch.bool, device=slots.device)
-                windows = window_key[b, slots][with_patch].unique()
-                quota = int(budget * self.local_share) // max(1, len(windows))
-                for key in windows.tolist():
-                    members = (with_patch & (window_key[b, slots] == key)).nonzero()[:, 0]
-                    chosen[members[top(local_scores[b, slots[members]], quota)]] = True
-                remaining = budget - int(chosen.sum())
-                # Tokens without a patch rank below every scored token, chosen ones below everything.
-                global_rank = torch.nan_to_num(global_scores[b, slots], neginf=-1e30).masked_fill(
-                    chosen, float("-inf")
-                )
-                chosen[top(global_rank, remaining)] = True
-                targets = chosen.nonzero()[:, 0]
-                sources = (~chosen & with_patch).nonzero()[:, 0]
-                feats = ctx.hidden_states[b, slots]
-                keep[b, slots[targets]] = True
-                hidden[b, slots[targets]] = merge_into(feats, sources, targets, feats).to(hidden.dtype)
+        for b, budget, slots in ctx.budget_groups():
+            with_patch = torch.isfinite(local_scores[b, slots])
+            chosen = torch.zeros(len(slots), dtype=torch.bool, device=slots.device)
+            windows = window_key[b, slots][with_patch].unique()
+            quota = int(budget * self.local_share) // max(1, len(windows))
+            for key in windows.tolist():
+                members = (with_patch & (window_key[b, slots] == key)).nonzero()[:, 0]
+                chosen[members[top(local_scores[b, slots[members]], quota)]] = True
+            remaining = budget - int(chosen.sum())
+            # Tokens without a patch rank below every scored token, chosen ones below everything.
+            global_rank = torch.nan_to_num(global_scores[b, slots], neginf=-1e30).masked_fill(chosen, float("-inf"))
+            chosen[top(global_rank, remaining)] = True
+            targets = chosen.nonzero()[:, 0]
+            sources = (~chosen & with_patch).nonzero()[:, 0]
+            feats = ctx.hidden_states[b, slots]
+            keep[b, slots[targets]] = True
+            hidden[b, slots[targets]] = merge_into(feats, sources, targets, feats).to(hidden.dtype)
         return Selection(keep=keep, scores=global_scores, hidden_states=hidden)
