@@ -26,7 +26,7 @@ def test_splits_differ() -> None:
 
 def test_tasks_cycle_and_answers_in_vocab() -> None:
     samples = data.make_split("test", 50)
-    assert [s["task"] for s in samples[:5]] == list(data.TASKS)
+    assert [s["task"] for s in samples[: len(data.TASKS)]] == list(data.TASKS)
     for s in samples:
         assert s["image"].size == (data.IMAGE_SIZE, data.IMAGE_SIZE) and s["image"].mode == "RGB"
         assert s["answer"] in data.answer_vocab(s["task"])
@@ -51,13 +51,31 @@ def _consistent(s: dict) -> bool:
     if s["task"] == "read":
         match = [o for o in objs if o["kind"] == "letter" and o["colour"] == q[3]]
         return len(match) == 1 and match[0]["name"].lower() == a
+    if s["task"] == "exist_colour":
+        match = [i for i, o in enumerate(objs) if o["colour"] == q[3]]
+        return len(match) <= 1 and (a == "yes") == (len(match) == 1) and s["relevant"] == match
+    if s["task"] == "count_colour":
+        match = [i for i, o in enumerate(objs) if o["colour"] == q[2]]
+        return int(a) == len(match) <= 3 and s["relevant"] == match
     return False
 
 
 @pytest.mark.parametrize("split", ["train", "test", "heldout"])
 def test_answers_consistent_with_objects(split: str) -> None:
-    for s in data.make_split(split, 100):
-        assert _consistent(s), (s["question"], s["answer"], s["objects"])
+    for task in data.ALL_TASKS:
+        for s in data.make_split(split, 40, task=task):
+            assert s["task"] == task and s["answer"] in data.answer_vocab(task)
+            assert _consistent(s), (s["question"], s["answer"], s["objects"])
+
+
+def test_task_seeds_stable() -> None:
+    # The per-sample seed uses the position in ALL_TASKS (append only), not in the default cycle TASKS.
+    assert data.ALL_TASKS[:5] == ("exist", "colour", "count", "position", "read")
+    assert set(data.TASKS) <= set(data.ALL_TASKS) == set(data.ANSWER_VOCAB)
+    a, b = data.make_sample("test", 7, task="count"), data.make_sample("test", 7, task="count")
+    assert a["question"] == b["question"] and a["objects"] == b["objects"]
+    with pytest.raises(ValueError):
+        data.make_sample("test", 0, task="nope")
 
 
 def test_objects_are_drawn_where_their_boxes_are() -> None:

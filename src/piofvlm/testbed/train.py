@@ -8,6 +8,9 @@ The loss is the next-token cross-entropy of the answer word and ``</s>`` plus an
 vision tower output (a linear probe predicting each patch's colour and shape/letter class). The auxiliary head
 gives dense supervision so the from-scratch vision tower learns local features quickly; it is discarded, and the
 saved checkpoint is a plain ``LlavaForConditionalGeneration`` + ``LlavaProcessor``.
+
+With ``--attn-weight W`` (> 0), head 0 of decoder layer ``--attn-layer`` at the answer-predicting position is also
+trained to attend to the patches of the objects the answer depends on (see :func:`attention_supervision_loss`).
 """
 
 from __future__ import annotations
@@ -86,6 +89,44 @@ def aux_targets(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return colour, kind
 
 
+def relevant_patch_mask(sample: dict[str, Any]) -> np.ndarray:
+    """Boolean mask (``GRID * GRID``) of the patches owned by the objects the answer depends on (needs ``ids``)."""
+    owner = data.patch_labels(sample["ids"])
+    return np.isin(owner, np.asarray(sample["relevant"], dtype=np.int64))
+
+
+def attention_supervision_loss(
+    attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: dict[str, Any], head: int = 0
+) -> torch.Tensor | None:
+    """-log of the attention mass that one head of the answer-predicting position puts on the relevant patches.
+
+    ``hidden`` is the (normed) input of the attention module ``attn``; the answer is predicted at position -3
+    (``... ASSISTANT : answer </s>``). Samples without relevant patches (e.g. "no" answers) are skipped.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rel = batch["relevant_patches"]
+    has = rel.any(-1)
+    if not bool(has.any()):
+        return None
+    b, n, _ = hidden.shape
+    hd = attn.head_dim
+    q = attn.q_proj(hidden[:, -3:-2]).view(b, 1, -1, hd).transpose(1, 2)[:, head : head + 1]
+    k = attn.k_proj(hidden).view(b, n, -1, hd).transpose(1, 2)[:, head : head + 1]
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, -3:-2], sin[:, -3:-2])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    logits = (q @ k.transpose(-1, -2))[:, 0, 0] * attn.scaling  # (B, S)
+    valid = batch["attention_mask"].bool().clone()
+    valid[:, -2:] = False
+    logits = logits.masked_fill(~valid, float("-inf"))
+    probs = logits.float().softmax(-1)
+    is_img = batch["input_ids"] == IMAGE_TOKEN_ID
+    target = torch.zeros_like(valid)
+    target[is_img] = rel.reshape(-1)
+    mass = (probs * target).sum(-1)
+    return -torch.log(mass[has] + 1e-6).mean()
+
+
 def make_batch(
     split: str, start: int, size: int, vocab: dict[str, int], tasks: Sequence[str] | None = None
 ) -> dict[str, Any]:
@@ -97,6 +138,7 @@ def make_batch(
     targets = [aux_targets(s) for s in samples]
     batch["aux_colour"] = torch.from_numpy(np.stack([t[0] for t in targets]))
     batch["aux_kind"] = torch.from_numpy(np.stack([t[1] for t in targets]))
+    batch["relevant_patches"] = torch.from_numpy(np.stack([relevant_patch_mask(s) for s in samples]))
     batch["tasks"] = [s["task"] for s in samples]
     return batch
 
@@ -140,6 +182,8 @@ def train(
     init: Path | None = None,
     data_offset: int = 0,
     tasks: Sequence[str] | None = None,
+    attn_weight: float = 0.0,
+    attn_layer: int = 3,
 ) -> dict[str, Any]:
     """Train from scratch and save the checkpoint to ``out``; returns a summary dict (also written as JSON).
 
@@ -172,6 +216,12 @@ def train(
     def grab_proj(_mod: nn.Module, _inp: Any, output: Any) -> None:
         captured["proj"] = output
 
+    def grab_attn(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured["attn_in"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        captured["attn_pe"] = kwargs["position_embeddings"]
+
+    attn_module = model.model.language_model.layers[attn_layer].self_attn
+    handle_attn = attn_module.register_forward_pre_hook(grab_attn, with_kwargs=True) if attn_weight > 0 else None
     handle = model.model.vision_tower.register_forward_hook(grab)
     handle_proj = model.model.multi_modal_projector.register_forward_hook(grab_proj)
     params = list(model.parameters()) + list(aux_head.parameters())
@@ -188,7 +238,8 @@ def train(
         t = (step - warmup) / max(1, steps - warmup)
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    val = [s for s in data.make_split("val", n_val) if tasks is None or s["task"] in tasks]
+    val_tasks = tuple(tasks or data.TASKS)
+    val = [data.make_sample("val", i, val_tasks[i % len(val_tasks)]) for i in range(n_val)]
     history = []
     t0 = time.time()
     n_col = 1 + len(COLOUR_NAMES)
@@ -229,6 +280,12 @@ def train(
             align = F.cross_entropy(word_logits, colour_word[batch["aux_colour"].reshape(-1)], ignore_index=-100)
             align = align + F.cross_entropy(word_logits, kind_word[batch["aux_kind"].reshape(-1)], ignore_index=-100)
             loss = loss + align_weight * align
+        attn_loss = None
+        if attn_weight > 0:
+            cos, sin = captured.pop("attn_pe")
+            attn_loss = attention_supervision_loss(attn_module, captured.pop("attn_in"), cos, sin, batch)
+            if attn_loss is not None:
+                loss = loss + attn_weight * attn_loss
         captured.clear()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,8 +294,9 @@ def train(
         if step % log_every == 0 or step == steps - 1:
             acc = (logits[:, 0].argmax(-1) == answer_ids).float().mean().item()
             log.info(
-                "step %d/%d lr %.2e lm %.3f aux %.3f train-acc %.2f  %.0fs",
-                step, steps, lr_at(step), lm_loss.item(), aux_loss.item(), acc, time.time() - t0,
+                "step %d/%d lr %.2e lm %.3f aux %.3f attn %.3f train-acc %.2f  %.0fs",
+                step, steps, lr_at(step), lm_loss.item(), aux_loss.item(),
+                attn_loss.item() if attn_loss is not None else 0.0, acc, time.time() - t0,
             )  # fmt: skip
         if (step + 1) % eval_every == 0 or step == steps - 1:
             res = quick_eval(model, val, vocab, bf16=bf16)
@@ -250,6 +308,8 @@ def train(
         step += 1
     handle.remove()
     handle_proj.remove()
+    if handle_attn is not None:
+        handle_attn.remove()
     train_seconds = time.time() - t0
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -265,6 +325,8 @@ def train(
         "init": str(init) if init else None,
         "data_offset": data_offset,
         "tasks": list(tasks) if tasks else list(data.TASKS),
+        "attn_weight": attn_weight,
+        "attn_layer": attn_layer,
         "seed": seed,
         "shapes": dict(DEFAULT_SHAPES, **(shapes or {})),
         "train_seconds": round(train_seconds, 1),
@@ -293,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--init", type=Path, default=None, help="warm start from this checkpoint (stage 2)")
     ap.add_argument("--data-offset", type=int, default=0, help="first training sample index (fresh data per stage)")
     ap.add_argument("--tasks", type=str, default=None, help="comma-separated subset of task types")
+    ap.add_argument(
+        "--attn-weight", type=float, default=0.0, help="attention supervision weight (answer -> relevant patches)"
+    )
+    ap.add_argument("--attn-layer", type=int, default=3, help="decoder layer whose head 0 is supervised")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 for this tiny model here)")
     ap.add_argument(
@@ -319,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         init=args.init,
         data_offset=args.data_offset,
         tasks=args.tasks.split(",") if args.tasks else None,
+        attn_weight=args.attn_weight,
+        attn_layer=args.attn_layer,
     )
     log.info("done in %.0f s; final val %s", summary["train_seconds"], summary["history"][-1]["val"])
 
