@@ -23,7 +23,9 @@ def test_eval_writes_table_json_and_plot(tmp_path, capsys):
     labels = [row["label"] for row in payload["rows"]]
     assert labels == ["none", "random@0.111", "random@0.5", "pio@0.111", "pio@0.5"]
     none = payload["rows"][0]
-    assert set(none["accuracy"]) == {"exist", "colour", "count", "position", "read", "all"}
+    from piofvlm.testbed import data
+
+    assert set(none["accuracy"]) == {*data.TASKS, "all"}
     assert none["retention"]["all"] == pytest.approx(1.0) or none["accuracy"]["all"] == 0
     assert payload["run"]["torch"] and payload["config"]["num_samples"] == 10
     assert 0 < payload["chance"]["all"] < 1
