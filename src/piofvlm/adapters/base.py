@@ -100,13 +100,23 @@ class ModelAdapter:
             return [int(f.shape[0]) for f in features]
         return None
 
+    @property
+    def video_token_id(self) -> int | None:
+        """Placeholder id of video tokens, or None for families without video."""
+        value = getattr(self.model.config, "video_token_id", None)
+        return None if value is None else int(value)
+
     def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, S)`` bool: which prompt positions hold visual tokens."""
-        return input_ids == self.image_token_id
+        """``(B, S)`` bool: which prompt positions hold visual tokens (image, and video where the family has it)."""
+        return self.visual_modality(input_ids) >= 0
 
     def visual_modality(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, S)`` long: 0 for image tokens, 1 for video tokens, -1 elsewhere (``budget_scope="modality"``)."""
-        return torch.where(self.visual_token_mask(input_ids), 0, -1)
+        modality = torch.full_like(input_ids, -1, dtype=torch.long)
+        modality = modality.masked_fill(input_ids == self.image_token_id, 0)
+        if self.video_token_id is not None:
+            modality = modality.masked_fill(input_ids == self.video_token_id, 1)
+        return modality
 
     # ---------------------------------------------------------------------------------------------- positions
     def default_position_ids(self, batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:

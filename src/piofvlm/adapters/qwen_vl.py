@@ -43,22 +43,10 @@ class QwenVLAdapter(ModelAdapter):
     supports_renumber = False
 
     @property
-    def video_token_id(self) -> int:
-        return int(self.model.config.video_token_id)
-
-    @property
     def merge_size(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)
 
     # ------------------------------------------------------------------------------------------ visual tokens
-    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
-
-    def visual_modality(self, input_ids: torch.Tensor) -> torch.Tensor:
-        modality = torch.full_like(input_ids, -1, dtype=torch.long)
-        modality = modality.masked_fill(input_ids == self.image_token_id, 0)
-        return modality.masked_fill(input_ids == self.video_token_id, 1)
-
     def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
         """Tokens of each image and each video, in the order they appear in the batch (images and videos mixed).
 
