@@ -95,20 +95,31 @@ def relevant_patch_mask(sample: dict[str, Any]) -> np.ndarray:
     return np.isin(owner, np.asarray(sample["relevant"], dtype=np.int64))
 
 
-def attention_supervision_loss(
-    attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: dict[str, Any], head: int = 0
-) -> torch.Tensor | None:
-    """-log of the attention mass that one head of the answer-predicting position puts on the relevant patches.
+def anchor_patches(sample: dict[str, Any], only_relevant: bool) -> np.ndarray:
+    """Boolean mask (``GRID * GRID``) of the patches holding the centre of each object (one patch per object).
 
-    ``hidden`` is the (normed) input of the attention module ``attn``; the answer is predicted at position -3
-    (``... ASSISTANT : answer </s>``). Samples without relevant patches (e.g. "no" answers) are skipped.
+    Objects never overlap, so two centres are always more than a patch apart and each object has its own anchor.
+    """
+    mask = np.zeros(data.GRID * data.GRID, dtype=bool)
+    for j, o in enumerate(sample["objects"]):
+        if only_relevant and j not in sample["relevant"]:
+            continue
+        row = min(data.GRID - 1, int(o["cy"]) // data.PATCH_SIZE)
+        col = min(data.GRID - 1, int(o["cx"]) // data.PATCH_SIZE)
+        mask[row * data.GRID + col] = True
+    return mask
+
+
+def answer_attention_log_probs(
+    attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, valid: torch.Tensor, head: int = 0
+) -> torch.Tensor:
+    """Log attention probabilities ``(B, S)`` of one head of ``attn`` at the answer-predicting position.
+
+    ``hidden`` is the (normed) input of the attention module; the answer is predicted at position -3
+    (``... ASSISTANT : answer </s>``); ``valid`` marks the keys that position may attend to.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    rel = batch["relevant_patches"]
-    has = rel.any(-1)
-    if not bool(has.any()):
-        return None
     b, n, _ = hidden.shape
     hd = attn.head_dim
     q = attn.q_proj(hidden[:, -3:-2]).view(b, 1, -1, hd).transpose(1, 2)[:, head : head + 1]
@@ -116,15 +127,47 @@ def attention_supervision_loss(
     q, _ = apply_rotary_pos_emb(q, q, cos[:, -3:-2], sin[:, -3:-2])
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
     logits = (q @ k.transpose(-1, -2))[:, 0, 0] * attn.scaling  # (B, S)
+    return logits.float().masked_fill(~valid, float("-inf")).log_softmax(-1)
+
+
+def attention_supervision_loss(
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    batch: dict[str, Any],
+    head: int = 0,
+    target: str = "relevant",
+) -> torch.Tensor | None:
+    """Supervision of one head's attention at the answer-predicting position.
+
+    * ``target="relevant"``: ``-log`` of the attention mass on the patches of the objects the answer depends on;
+      samples without relevant patches (e.g. "no" answers) are skipped.
+    * ``target="anchors"``: cross-entropy against a uniform distribution over the ``<s>`` token and the centre patch
+      of each relevant object. The ``<s>`` share (``1 / (n + 1)`` for ``n`` relevant objects) then tells presence and
+      the count directly, which softmax attention over the matching patches alone cannot (it normalises the count
+      away, and objects cover different numbers of patches).
+    * ``target="colour_words"``: uniform over the colour words of the question (the routing step: the answer
+      position learns which colour was asked before a later head looks for it among the patches).
+    """
     valid = batch["attention_mask"].bool().clone()
-    valid[:, -2:] = False
-    logits = logits.masked_fill(~valid, float("-inf"))
-    probs = logits.float().softmax(-1)
+    valid[:, -2:] = False  # the answer and </s> are not visible from the answer-predicting position
     is_img = batch["input_ids"] == IMAGE_TOKEN_ID
-    target = torch.zeros_like(valid)
-    target[is_img] = rel.reshape(-1)
-    mass = (probs * target).sum(-1)
-    return -torch.log(mass[has] + 1e-6).mean()
+    wanted = torch.zeros_like(valid)
+    if target == "colour_words":
+        wanted = torch.isin(batch["input_ids"], batch["colour_word_ids"]) & valid
+    else:
+        wanted[is_img] = (batch["relevant_patches"] if target == "relevant" else batch["relevant_anchors"]).reshape(-1)
+    if target == "anchors":
+        wanted |= batch["input_ids"] == BOS_ID
+    has = wanted.any(-1)
+    if not bool(has.any()):
+        return None
+    log_probs = answer_attention_log_probs(attn, hidden, cos, sin, valid, head)
+    if target == "relevant":
+        return -torch.logsumexp(log_probs.masked_fill(~wanted, float("-inf")), -1)[has].mean()
+    per_sample = log_probs.masked_fill(~wanted, 0.0).sum(-1) / wanted.sum(-1).clamp(min=1)
+    return -per_sample[has].mean()
 
 
 def make_batch(
@@ -139,6 +182,12 @@ def make_batch(
     batch["aux_colour"] = torch.from_numpy(np.stack([t[0] for t in targets]))
     batch["aux_kind"] = torch.from_numpy(np.stack([t[1] for t in targets]))
     batch["relevant_patches"] = torch.from_numpy(np.stack([relevant_patch_mask(s) for s in samples]))
+    batch["anchors"] = torch.from_numpy(np.stack([anchor_patches(s, only_relevant=False) for s in samples]))
+    batch["relevant_anchors"] = torch.from_numpy(np.stack([anchor_patches(s, only_relevant=True) for s in samples]))
+    batch["colour_word_ids"] = torch.tensor([vocab[c] for c in data.COLOURS])
+    # Index of the first colour named in the question (-100: none), target of the routing probe.
+    asked = [next((COLOUR_NAMES.index(w) for w in s["question"].split() if w in COLOUR_NAMES), -100) for s in samples]
+    batch["asked_colour"] = torch.tensor(asked)
     batch["tasks"] = [s["task"] for s in samples]
     return batch
 
@@ -184,6 +233,10 @@ def train(
     tasks: Sequence[str] | None = None,
     attn_weight: float = 0.0,
     attn_layer: int = 3,
+    attn_target: str = "relevant",
+    centre_weight: float = 0.0,
+    route_weight: float = 0.0,
+    route_layer: int = 1,
 ) -> dict[str, Any]:
     """Train from scratch and save the checkpoint to ``out``; returns a summary dict (also written as JSON).
 
@@ -207,7 +260,9 @@ def train(
     colour_word = torch.tensor([-100] + [vocab[c] for c in COLOUR_NAMES])
     kind_word = torch.tensor([-100] + [vocab[k.lower()] for k in KIND_NAMES])
     vis_dim = model.config.vision_config.hidden_size
-    aux_head = nn.Linear(vis_dim, 1 + len(COLOUR_NAMES) + 1 + len(KIND_NAMES))
+    n_aux = 1 + len(COLOUR_NAMES) + 1 + len(KIND_NAMES)
+    # Optional 2 more outputs: does this patch hold an object's centre (anchor for counting, see --attn-target).
+    aux_head = nn.Linear(vis_dim, n_aux + (2 if centre_weight > 0 else 0))
     captured: dict[str, torch.Tensor] = {}
 
     def grab(_mod: nn.Module, _inp: Any, output: Any) -> None:
@@ -216,15 +271,32 @@ def train(
     def grab_proj(_mod: nn.Module, _inp: Any, output: Any) -> None:
         captured["proj"] = output
 
-    def grab_attn(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["attn_in"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        captured["attn_pe"] = kwargs["position_embeddings"]
+    def grab_attn_input(layer: int) -> Any:
+        def grab_attn(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured[f"attn{layer}"] = (hidden, *kwargs["position_embeddings"])
 
-    attn_module = model.model.language_model.layers[attn_layer].self_attn
-    handle_attn = attn_module.register_forward_pre_hook(grab_attn, with_kwargs=True) if attn_weight > 0 else None
+        return grab_attn
+
+    # Supervised heads (head 0 of each layer): "route" = answer position -> the question's colour word,
+    # "attn" = answer position -> relevant patches / anchors.
+    supervised = {
+        name: (layer, weight)
+        for name, layer, weight in (("route", route_layer, route_weight), ("attn", attn_layer, attn_weight))
+        if weight > 0
+    }
+    layers = model.model.language_model.layers
+    attn_handles = [
+        layers[layer].self_attn.register_forward_pre_hook(grab_attn_input(layer), with_kwargs=True)
+        for layer in sorted({layer for layer, _ in supervised.values()})
+    ]
     handle = model.model.vision_tower.register_forward_hook(grab)
     handle_proj = model.model.multi_modal_projector.register_forward_hook(grab_proj)
+    # Routing probe: the answer position's input to the supervised layer must name the asked colour (linear).
+    route_probe = nn.Linear(model.config.text_config.hidden_size, len(COLOUR_NAMES))
     params = list(model.parameters()) + list(aux_head.parameters())
+    if route_weight > 0 and attn_weight > 0:
+        params += list(route_probe.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -269,8 +341,13 @@ def train(
         aux = aux.float()
         aux_loss = F.cross_entropy(aux[..., :n_col].reshape(-1, n_col), batch["aux_colour"].reshape(-1))
         aux_loss = aux_loss + F.cross_entropy(
-            aux[..., n_col:].reshape(-1, aux.shape[-1] - n_col), batch["aux_kind"].reshape(-1)
+            aux[..., n_col:n_aux].reshape(-1, n_aux - n_col), batch["aux_kind"].reshape(-1)
         )
+        if centre_weight > 0:
+            # Centre patches are ~1 in 50: up-weight them so the tower marks every object once.
+            aux_loss = aux_loss + centre_weight * F.cross_entropy(
+                aux[..., n_aux:].reshape(-1, 2), batch["anchors"].reshape(-1).long(), weight=torch.tensor([1.0, 5.0])
+            )
         loss = lm_loss + aux_weight * aux_loss
         if align_weight > 0:
             # Visual tokens entering the decoder should read as the words of their colour and shape/letter
@@ -280,12 +357,18 @@ def train(
             align = F.cross_entropy(word_logits, colour_word[batch["aux_colour"].reshape(-1)], ignore_index=-100)
             align = align + F.cross_entropy(word_logits, kind_word[batch["aux_kind"].reshape(-1)], ignore_index=-100)
             loss = loss + align_weight * align
-        attn_loss = None
-        if attn_weight > 0:
-            cos, sin = captured.pop("attn_pe")
-            attn_loss = attention_supervision_loss(attn_module, captured.pop("attn_in"), cos, sin, batch)
-            if attn_loss is not None:
-                loss = loss + attn_weight * attn_loss
+        attn_losses: dict[str, float] = {}
+        for name, (layer, weight) in supervised.items():
+            target = attn_target if name == "attn" else "colour_words"
+            sup = attention_supervision_loss(layers[layer].self_attn, *captured[f"attn{layer}"], batch, target=target)
+            if sup is not None:
+                loss = loss + weight * sup
+                attn_losses[name] = sup.item()
+        if route_weight > 0 and attn_weight > 0:
+            probe_logits = route_probe(captured[f"attn{attn_layer}"][0][:, -3].float())
+            probe = F.cross_entropy(probe_logits, batch["asked_colour"], ignore_index=-100)
+            loss = loss + route_weight * probe
+            attn_losses["probe"] = probe.item()
         captured.clear()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -294,9 +377,10 @@ def train(
         if step % log_every == 0 or step == steps - 1:
             acc = (logits[:, 0].argmax(-1) == answer_ids).float().mean().item()
             log.info(
-                "step %d/%d lr %.2e lm %.3f aux %.3f attn %.3f train-acc %.2f  %.0fs",
+                "step %d/%d lr %.2e lm %.3f aux %.3f attn %.3f route %.3f probe %.3f train-acc %.2f  %.0fs",
                 step, steps, lr_at(step), lm_loss.item(), aux_loss.item(),
-                attn_loss.item() if attn_loss is not None else 0.0, acc, time.time() - t0,
+                attn_losses.get("attn", 0.0), attn_losses.get("route", 0.0), attn_losses.get("probe", 0.0),
+                acc, time.time() - t0,
             )  # fmt: skip
         if (step + 1) % eval_every == 0 or step == steps - 1:
             res = quick_eval(model, val, vocab, bf16=bf16)
@@ -308,8 +392,8 @@ def train(
         step += 1
     handle.remove()
     handle_proj.remove()
-    if handle_attn is not None:
-        handle_attn.remove()
+    for h in attn_handles:
+        h.remove()
     train_seconds = time.time() - t0
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -327,6 +411,10 @@ def train(
         "tasks": list(tasks) if tasks else list(data.TASKS),
         "attn_weight": attn_weight,
         "attn_layer": attn_layer,
+        "attn_target": attn_target,
+        "centre_weight": centre_weight,
+        "route_weight": route_weight,
+        "route_layer": route_layer,
         "seed": seed,
         "shapes": dict(DEFAULT_SHAPES, **(shapes or {})),
         "train_seconds": round(train_seconds, 1),
@@ -359,6 +447,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--attn-weight", type=float, default=0.0, help="attention supervision weight (answer -> relevant patches)"
     )
     ap.add_argument("--attn-layer", type=int, default=3, help="decoder layer whose head 0 is supervised")
+    ap.add_argument(
+        "--attn-target",
+        choices=("relevant", "anchors"),
+        default="relevant",
+        help="relevant: mass on the answer's object patches; anchors: uniform over <s> + their centre patches",
+    )
+    ap.add_argument("--centre-weight", type=float, default=0.0, help="weight of the per-patch object-centre probe")
+    ap.add_argument("--route-weight", type=float, default=0.0, help="routing supervision: answer -> colour word")
+    ap.add_argument("--route-layer", type=int, default=1, help="decoder layer whose head 0 does the routing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 for this tiny model here)")
     ap.add_argument(
@@ -387,6 +484,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         tasks=args.tasks.split(",") if args.tasks else None,
         attn_weight=args.attn_weight,
         attn_layer=args.attn_layer,
+        attn_target=args.attn_target,
+        centre_weight=args.centre_weight,
+        route_weight=args.route_weight,
+        route_layer=args.route_layer,
     )
     log.info("done in %.0f s; final val %s", summary["train_seconds"], summary["history"][-1]["val"])
 
