@@ -33,7 +33,17 @@ class Entry:
 
     def build(self) -> Any:
         fields = dict(self.fields)
-        if self.method_name != "none":
+        if self.method_name == "chain":
+            # The row's budget and prune points are the LLM stage's; the encoder part comes from --set encoder=...
+            llm = fields.pop("llm", None) or {"method": "pio"}
+            if not isinstance(llm, dict):
+                raise ValueError(f"chain llm must be a dict with a 'method' key here, got {llm!r}")
+            fields["llm"] = {
+                **llm,
+                "keep": self.keep,
+                **({"layers": fields.pop("layers")} if "layers" in fields else {}),
+            }
+        elif self.method_name != "none":
             fields["keep"] = self.keep
         return get_method(self.method_name, **fields)
 

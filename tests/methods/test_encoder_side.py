@@ -129,6 +129,29 @@ def test_chain_is_the_encoder_stage_then_the_llm_stage(kind):
     assert [r.layer for r in chain.last_selection] == [0, 2]
 
 
+def test_chain_layers_and_keep_come_from_its_parts():
+    parts = {"encoder": {"method": "visionzip", "keep": 0.5}, "llm": {"method": "pio", "layers": [2], "keep": 0.2}}
+    chain = piofvlm.get_method("chain", **parts)
+    assert chain.layers == [0, 2] and chain.keep == [0.5, 0.2]
+    assert piofvlm.get_method("chain", layers=[0, 2], keep=[0.5, 0.2], **parts).keep == [0.5, 0.2]
+    with pytest.raises(ValueError, match=r"chain keep=0.111 disagrees with its parts \(keep=\[0.5, 0.2\]\)"):
+        piofvlm.get_method("chain", keep=0.111, **parts)
+    with pytest.raises(ValueError, match="chain layers=\\[2\\] disagrees"):
+        piofvlm.get_method("chain", layers=[2], **parts)
+
+
+def test_eval_gives_a_chain_row_budget_and_layers_to_the_llm_part():
+    from piofvlm.evaluation import build_entries
+
+    encoder = {"method": "visionzip", "keep": 0.333}
+    entries = build_entries(["chain"], [0.111, 0.222], [2], {"encoder": encoder})
+    chains = [entry.build() for entry in entries]
+    assert [c.keep for c in chains] == [[0.333, 0.111], [0.333, 0.222]]
+    assert all(c.layers == [0, 2] and c.llm.name == "pio" for c in chains)
+    fastv = build_entries(["chain"], [0.111], [3], {"encoder": encoder, "llm": {"method": "fastv"}})[0].build()
+    assert fastv.llm.name == "fastv" and fastv.layers == [0, 3]
+
+
 def test_presets_build_the_published_settings():
     chain = piofvlm.get_preset("pio-llava15-64-ve")
     assert chain.layers == [0, 16] and chain.keep == [96, 32] and chain.positions == "renumber"

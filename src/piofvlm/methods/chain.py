@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from piofvlm.budget import Keep
 from piofvlm.core.context import Selection, StageContext
 from piofvlm.core.session import PruningHandle
 from piofvlm.methods.base import TokenPruner
@@ -46,12 +47,15 @@ class Chain(TokenPruner):
 
     name: ClassVar[str] = "chain"
 
+    layers: list[int] | None = None  # derived from the parts; if given, it must equal the derived value
+    keep: list[Keep] | Keep | None = None  # likewise
     encoder: Any = None
     llm: Any = None
 
     def __post_init__(self) -> None:
         self.encoder = _build(self.encoder, "encoder")
         self.llm = _build(self.llm, "llm")
+        given = {"layers": self.layers, "keep": self.keep}
         if self.encoder.budget_scope != self.llm.budget_scope:
             raise ValueError(
                 f"chain parts must count budgets the same way: encoder budget_scope={self.encoder.budget_scope!r}, "
@@ -64,6 +68,14 @@ class Chain(TokenPruner):
             )
         self.layers = [*self.encoder.layers, *self.llm.layers]
         self.keep = [*self.encoder.keep, *self.llm.keep]
+        for key, value in given.items():
+            derived = getattr(self, key)
+            if value is not None and (list(value) if isinstance(value, (list, tuple)) else [value]) != derived:
+                raise ValueError(
+                    f"chain {key}={value!r} disagrees with its parts ({key}={derived!r}): a chain's layers and keep "
+                    f"come from encoder and llm; set them there, e.g. llm={{'method': 'pio', 'layers': [2], "
+                    f"'keep': 0.111}}"
+                )
         self.budget_scope = self.encoder.budget_scope
         super().__post_init__()
 
