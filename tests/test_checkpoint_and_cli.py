@@ -68,3 +68,13 @@ def test_cli_errors_are_reported_not_raised(saved_llava, tmp_path, capsys):
     assert "more than group 0 of sample 0 has (49)" in capsys.readouterr().err
     assert cli.main(["run", "--model", str(tmp_path), "--image", str(image), "--prompt", "x"]) == 2
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_cli_values_parse_numbers_lists_and_json():
+    from piofvlm.cli import parse_value
+
+    assert parse_value("0.5") == 0.5 and parse_value("64") == 64 and parse_value("true") is True
+    assert parse_value("1,10,15") == [1, 10, 15] and parse_value("0.111,0.222") == [0.111, 0.222]
+    assert parse_value("last") == "last" and parse_value("[2, 8]") == [2, 8]
+    encoder = parse_value('{"method":"visionzip","keep":0.333}')  # a comma inside JSON is not a list separator
+    assert encoder == {"method": "visionzip", "keep": 0.333}

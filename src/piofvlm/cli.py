@@ -23,13 +23,15 @@ logger = logging.getLogger(__name__)
 
 
 def parse_value(text: str) -> Any:
-    """``"0.5"`` -> 0.5, ``"64"`` -> 64, ``"1,10,15"`` -> [1, 10, 15], ``"true"`` -> True, else the string."""
-    if "," in text:
-        return [parse_value(part) for part in text.split(",") if part]
+    """``"0.5"`` -> 0.5, ``"64"`` -> 64, ``"1,10,15"`` -> [1, 10, 15], ``"true"`` -> True, any JSON value (a dict
+    such as ``'{"method": "visionzip", "keep": 0.333}'`` included) as parsed, else the string."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return text
+        pass
+    if "," in text:
+        return [parse_value(part) for part in text.split(",") if part]
+    return text
 
 
 def method_from_args(args: argparse.Namespace) -> Any:

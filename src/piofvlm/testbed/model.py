@@ -1,7 +1,7 @@
 """Tokenizer, processor and LLaVA model definition of the piofvlm testbed VLM, plus loading and evaluation helpers.
 
 The testbed model is a stock :class:`transformers.LlavaForConditionalGeneration` (CLIP-style vision tower with a
-24 x 24 = 576 patch grid like LLaVA-1.5, 2-layer MLP projector, Llama-style decoder) with a word-level tokenizer.
+16 x 16 = 256 patch grid (336 px, patch 21), 2-layer MLP projector, Llama-style decoder) with a word-level tokenizer.
 It is saved with ``save_pretrained`` and loads like a hub checkpoint::
 
     model = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR)
@@ -86,7 +86,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaProcessor:
-    """``LlavaProcessor`` with the PIL/numpy CLIP image processor (no torchvision needed): 336 px -> 576 tokens."""
+    """``LlavaProcessor`` with the PIL/numpy CLIP image processor (no torchvision needed): 336 px -> 256 tokens."""
     ip = CLIPImageProcessorPil(
         size={"shortest_edge": data.IMAGE_SIZE},
         crop_size={"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE},
@@ -104,7 +104,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
 
 
 def build_config(shapes: dict[str, int] | None = None) -> LlavaConfig:
-    """LLaVA config: CLIP-style tower (336 px, patch 14, CLS dropped -> 576 tokens) and a Llama-style decoder."""
+    """LLaVA config: CLIP-style tower (336 px, patch 21, CLS dropped -> 256 tokens) and a Llama-style decoder."""
     s = dict(DEFAULT_SHAPES, **(shapes or {}))
     vision = CLIPVisionConfig(
         hidden_size=s["vision_hidden"],

@@ -1,16 +1,24 @@
 """Train the testbed VLM from scratch on the synthetic tasks (CPU, fp32).
 
-Usage::
+Usage (the shipped checkpoint; README.md has the measured times)::
 
-    python -m piofvlm.testbed.train --out DIR [--steps 2400] [--batch-size 32] [--seed 0]
+    python -m piofvlm.testbed.train --out stage1 --threads 1            # from scratch, 1879 steps
+    python -m piofvlm.testbed.train --out stage2 --init stage1 --steps 600 --lr 5e-4 --data-offset 40000
 
-The loss is the next-token cross-entropy of the answer word and ``</s>`` plus an auxiliary per-patch loss on the
-vision tower output (a linear probe predicting each patch's colour and shape/letter class). The auxiliary head
-gives dense supervision so the from-scratch vision tower learns local features quickly; it is discarded, and the
-saved checkpoint is a plain ``LlavaForConditionalGeneration`` + ``LlavaProcessor``.
+Losses (the defaults are the shipped recipe; every auxiliary head is dropped at save time, so the checkpoint is a
+plain ``LlavaForConditionalGeneration`` + ``LlavaProcessor``):
 
-With ``--attn-weight W`` (> 0), head 0 of decoder layer ``--attn-layer`` at the answer-predicting position is also
-trained to attend to the patches of the objects the answer depends on (see :func:`attention_supervision_loss`).
+* the next-token cross-entropy of the answer word (+ 0.25 x that of ``</s>``);
+* per-patch probes on the vision tower output: colour, shape/letter class and "holds an object's centre"
+  (dense supervision, so the from-scratch tower learns local features quickly);
+* alignment: each visual token entering the decoder reads, through the tied word embeddings, as the words of its
+  colour and shape/letter;
+* routing (``--route-weight``): head 0 of decoder layer ``--route-layer`` at the answer-predicting position attends
+  to the question's colour word, and a linear probe on that position's input to layer ``--attn-layer`` must name
+  the asked colour;
+* reading (``--attn-weight``): head 0 of decoder layer ``--attn-layer`` (3: after a K = 2 prune point) at the
+  answer-predicting position attends uniformly to ``<s>`` and the centre patch of each object the answer depends
+  on, so its ``<s>`` share, 1 / (n + 1), carries presence and count (see :func:`attention_supervision_loss`).
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ def pixel_values(images: Sequence[Any]) -> torch.Tensor:
 
 
 def encode(samples: Sequence[dict[str, Any]], vocab: dict[str, int], with_answer: bool) -> dict[str, torch.Tensor]:
-    """Token ids as the processor makes them (image token expanded 576x), left-padded; answer + eos if asked."""
+    """Token ids as the processor makes them (image token expanded 256x), left-padded; answer + eos if asked."""
     seqs = []
     for s in samples:
         words = s["question"].split()
@@ -215,7 +223,7 @@ def quick_eval(
 
 def train(
     out: Path,
-    steps: int = 1000,
+    steps: int = 1879,
     batch_size: int = 16,
     lr: float = 1.5e-3,
     aux_weight: float = 1.0,
@@ -231,11 +239,11 @@ def train(
     init: Path | None = None,
     data_offset: int = 0,
     tasks: Sequence[str] | None = None,
-    attn_weight: float = 0.0,
+    attn_weight: float = 1.0,
     attn_layer: int = 3,
-    attn_target: str = "relevant",
-    centre_weight: float = 0.0,
-    route_weight: float = 0.0,
+    attn_target: str = "anchors",
+    centre_weight: float = 1.0,
+    route_weight: float = 1.0,
     route_layer: int = 1,
 ) -> dict[str, Any]:
     """Train from scratch and save the checkpoint to ``out``; returns a summary dict (also written as JSON).
@@ -429,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=1879)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--aux-weight", type=float, default=1.0)
@@ -444,17 +452,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--data-offset", type=int, default=0, help="first training sample index (fresh data per stage)")
     ap.add_argument("--tasks", type=str, default=None, help="comma-separated subset of task types")
     ap.add_argument(
-        "--attn-weight", type=float, default=0.0, help="attention supervision weight (answer -> relevant patches)"
+        "--attn-weight", type=float, default=1.0, help="attention supervision weight (answer -> relevant patches)"
     )
     ap.add_argument("--attn-layer", type=int, default=3, help="decoder layer whose head 0 is supervised")
     ap.add_argument(
         "--attn-target",
         choices=("relevant", "anchors"),
-        default="relevant",
+        default="anchors",
         help="relevant: mass on the answer's object patches; anchors: uniform over <s> + their centre patches",
     )
-    ap.add_argument("--centre-weight", type=float, default=0.0, help="weight of the per-patch object-centre probe")
-    ap.add_argument("--route-weight", type=float, default=0.0, help="routing supervision: answer -> colour word")
+    ap.add_argument("--centre-weight", type=float, default=1.0, help="weight of the per-patch object-centre probe")
+    ap.add_argument("--route-weight", type=float, default=1.0, help="routing supervision: answer -> colour word")
     ap.add_argument("--route-layer", type=int, default=1, help="decoder layer whose head 0 does the routing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 for this tiny model here)")
