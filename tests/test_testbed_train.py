@@ -107,7 +107,6 @@ def test_attention_supervision_matches_eager_attention(target: str) -> None:
 def test_short_training_run_saves_a_plain_llava(tmp_path) -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    torch.set_num_threads(1)
     out = tmp_path / "tb"
     summary = train(
         out,
