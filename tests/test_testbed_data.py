@@ -140,7 +140,7 @@ CHECKPOINT_GOLDEN_48 = [
     "no",
     "2",
     "yes",
-    "3",
+    "2",
     "yes",
     "3",
     "no",
@@ -148,7 +148,7 @@ CHECKPOINT_GOLDEN_48 = [
     "no",
     "2",
     "yes",
-    "2",
+    "1",
 ]
 
 

@@ -134,3 +134,27 @@ def test_short_training_run_saves_a_plain_llava(tmp_path) -> None:
     assert any(not torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
     assert AutoProcessor.from_pretrained(out).tokenizer.padding_side == "left"
     assert model.config.text_config.num_hidden_layers == TINY["text_layers"]
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_training_pruner_keeps_every_relevant_patch(layer: int) -> None:
+    from piofvlm.testbed.train import KeepRelevantPruner
+
+    model = build_model(TINY, seed=1)
+    batch = make_batch("train", 11, 4, build_tokenizer().get_vocab(), TASKS)
+    must = batch["relevant_patches"] | batch["relevant_anchors"]
+    priority = 10.0 * must.double() + torch.rand(must.shape, dtype=torch.float64)
+    pruner = KeepRelevantPruner(layers=[layer], keep=40, priority=priority)
+    with torch.no_grad(), pruner(model):
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values")})
+    kept = pruner.last_selection[0].kept
+    for b in range(4):
+        wanted = must[b].nonzero().flatten()
+        assert len(kept[b]) == 40 and torch.isin(wanted, kept[b]).all()
+    assert not model._forward_hooks and all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_pruned_training_steps_run(tmp_path) -> None:
+    summary = train(tmp_path / "tb", steps=2, batch_size=4, shapes=TINY, eval_every=100, n_val=4, tasks=TASKS,
+                    attn_layer=2, prune_prob=1.0, prune_layers=(0, 2))  # fmt: skip
+    assert summary["prune_prob"] == 1.0 and summary["prune_layers"] == [0, 2]

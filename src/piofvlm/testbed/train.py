@@ -24,19 +24,23 @@ plain ``LlavaForConditionalGeneration`` + ``LlavaProcessor``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.context import StageContext
+from ..methods.base import TokenPruner
 from . import data
 from .model import (
     BOS_ID,
@@ -178,6 +182,21 @@ def attention_supervision_loss(
     return -per_sample[has].mean()
 
 
+@dataclass
+class KeepRelevantPruner(TokenPruner):
+    """Training-time pruning (``--prune-prob``): keeps every patch of the objects the answer depends on, then random
+    others up to the budget, so the model learns that the answer depends on those patches and not on how much of the
+    rest survives. Budget: visual tokens kept per image (``keep``, a count)."""
+
+    name: ClassVar[str] = "testbed_keep_relevant"
+
+    priority: torch.Tensor | None = None  # (B, N_vis): 10 + noise for a relevant patch, noise elsewhere
+
+    def score(self, ctx: StageContext) -> torch.Tensor:
+        assert self.priority is not None
+        return self.priority.to(ctx.groups.device).gather(1, ctx.visual_index.clamp(min=0))  # (B, S)
+
+
 def make_batch(
     split: str, start: int, size: int, vocab: dict[str, int], tasks: Sequence[str] | None = None
 ) -> dict[str, Any]:
@@ -245,6 +264,9 @@ def train(
     centre_weight: float = 1.0,
     route_weight: float = 1.0,
     route_layer: int = 1,
+    prune_prob: float = 0.0,
+    prune_layers: Sequence[int] = (0, 2),
+    prune_min_keep: int = 16,
 ) -> dict[str, Any]:
     """Train from scratch and save the checkpoint to ``out``; returns a summary dict (also written as JSON).
 
@@ -318,6 +340,7 @@ def train(
         t = (step - warmup) / max(1, steps - warmup)
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
+    prune_rng = np.random.default_rng([seed, 7])
     val_tasks = tuple(tasks or data.TASKS)
     val = [data.make_sample("val", i, val_tasks[i % len(val_tasks)]) for i in range(n_val)]
     history = []
@@ -332,7 +355,16 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         batch = make_batch("train", data_offset + step * batch_size, batch_size, vocab, tasks)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        pruned = prune_prob > 0 and prune_rng.random() < prune_prob
+        pruning: Any = contextlib.nullcontext()
+        if pruned:
+            # Keep the answer's patches (+ their anchors) and a random share of the rest, at a random prune point.
+            must = (batch["relevant_patches"] | batch["relevant_anchors"]).double().numpy()
+            priority = torch.from_numpy(10.0 * must + prune_rng.random(must.shape))
+            n_keep = int(prune_rng.integers(max(prune_min_keep, int(must.sum(1).max())), NUM_IMAGE_TOKENS + 1))
+            layer = int(prune_rng.choice(list(prune_layers)))
+            pruning = KeepRelevantPruner(layers=[layer], keep=n_keep, priority=priority)(model)
+        with pruning, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             outp = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -366,13 +398,15 @@ def train(
             align = align + F.cross_entropy(word_logits, kind_word[batch["aux_kind"].reshape(-1)], ignore_index=-100)
             loss = loss + align_weight * align
         attn_losses: dict[str, float] = {}
-        for name, (layer, weight) in supervised.items():
+        if pruned:  # the supervised heads saw a shorter sequence: their targets do not apply
+            captured.clear()
+        for name, (layer, weight) in supervised.items() if not pruned else ():
             target = attn_target if name == "attn" else "colour_words"
             sup = attention_supervision_loss(layers[layer].self_attn, *captured[f"attn{layer}"], batch, target=target)
             if sup is not None:
                 loss = loss + weight * sup
                 attn_losses[name] = sup.item()
-        if route_weight > 0 and attn_weight > 0:
+        if route_weight > 0 and attn_weight > 0 and not pruned:
             probe_logits = route_probe(captured[f"attn{attn_layer}"][0][:, -3].float())
             probe = F.cross_entropy(probe_logits, batch["asked_colour"], ignore_index=-100)
             loss = loss + route_weight * probe
@@ -423,6 +457,9 @@ def train(
         "centre_weight": centre_weight,
         "route_weight": route_weight,
         "route_layer": route_layer,
+        "prune_prob": prune_prob,
+        "prune_layers": list(prune_layers),
+        "prune_min_keep": prune_min_keep,
         "seed": seed,
         "shapes": dict(DEFAULT_SHAPES, **(shapes or {})),
         "train_seconds": round(train_seconds, 1),
@@ -464,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--centre-weight", type=float, default=1.0, help="weight of the per-patch object-centre probe")
     ap.add_argument("--route-weight", type=float, default=1.0, help="routing supervision: answer -> colour word")
     ap.add_argument("--route-layer", type=int, default=1, help="decoder layer whose head 0 does the routing")
+    ap.add_argument("--prune-prob", type=float, default=0.0, help="share of steps trained with pruned visual tokens")
+    ap.add_argument("--prune-layers", type=str, default="0,2", help="prune points drawn from for those steps")
+    ap.add_argument("--prune-min-keep", type=int, default=16, help="fewest visual tokens kept in those steps")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 for this tiny model here)")
     ap.add_argument(
@@ -496,6 +536,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         centre_weight=args.centre_weight,
         route_weight=args.route_weight,
         route_layer=args.route_layer,
+        prune_prob=args.prune_prob,
+        prune_layers=[int(x) for x in args.prune_layers.split(",")],
+        prune_min_keep=args.prune_min_keep,
     )
     log.info("done in %.0f s; final val %s", summary["train_seconds"], summary["history"][-1]["val"])
 
