@@ -26,16 +26,30 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
+def method_class(name: str) -> type:
+    """The class registered as ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
+    return METHODS[name]
+
+
+def method_fields(cls: type) -> set[str]:
+    """Names of a method class's hyperparameters (its dataclass fields)."""
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
 def get_method(name: str, **fields: Any) -> Any:
     """Build the method registered as ``name`` with the given hyperparameters.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), or unknown / invalid hyperparameters.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
-    cls = METHODS[name]
-    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    cls = method_class(name)
+    known = method_fields(cls)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(

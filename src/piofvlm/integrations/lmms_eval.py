@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from piofvlm.adapters import ADAPTERS
 from piofvlm.loading import DTYPES
-from piofvlm.registry import METHODS, available_methods, get_method
+from piofvlm.registry import get_method, method_class, method_fields
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +114,9 @@ def method_from_model_args(name: str, fields: dict[str, Any]) -> Any:
     Raises:
         ValueError: unknown method, unknown field (both list what is valid), or a value of the wrong type.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
-    cls = METHODS[name]
+    cls = method_class(name)
     hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    known = method_fields(cls)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(
