@@ -322,10 +322,10 @@ def train(
     ]
     handle = model.model.vision_tower.register_forward_hook(grab)
     handle_proj = model.model.multi_modal_projector.register_forward_hook(grab_proj)
-    # Routing probe: the answer position's input to the supervised layer must name the asked colour (linear).
-    route_probe = nn.Linear(model.config.text_config.hidden_size, len(COLOUR_NAMES))
     params = list(model.parameters()) + list(aux_head.parameters())
-    if route_weight > 0 and attn_weight > 0:
+    # Routing probe: the answer position's input to the reading layer must name the asked colour (linear).
+    route_probe = nn.Linear(model.config.text_config.hidden_size, len(COLOUR_NAMES)) if "route" in supervised else None
+    if route_probe is not None and "attn" in supervised:
         params += list(route_probe.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -398,19 +398,19 @@ def train(
             align = align + F.cross_entropy(word_logits, kind_word[batch["aux_kind"].reshape(-1)], ignore_index=-100)
             loss = loss + align_weight * align
         attn_losses: dict[str, float] = {}
-        if pruned:  # the supervised heads saw a shorter sequence: their targets do not apply
-            captured.clear()
-        for name, (layer, weight) in supervised.items() if not pruned else ():
-            target = attn_target if name == "attn" else "colour_words"
-            sup = attention_supervision_loss(layers[layer].self_attn, *captured[f"attn{layer}"], batch, target=target)
-            if sup is not None:
-                loss = loss + weight * sup
-                attn_losses[name] = sup.item()
-        if route_weight > 0 and attn_weight > 0 and not pruned:
-            probe_logits = route_probe(captured[f"attn{attn_layer}"][0][:, -3].float())
-            probe = F.cross_entropy(probe_logits, batch["asked_colour"], ignore_index=-100)
-            loss = loss + route_weight * probe
-            attn_losses["probe"] = probe.item()
+        if not pruned:  # on a pruned step the supervised heads saw a shorter sequence: their targets do not apply
+            for name, (layer, weight) in supervised.items():
+                target = attn_target if name == "attn" else "colour_words"
+                inputs = captured[f"attn{layer}"]
+                sup = attention_supervision_loss(layers[layer].self_attn, *inputs, batch, target=target)
+                if sup is not None:
+                    loss = loss + weight * sup
+                    attn_losses[name] = sup.item()
+            if route_probe is not None and "attn" in supervised:
+                probe_logits = route_probe(captured[f"attn{attn_layer}"][0][:, -3].float())
+                probe = F.cross_entropy(probe_logits, batch["asked_colour"], ignore_index=-100)
+                loss = loss + route_weight * probe
+                attn_losses["probe"] = probe.item()
         captured.clear()
         opt.zero_grad(set_to_none=True)
         loss.backward()
