@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from piofvlm import transformers_compat
+
 if TYPE_CHECKING:
     from piofvlm.core.session import PruningHandle
 
@@ -94,8 +96,7 @@ class ModelAdapter:
         ``mm_encoder_outputs`` instead of ``pixel_values``/``image_sizes``; their ``pooler_output`` is a list with
         one ``(tokens, d)`` tensor per item.
         """
-        outputs = (model_kwargs.get("mm_encoder_outputs") or {}).get(modality)
-        features = getattr(outputs, "pooler_output", None)
+        features = transformers_compat.encoded_features(model_kwargs, modality)
         if isinstance(features, (list, tuple)):
             return [int(f.shape[0]) for f in features]
         return None

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.llama import modeling_llama
 
+from piofvlm import transformers_compat
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.registry import register_adapter
 
@@ -34,7 +34,7 @@ class LlavaAdapter(ModelAdapter):
 
     def rotary_fn(self):  # noqa: D102 - documented in the base class
         if self.text_config.model_type in ("llama", "mistral", "qwen2"):
-            return modeling_llama.apply_rotary_pos_emb
+            return transformers_compat.rotary_function("llama")
         return None
 
     # ------------------------------------------------------------------------------------------ vision tower

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 
+from piofvlm import transformers_compat
 from piofvlm.adapters.base import items_in_prompt_order, prompt_items
 from piofvlm.adapters.llava import LlavaAdapter
 from piofvlm.adapters.registry import register_adapter
@@ -157,9 +158,9 @@ class LlavaOnevisionAdapter(LlavaAdapter):
 
     def _image_sizes(self, model_kwargs: dict[str, Any]) -> list[int]:
         """Tokens per image, the shape arithmetic of ``LlavaOnevisionModel.pack_image_features``."""
-        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        encoded = transformers_compat.encoded_features(model_kwargs, "image")
         if encoded is not None:  # generate() encodes the images first and passes per-image features
-            return [int(features.shape[0]) for features in encoded.pooler_output]
+            return [int(features.shape[0]) for features in encoded]
         image_sizes = model_kwargs.get("image_sizes")
         if image_sizes is None or model_kwargs.get("pixel_values") is None:
             return []
@@ -195,9 +196,9 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         return counts
 
     def _video_sizes(self, model_kwargs: dict[str, Any]) -> list[int]:
-        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("video")
+        encoded = transformers_compat.encoded_features(model_kwargs, "video")
         if encoded is not None:
-            return [int(encoded.pooler_output.shape[1])] * int(encoded.pooler_output.shape[0])
+            return [int(encoded.shape[1])] * int(encoded.shape[0])
         videos = model_kwargs.get("pixel_values_videos")
         if videos is None:
             return []

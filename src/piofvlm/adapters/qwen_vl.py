@@ -22,10 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers.models.qwen2_vl import modeling_qwen2_vl
-from transformers.models.qwen3_vl import modeling_qwen3_vl
-from transformers.vision_utils import get_vision_window_index
 
+from piofvlm import transformers_compat
 from piofvlm.adapters.base import ModelAdapter, items_in_prompt_order, prompt_items
 from piofvlm.adapters.registry import register_adapter
 
@@ -63,9 +61,9 @@ class QwenVLAdapter(ModelAdapter):
         grid = model_kwargs.get(f"{modality}_grid_thw")
         if grid is not None:
             return (grid.prod(-1) // self.merge_size**2).tolist()
-        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get(modality)
+        encoded = transformers_compat.encoded_features(model_kwargs, modality)
         if encoded is not None:  # generate() runs the vision tower first and passes per-item features instead
-            return [int(features.shape[0]) for features in encoded.pooler_output]
+            return [int(features.shape[0]) for features in encoded]
         return []
 
     # ---------------------------------------------------------------------------------------------- positions
@@ -77,7 +75,7 @@ class QwenVLAdapter(ModelAdapter):
         return position_ids[0] if position_ids.dim() == 3 and position_ids.shape[0] == 4 else None
 
     def rotary_fn(self):  # noqa: D102 - documented in the base class
-        return modeling_qwen2_vl.apply_rotary_pos_emb
+        return transformers_compat.rotary_function("qwen2_vl")
 
     # ------------------------------------------------------------------------------------------ vision tower
     # The ViT packs every image (or video) of a call into one sequence of patches, laid out 2x2 merge unit by merge
@@ -117,7 +115,7 @@ class QwenVLAdapter(ModelAdapter):
         attn = block.attn
         q, k, _ = attn.qkv(block.norm1(hidden)).reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
         raw_keys = k.mean(1)
-        q, k = modeling_qwen2_vl.apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+        q, k = transformers_compat.qwen_vision_rotary_function()(q, k, *position_embeddings)
         return q.transpose(0, 1), k.transpose(0, 1), raw_keys
 
     def vision_attention(
@@ -242,13 +240,7 @@ class Qwen25VLAdapter(QwenVLAdapter):
         return int(self.model.config.vision_config.fullatt_block_indexes[0])
 
     def _unit_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
-        vision = self.model.config.vision_config
-        window_index, _ = get_vision_window_index(
-            grid_thw,
-            spatial_merge_size=vision.spatial_merge_size,
-            window_size=vision.window_size,
-            patch_size=vision.patch_size,
-        )
+        window_index = transformers_compat.vision_window_index(grid_thw, self.model.config.vision_config)
         return window_index.to(grid_thw.device)
 
 
@@ -266,7 +258,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_types = ("qwen3_vl",)
 
     def rotary_fn(self):  # noqa: D102 - documented in the base class
-        return modeling_qwen3_vl.apply_rotary_pos_emb
+        return transformers_compat.rotary_function("qwen3_vl")
 
     @property
     def num_deepstack_layers(self) -> int:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import piofvlm
+from piofvlm import transformers_compat
 from piofvlm.bench import flops as fl
 from piofvlm.bench.measure import PeakMemory, Timer, load_average, profile_labels, summary
 from piofvlm.bench.shapes import build_inputs, build_model, checkpoint_inputs, get_shape
@@ -155,7 +156,7 @@ def _load(config: BenchConfig) -> tuple[nn.Module, dict[str, torch.Tensor], dict
 
 def _prefill(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
     out = model(**inputs, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].argmax(-1), out.past_key_values
+    return out.logits[:, -1].argmax(-1), transformers_compat.output_cache(out)
 
 
 def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, **extra: Any) -> Any:
@@ -361,7 +362,7 @@ def _variant_result(
         },
         "kv_cache_bytes": {
             "after_prefill": fl.kv_cache_bytes(cache),
-            "after_generate": fl.kv_cache_bytes(generated.past_key_values),
+            "after_generate": fl.kv_cache_bytes(transformers_compat.output_cache(generated)),
         },
         "flops": {
             "prefill_model": model_prefill,

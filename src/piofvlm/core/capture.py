@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from piofvlm import transformers_compat
 from piofvlm.core.context import StageContext
 from piofvlm.core.session import PruningHandle
 
@@ -104,7 +105,7 @@ class VisionInputs:
 
     def _on_multimodal(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
-        if pixels or kwargs.get("mm_encoder_outputs"):
+        if pixels or transformers_compat.has_encoded_features(kwargs):
             if pixels:  # this call encodes its own images / videos: forget inputs of earlier encodings
                 self._encoded = {}
             self.kwargs = dict(kwargs)
@@ -127,6 +128,7 @@ class VisionInputs:
         except TypeError:
             bound = dict(kwargs)
         bound.pop("kwargs", None)
+        bound = transformers_compat.encode_call_inputs(modality, bound)
         self._encoded[modality] = {name: value for name, value in bound.items() if value is not None}
         self._modality = modality
         try:

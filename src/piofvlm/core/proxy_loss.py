@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from piofvlm import transformers_compat
 from piofvlm.core.context import StageContext
 from piofvlm.core.ops import gather_sequence
 
@@ -47,13 +48,13 @@ def _self_argmax_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def _reference_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     adapter = ctx.adapter
-    out = adapter.layers[layer_index](
+    layer = adapter.layers[layer_index]
+    out = layer(
         x,
         attention_mask=ctx.attention_mask,
         position_embeddings=ctx.position_embeddings,
         position_ids=adapter.layer_position_ids(ctx.position_ids),
-        past_key_values=None,
-        use_cache=False,
+        **transformers_compat.without_cache(layer),
     )
     out = out[0] if isinstance(out, tuple) else out
     logits = adapter.lm_head(adapter.final_norm(out))  # (B, S, V)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from piofvlm import transformers_compat
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.core.context import StageContext, StageRecord
 from piofvlm.core.masks import causal_padding_mask
@@ -166,7 +167,7 @@ class PruningHandle:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise ValueError("piofvlm expects the language model to receive inputs_embeds from the multimodal model")
-        cache = kwargs.get("past_key_values")
+        cache = transformers_compat.cache_from_kwargs(kwargs)
         attention_mask = kwargs.get("attention_mask")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
             raise ValueError("piofvlm needs a 2-D padding attention_mask (or None); a custom 4-D mask was given")
@@ -466,7 +467,7 @@ class PruningHandle:
         segment = self._segments[segment_id]
         hidden = args[0] if args else kwargs["hidden_states"]
         query_length = hidden.shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = transformers_compat.cache_from_kwargs(kwargs)
         cached = cache.get_seq_length(index) if cache is not None else segment.valid.shape[1]
         new_tokens = cached + query_length - segment.valid.shape[1]  # generated/appended tokens incl. this call's
         new_valid = torch.ones(hidden.shape[0], new_tokens, dtype=torch.bool, device=hidden.device)
