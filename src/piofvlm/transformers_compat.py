@@ -124,6 +124,35 @@ def output_cache(output: Any) -> Any:
     raise _broken(f"the KV-cache field of {type(output).__name__}", "output_cache")
 
 
+def is_dynamic_cache(cache: Any) -> bool:
+    """Whether ``cache`` is a plain ``DynamicCache`` whose every layer is a ``DynamicLayer`` (grows by concatenation).
+
+    The pruning mechanism gives the layers after a prune point KV caches of their own, shorter lengths; only this
+    layout can hold that. Static, sliding-window, quantized and offloaded caches are not of it."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or not isinstance(layers, list):
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def pad_cache_layer(cache: Any, layer_idx: int, count: int) -> None:
+    """Prepend ``count`` zero key/value slots to layer ``layer_idx`` of a dynamic cache (its sequence length grows by
+    ``count``; the slots must be masked by whoever reads the cache). ``DynamicLayer.keys``/``.values`` are
+    ``(B, H, S, D)`` tensors."""
+    if count <= 0:
+        return
+    if not is_dynamic_cache(cache):
+        raise _broken(f"the layers of {type(cache).__name__} (expected DynamicLayer)", "pad_cache_layer")
+    layer = cache.layers[layer_idx]
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or not isinstance(values, torch.Tensor):
+        raise _broken("DynamicLayer.keys/values (expected (B, H, S, D) tensors)", "pad_cache_layer")
+    layer.keys = torch.cat([keys.new_zeros(*keys.shape[:2], count, keys.shape[3]), keys], dim=2)
+    layer.values = torch.cat([values.new_zeros(*values.shape[:2], count, values.shape[3]), values], dim=2)
+
+
 # ---------------------------------------------------------------------------------------------------------- masks
 def causal_padding_mask(
     config: Any, key_valid: torch.Tensor, query_length: int, dtype: torch.dtype

@@ -26,6 +26,7 @@ from torch import nn
 from piofvlm import transformers_compat
 from piofvlm.adapters.base import ModelAdapter, items_in_prompt_order, prompt_items
 from piofvlm.adapters.registry import register_adapter
+from piofvlm.core.guard import guarded
 
 if TYPE_CHECKING:
     from piofvlm.core.session import PruningHandle
@@ -269,10 +270,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
         if not self.num_deepstack_layers or min(handle.method.layers) >= self.num_deepstack_layers:
             return  # every deepstack layer runs on the unpruned sequence: the model's own injection is exact
         state = _DeepstackState(handle)
-        handle.add_hook(self.language_model.register_forward_pre_hook(state.take, with_kwargs=True))
-        handle.add_hook(self.language_model.register_forward_hook(state.release))
+        handle.add_hook(self.language_model.register_forward_pre_hook(guarded(state.take), with_kwargs=True))
+        handle.add_hook(self.language_model.register_forward_hook(guarded(state.release)))
         for index in range(min(self.num_deepstack_layers, self.num_layers)):
-            handle.add_hook(self.layers[index].register_forward_hook(state.injector(index)))
+            handle.add_hook(self.layers[index].register_forward_hook(guarded(state.injector(index))))
 
 
 class _DeepstackState:

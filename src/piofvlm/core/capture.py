@@ -21,6 +21,7 @@ import torch
 
 from piofvlm import transformers_compat
 from piofvlm.core.context import StageContext
+from piofvlm.core.guard import guarded
 from piofvlm.core.session import PruningHandle
 
 
@@ -30,7 +31,9 @@ class LayerInputs:
     def __init__(self, handle: PruningHandle, indices: list[int]) -> None:
         self.hidden: dict[int, torch.Tensor] = {}
         for index in sorted(set(indices)):
-            hook = handle.adapter.layers[index].register_forward_pre_hook(self._store(handle, index), with_kwargs=True)
+            hook = handle.adapter.layers[index].register_forward_pre_hook(
+                guarded(self._store(handle, index)), with_kwargs=True
+            )
             handle.add_hook(hook)
 
     def _store(self, handle: PruningHandle, index: int):
@@ -83,8 +86,11 @@ class VisionInputs:
         self.layer_kwargs: dict[tuple[str, int], dict[str, Any]] = {}
         self._encoded: dict[str, dict[str, Any]] = {}
         self._modality: str | None = None  # the modality being encoded, if any
+        #: Whether an encoding ran since the last multimodal call began. ``generate()`` encodes every image and video
+        #: of a prompt just before the prefill; the next encoding after a model call belongs to a new prompt.
+        self._fresh = False
         multimodal = self.adapter.multimodal_model
-        hook = multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True)
+        hook = multimodal.register_forward_pre_hook(guarded(self._on_multimodal), with_kwargs=True)
         handle.add_hook(hook)
         for modality in ("image", "video"):
             if hasattr(multimodal, f"get_{modality}_features"):
@@ -99,17 +105,25 @@ class VisionInputs:
                     f"vision layer {index} does not exist: the vision encoder has {len(vision_layers)} layers"
                 )
             hook = vision_layers[index].register_forward_pre_hook(
-                self._store(index % len(vision_layers)), with_kwargs=True
+                guarded(self._store(index % len(vision_layers))), with_kwargs=True
             )
             handle.add_hook(hook)
 
     def _on_multimodal(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        if pixels or not self._fresh:
+            # This call encodes its own images / videos, or nothing was encoded for it: forget earlier encodings (a
+            # prompt with only images must not see the video of an earlier prompt, and the other way round).
+            self._clear()
+        self._fresh = False
         if pixels or transformers_compat.has_encoded_features(kwargs):
-            if pixels:  # this call encodes its own images / videos: forget inputs of earlier encodings
-                self._encoded = {}
             self.kwargs = dict(kwargs)
             self.input_ids = kwargs.get("input_ids", args[0] if args else None)
+
+    def _clear(self) -> None:
+        self._encoded = {}
+        self.hidden = {}
+        self.layer_kwargs = {}
 
     @property
     def image_kwargs(self) -> dict[str, Any]:
@@ -123,6 +137,9 @@ class VisionInputs:
         """
         if self._modality is not None:
             return function(*args, **kwargs)
+        if not self._fresh:  # the first encoding of a new prompt
+            self._clear()
+            self._fresh = True
         try:
             bound = dict(inspect.signature(function).bind_partial(*args, **kwargs).arguments)
         except TypeError:
@@ -203,6 +220,7 @@ class _InstanceWrap:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return around(original, args, kwargs)
 
+        wrapper.__piofvlm_guard__ = guarded(around)  # deepcopy / pickle of the instance refuse (see GuardedHook)
         setattr(obj, name, wrapper)
 
     def remove(self) -> None:

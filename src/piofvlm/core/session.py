@@ -27,6 +27,7 @@ from torch.profiler import record_function
 from piofvlm import transformers_compat
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.core.context import StageContext, StageRecord
+from piofvlm.core.guard import guarded
 from piofvlm.core.masks import causal_padding_mask
 from piofvlm.core.ops import gather_sequence
 
@@ -66,6 +67,19 @@ class _Segment:
 
 
 @dataclass
+class _CacheLayout:
+    """How a pruned KV cache is laid out: stored on the cache object itself (attribute :data:`_LAYOUT_ATTR`), so a
+    cache continued later (a second turn, a copy of the cache, another handle) is decoded with its own layout."""
+
+    segments: list[_Segment]
+    batch_size: int
+    renumber: bool
+
+
+_LAYOUT_ATTR = "_piofvlm_layout"
+
+
+@dataclass
 class _Call:
     """State of one language-model forward."""
 
@@ -78,6 +92,8 @@ class _Call:
     sample_keys: torch.Tensor | None = None
     attention_mask_2d: torch.Tensor | None = None  # decode only
     position_ids: torch.Tensor | None = None  # decode only
+    segments: list[_Segment] = field(default_factory=list)  # prefill: built stage by stage; decode: the cache's
+    renumber: bool = False  # decode only: the cache was pruned with positions="renumber"
     decode_cache: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)
 
 
@@ -95,23 +111,24 @@ class PruningHandle:
         self.adapter = adapter
         self.records: list[StageRecord] = []
         self._stage_at_layer = {layer: stage for stage, layer in enumerate(method.layers)}
-        self._first_layer = min(method.layers)
-        self._segments: list[_Segment] = []
-        self._prompt_batch: int | None = None
         self._pending: tuple[torch.Tensor | None, dict[str, Any]] | None = None
         self._call: _Call | None = None
         self._selecting = False
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         try:
+            self._hooks.append(model.register_forward_pre_hook(guarded(_refuse_labels), with_kwargs=True))
             self._hooks.append(
-                adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal, with_kwargs=True)
+                adapter.multimodal_model.register_forward_pre_hook(guarded(self._on_multimodal), with_kwargs=True)
             )
             self._hooks.append(
-                adapter.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True)
+                adapter.language_model.register_forward_pre_hook(guarded(self._on_language_model), with_kwargs=True)
             )
-            self._hooks.append(adapter.language_model.register_forward_hook(self._after_language_model))
-            for index in range(self._first_layer, adapter.num_layers):
-                hook = adapter.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True)
+            self._hooks.append(adapter.language_model.register_forward_hook(guarded(self._after_language_model)))
+            # Every layer: a cache pruned under another handle (or another schedule) may be continued under this one.
+            for index in range(adapter.num_layers):
+                hook = adapter.layers[index].register_forward_pre_hook(
+                    guarded(self._layer_hook(index)), with_kwargs=True
+                )
                 self._hooks.append(hook)
             adapter.attach(self)
             method.attach(self)
@@ -168,6 +185,8 @@ class PruningHandle:
         if embeds is None:
             raise ValueError("piofvlm expects the language model to receive inputs_embeds from the multimodal model")
         cache = transformers_compat.cache_from_kwargs(kwargs)
+        if cache is not None:
+            _check_cache(cache)
         attention_mask = kwargs.get("attention_mask")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
             raise ValueError("piofvlm needs a 2-D padding attention_mask (or None); a custom 4-D mask was given")
@@ -183,11 +202,12 @@ class PruningHandle:
                 "image tokens arrived on a non-empty KV cache: visual tokens are pruned in one prefill over the whole "
                 "prompt, so chunked prefill or adding images to an existing cache is not supported"
             )
-        if not self._segments:
-            return  # a cache this handle did not prefill: nothing was pruned, nothing to adjust
-        if embeds.shape[0] != self._prompt_batch:
+        layout: _CacheLayout | None = getattr(cache, _LAYOUT_ATTR, None)
+        if layout is None:
+            return  # a cache no piofvlm prefill pruned: nothing to adjust
+        if embeds.shape[0] != layout.batch_size:
             raise RuntimeError(
-                f"decoding a batch of {embeds.shape[0]} on a cache pruned for a batch of {self._prompt_batch} "
+                f"decoding a batch of {embeds.shape[0]} on a cache pruned for a batch of {layout.batch_size} "
                 "(beam search and cache reordering are not supported while pruning)"
             )
         self._call = _Call(
@@ -195,10 +215,39 @@ class PruningHandle:
             hidden_dtype=embeds.dtype,
             attention_mask_2d=attention_mask,
             position_ids=kwargs.get("position_ids"),
+            segments=layout.segments,
+            renumber=layout.renumber,
         )
 
     def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._call = None
+        call, self._call = self._call, None
+        if call is None or not call.prefill or not call.segments:
+            return
+        cache = transformers_compat.output_cache(output)
+        if cache is None:
+            return
+        _check_cache(cache)
+        if call.segments[0].first_layer == 0:
+            self._pad_first_layer_cache(call, cache)
+        layout = _CacheLayout(call.segments, call.input_ids.shape[0], self.method.positions == "renumber")
+        setattr(cache, _LAYOUT_ATTR, layout)
+
+    def _pad_first_layer_cache(self, call: _Call, cache: Any) -> None:
+        """After a prefill pruned before layer 0: left-pad layer 0's KV cache to the unpruned prompt length.
+
+        transformers reads the length of the whole cache from layer 0 (``generate()`` slices the next turn's
+        ``input_ids`` with it, the model derives positions from it). Pruned at layer 0, every layer would report
+        the pruned length, and a later turn would re-feed already cached tokens. The padding slots are masked: layer
+        0 gets a segment of its own whose first slots are invalid.
+        """
+        first = call.segments[0]
+        missing = call.input_ids.shape[1] - first.valid.shape[1]
+        if missing <= 0:
+            return
+        transformers_compat.pad_cache_layer(cache, 0, missing)
+        padding = torch.zeros(first.valid.shape[0], missing, dtype=torch.bool, device=first.valid.device)
+        padded = _Segment(first_layer=0, valid=torch.cat([padding, first.valid], 1), shift=first.shift)
+        call.segments[:1] = [padded, _Segment(first_layer=1, valid=first.valid, shift=first.shift)]
 
     def _layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -220,6 +269,7 @@ class PruningHandle:
         pending: tuple[torch.Tensor | None, dict[str, Any]] | None,
     ) -> _Call:
         adapter = self.adapter
+        adapter.check_attention()  # also here: set_attn_implementation() may have run after the method was applied
         batch_size, seq_len, _ = embeds.shape
         device = embeds.device
         input_ids = pending[0] if pending is not None else None
@@ -236,7 +286,13 @@ class PruningHandle:
                     "piofvlm needs left padding (padding tokens before the prompt): set "
                     "processor.tokenizer.padding_side = 'left'"
                 )
-        visual = adapter.visual_token_mask(input_ids.to(device)) & valid
+        visual = adapter.visual_token_mask(input_ids.to(device))
+        hidden_visual = (visual & ~valid).any(1).nonzero()[:, 0].tolist()
+        if hidden_visual:
+            raise ValueError(
+                f"sample(s) {hidden_visual} have image tokens where attention_mask is 0 (e.g. a row that is all "
+                "padding): each image's tokens must all be attended; drop such rows from the batch"
+            )
         if not bool(visual.any()):
             raise ValueError(
                 f"no image tokens (id {adapter.image_token_id}) in the prompt: visual-token pruning needs an image; "
@@ -266,8 +322,6 @@ class PruningHandle:
             position_embeddings=(),
             position_ids=position_ids,
         )
-        self._segments = []
-        self._prompt_batch = batch_size
         self.records = []
         self.method._last_selection = self.records
         return _Call(
@@ -386,7 +440,7 @@ class PruningHandle:
             new_layout.attention_mask = causal_padding_mask(
                 self.adapter.text_config, new_layout.valid, new_layout.valid.shape[1], hidden.dtype
             )
-        self._segments.append(_Segment(first_layer=index, valid=new_layout.valid, shift=new_layout.shift))
+        call.segments.append(_Segment(first_layer=index, valid=new_layout.valid, shift=new_layout.shift))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "stage %d after %d layers: visual tokens per sample %s -> %s",
@@ -452,7 +506,10 @@ class PruningHandle:
 
     # ---------------------------------------------------------------------------------------------- decode
     def _decode_layer(self, index: int, call: _Call, args: tuple, kwargs: dict):
-        segment_id = max(i for i, seg in enumerate(self._segments) if seg.first_layer <= index)
+        before = [i for i, seg in enumerate(call.segments) if seg.first_layer <= index]
+        if not before:
+            return None  # a layer before the cache's first prune point: its cache is the unpruned prompt
+        segment_id = before[-1]
         if segment_id not in call.decode_cache:
             call.decode_cache[segment_id] = self._decode_inputs(segment_id, index, call, args, kwargs)
         mask, position_embeddings, position_ids = call.decode_cache[segment_id]
@@ -464,7 +521,7 @@ class PruningHandle:
         return args, kwargs
 
     def _decode_inputs(self, segment_id: int, index: int, call: _Call, args: tuple, kwargs: dict):
-        segment = self._segments[segment_id]
+        segment = call.segments[segment_id]
         hidden = args[0] if args else kwargs["hidden_states"]
         query_length = hidden.shape[1]
         cache = transformers_compat.cache_from_kwargs(kwargs)
@@ -476,7 +533,7 @@ class PruningHandle:
             new_valid = mask_2d[:, mask_2d.shape[1] - new_tokens :].to(device=hidden.device, dtype=torch.bool)
         key_valid = torch.cat([segment.valid, new_valid], dim=1)
         mask = causal_padding_mask(self.adapter.text_config, key_valid, query_length, hidden.dtype)
-        if self.method.positions != "renumber":
+        if not call.renumber:
             return mask, None, None
         position_ids = call.position_ids
         if position_ids is None:
@@ -484,6 +541,24 @@ class PruningHandle:
         position_ids = self.adapter.renumber_positions(position_ids, segment.shift[:, None])
         position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, position_ids))
         return mask, position_embeddings, position_ids
+
+
+def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if kwargs.get("labels") is not None:
+        raise ValueError(
+            "labels= is not supported while a piofvlm method is applied: the logits are as long as the pruned "
+            "sequence, so they no longer line up with labels of the prompt. Compute the loss from out.logits (the "
+            "last position of every sample is still its next-token prediction), or call the model without the method"
+        )
+
+
+def _check_cache(cache: Any) -> None:
+    if not transformers_compat.is_dynamic_cache(cache):
+        raise ValueError(
+            f"piofvlm cannot prune into a {type(cache).__name__}: after pruning, the layers' KV caches hold different "
+            "numbers of tokens, which only transformers' default DynamicCache (full-attention layers) can store. Drop "
+            "cache_implementation='static' (or the cache you passed) and let the model create its cache."
+        )
 
 
 def _sample_keys(input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

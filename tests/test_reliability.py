@@ -1,0 +1,186 @@
+"""Regression tests of issue 12: multi-turn on a pruned cache, handle reuse, copies, odd inputs, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import piofvlm
+import test_qwen as tq
+from conftest import FixedSelection, make_inputs, model
+from piofvlm import transformers_compat
+from piofvlm.toy_qwen import IMAGE, OV_IMAGE, OV_VIDEO, VIDEO, add_videos, random_image
+from test_methods_matrix import build
+
+FOLLOW_UP = torch.tensor([[10, 11, 12, 13]])  # "what is the colour" in the toy vocabulary: no image token
+GREEDY = {"do_sample": False, "suppress_tokens": [4]}
+
+
+def extended_mask(inputs, ids):
+    """The prompt's padding mask extended with ones over the tokens of ``ids`` after the prompt."""
+    added = ids.shape[1] - inputs["input_ids"].shape[1]
+    return torch.cat([inputs["attention_mask"], torch.ones(ids.shape[0], added, dtype=torch.long)], 1)
+
+
+def reference_logits(m, inputs, ids, records, layers, keep, positions="keep"):
+    """Last-position logits of a no-cache forward over ``ids`` keeping exactly what ``records`` kept."""
+    chosen = [[k.tolist() for k in record.kept] for record in records]
+    fixed = FixedSelection(layers=layers, keep=keep, chosen=chosen, positions=positions)
+    pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    mask = extended_mask(inputs, ids)
+    with torch.no_grad(), fixed(m):
+        return m(input_ids=ids, attention_mask=mask.long(), use_cache=False, **pixels).logits[:, -1]
+
+
+def second_turn(m, inputs, cache, sequences):
+    """Generate one token after ``sequences`` + a follow-up question, continuing ``cache``."""
+    ids = torch.cat([sequences, FOLLOW_UP.expand(sequences.shape[0], -1)], 1)
+    mask = extended_mask(inputs, ids)
+    out = m.generate(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        cache=cache,
+        max_new_tokens=1,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **GREEDY,
+    )
+    return ids, out.logits[0]
+
+
+# ------------------------------------------------------------------------------------------------ 1. multi-turn
+@pytest.mark.parametrize("layers", [[0], [1], [0, 2]])
+@pytest.mark.parametrize("keep", [45, 0.3])
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_second_turn_on_the_returned_cache_equals_no_cache_reference(layers, keep, positions):
+    m = model("llava")
+    inputs = make_inputs("llava", indices=(0, 2))
+    keep = [keep] * len(layers) if len(layers) > 1 else keep
+    method = piofvlm.get_method("random", layers=layers, keep=keep, positions=positions)
+    with torch.no_grad(), method(m):
+        first = m.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+        cache = transformers_compat.output_cache(first)
+        # transformers reads the cache length from layer 0: it must be the unpruned length (prompt + 2 fed tokens).
+        assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2
+        records = method.last_selection
+        ids, logits = second_turn(m, inputs, cache, first.sequences)
+    assert method.last_selection is records  # the second turn was no new prefill
+    expected = reference_logits(m, inputs, ids, records, layers, keep, positions)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_continuing_an_earlier_cache_after_another_prompt_uses_that_cache_layout():
+    """Handle reuse: prompt A, then prompt B, then A's second turn: A's cache keeps A's layout (not B's)."""
+    m = model("llava")
+    a, b = make_inputs("llava", indices=(0, 2)), make_inputs("llava", indices=(2, 2))  # no padding
+    method = piofvlm.get_method("random", layers=[1], keep=0.3)
+    with torch.no_grad(), method(m):
+        first = m.generate(**a, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+        records = method.last_selection
+        m.generate(**b, max_new_tokens=3, **GREEDY)
+        ids, logits = second_turn(m, a, transformers_compat.output_cache(first), first.sequences)
+    torch.testing.assert_close(logits, reference_logits(m, a, ids, records, [1], 0.3), rtol=1e-4, atol=1e-4)
+
+
+def test_a_cache_pruned_under_one_handle_continues_under_another():
+    m = model("llava")
+    inputs = make_inputs("llava", indices=(1,))
+    with torch.no_grad():
+        method = piofvlm.get_method("random", layers=[0], keep=0.3)
+        with method(m):
+            first = m.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+        records = method.last_selection
+        with piofvlm.get_method("random", layers=[2], keep=0.5)(m):
+            ids, logits = second_turn(m, inputs, transformers_compat.output_cache(first), first.sequences)
+    torch.testing.assert_close(logits, reference_logits(m, inputs, ids, records, [0], 0.3), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- 2, 3. handle reuse, encoder side
+def image_only(kind):
+    image = random_image(3, (56, 56))
+    placeholder = OV_IMAGE if kind == tq.ONEVISION else IMAGE
+    prompt = f"USER : {placeholder} what is the colour ? ASSISTANT :"
+    return add_videos(kind, tq.processor(kind), [prompt], [[image]] if kind == tq.ONEVISION else [image], [])
+
+
+def video_only(kind):
+    placeholder = OV_VIDEO if kind == tq.ONEVISION else VIDEO
+    return add_videos(kind, tq.processor(kind), [f"USER : {placeholder} how many ? ASSISTANT :"], None, [(2, 4, 4)])
+
+
+@pytest.mark.parametrize("kind", tq.KINDS)
+@pytest.mark.parametrize("name", ["visionzip", "vscan", "pool"])
+def test_reused_handle_equals_fresh_handle_across_image_and_video_prompts(kind, name):
+    m = tq.model(kind)
+    calls = [image_only(kind), video_only(kind), image_only(kind)]
+    method = build(name, 4)
+    with torch.no_grad():
+        reused = []
+        with method(m):
+            for inputs in calls:
+                tokens = m.generate(**inputs, **tq.GREEDY)
+                reused.append((tokens, [r.kept[0].tolist() for r in method.last_selection]))
+        for inputs, (tokens, kept) in zip(calls, reused, strict=True):
+            with method(m):
+                assert torch.equal(m.generate(**inputs, **tq.GREEDY), tokens)
+                assert [r.kept[0].tolist() for r in method.last_selection] == kept
+
+
+# ------------------------------------------------------------------------------------- 6. refused generation modes
+def test_static_cache_is_refused_with_what_to_do():
+    m = model("llava")
+    inputs = make_inputs("llava", indices=(0,))
+    with torch.no_grad(), piofvlm.get_method("pio", layers=[1], keep=0.3)(m):
+        with pytest.raises(ValueError, match="StaticCache.*Drop cache_implementation='static'"):
+            m.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+def test_labels_are_refused_with_what_to_do():
+    m = model("llava")
+    inputs = make_inputs("llava", indices=(0, 1))
+    with torch.no_grad(), piofvlm.get_method("pio", layers=[1], keep=0.3)(m):
+        with pytest.raises(ValueError, match="labels= is not supported.*Compute the loss from out.logits"):
+            m(**inputs, labels=inputs["input_ids"])
+    with torch.no_grad():  # the handle is gone: labels work again
+        assert torch.isfinite(m(**inputs, labels=inputs["input_ids"]).loss)
+
+
+# ---------------------------------------------------------------------------------------------- 4. copies, saving
+def module_state(m):
+    """Hooks, instance attributes that shadow methods, and weights: what a fresh model must equal."""
+    hooks = [(len(x._forward_pre_hooks), len(x._forward_hooks)) for x in m.modules()]
+    shadows = [name for x in m.modules() for name in vars(x) if name.startswith("get_") and callable(vars(x)[name])]
+    return hooks, shadows, {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen3_vl"])
+def test_deepcopy_and_pickling_a_hooked_model_are_refused_and_work_after_removal(kind, tmp_path):
+    import copy
+    import io
+    import pickle
+
+    m = model("llava") if kind == "llava" else tq.model(kind)
+    inputs = make_inputs("llava", indices=(0,)) if kind == "llava" else tq.make_inputs(kind, indices=(1,))
+    with torch.no_grad():
+        m(**inputs)  # transformers adds its own recorder hooks on the first forward
+    hooks, shadows, weights = module_state(m)
+    method = build("visionzip", 0.3)  # hooks on the vision tower, the decoder and an instance-level wrapper
+    parts = [m, m.model, m.model.language_model, m.model.language_model.layers[1]]
+    with method(m):
+        for part in parts:
+            with pytest.raises(RuntimeError, match="cannot be deep-copied or pickled.*state_dict"):
+                copy.deepcopy(part)
+            with pytest.raises(RuntimeError, match="cannot be deep-copied or pickled"):
+                torch.save(part, io.BytesIO())
+        with pytest.raises(RuntimeError, match="cannot be deep-copied or pickled"):
+            pickle.dumps(m)
+        torch.save(m.state_dict(), tmp_path / "weights.pt")  # the advertised alternatives work under the method
+        m.save_pretrained(tmp_path / "saved")
+    clone = copy.deepcopy(m)  # after removal: a clean copy, as if the method had never been applied
+    assert module_state(clone)[:2] == (hooks, shadows) == module_state(m)[:2]
+    for name, value in weights.items():
+        assert torch.equal(clone.state_dict()[name], value)
+        assert torch.equal(torch.load(tmp_path / "weights.pt")[name], value)
+    with torch.no_grad(), method(clone):  # a method applies to the copy and prunes it
+        clone(**inputs)
+        assert len(method.last_selection) == 1
