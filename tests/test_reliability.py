@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import piofvlm
 import test_qwen as tq
 from conftest import FixedSelection, make_inputs, model
-from piofvlm import transformers_compat
+from piofvlm import cli, toy, transformers_compat
 from piofvlm.toy_qwen import IMAGE, OV_IMAGE, OV_VIDEO, VIDEO, add_videos, random_image
 from test_methods_matrix import build
 
@@ -184,3 +186,141 @@ def test_deepcopy_and_pickling_a_hooked_model_are_refused_and_work_after_removal
     with torch.no_grad(), method(clone):  # a method applies to the copy and prunes it
         clone(**inputs)
         assert len(method.last_selection) == 1
+
+
+# --------------------------------------------------------------------------------------------- 5. odd prompts
+def test_sparsevlm_refuses_a_prompt_without_text_and_names_the_sample():
+    m = model("llava")
+    prompts = ["USER : <image> how many ? ASSISTANT :", "<image>"]
+    inputs = make_inputs("llava", indices=(0, 1), prompts=prompts)
+    method = piofvlm.get_method("sparsevlm", layers=[1, 2], keep=[0.4, 0.2])
+    with torch.no_grad(), method(m):
+        with pytest.raises(ValueError, match=r"sample\(s\) \[1\] have none.*add the question"):
+            m(**inputs)
+        m(**make_inputs("llava", indices=(0,), prompts=["USER : <image>"]))  # text before the image is enough
+        assert [len(k) for k in method.last_selection[-1].kept] == [10]
+
+
+# ------------------------------------------------------------------------------------------ 7. field types
+@pytest.mark.parametrize(
+    ("name", "fields", "message"),
+    [
+        ("pio", {"nms": "no"}, "PIO.nms must be True or False, got 'no'"),
+        ("pio", {"fast_proxy": "yes"}, "PIO.fast_proxy must be True or False, got 'yes'"),
+        ("pio", {"include_last": 1}, "PIO.include_last must be True or False, got 1"),
+        ("pio", {"tau": "0.8"}, "PIO.tau must be a number, got '0.8'"),
+        ("pio", {"num_loss_positions": 2.0}, "PIO.num_loss_positions must be an int, got 2.0"),
+        ("cdpruner", {"negate": "x"}, "CDPruner.negate must be True or False, got 'x'"),
+        ("random", {"seed": "a"}, "RandomPrune.seed must be an int, got 'a'"),
+        ("random", {"seed": 1.5}, "RandomPrune.seed must be an int, got 1.5"),
+        ("vscan", {"global_layer": 1.0}, "VScan.global_layer must be an int or None, got 1.0"),
+        ("fastv", {"query": 3}, "FastV.query must be a string, got 3"),
+    ],
+)
+def test_fields_of_the_wrong_type_are_refused(name, fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        piofvlm.get_method(name, **fields)
+
+
+def test_numpy_scalars_are_accepted_as_the_python_values():
+    import numpy as np
+
+    method = piofvlm.get_method("pio", layers=[np.int64(1), 2], keep=[np.int64(20), np.int32(5)], nms=np.bool_(False))
+    assert method.layers == [1, 2] and method.keep == [20, 5] and method.nms is False
+    assert all(type(v) is int for v in [*method.layers, *method.keep])
+    ratio = piofvlm.get_method("random", keep=np.float32(0.5), seed=np.int64(3))
+    assert ratio.keep == [0.5] and type(ratio.keep[0]) is float and type(ratio.seed) is int
+    m = model("llava")
+    inputs = make_inputs("llava", indices=(0,))
+    with torch.no_grad(), method(m):  # the counts work as counts
+        m(**inputs)
+    assert [len(r.kept[0]) for r in method.last_selection] == [20, 5]
+
+
+# ---------------------------------------------------------------------------------------- 8. CLI and messages
+@pytest.fixture(scope="module")
+def saved_llava(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("toy-llava")
+    toy.save_toy_llava(directory)
+    return directory
+
+
+def test_cli_reports_bad_files_devices_attention_and_flags_without_a_traceback(saved_llava, tmp_path, capsys):
+    image = tmp_path / "image.png"
+    toy.random_image(3).save(image)
+    not_image = tmp_path / "notimage.png"
+    not_image.write_text("hello")
+    argv = ["run", "--model", str(saved_llava), "--prompt", "how many ?"]
+    cases = [
+        (["--image", str(not_image)], "--image '.*notimage.png' is not an image file PIL can read"),
+        (["--image", str(image), "--device", "nonsense"], "device 'nonsense' is not a torch device"),
+        (["--image", str(image), "--method", "none", "--keep", "0.5"], "--keep do not apply to --method none"),
+        (["--image", str(image), "--method", "none", "--layers", "1"], "--layers do not apply to --method none"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--image", str(image), "--device", "cuda"], "sees no CUDA device; use 'cpu'"))
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        cases.append((["--image", str(image), "--attn", "flash_attention_2"], "'flash_attention_2' cannot be used"))
+    for extra, message in cases:
+        assert cli.main([*argv, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("piofvlm: error: ") and re.search(message, err), (extra, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_cli_eval_refuses_empty_runs(tmp_path, capsys):
+    for flag in ("--num-samples", "--batch-size"):
+        assert cli.main(["eval", flag, "0", "--out", str(tmp_path / "x")]) == 2
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_eval_sets_left_padding_itself(tmp_path, capsys):
+    import json
+    import shutil
+
+    from piofvlm.testbed.model import CHECKPOINT_DIR
+
+    right = tmp_path / "right-padded"
+    shutil.copytree(CHECKPOINT_DIR, right)
+    config = json.loads((right / "tokenizer_config.json").read_text())
+    (right / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "right"}))
+    results = []
+    for directory in (CHECKPOINT_DIR, right):
+        out = tmp_path / directory.name
+        argv = ["eval", "--model", str(directory), "--methods", "pio", "--keep", "0.111", "--num-samples", "6"]
+        assert cli.main([*argv, "--batch-size", "6", "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+        results.append([row["accuracy"] for row in json.loads((out / "results.json").read_text())["rows"]])
+    assert results[0] == results[1]
+
+
+def test_attention_switched_to_flex_after_applying_is_refused_at_the_call():
+    m = toy.build_llava(num_layers=2)
+    inputs = make_inputs("llava", indices=(0,))
+    with torch.no_grad(), piofvlm.get_method("pio", layers=[1], keep=0.3)(m):
+        m.set_attn_implementation("flex_attention")
+        with pytest.raises(ValueError, match="'flex_attention' is not supported.*attn_implementation='sdpa'"):
+            m(**inputs)
+
+
+def test_a_batch_row_of_padding_only_is_refused_and_named():
+    m = model("llava")
+    inputs = make_inputs("llava", indices=(0, 1))
+    inputs["attention_mask"][1] = 0
+    with torch.no_grad(), piofvlm.get_method("pio", layers=[1], keep=0.3)(m):
+        with pytest.raises(ValueError, match=r"sample\(s\) \[1\] have image tokens where attention_mask is 0"):
+            m(**inputs)
+
+
+def test_stage_records_print_in_one_line():
+    m = model("llava")
+    method = piofvlm.get_method("pio", layers=[1, 2], keep=[25, 5])
+    with torch.no_grad(), method(m):
+        m(**make_inputs("llava"))
+    text = repr(method.last_selection)
+    assert text == (
+        "[StageRecord(stage=0, layer=1, kept=[25, 25, 25] of [49, 49, 49] per sample, scored), "
+        "StageRecord(stage=1, layer=2, kept=[5, 5, 5] of [25, 25, 25] per sample, scored)]"
+    )

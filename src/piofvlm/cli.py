@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from piofvlm.loading import DTYPES, build_prompt, load_model
+from piofvlm.loading import DTYPES, build_prompt, check_device, load_model
 from piofvlm.overlay import overlay_panels
 from piofvlm.registry import available_methods, get_method
 
@@ -36,7 +36,11 @@ def parse_value(text: str) -> Any:
 
 def method_from_args(args: argparse.Namespace) -> Any:
     fields: dict[str, Any] = {}
-    if args.method != "none":
+    if args.method == "none":
+        given = [flag for flag, value in (("--keep", args.keep), ("--layers", args.layers)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} do not apply to --method none (the unpruned model); drop them")
+    else:
         if args.layers is not None:
             fields["layers"] = parse_value(args.layers)
         if args.keep is not None:
@@ -76,8 +80,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     method = method_from_args(args)
+    check_device(args.device)
+    image = read_image(args.image)
     model, processor = load_model(args.model, dtype=args.dtype, attn=args.attn, device=args.device)
-    image = Image.open(args.image).convert("RGB")
     inputs = processor(images=[image], text=[build_prompt(processor, args.prompt)], return_tensors="pt").to(
         args.device
     )
@@ -93,6 +98,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{result['total_s'] * 1000:.1f} ms"
     )
     return 0
+
+
+def read_image(path: str) -> Image.Image:
+    """The image file as RGB; ``ValueError`` naming the file if it is not an image PIL can read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError is an OSError
+        message = f"--image {path!r} is not an image file PIL can read ({error}); give a PNG or JPEG"
+        raise ValueError(message) from error
 
 
 def testbed_available() -> bool:
@@ -174,11 +191,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from piofvlm.testbed import data
     from piofvlm.testbed.model import load_testbed
 
+    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     fields = dict(_parse_sets(args.set))
     entries = build_entries(
         args.methods.split(","), parse_list(args.keep), parse_list(args.layers), fields
     )  # validated before any compute
     model, processor = load_testbed(path=args.model)
+    processor.tokenizer.padding_side = "left"  # batches are left-padded; a checkpoint may ship a right-padding one
     samples = data.make_split(args.split, args.num_samples)
     rows = evaluate(model, processor, samples, entries, batch_size=args.batch_size, progress=not args.quiet)
     chance = {task: data.chance_accuracy(task) for task in data.TASKS}
@@ -241,6 +262,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             plot(result, path.with_suffix(".png"))
             print(f"wrote {path.with_suffix('.md')}, {path.with_suffix('.png')}")
         return 0
+    if args.device is not None:
+        check_device(args.device)
     data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.preset or args.model:
         data["preset"], data["model_path"] = args.preset, args.model

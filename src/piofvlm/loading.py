@@ -23,11 +23,36 @@ def load_model(
         raise FileNotFoundError(f"{path} is not a model directory (no config.json); give a local checkpoint directory")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn)
+    check_device(device)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn)
+    except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package
+        raise ValueError(
+            f"attention implementation {attn!r} cannot be used here: {str(error).splitlines()[0]} Use 'sdpa' (the "
+            "default) or install what it needs"
+        ) from error
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` if it is malformed or this torch build cannot use it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {error}") from error
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r}: this torch build ({torch.__version__}) sees no CUDA device; use 'cpu' or install a "
+            "CUDA build of torch"
+        )
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine; use 'cpu'")
+    return parsed
 
 
 def build_prompt(processor: Any, question: str) -> str:

@@ -88,3 +88,10 @@ class StageRecord:
     kept: list[torch.Tensor] = field(default_factory=list)
     #: Per sample: ``(N_before,)`` scores aligned with ``candidates`` (None for score-free methods).
     scores: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        """One line: the counts per sample, not the tensors (``record.kept`` etc. hold those)."""
+        kept = [len(k) for k in self.kept]
+        candidates = [len(c) for c in self.candidates]
+        scored = "scored" if any(s is not None for s in self.scores) else "no scores"
+        return f"StageRecord(stage={self.stage}, layer={self.layer}, kept={kept} of {candidates} per sample, {scored})"

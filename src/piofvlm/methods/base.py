@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +20,40 @@ from piofvlm.core.session import PruningHandle
 
 BUDGET_SCOPES = ("image", "sample", "modality")
 POSITION_MODES = ("keep", "renumber")
+#: Field annotations checked (and numpy scalars converted) for every method, before its own ``__post_init__`` checks.
+_SIMPLE_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def plain_number(value: Any) -> Any:
+    """A numpy scalar (``np.int64(5)``, ``np.float32(0.5)``, ``np.bool_``) as the Python value; anything else as is."""
+    if isinstance(value, np.generic) and isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    return value
+
+
+def check_field_types(method: Any) -> None:
+    """Raise ``ValueError`` (quoting the value) for a field annotated ``bool``/``int``/``float``/``str`` (or one of
+    those ``| None``) whose value is not of that type; numpy scalars are converted, an int is accepted as a float.
+
+    Without this, ``nms="no"`` would be truthy and run NMS, ``seed="a"`` would fail only at the first call."""
+    for f in dataclasses.fields(method):
+        annotation = str(f.type).replace(" ", "")
+        optional = annotation.endswith("|None")
+        expected = _SIMPLE_TYPES.get(annotation.removesuffix("|None"))
+        if expected is None:
+            continue
+        value = plain_number(getattr(method, f.name))
+        if value is None and optional:
+            continue
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+        if not ok:
+            what = {bool: "True or False", int: "an int", float: "a number", str: "a string"}[expected]
+            raise ValueError(
+                f"{type(method).__name__}.{f.name} must be {what}{' or None' if optional else ''}, got {value!r}"
+            )
+        setattr(method, f.name, value)
 
 
 class Method:
@@ -73,6 +108,13 @@ class TokenPruner(Method):
     positions: str = "keep"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+        self.layers = plain_number(self.layers)
+        self.keep = plain_number(self.keep)
+        if isinstance(self.layers, (list, tuple)):
+            self.layers = [plain_number(layer) for layer in self.layers]
+        if isinstance(self.keep, (list, tuple)):
+            self.keep = [plain_number(value) for value in self.keep]
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
             self.layers = [self.layers]
         if not isinstance(self.layers, (list, tuple)):

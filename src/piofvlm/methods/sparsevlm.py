@@ -56,6 +56,13 @@ class SparseVLM(TokenPruner):
         """``(B, S)`` mean attention of each slot from the raters (only visual slots are meaningful)."""
         visual = ctx.groups >= 0
         text = ctx.valid & ~visual
+        no_text = (text.sum(1) == 0).nonzero()[:, 0].tolist()
+        if no_text:
+            raise ValueError(
+                f"sparsevlm rates visual tokens by the attention they receive from the prompt's text tokens, and "
+                f"sample(s) {no_text} have none (a prompt of image tokens only); add the question to the prompt, or "
+                "use a method that needs no text (e.g. pio, fastv, divprune)"
+            )
         num_text = int(text.sum(1).max())
         # Text slots per sample, padded with the last slot (masked below).
         order = torch.sort((~text).long(), dim=1, stable=True).indices[:, :num_text]  # (B, T) text slots first
