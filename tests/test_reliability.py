@@ -324,3 +324,55 @@ def test_stage_records_print_in_one_line():
         "[StageRecord(stage=0, layer=1, kept=[25, 25, 25] of [49, 49, 49] per sample, scored), "
         "StageRecord(stage=1, layer=2, kept=[5, 5, 5] of [25, 25, 25] per sample, scored)]"
     )
+
+
+# ------------------------------------------------------------------------------- fidelity: the authors' Qwen head
+def test_output_head_input_embeddings_scores_with_the_embedding_matrix():
+    """The authors' Qwen2.5-VL proxy ends in ``embed_tokens`` (as output head): scores equal a direct autograd
+    computation with that head, differ from the LM head's (the toy's embeddings are untied), and the fast path
+    equals the reference path."""
+    import torch.nn.functional as F
+
+    kind = "qwen2_5_vl"
+    m = tq.model(kind)
+    assert not torch.equal(m.lm_head.weight, m.get_input_embeddings().weight)
+    inputs = tq.make_inputs(kind, indices=(1,))
+    layer = 2
+    with torch.no_grad():
+        hidden = m(**inputs, output_hidden_states=True).hidden_states[layer]
+        positions, _ = m.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            video_grid_thw=inputs["video_grid_thw"],
+        )
+    lm = m.model.language_model
+    visual = torch.isin(inputs["input_ids"][0], torch.tensor(tq.placeholder_ids(kind)))
+    expected = {}
+    for head, weight in (("input_embeddings", m.get_input_embeddings().weight), ("lm_head", m.lm_head.weight)):
+        x = hidden.clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = lm.layers[layer - 1](x, attention_mask=None, position_embeddings=lm.rotary_emb(x, positions))
+            window = F.linear(lm.norm(out), weight)[0, -5:-1].float()
+            (grad,) = torch.autograd.grad(F.cross_entropy(window, window.argmax(-1)), x)
+        expected[head] = grad[0, visual].norm(dim=-1)
+    for head in expected:
+        for fast in (True, False):
+            fields = {"proxy_layer": "previous", "output_head": head, "fast_proxy": fast, "budget_scope": "sample"}
+            method = piofvlm.get_method("pio", layers=[layer], keep=0.3, **fields)
+            with torch.no_grad(), method(m):
+                m(**inputs)
+            torch.testing.assert_close(method.last_selection[0].scores[0], expected[head], rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(expected["input_embeddings"], expected["lm_head"], rtol=1e-2)
+
+
+def test_qwen_preset_reproducing_the_authors_uses_the_embedding_head():
+    from piofvlm.presets import PRESETS
+
+    qwen = [name for name in PRESETS if name.startswith("pio-qwen25vl-")]
+    assert qwen
+    for name in qwen:
+        assert piofvlm.get_preset(name).llm.output_head == "input_embeddings"
+    assert piofvlm.get_preset("pio-llava15-64").output_head == "lm_head"  # LLaVA's head is the real one
+    with pytest.raises(ValueError, match="output_head must be one of .*'embed'"):
+        piofvlm.get_method("pio", output_head="embed")

@@ -42,6 +42,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # same layer, original M-RoPE positions; VScan on the first full-attention block (7) and the last block (31, the
     # one feeding the merger) with 4 x 4 windows of the merged grid and mean attention received.
     # The authors round int(ratio * current) per stage; here each ratio counts the original tokens (0.167 / 3).
+    # Their proxy's output head is the input embedding matrix (their patched text decoder has no lm_head; see
+    # docs/methods.md, "Fidelity to the authors' code").
     "pio-qwen25vl-11-ve": {
         "method": "chain",
         "encoder": {
@@ -52,7 +54,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "window": 4,
             "attention": "mean",
         },
-        "llm": {"method": "pio", "layers": [14], "keep": 0.167 / 3, "proxy_layer": "previous"},
+        "llm": {
+            "method": "pio",
+            "layers": [14],
+            "keep": 0.167 / 3,
+            "proxy_layer": "previous",
+            "output_head": "input_embeddings",
+        },
         "positions": "keep",
     },
 }

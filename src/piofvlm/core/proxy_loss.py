@@ -10,6 +10,9 @@ positions against their own argmax (no ground truth). Two exact implementations:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
@@ -46,7 +49,9 @@ def _self_argmax_loss(logits: torch.Tensor) -> torch.Tensor:
     return per_position.view(labels.shape).mean(1).sum()
 
 
-def _reference_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def _reference_logits(
+    ctx: StageContext, layer_index: int, x: torch.Tensor, slots: torch.Tensor, head: Callable[[torch.Tensor], Any]
+) -> torch.Tensor:
     adapter = ctx.adapter
     layer = adapter.layers[layer_index]
     out = layer(
@@ -57,11 +62,13 @@ def _reference_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slot
         **transformers_compat.without_cache(layer),
     )
     out = out[0] if isinstance(out, tuple) else out
-    logits = adapter.lm_head(adapter.final_norm(out))  # (B, S, V)
+    logits = head(adapter.final_norm(out))  # (B, S, V)
     return logits.gather(1, slots[..., None].expand(-1, -1, logits.shape[-1]))
 
 
-def _fast_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def _fast_logits(
+    ctx: StageContext, layer_index: int, x: torch.Tensor, slots: torch.Tensor, head: Callable[[torch.Tensor], Any]
+) -> torch.Tensor:
     adapter = ctx.adapter
     rotary = adapter.rotary_fn()
     layer = adapter.layers[layer_index]
@@ -90,7 +97,7 @@ def _fast_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: to
     attn_out = attn.o_proj(attn_out.transpose(1, 2).reshape(batch_size, num_q, -1))  # (B, n, d)
     residual = x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1])) + attn_out
     out = residual + layer.mlp(layer.post_attention_layernorm(residual))
-    return adapter.lm_head(adapter.final_norm(out))  # (B, n, V)
+    return head(adapter.final_norm(out))  # (B, n, V)
 
 
 def proxy_gradient(
@@ -99,6 +106,7 @@ def proxy_gradient(
     num_positions: int = 4,
     include_last: bool = False,
     fast: bool = True,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Gradient of the proxy loss with respect to (a detached copy of) ``ctx.hidden_states``.
 
@@ -111,6 +119,7 @@ def proxy_gradient(
         num_positions: number of loss positions.
         include_last: end the loss window at the last prompt token instead of the one before it.
         fast: use the exact fast path (falls back to the reference path if the family has no rotary function).
+        head: the output head applied after the final norm; ``None``: the model's LM head.
 
     Returns:
         ``(B, S, d)`` gradient in the hidden-state dtype.
@@ -123,7 +132,7 @@ def proxy_gradient(
         logits_fn = _fast_logits if use_fast else _reference_logits
         # Profiler labels (no cost unless a torch.profiler session is active): the benchmark splits the overhead.
         with record_function("piofvlm.proxy.forward"):
-            loss = _self_argmax_loss(logits_fn(local, layer_index, x, slots.clone()))
+            loss = _self_argmax_loss(logits_fn(local, layer_index, x, slots.clone(), head or ctx.adapter.lm_head))
         with record_function("piofvlm.proxy.backward"):
             (grad,) = torch.autograd.grad(loss, x)
     return grad

@@ -9,10 +9,12 @@ Needs no attention maps, so it works with SDPA and FlashAttention.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import record_function
 
 from piofvlm.core.context import Selection, StageContext
@@ -22,6 +24,7 @@ from piofvlm.methods.base import TokenPruner
 from piofvlm.registry import register_method
 
 PROXY_LAYERS = ("next", "previous")
+OUTPUT_HEADS = ("lm_head", "input_embeddings")
 
 
 @register_method
@@ -40,6 +43,10 @@ class PIO(TokenPruner):
         include_last: end the loss window at the last prompt token (the authors' window stops one before it, whose
             gradient is therefore always zero).
         fast_proxy: compute the proxy at the loss positions only (exact); False runs the full reference path.
+        output_head: the proxy's output head after the final norm. ``"lm_head"``: the model's own LM head;
+            ``"input_embeddings"``: the input embedding matrix (``model.get_input_embeddings().weight``) as the head,
+            which is what the authors' Qwen2.5-VL code runs (it patches the text decoder, which has no ``lm_head``,
+            and falls back to ``embed_tokens``). The two agree when the embeddings are tied; Qwen2.5-VL-7B's are not.
     """
 
     name: ClassVar[str] = "pio"
@@ -50,6 +57,7 @@ class PIO(TokenPruner):
     num_loss_positions: int = 4
     include_last: bool = False
     fast_proxy: bool = True
+    output_head: str = "lm_head"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,9 +71,17 @@ class PIO(TokenPruner):
             raise ValueError(f"num_loss_positions must be an int >= 1, got {self.num_loss_positions!r}")
         if self.num_loss_positions < 1:
             raise ValueError(f"num_loss_positions must be >= 1, got {self.num_loss_positions!r}")
+        if self.output_head not in OUTPUT_HEADS:
+            raise ValueError(f"output_head must be one of {OUTPUT_HEADS}, got {self.output_head!r}")
 
     def proxy_layer_index(self, layer: int) -> int:
         return layer if self.proxy_layer == "next" else layer - 1
+
+    def _head(self, ctx: StageContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.output_head == "lm_head":
+            return None
+        embeddings = ctx.model.get_input_embeddings()
+        return lambda hidden: F.linear(hidden, embeddings.weight)
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         """``(B, S)`` fp32 L2 norm of the proxy-loss gradient of each slot."""
@@ -75,6 +91,7 @@ class PIO(TokenPruner):
             num_positions=self.num_loss_positions,
             include_last=self.include_last,
             fast=self.fast_proxy,
+            head=self._head(ctx),
         )
         return grad.float().norm(dim=-1)
 
