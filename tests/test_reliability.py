@@ -376,3 +376,47 @@ def test_qwen_preset_reproducing_the_authors_uses_the_embedding_head():
     assert piofvlm.get_preset("pio-llava15-64").output_head == "lm_head"  # LLaVA's head is the real one
     with pytest.raises(ValueError, match="output_head must be one of .*'embed'"):
         piofvlm.get_method("pio", output_head="embed")
+
+
+# ------------------------------------------------------------------------- found by the property suite (cdpruner)
+def test_cdpruner_batch_equals_single_when_the_budget_exceeds_the_kernel_rank():
+    """A budget above the feature size (64 here) exhausts the DPP kernel; the remaining picks must follow the index,
+    not rounding noise that differs between a batch and a single sample."""
+    m = model("llava_next")
+    inputs = make_inputs("llava_next", indices=(0, 2, 1))
+    method = piofvlm.get_method("cdpruner", keep=100)
+    assert m.config.text_config.hidden_size < 100
+    with torch.no_grad(), method(m):
+        batch = m(**inputs).logits[:, -1]
+        kept = [k.tolist() for k in method.last_selection[0].kept]
+        for i, index in enumerate((0, 2, 1)):
+            single = m(**make_inputs("llava_next", indices=(index,))).logits[:, -1]
+            assert method.last_selection[0].kept[0].tolist() == kept[i]
+            torch.testing.assert_close(single, batch[i : i + 1], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- modes table: beams, compile
+def test_beam_search_under_a_keep_all_method_equals_the_unhooked_model():
+    m = model("llava")
+    inputs = make_inputs("llava", indices=(0, 2))
+    beams = {"max_new_tokens": 4, "num_beams": 3, "do_sample": False, "suppress_tokens": [4]}
+    with torch.no_grad():
+        reference = m.generate(**inputs, **beams)
+        with piofvlm.get_method("random", layers=[0, 2], keep=[1.0, 1.0])(m):
+            assert torch.equal(m.generate(**inputs, **beams), reference)
+        with piofvlm.get_method("pio", layers=[1], keep=0.3)(m):  # pruned: runs, one beam per row and step
+            assert m.generate(**inputs, **beams).shape == (2, inputs["input_ids"].shape[1] + 4)
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_with_a_method_applied():
+    """Hooks make graph breaks; the compiled model (eager backend: no compiler toolchain needed) prunes the same."""
+    m = model("llava")
+    inputs = make_inputs("llava", indices=(0, 1))
+    method = piofvlm.get_method("pio", layers=[1], keep=0.3)
+    with torch.no_grad():
+        with method(m):
+            expected = m(**inputs).logits
+        compiled = torch.compile(m, backend="eager")
+        with method(m):
+            assert torch.equal(compiled(**inputs).logits, expected)

@@ -18,6 +18,9 @@ from piofvlm.core.selection import group_rows, rows_to_mask
 from piofvlm.methods.base import TokenPruner
 from piofvlm.registry import register_method
 
+#: Relative size (to a row's largest kernel diagonal) under which a marginal gain is treated as zero.
+EXHAUSTED = 1e-5
+
 
 def conditional_dpp_map(kernel: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
     """Greedy MAP inference of a DPP (Chen et al., NeurIPS 2018, incremental Cholesky), batched over rows.
@@ -31,6 +34,9 @@ def conditional_dpp_map(kernel: torch.Tensor, valid: torch.Tensor, budgets: torc
     rows, num = valid.shape
     kernel = kernel.double()
     gains = torch.diagonal(kernel, dim1=1, dim2=2).clone().masked_fill(~valid, float("-inf"))  # (P, N)
+    # Gains below this are rounding noise of an exhausted kernel (its rank is at most the feature size): they count
+    # as zero, so the remaining picks follow the index instead of noise that differs between batch and single runs.
+    noise = EXHAUSTED * gains.clamp(min=0).amax(-1, keepdim=True)  # (P, 1)
     basis = torch.zeros(rows, int(budgets.max().item()) if budgets.numel() else 0, num, dtype=torch.float64)
     basis = basis.to(kernel.device)
     picked = torch.zeros_like(valid)
@@ -45,9 +51,8 @@ def conditional_dpp_map(kernel: torch.Tensor, valid: torch.Tensor, budgets: torc
         # A pick with no gain left (the kernel is exhausted) adds no direction; later picks follow the index.
         update = torch.where(denom > 1e-12, update / denom.clamp(min=1e-12).sqrt(), 0.0)
         basis[:, step] = update
-        gains = torch.nan_to_num(gains - update**2, nan=-1e300, neginf=-1e300).masked_fill(
-            picked | ~valid, float("-inf")
-        )
+        gains = torch.nan_to_num(gains - update**2, nan=-1e300, neginf=-1e300)
+        gains = torch.where(gains < noise, 0.0, gains).masked_fill(picked | ~valid, float("-inf"))
     return picked
 
 
