@@ -420,3 +420,19 @@ def test_torch_compile_runs_with_a_method_applied():
         compiled = torch.compile(m, backend="eager")
         with method(m):
             assert torch.equal(compiled(**inputs).logits, expected)
+
+
+# -------------------------------------------------------------- found by the property suite (fp64 merging methods)
+@pytest.mark.parametrize("name", ["visionzip", "vscan", "pool"])
+def test_merging_methods_keep_fp64_precision(name):
+    """Merged values were averaged in fp32 and cast back: an fp64 model lost its precision (keep-all not identical,
+    batch != single beyond fp64 rounding)."""
+    m = tq.model("qwen2_vl", dtype=torch.float64)
+    inputs = tq.make_inputs("qwen2_vl", indices=(2, 0, 1))
+    for key in ("pixel_values", "pixel_values_videos"):
+        inputs[key] = inputs[key].to(torch.float64)
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        reference = m(**inputs).logits
+        with build(name, 1.0)(m):
+            assert torch.equal(m(**inputs).logits[valid], reference[valid])

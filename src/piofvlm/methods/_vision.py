@@ -61,12 +61,13 @@ def merge_into(
     Returns:
         ``(n_t, d)``: ``(target + sum of its sources) / (1 + number of sources)``.
     """
-    merged = hidden[targets].float()
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # at least fp32; fp64 models keep fp64
+    merged = hidden[targets].to(dtype)
     if len(sources) == 0 or len(targets) == 0:
         return merged
-    feats = F.normalize(similarity_feats.float(), dim=-1)
+    feats = F.normalize(similarity_feats.to(torch.promote_types(similarity_feats.dtype, torch.float32)), dim=-1)
     assign = (feats[sources] @ feats[targets].T).argmax(-1)  # (n_s,), first maximum
-    sums = merged.index_add(0, assign, hidden[sources].float())
+    sums = merged.index_add(0, assign, hidden[sources].to(dtype))
     counts = 1 + torch.bincount(assign, minlength=len(targets)).to(merged.dtype)[:, None]
     return sums / counts
 

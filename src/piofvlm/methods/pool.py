@@ -95,8 +95,9 @@ class Pool(TokenPruner):
             raise ValueError("pool needs complete token grids; use it as the first (or only) stage")
         cell, center_r, center_c = pool_cells(height, width, k, r, c)
         cell = cell.to(slots.device)
-        feats = ctx.hidden_states[b, slots].float()
-        sums = torch.zeros(k, feats.shape[-1], device=feats.device).index_add_(0, cell, feats)
+        feats = ctx.hidden_states[b, slots]
+        feats = feats.to(torch.promote_types(feats.dtype, torch.float32))  # at least fp32; fp64 models keep fp64
+        sums = torch.zeros(k, feats.shape[-1], dtype=feats.dtype, device=feats.device).index_add_(0, cell, feats)
         counts = torch.bincount(cell, minlength=k).clamp(min=1)[:, None]
         lookup = torch.full((height, width), -1, dtype=torch.long)
         lookup[r, c] = torch.arange(len(slots))
