@@ -21,6 +21,7 @@ import logging
 import platform
 import statistics
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,7 @@ def variant_label(entry: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- running
-def _load(config: BenchConfig) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
+def load(config: BenchConfig) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
     dtype = DTYPES[config.dtype]
     if config.preset is not None:
         shape = get_shape(config.preset, config.num_layers)
@@ -184,6 +185,20 @@ def _selection_flops(
     return None
 
 
+def _profiles(
+    model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device, repeats: int
+) -> list[tuple[dict[str, float], list]]:
+    """Profiled prefills; none (with a warning) when the profiler cannot run here (e.g. no CUPTI on a GPU)."""
+    profiles = []
+    for _ in range(repeats):
+        try:
+            profiles.append(profile_labels(lambda: _prefill(model, inputs), device))
+        except Exception as error:  # noqa: BLE001 - the timings stand without the selection split
+            logger.warning("the profiler failed (%r): no selection split in this run", error)
+            return profiles
+    return profiles
+
+
 def _environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
@@ -227,14 +242,24 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def run_benchmark(config: BenchConfig) -> dict[str, Any]:
-    """Run ``config`` and return the result document (see :mod:`piofvlm.bench.harness`)."""
+def run_benchmark(
+    config: BenchConfig,
+    deadline: float | None = None,
+    loaded: tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run ``config`` and return the result document (see :mod:`piofvlm.bench.harness`).
+
+    Args:
+        deadline: a ``time.monotonic()`` value; timed repeats after the first stop once it has passed (the result
+            records how many ran).
+        loaded: ``(model, inputs, model_info)`` already built for ``config`` (see :func:`load`), to reuse a model.
+    """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     load_start = load_average()
     environment = _environment(device)  # before the run: the commit of the code that runs
-    model, inputs, model_info = _load(config)
+    model, inputs, model_info = loaded if loaded is not None else load(config)
     shape = fl.TextShape.from_config(model.config.text_config)
     entries = config.expand_variants()
     methods = [get_method(e["method"], **{k: v for k, v in e.items() if k != "method"}) for e in entries]
@@ -254,6 +279,9 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                     _prefill(model, inputs)
                     _generate(model, inputs, config.new_tokens)
         for repeat in range(config.repeats):
+            if repeat > 0 and deadline is not None and time.monotonic() > deadline:
+                logger.warning("time budget reached: %d of %d repeats ran", repeat, config.repeats)
+                break
             order = [(i + repeat) % len(entries) for i in range(len(entries))]
             for i in order:
                 with methods[i](model):
@@ -275,9 +303,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                     for r in method.last_selection
                 ]
                 generated = _generate(model, inputs, config.new_tokens, return_dict_in_generate=True)
-                profiles = [
-                    profile_labels(lambda: _prefill(model, inputs), device) for _ in range(config.profile_repeats)
-                ]
+                profiles = _profiles(model, inputs, device, config.profile_repeats)
             variants.append(
                 _variant_result(
                     labels[i], entries[i], method, cache, generated, records, prefill_s[i], e2e_s[i], peaks[i],
@@ -451,8 +477,8 @@ def _extrapolate(
     return (base_prefill * full_layers / num_layers) / full_time
 
 
-def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """``<name>.json``, ``<name>.md`` and (with matplotlib) ``<name>.png`` in ``out_dir``."""
+def write_outputs(result: dict[str, Any], out_dir: str | Path, png: bool = True) -> dict[str, Path]:
+    """``<name>.json``, ``<name>.md`` and (with matplotlib, unless ``png`` is False) ``<name>.png`` in ``out_dir``."""
     from piofvlm.bench.report import markdown, plot
 
     out_dir = Path(out_dir)
@@ -461,7 +487,6 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
     paths["json"].write_text(json.dumps(result, indent=1) + "\n")
     paths["md"].write_text(markdown(result))
-    png = stem.with_suffix(".png")
-    if plot(result, png):
-        paths["png"] = png
+    if png and plot(result, stem.with_suffix(".png")):
+        paths["png"] = stem.with_suffix(".png")
     return paths
