@@ -3,9 +3,8 @@
 Each family has a :class:`TinyFamily`: a builder (random weights from a config), an offline processor where one can be
 built without torchvision (video processors need it, SmolVLM's processor needs ``num2words``: those inputs are
 written here in the processor's layout), and three standard samples mirroring ``tests/test_qwen.py``: one image; an
-image and a video (a second image where the family has no video); two images of different sizes. :data:`TINY_CASES`
-maps every supported ``model_type`` (these families and the older ones) to a function returning ``(model, inputs)``
-for a quick self-test.
+image and a video (a second image where the family has no video); two images of different sizes. :func:`tiny_case`
+gives ``(model, inputs)`` for ``piofvlm.toy_cases.TINY_CASES`` (``piofvlm doctor``).
 """
 
 from __future__ import annotations
@@ -447,36 +446,8 @@ FAMILIES: dict[str, TinyFamily] = {
 }
 
 
-def _older_family_case(model_type: str) -> tuple[torch.nn.Module, BatchFeature]:
-    from piofvlm import toy, toy_qwen
-
-    if model_type in ("llava", "llava_next"):
-        build = toy.build_llava if model_type == "llava" else toy.build_llava_next
-        inputs = toy.build_processor(model_type)(
-            images=[random_image(0)], text=["USER : <image> what is the colour ? ASSISTANT :"], return_tensors="pt"
-        )
-        return build(), inputs
-    if model_type == toy_qwen.ONEVISION:
-        prompt = f"USER : {toy_qwen.OV_IMAGE} what is the colour ? ASSISTANT :"
-        inputs = toy_qwen.add_videos(model_type, toy_qwen.build_onevision_processor(), [prompt], [random_image(0)], [])
-        return toy_qwen.build_onevision(), inputs
-    prompt = f"USER : {toy_qwen.IMAGE} what is the colour ? ASSISTANT :"
-    processor = toy_qwen.build_qwen_processor(model_type)
-    inputs = toy_qwen.add_videos(model_type, processor, [prompt], [random_image(0, (56, 56))], [])
-    return toy_qwen.build_qwen(model_type), inputs
-
-
-def _family_case(model_type: str) -> tuple[torch.nn.Module, BatchFeature]:
+def tiny_case(model_type: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``(model, inputs)`` for ``piofvlm.toy_cases.TINY_CASES``: the family's tiny model (3 decoder layers) and its
+    standard samples 0 and 1 (one image; an image and a video, or a second image), left-padded."""
     family = FAMILIES[model_type]
-    return family.build(), family.inputs((0, 1, 2))
-
-
-#: ``model_type`` -> a function returning ``(model, inputs)``: a tiny random model (sdpa, fp32, 4 decoder layers) and
-#: a batch for it (the older families: one image; the families above: the three standard samples, left-padded).
-TINY_CASES: dict[str, Callable[[], tuple[torch.nn.Module, BatchFeature]]] = {
-    **{
-        kind: functools.partial(_older_family_case, kind)
-        for kind in ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-    },
-    **{kind: functools.partial(_family_case, kind) for kind in FAMILIES},
-}
+    return family.build(num_layers=3), dict(family.inputs((0, 1)))

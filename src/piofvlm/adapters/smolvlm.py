@@ -1,6 +1,6 @@
-"""SmolVLM and Idefics3 (``SmolVLMForConditionalGeneration``, ``Idefics3ForConditionalGeneration``).
+"""SmolVLM (``SmolVLMForConditionalGeneration``; Idefics3 shares the layout but is not registered until tested).
 
-Layout facts (``get_image_prompt_string`` of their processors): a large image is split into ``rows x cols`` tiles
+Layout facts (``get_image_prompt_string`` of its processor): a large image is split into ``rows x cols`` tiles
 plus a downscaled global view; each tile is written ``<fake_token_around_image><row_i_col_j>`` + ``image_seq_len``
 ``<image>`` tokens, tile rows end with a newline, and the global view comes last (``<global-img>`` + its tokens). So
 an image is several runs of image tokens split by text, and the model config does not know the ``<global-img>`` id
@@ -26,7 +26,7 @@ from piofvlm.adapters.registry import register_adapter
 class SmolVLMAdapter(ModelAdapter):
     """Each run of ``<image>`` tokens (a tile or a global view) is one item; see the module docstring."""
 
-    model_types = ("smolvlm", "idefics3")
+    model_types = ("smolvlm",)  # idefics3 has the same layout but is untested: not registered
 
     @property
     def language_model(self) -> nn.Module:
