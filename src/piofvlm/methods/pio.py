@@ -93,7 +93,7 @@ class PIO(TokenPruner):
             fast=self.fast_proxy,
             head=self._head(ctx),
         )
-        return grad.float().norm(dim=-1)
+        return torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)  # fp32 accumulation, no fp32 copy
 
     def select(self, ctx: StageContext) -> Selection:
         scores = self.score(ctx)
