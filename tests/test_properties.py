@@ -27,14 +27,14 @@ FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_
 LLAVA_FAMILIES = ("llava", "llava_next")
 NUM_LAYERS = 4  # every tiny model here
 FAST = settings(
-    max_examples=8,
+    max_examples=15,
     deadline=None,
     derandomize=True,
     database=None,
     phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure prints its drawn example at once
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-DEEP = settings(FAST, max_examples=60)
+DEEP = settings(FAST, max_examples=200)
 #: Methods that only choose tokens (no merged hidden states): a :class:`FixedSelection` replays them exactly.
 SELECT_ONLY = ("random", "pio", "fastv", "pdrop", "dart", "divprune", "cdpruner")
 
