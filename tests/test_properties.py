@@ -220,7 +220,8 @@ def check_counts_batch_single_and_exit_on_error(s: Scenario) -> None:
         for stage in method.last_selection:
             for k, candidates in zip(stage.kept, stage.candidates, strict=True):
                 assert torch.equal(k, k.sort().values) and bool(torch.isin(k, candidates).all())
-        tolerance = {"rtol": 1e-4, "atol": 1e-5} if s.dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-10}
+        # fp64: the unhooked LLaVA-OneVision model itself differs by ~1e-8 between a batch and its samples.
+        tolerance = {"rtol": 1e-4, "atol": 1e-5} if s.dtype == torch.float32 else {"rtol": 1e-6, "atol": 1e-7}
         for i in range(len(s.indices)):
             single = slice_inputs(s.kind, s.indices, i, s.image_seed, s.dtype)
             torch.testing.assert_close(m(**single).logits[:, -1], batch[i : i + 1], **tolerance)

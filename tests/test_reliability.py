@@ -437,3 +437,22 @@ def test_merging_methods_keep_fp64_precision(name):
         reference = m(**inputs).logits
         with build(name, 1.0)(m):
             assert torch.equal(m(**inputs).logits[valid], reference[valid])
+
+
+def test_pio_runs_on_fp64_models():
+    """``vector_norm(..., dtype=float32)`` refuses fp64 input: PIO crashed on fp64 models (found by the deep suite)."""
+    from piofvlm.core import proxy_loss
+    from test_pio import capture_context
+
+    m = model("llava", dtype=torch.float64)
+    inputs = make_inputs("llava", indices=(0, 1))
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.float64)
+    ctx = capture_context(m, inputs, layer=1)
+    expected = proxy_loss.proxy_gradient(ctx, 1).norm(dim=-1)
+    method = piofvlm.get_method("pio", layers=[1], keep=0.3)
+    with torch.no_grad(), method(m):
+        m(**inputs)
+    assert method.score(ctx).dtype == torch.float64
+    for b, record_scores in enumerate(method.last_selection[0].scores):  # records hold fp32 copies
+        torch.testing.assert_close(record_scores, expected[b][ctx.groups[b] >= 0].float())
+    assert [len(k) for k in method.last_selection[0].kept] == [15, 15]

@@ -93,7 +93,8 @@ class PIO(TokenPruner):
             fast=self.fast_proxy,
             head=self._head(ctx),
         )
-        return torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)  # fp32 accumulation, no fp32 copy
+        # At least fp32 accumulation, no fp32 copy; fp64 models keep fp64 (vector_norm refuses to narrow).
+        return torch.linalg.vector_norm(grad, dim=-1, dtype=torch.promote_types(grad.dtype, torch.float32))
 
     def select(self, ctx: StageContext) -> Selection:
         scores = self.score(ctx)
