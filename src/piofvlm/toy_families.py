@@ -19,6 +19,10 @@ from PIL import Image
 from transformers import (
     BatchFeature,
     GotOcr2ImageProcessorPil,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLProcessor,
@@ -408,6 +412,47 @@ def smolvlm_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
     )
 
 
+def build_idefics3(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Idefics3 with the same tiny tower as :func:`build_smolvlm`: 16 ``<image>`` tokens a tile, Llama text model."""
+    config = Idefics3Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 4,
+        },
+        text_config=text_config(num_layers).to_dict(),
+        image_token_id=SMOLVLM_IMAGE_ID,
+        scale_factor=2,
+    )
+    return _model(Idefics3ForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_idefics3_processor() -> Idefics3Processor:
+    """The stock ``Idefics3Processor`` (it needs neither torchvision nor ``num2words``): 32 px tiles, images resized
+    to at most 64 px. It adds ``<end_of_utterance>`` to the tokenizer, so it owns its tokenizer (cached)."""
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    tokenizer = word_level_tokenizer([*SMOLVLM_TOKENS, *WORDS], SMOLVLM_TOKENS)
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16)
+
+
+def idefics3_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``Idefics3Processor`` itself; sample 1's video slot is a second image (Idefics3
+    has no video input)."""
+    images = [[random_image(10 * i + j, s) for j, s in enumerate(SAMPLES[i][1])] for i in indices]
+    for sample, i in zip(images, indices, strict=True):
+        if SAMPLES[i][2]:
+            sample.append(random_image(10 * i + 9, (32, 32)))
+    return build_idefics3_processor()(
+        images=images, text=_prompts(indices, "<image>", None), return_tensors="pt", padding=True
+    )
+
+
 # -------------------------------------------------------------------------------------------------------- registry
 FAMILIES: dict[str, TinyFamily] = {
     "internvl": TinyFamily(
@@ -442,6 +487,14 @@ FAMILIES: dict[str, TinyFamily] = {
         build_smolvlm_tokenizer,
         has_video=False,
         counts=[[16] * 5, [16] * 8, [16] * 10],  # every tile and global view is an item
+    ),
+    "idefics3": TinyFamily(
+        "idefics3",
+        build_idefics3,
+        idefics3_inputs,
+        lambda: build_idefics3_processor().tokenizer,
+        has_video=False,
+        counts=[[16] * 5, [16] * 8, [16] * 10],  # as SmolVLM: every tile and global view is an item
     ),
 }
 

@@ -74,6 +74,11 @@ class ModelAdapter:
         return self.model.lm_head
 
     @property
+    def model_type(self) -> str:
+        """This model's ``config.model_type`` (one of :attr:`model_types`), for error messages."""
+        return str(getattr(self.model.config, "model_type", None) or (self.model_types or ("?",))[0])
+
+    @property
     def attn_implementation(self) -> str:
         return self.text_config._attn_implementation
 
@@ -181,7 +186,7 @@ class ModelAdapter:
     # missing, so a method can report which capability a family lacks.
     def _no_vision(self, what: str) -> ValueError:
         return ValueError(
-            f"{what} is not available for {self.model_types[0] if self.model_types else '?'} models: "
+            f"{what} is not available for {self.model_type} models: "
             f"{type(self).__name__} does not implement it (see piofvlm.adapters.base.ModelAdapter)"
         )
 
