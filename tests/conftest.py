@@ -55,3 +55,19 @@ class FixedSelection(TokenPruner):
         for b, wanted in enumerate(self.chosen[ctx.stage]):
             keep[b] = torch.isin(ctx.visual_index[b], torch.tensor(wanted, dtype=torch.long)) & (ctx.groups[b] >= 0)
         return Selection(keep=keep)
+
+
+#: Families that run exactly the code of another one (same adapter, same text-model class): the parametrized
+#: invariant matrices run them in the slow suite, except the tests named in ``QUICK_FOR_TWINS``.
+TWIN_FAMILIES = {"glm46v": "glm4v"}
+QUICK_FOR_TWINS = ("test_toy_inputs_and_item_counts", "test_keep_all_is_identical", "test_self_test_passes")
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 - pytest hook
+    import pytest
+
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        family = params.get("kind", params.get("model_type"))
+        if family in TWIN_FAMILIES and not item.originalname.startswith(QUICK_FOR_TWINS):
+            item.add_marker(pytest.mark.slow)

@@ -34,6 +34,8 @@ from test_pio import capture_context, simple_nms
 
 NEW_KINDS = list(FAMILIES)
 KINDS = [*QWEN_KINDS, ONEVISION, *NEW_KINDS]
+#: Families with 3-D M-RoPE positions (``get_rope_index``): positions kept, ``renumber`` refused.
+MROPE_KINDS = (*QWEN_KINDS, "glm4v", "glm46v")
 
 #: Per sample: prompt, image sizes and video grids. Qwen (dynamic resolution): images of 16, 18, 15 + 8 tokens, a
 #: video of 12. LLaVA-OneVision: anyres images of 112, 203 tokens, a 2-frame video of 33, two multi-image views of 50.
@@ -256,12 +258,13 @@ def test_budget_scopes_with_images_and_video(kind, scope):
 
 def decode_cases() -> list:
     """(kind, positions, attn); renumber for the 1-D RoPE families; the newer families' cases other than
-    (renumber, sdpa) run in the slow suite."""
+    (renumber, sdpa) ((keep, sdpa) for M-RoPE) run in the slow suite."""
     cases = []
     for kind in KINDS:
-        for positions in ("keep", "renumber") if kind not in QWEN_KINDS else ("keep",):
+        for positions in ("keep", "renumber") if kind not in MROPE_KINDS else ("keep",):
             for attn in ("sdpa", "eager"):
-                slow = kind in NEW_KINDS and (positions, attn) != ("renumber", "sdpa")
+                quick = ("keep" if kind in MROPE_KINDS else "renumber", "sdpa")  # one quick case per new family
+                slow = kind in NEW_KINDS and (positions, attn) != quick
                 cases.append(pytest.param(kind, positions, attn, marks=[pytest.mark.slow] if slow else []))
     return cases
 
@@ -321,7 +324,7 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     """Full-layer autograd on the unhooked model's hidden states at ``layer``; Qwen M-RoPE from ``get_rope_index``."""
     with torch.no_grad():
         hidden = m(**inputs, output_hidden_states=True).hidden_states[layer]
-    if kind not in QWEN_KINDS:  # 1-D RoPE
+    if kind not in MROPE_KINDS:  # 1-D RoPE
         positions = torch.arange(hidden.shape[1])[None]
     else:
         positions, _ = m.model.get_rope_index(
@@ -423,7 +426,7 @@ def test_deepstack_follows_pruning_before_deepstack_layers():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", MROPE_KINDS)
 def test_renumber_is_refused(kind):
     with pytest.raises(ValueError, match=f"positions='renumber' is not defined for {kind} models; use 'keep'"):
         piofvlm.get_method("pio", positions="renumber").apply(model(kind))

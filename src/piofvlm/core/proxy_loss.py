@@ -88,8 +88,7 @@ def _fast_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: to
     allowed = ctx.valid[:, None, None, :] & (key_index[None, None, None, :] <= slots[:, None, :, None])  # (B,1,n,S)
     attn_out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling, enable_gqa=True)
     attn_out = attn.o_proj(attn_out.transpose(1, 2).reshape(batch_size, num_q, -1))  # (B, n, d)
-    residual = x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1])) + attn_out
-    out = residual + layer.mlp(layer.post_attention_layernorm(residual))
+    out = adapter.decoder_layer_output(layer, x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1])), attn_out)
     return adapter.lm_head(adapter.final_norm(out))  # (B, n, V)
 
 
