@@ -75,8 +75,10 @@ class ModelAdapter:
 
     @property
     def model_type(self) -> str:
-        """This model's ``config.model_type`` (one of :attr:`model_types`), for error messages."""
-        return str(getattr(self.model.config, "model_type", None) or (self.model_types or ("?",))[0])
+        """This model's ``config.model_type`` if it is one of :attr:`model_types`, else the first of them (for
+        error messages: an adapter serving several types names the one in use)."""
+        model_type = getattr(self.model.config, "model_type", None)
+        return model_type if model_type in self.model_types else (self.model_types or ("?",))[0]
 
     @property
     def attn_implementation(self) -> str:
