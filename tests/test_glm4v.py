@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import piofvlm
-from conftest import FixedSelection
+from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.toy_families import GLM_IMAGE_ID, GLM_VIDEOS, glm4v_video_inputs
@@ -89,13 +89,5 @@ def test_video_decode_continuity_and_batch_equals_single():
             assert [r.kept[0].tolist() for r in method.last_selection] == [k[i] for k in kept]
             assert torch.equal(single[:, -new_tokens:], generated.sequences[i : i + 1, -new_tokens:])
     fixed = FixedSelection(layers=layers, keep=keep, chosen=kept)
-    sequences = generated.sequences
-    full = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    full["attention_mask"] = F.pad(inputs["attention_mask"], (0, new_tokens), value=1)
-    full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, new_tokens))
-    with torch.no_grad(), fixed(m):
-        logits = m(input_ids=sequences, use_cache=False, **full).logits
-    for step in range(new_tokens):
-        cached, uncached = generated.logits[step], logits[:, -new_tokens - 1 + step]
-        torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
+    assert_decode_equals_uncached(m, inputs, generated, fixed, new_tokens)
     assert SUPPRESS[0] == GLM_IMAGE_ID  # a generated token is never a placeholder

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import piofvlm
-from conftest import FixedSelection
+from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.core import proxy_loss
@@ -288,18 +288,7 @@ def test_decode_continuity(kind, attn, positions):
         )
     chosen = [[k.tolist() for k in record.kept] for record in method.last_selection]
     fixed = FixedSelection(layers=layers, keep=keep, chosen=chosen, positions=positions)
-    sequences = generated.sequences
-    batch = sequences.shape[0]
-    full = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(batch, new_tokens, dtype=torch.long)], 1)
-    if "mm_token_type_ids" in inputs:
-        full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, new_tokens))
-    with torch.no_grad(), fixed(m):
-        logits = m(input_ids=sequences, use_cache=False, **full).logits
-    for step in range(new_tokens):
-        cached, uncached = generated.logits[step], logits[:, -new_tokens - 1 + step]
-        torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
-        assert torch.equal(cached.argmax(-1), uncached.argmax(-1))
+    assert_decode_equals_uncached(m, inputs, generated, fixed, new_tokens)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -356,6 +356,15 @@ SMOLVLM_TOKENS = [
     *(f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)),
 ]
 SMOLVLM_IMAGE_ID = 6
+#: The tiny vision tower of SmolVLM and Idefics3: 32 px / patch 4 (8 x 8 patches); pixel shuffle 2 gives 16 tokens.
+PIXEL_SHUFFLE_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 4,
+}
 
 
 def build_smolvlm(
@@ -363,14 +372,7 @@ def build_smolvlm(
 ) -> torch.nn.Module:
     """SigLIP-style 32 px / patch 4 tower (8 x 8 patches), pixel shuffle 2: 16 ``<image>`` tokens a tile."""
     config = SmolVLMConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 4,
-        },
+        vision_config=dict(PIXEL_SHUFFLE_TOWER),
         text_config=text_config(num_layers).to_dict(),
         image_token_id=SMOLVLM_IMAGE_ID,
         scale_factor=2,
@@ -423,14 +425,7 @@ def build_idefics3(
 ) -> torch.nn.Module:
     """Idefics3 with the same tiny tower as :func:`build_smolvlm`: 16 ``<image>`` tokens a tile, Llama text model."""
     config = Idefics3Config(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 4,
-        },
+        vision_config=dict(PIXEL_SHUFFLE_TOWER),
         text_config=text_config(num_layers).to_dict(),
         image_token_id=SMOLVLM_IMAGE_ID,
         scale_factor=2,
