@@ -262,3 +262,15 @@ def test_version_status_and_warning(version, status, monkeypatch):
         monkeypatch.setattr(transformers_compat, "TRANSFORMERS_VERSION", version)
         with pytest.warns(UserWarning, match=version):
             transformers_compat.check_version()
+
+
+def test_pil_image_processor_check():
+    from transformers import CLIPImageProcessorPil
+
+    assert transformers_compat.pil_image_processor_usable(CLIPImageProcessorPil)
+
+    class NeedsTorchvision:
+        def __init__(self):
+            raise ImportError("needs torchvision")
+
+    assert not transformers_compat.pil_image_processor_usable(NeedsTorchvision)

@@ -335,8 +335,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from piofvlm import doctor
-    from piofvlm.toy_cases import TINY_CASES
+    from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
 
+    unavailable = [f"{name} ({UNAVAILABLE[name]})" for name in args.family or () if name in UNAVAILABLE]
+    if unavailable:
+        raise ValueError(f"no self-test on this installation for {'; '.join(unavailable)}")
     unknown = sorted(set(args.family or ()) - set(TINY_CASES))
     if unknown:
         raise ValueError(f"no self-test for {', '.join(unknown)}; families: {', '.join(TINY_CASES)}")

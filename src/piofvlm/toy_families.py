@@ -44,6 +44,7 @@ from transformers import (
     SmolVLMImageProcessorPil,
 )
 
+from piofvlm import transformers_compat
 from piofvlm.toy import WORDS, random_image, text_config, word_level_tokenizer
 
 #: Placeholder of an image / a video in the standard prompts; replaced by each family's own placeholder.
@@ -629,6 +630,18 @@ FAMILIES: dict[str, TinyFamily] = {
         for kind in ("glm4v", "glm46v")
     },
 }
+
+
+#: Families whose tiny inputs cannot be built offline with the installed transformers, with the reason; they are left
+#: out of :data:`FAMILIES` (so of the tests and of ``piofvlm doctor``'s self-test) on that release.
+UNAVAILABLE: dict[str, str] = {}
+for _kind, _processor in (("smolvlm", SmolVLMImageProcessorPil), ("idefics3", Idefics3ImageProcessorPil)):
+    if not transformers_compat.pil_image_processor_usable(_processor):
+        UNAVAILABLE[_kind] = (
+            f"transformers {transformers_compat.TRANSFORMERS_VERSION}'s {_processor.__name__} needs torchvision "
+            "(not installable here), so its tiny inputs cannot be built"
+        )
+        FAMILIES.pop(_kind)
 
 
 def tiny_case(model_type: str) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -245,3 +245,14 @@ def encode_call_inputs(modality: str, bound: dict[str, Any]) -> dict[str, Any]:
         bound = dict(bound)
         bound["pixel_values_videos"] = bound.pop("pixel_values")
     return bound
+
+
+# ---------------------------------------------------------------------------------------------- image processors
+def pil_image_processor_usable(cls: type) -> bool:
+    """Whether a ``*ImageProcessorPil`` class works without torchvision (SmolVLM's and Idefics3's did not before
+    5.18: they raised an ImportError asking for torchvision)."""
+    try:
+        cls()
+    except ImportError:
+        return False
+    return True
