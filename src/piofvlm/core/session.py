@@ -103,8 +103,12 @@ class PruningHandle:
         self._pending: tuple[torch.Tensor | None, dict[str, Any]] | None = None
         self._call: _Call | None = None
         self._selecting = False
+        self._labels: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (labels, input_ids, num_items_in_batch)
+        self._final_source: torch.Tensor | None = None  # (B, S') prompt slot of each slot after the last stage
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         try:
+            self._hooks.append(model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
+            self._hooks.append(model.register_forward_hook(self._loss_over_kept, with_kwargs=True))
             self._hooks.append(
                 adapter.multimodal_model.register_forward_pre_hook(self._on_multimodal, with_kwargs=True)
             )
@@ -269,7 +273,50 @@ class PruningHandle:
         return allowed
 
     def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._call = None
+        call, self._call = self._call, None
+        self._final_source = call.layout.source if call is not None and call.prefill else None
+
+    # ------------------------------------------------------------------------------------------------- labels
+    def _take_labels(self, module: nn.Module, args: tuple, kwargs: dict):
+        """``labels=`` are applied to the pruned logits by :meth:`_loss_over_kept`; the model never sees them."""
+        self._labels = None
+        if kwargs.get("labels") is None:
+            return None
+        kwargs = dict(kwargs)
+        labels = kwargs.pop("labels")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None or tuple(input_ids.shape) != tuple(labels.shape):
+            raise ValueError(
+                "labels under a piofvlm method need input_ids of the same shape (the loss follows the kept tokens)"
+            )
+        self._labels = (labels, input_ids, kwargs.get("num_items_in_batch"))
+        return args, kwargs
+
+    def _loss_over_kept(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The causal-LM loss over the kept sequence: the logits at a kept slot predict the label of the prompt slot
+        after it (``-100`` where that slot is a visual token, kept or not, or padding), as the unpruned model's
+        logits at that slot would."""
+        if self._labels is None:
+            return
+        (labels, input_ids, num_items), self._labels = self._labels, None
+        source, logits = self._final_source, getattr(output, "logits", None)
+        if source is None or logits is None or logits.shape[1] != source.shape[1]:
+            raise ValueError(
+                "labels under a piofvlm method need the logits of every kept position: call the model on the whole "
+                "prompt with an empty cache and logits_to_keep=0"
+            )
+        source = source.to(labels.device)
+        following = (source + 1).clamp(max=labels.shape[1] - 1)
+        text = ~self.adapter.visual_token_mask(input_ids.to(labels.device))
+        usable = (source >= 0) & (source + 1 < labels.shape[1]) & text.gather(1, following)
+        targets = torch.where(usable, labels.gather(1, following), -100)
+        output["loss"] = module.loss_function(
+            logits=logits,
+            labels=None,
+            vocab_size=logits.shape[-1],
+            shift_labels=targets,
+            num_items_in_batch=num_items,
+        )
 
     def _layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
