@@ -330,6 +330,7 @@ class PruningHandle:
         return hook
 
     # ---------------------------------------------------------------------------------------------- prefill
+    @torch.compiler.disable  # data-dependent set-up: run eagerly inside a compiled forward
     def _start_prefill(
         self,
         embeds: torch.Tensor,
@@ -457,6 +458,7 @@ class PruningHandle:
             )
         return budgets
 
+    @torch.compiler.disable  # data-dependent set-up: run eagerly inside a compiled forward
     def _prune(self, stage: int, index: int, call: _Call, hidden: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
         layout = call.layout
         budgets = self._budgets(stage, call, layout)

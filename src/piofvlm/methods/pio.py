@@ -76,7 +76,9 @@ class PIO(TokenPruner):
             include_last=self.include_last,
             fast=self.fast_proxy,
         )
-        return grad.float().norm(dim=-1)
+        scores = grad.float().norm(dim=-1)
+        _check_gradient_flows(scores, ctx)
+        return scores
 
     def select(self, ctx: StageContext) -> Selection:
         scores = self.score(ctx)
@@ -85,3 +87,30 @@ class PIO(TokenPruner):
         with record_function("piofvlm.nms"):
             keep = nms_fill_per_group(scores, ctx.hidden_states, ctx.groups, ctx.budgets, float(self.tau))
         return Selection(keep=keep, scores=scores)
+
+
+def _check_gradient_flows(scores: torch.Tensor, ctx: StageContext) -> None:
+    """Refuse a selection from all-zero gradient scores: the proxy's backward did not reach the hidden states (some
+    quantized weights have no backward on some devices), so the kept set would be the tie order, silently."""
+    visual = ctx.groups >= 0
+    dead = [b for b in range(scores.shape[0]) if bool(visual[b].any()) and not bool(scores[b][visual[b]].any())]
+    if not dead:
+        return
+    quantization = getattr(getattr(ctx.model, "config", None), "quantization_config", None)
+    if isinstance(quantization, dict):
+        library = quantization.get("quant_method")
+    else:
+        library = getattr(quantization, "quant_method", None)
+    library = getattr(library, "value", library)
+    cause = (
+        f"the model's {library} quantized weights give no gradient on this device (bitsandbytes 4-bit on the CPU, "
+        "torchao dynamic-activation int8)"
+        if library
+        else "the proxy layer or LM head gives no gradient"
+    )
+    raise RuntimeError(
+        f"PIO's proxy-loss gradient is zero for every visual token of sample(s) {dead} at layer {ctx.layer}: {cause}, "
+        "so the scores cannot rank the tokens. Load weight-only 8-bit or 4-bit weights that have a backward "
+        "(torchao Int8WeightOnlyConfig, optimum-quanto int8/int4, bitsandbytes 8-bit), or use a method without "
+        "gradients (fastv, dart, pdrop, divprune, random)"
+    )
