@@ -265,6 +265,58 @@ def reset_compiled(model: torch.nn.Module) -> None:
     torch.compiler.reset()
 
 
+# ------------------------------------------------------------------------------------------------------ serving
+def serving() -> Any:
+    """The parts of ``transformers serve`` (``transformers.cli.serving``, 5.x) that ``piofvlm serve`` builds on:
+    ``ModelManager`` (``_load_model`` loads a model), ``GenerateManager`` (one inference thread per model,
+    ``async_submit``), ``GenerationState`` (``get_manager``), ``ChatCompletionHandler`` (``handle_request``,
+    ``get_processor_inputs_from_messages``), ``JSONResponse``, and ``build_app(manager, state, chat_handler_class)``
+    wiring them into transformers' FastAPI app as ``transformers serve`` does."""
+    from types import SimpleNamespace
+
+    try:
+        from fastapi.responses import JSONResponse
+        from transformers.cli.serving.chat_completion import ChatCompletionHandler
+        from transformers.cli.serving.completion import CompletionHandler
+        from transformers.cli.serving.model_manager import ModelManager
+        from transformers.cli.serving.response import ResponseHandler
+        from transformers.cli.serving.server import build_server
+        from transformers.cli.serving.systemone import SystemOneHandler
+        from transformers.cli.serving.transcription import TranscriptionHandler
+        from transformers.cli.serving.utils import GenerateManager, GenerationState
+    except ImportError as error:
+        if error.name in ("fastapi", "uvicorn", "openai", "pydantic", "starlette"):
+            raise ImportError(
+                f"piofvlm serve needs transformers' serving extra ({error.name} is missing): "
+                "pip install 'piofvlm[serve]'"
+            ) from error
+        raise _broken(f"transformers.cli.serving ({error})", "serving") from error
+    for cls, name in ((ModelManager, "_load_model"), (GenerateManager, "async_submit")):
+        if not callable(getattr(cls, name, None)):
+            raise _broken(f"{cls.__name__}.{name}", "serving")
+
+    def build_app(manager: Any, state: Any, chat_handler_class: type) -> Any:
+        handlers = {"model_manager": manager, "generation_state": state}
+        return build_server(
+            manager,
+            chat_handler_class(**handlers, chat_template_kwargs={}),
+            completion_handler=CompletionHandler(**handlers),
+            response_handler=ResponseHandler(**handlers, chat_template_kwargs={}),
+            transcription_handler=TranscriptionHandler(manager, state),
+            systemone_handler=SystemOneHandler(**handlers, chat_template_kwargs={}, decision_config=None),
+            generation_state=state,
+        )
+
+    return SimpleNamespace(
+        ModelManager=ModelManager,
+        GenerateManager=GenerateManager,
+        GenerationState=GenerationState,
+        ChatCompletionHandler=ChatCompletionHandler,
+        JSONResponse=JSONResponse,
+        build_app=build_app,
+    )
+
+
 # ------------------------------------------------------------------------------------------------- rotary tables
 _ROTARY_MODULES = {
     "llama": "transformers.models.llama.modeling_llama",
