@@ -1,10 +1,12 @@
 # Set-up and checks. Every target works on a fresh machine: `install` creates .venv with the CPU build of torch
-# first, then the package with torch pinned by constraints.txt (so nothing pulls another torch build).
+# first, then the package with every dependency pinned by requirements.lock (so a release tomorrow changes nothing,
+# and nothing pulls another torch build). `make lock` regenerates the lock from the newest releases inside the
+# declared ranges, only if the fast suite passes on them.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev install-eval demo test test-slow test-all lint format clean
+.PHONY: install install-dev install-eval demo test test-slow test-all test-floor test-newest lock doctor lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,16 +14,16 @@ $(BIN)/python:
 	$(BIN)/pip install -q torch==2.13.0
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -c constraints.txt -e .
+	$(BIN)/pip install -q -c requirements.lock -e .
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c requirements.lock -e ".[dev]"
 
 # lmms-eval without its declared dependencies (they include torchvision, which must not be installed here), then
 # the package with the `eval` extra: what lmms-eval needs to run (see the README, "Evaluate on standard benchmarks").
 install-eval: $(BIN)/python
 	$(BIN)/pip install -q --no-deps lmms-eval==0.7.3
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,eval]"
+	$(BIN)/pip install -q -c requirements.lock -e ".[dev,eval]"
 
 demo: install
 	$(BIN)/piofvlm demo
@@ -33,6 +35,19 @@ test: install-eval
 
 test-slow: install-eval  # pytest exits 5 when no test is marked slow: not a failure
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
+
+# The fast suite on the declared transformers floor and on the newest release (throw-away venvs; see the script).
+test-floor:
+	scripts/suite_on_transformers.sh floor
+
+test-newest:
+	scripts/suite_on_transformers.sh newest
+
+lock:
+	scripts/lock.sh
+
+doctor: install
+	$(BIN)/piofvlm doctor
 
 test-all: install-eval
 	$(BIN)/python -m pytest -q
@@ -46,4 +61,4 @@ format: install-dev
 	$(BIN)/ruff format src tests
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-lock .venv-tf-* build dist src/*.egg-info .pytest_cache .ruff_cache

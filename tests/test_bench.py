@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import piofvlm
+from piofvlm import transformers_compat
 from piofvlm.bench import BenchConfig, get_shape, run_benchmark, write_outputs
 from piofvlm.bench import flops as fl
 from piofvlm.bench.shapes import build_inputs, build_model
@@ -80,7 +81,9 @@ def test_exact_flops_match_torch_flop_counter():
         counts = counter.get_flop_counts()
         counted = sum(counts["LlavaForConditionalGeneration.model.language_model"].values())
         counted += sum(counts["LlavaForConditionalGeneration.lm_head"].values())
-        assert fl.prefill_flops(text, fl.cache_layer_lengths(out.past_key_values)) == counted
+        lengths = fl.cache_layer_lengths(transformers_compat.output_cache(out))
+        rotary = transformers_compat.rotary_table_flops(text.head_dim, inputs["input_ids"].shape[1])
+        assert fl.prefill_flops(text, lengths) + rotary == counted
 
 
 def test_paper_formula_reproduces_the_papers_baselines():

@@ -7,6 +7,7 @@ import torch
 
 import piofvlm
 from conftest import FixedSelection, make_inputs, model, single_inputs
+from piofvlm import transformers_compat
 
 KINDS = ["llava", "llava_next"]
 
@@ -65,7 +66,7 @@ def test_exact_counts_and_cache_lengths(kind):
     text = lengths - torch.tensor(counts)
     stage1 = int((text + torch.tensor([expected_kept(0.5, n) for n in counts])).max())
     stage2 = int((text + torch.tensor([expected_kept(0.2, n) for n in counts])).max())
-    cache = out.past_key_values
+    cache = transformers_compat.output_cache(out)
     seq = inputs["input_ids"].shape[1]
     assert [cache.get_seq_length(i) for i in range(4)] == [seq, stage1, stage1, stage2]
     assert out.logits.shape[1] == stage2

@@ -64,9 +64,17 @@ def run_lmms_eval(root: Path, task_dir: Path, name: str, batch_size: int, proces
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         cmd += ["--main_process_port", str(free_port()), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=offline_env(root / "hf"), timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (results,) = out.rglob("*_results.json")
-    (samples,) = out.rglob(f"*_samples_{TASK}.jsonl")
+    results, samples = list(out.rglob("*_results.json")), list(out.rglob(f"*_samples_{TASK}.jsonl"))
+    # lmms-eval can exit 0 after an error (e.g. an import failure inside its evaluator) without writing results:
+    # show its own output, which names the cause, instead of failing later on a missing file.
+    if proc.returncode != 0 or len(results) != 1 or len(samples) != 1:
+        pytest.fail(
+            f"lmms-eval exited {proc.returncode} with {len(results)} results and {len(samples)} sample files in "
+            f"{out}; its output:\n--- stdout (tail) ---\n{proc.stdout[-4000:]}\n--- stderr (tail) ---\n"
+            f"{proc.stderr[-6000:]}",
+            pytrace=False,
+        )
+    (results,), (samples,) = results, samples
     score = json.loads(results.read_text())["results"][TASK]["exact_match,none"]
     rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
     from piofvlm.testbed.model import first_word

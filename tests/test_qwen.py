@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import piofvlm
 from conftest import FixedSelection
+from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.core import proxy_loss
 from piofvlm.toy_qwen import (
@@ -188,7 +189,7 @@ def test_exact_counts_and_cache_lengths(kind):
     )
     text = inputs["attention_mask"].sum(1) - torch.tensor([sum(c) for c in counts])
     length1, length2 = int((text + torch.tensor(stage1)).max()), int((text + torch.tensor(stage2)).max())
-    cache = out.past_key_values
+    cache = transformers_compat.output_cache(out)
     assert [cache.get_seq_length(i) for i in range(4)] == [inputs["input_ids"].shape[1], length1, length1, length2]
 
 

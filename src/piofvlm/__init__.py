@@ -5,6 +5,7 @@
 ...     out = model.generate(**inputs, max_new_tokens=32)
 """
 
+from piofvlm import transformers_compat
 from piofvlm.adapters import ADAPTERS, ModelAdapter, get_adapter, register_adapter
 from piofvlm.budget import average_retention, schedule_for_average_retention
 from piofvlm.core.context import Selection, StageContext, StageRecord
@@ -14,6 +15,8 @@ from piofvlm.presets import PRESETS, available_presets, get_preset
 from piofvlm.registry import METHODS, available_methods, get_method, register_method
 
 __version__ = "0.1.0"
+
+transformers_compat.check_version()  # warns once if the installed transformers is outside the tested range
 
 __all__ = [
     "ADAPTERS",

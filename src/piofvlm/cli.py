@@ -1,4 +1,4 @@
-"""Command line: ``piofvlm run | serve | demo | eval | show | bench``."""
+"""Command line: ``piofvlm run | serve | demo | eval | show | bench | doctor`` (also ``python -m piofvlm``)."""
 
 from __future__ import annotations
 
@@ -298,6 +298,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from piofvlm import doctor
+    from piofvlm.toy_cases import TINY_CASES
+
+    unknown = sorted(set(args.family or ()) - set(TINY_CASES))
+    if unknown:
+        raise ValueError(f"no self-test for {', '.join(unknown)}; families: {', '.join(TINY_CASES)}")
+    return doctor.run(args.family)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="piofvlm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is pruned (DEBUG)")
@@ -368,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="runs/eval", help="folder for results.json, results.md, accuracy.png")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=cmd_eval)
+
+    doctor = sub.add_parser(
+        "doctor", help="versions, tested range, device, and a self-test of every supported family (a few seconds)"
+    )
+    doctor.add_argument("--family", action="append", help="self-test only this config.model_type (repeatable)")
+    doctor.set_defaults(func=cmd_doctor)
 
     show = sub.add_parser("show", help="PNG of a testbed image with the tokens a method kept, per stage")
     show.add_argument("--model", help="testbed checkpoint directory (default: the shipped one)")

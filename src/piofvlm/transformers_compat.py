@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 #: The declared, tested range of transformers versions: ``floor <= version < ceiling`` (same as pyproject.toml).
 TESTED_RANGE: tuple[str, str] = ("5.17.0", "5.25")
 TRANSFORMERS_VERSION: str = transformers.__version__
+#: Releases on which the whole fast suite passed (the README's table); the last one is the lock's.
+KNOWN_GOOD_TRANSFORMERS: tuple[str, ...] = ("5.17.0", "5.24.0")
 
 
 class TransformersInternalsError(RuntimeError):
@@ -318,6 +320,17 @@ def serving() -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- rotary tables
+def rotary_table_flops(head_dim: int, num_positions: int) -> int:
+    """FLOPs of one Llama-style rotary-table computation over ``num_positions`` as ``FlopCounterMode`` counts them.
+
+    Before 5.19 the frequencies were an ``inv_freq @ position_ids`` matmul (``2 * head_dim / 2`` per position); from
+    5.19 they are an elementwise product, which the counter does not count.
+    """
+    if Version(TRANSFORMERS_VERSION) >= Version("5.19"):
+        return 0
+    return head_dim * num_positions
+
+
 _ROTARY_MODULES = {
     "llama": "transformers.models.llama.modeling_llama",
     "qwen2_vl": "transformers.models.qwen2_vl.modeling_qwen2_vl",

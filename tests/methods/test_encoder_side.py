@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import piofvlm  # noqa: E402
 from conftest import make_inputs, model  # noqa: E402
+from piofvlm import transformers_compat  # noqa: E402
 
 
 def clip_outputs(m, inputs):
@@ -124,7 +125,7 @@ def test_chain_is_the_encoder_stage_then_the_llm_stage(kind):
             out = m(**inputs, use_cache=True)
     assert [k.tolist() for k in chain.last_selection[0].kept] == [k.tolist() for k in encoder.last_selection[0].kept]
     # every layer, from the first, caches only the encoder's survivors; layers after 2 only PIO's
-    lengths = [out.past_key_values.get_seq_length(i) for i in range(4)]
+    lengths = [transformers_compat.output_cache(out).get_seq_length(i) for i in range(4)]
     assert lengths[0] == lengths[1] < inputs["input_ids"].shape[1] and lengths[2] == lengths[3] < lengths[1]
     assert [r.layer for r in chain.last_selection] == [0, 2]
 

@@ -1,0 +1,238 @@
+"""Contract tests: each transformers internal reached through ``piofvlm.transformers_compat`` still has the shape the
+library relies on. A failure names the internal, the installed transformers version and the function to update."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from piofvlm import toy, toy_qwen, transformers_compat
+from piofvlm.adapters import get_adapter
+
+VERSION = transformers_compat.TRANSFORMERS_VERSION
+
+
+def contract(holds: bool, internal: str, function: str) -> None:
+    """Fail with the message a maintainer needs: which internal moved, in which release, what to change."""
+    if not holds:
+        pytest.fail(
+            f"transformers {VERSION} changed {internal}; piofvlm.transformers_compat.{function} must learn it",
+            pytrace=False,
+        )
+
+
+@functools.cache
+def llava():
+    model = toy.build_llava(num_layers=2)
+    inputs = toy.build_processor("llava")(
+        images=[toy.random_image(0, (28, 28))], text=["USER : <image> how many ? ASSISTANT :"], return_tensors="pt"
+    )
+    return model, inputs
+
+
+def record_calls(module: torch.nn.Module, calls: list[dict]) -> torch.utils.hooks.RemovableHandle:
+    return module.register_forward_pre_hook(lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
+
+
+def test_cache_kwarg_the_hooks_receive():
+    model, inputs = llava()
+    adapter = get_adapter(model)
+    lm_calls: list[dict] = []
+    layer_calls: list[dict] = []
+    hooks = [record_calls(adapter.language_model, lm_calls), record_calls(adapter.layers[1], layer_calls)]
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    decode = lm_calls[-1]
+    contract(
+        transformers_compat.cache_from_kwargs(decode) is not None
+        and transformers_compat.cache_from_kwargs(decode).get_seq_length() > 0,
+        "the KV-cache keyword the language model receives during decoding (hooks read it)",
+        "cache_from_kwargs",
+    )
+    contract(
+        transformers_compat.cache_from_kwargs(layer_calls[-1]) is not None,
+        "the KV-cache keyword the decoder layers receive",
+        "cache_from_kwargs",
+    )
+    name = transformers_compat.cache_kwarg_name(adapter.layers[0])
+    contract(
+        name in inspect.signature(type(adapter.layers[0]).forward).parameters,
+        "the KV-cache parameter name of the decoder layers' forward",
+        "cache_kwarg_name",
+    )
+
+
+def test_a_layer_runs_without_a_cache():
+    model, _ = llava()
+    layer = get_adapter(model).layers[0]
+    hidden = torch.randn(1, 5, model.config.text_config.hidden_size)
+    position_ids = torch.arange(5)[None]
+    tables = get_adapter(model).language_model.rotary_emb(hidden, position_ids=position_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # a deprecated name would become an error in a later release
+        out = layer(hidden, attention_mask=None, position_embeddings=tables, position_ids=position_ids,
+                    **transformers_compat.without_cache(layer))  # fmt: skip
+    out = out[0] if isinstance(out, tuple) else out
+    contract(tuple(out.shape) == (1, 5, hidden.shape[-1]), "the decoder layer's call without cache", "without_cache")
+
+
+def test_output_cache_field():
+    model, inputs = llava()
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        generated = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, do_sample=False)
+    for output in (out, generated):
+        cache = transformers_compat.output_cache(output)
+        contract(
+            hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0,
+            f"the KV-cache field of {type(output).__name__}",
+            "output_cache",
+        )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_mask_interface(attn):
+    config = toy.build_llava(attn=attn, num_layers=1).config.text_config
+    key_valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    try:
+        mask = transformers_compat.causal_padding_mask(config, key_valid, 2, torch.float32)
+    except TypeError as error:
+        contract(False, f"the masking_utils mask functions' arguments ({error})", "causal_padding_mask")
+    causal = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)  # queries are the last two keys
+    expected = causal[None, None] & key_valid[:, None, None, :]  # (B, 1, 2, 4)
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    contract(
+        mask is not None and torch.equal(allowed, expected), "the masking_utils mask format", "causal_padding_mask"
+    )
+
+
+def _rotary_case(model):
+    """Adapter, ``(2, 6, d)`` hidden states and position ids in the family's layout (``(B, S)`` or ``(3, B, S)``)."""
+    adapter = get_adapter(model)
+    hidden = torch.randn(2, 6, adapter.text_config.hidden_size)
+    positions = torch.arange(6)
+    position_ids = positions.expand(3, 2, 6) if adapter.position_batch_dim else positions.expand(2, 6)
+    return adapter, hidden, position_ids
+
+
+@pytest.mark.parametrize("kind", ["llava", *toy_qwen.QWEN_KINDS])
+def test_rotary_function_and_table_layout(kind):
+    model = toy.build_llava(num_layers=1) if kind == "llava" else toy_qwen.build_qwen(kind)
+    adapter, hidden, position_ids = _rotary_case(model)
+    cos, sin = adapter.language_model.rotary_emb(hidden, position_ids=position_ids)
+    head_dim = adapter.layers[0].self_attn.head_dim
+    contract(
+        tuple(cos.shape) == (2, 6, head_dim),
+        f"the layout of {type(adapter.language_model.rotary_emb).__name__}'s tables (expected (B, S, head_dim), got "
+        f"{tuple(cos.shape)})",
+        "rotary_function",
+    )
+    rotary = adapter.rotary_fn()
+    q = torch.randn(2, 4, 6, head_dim)
+    q_rot, _ = rotary(q, q, cos, sin)
+    # Rotation keeps each pair's norm: the layout and the function agree.
+    contract(
+        torch.allclose(q_rot.norm(dim=-1), q.norm(dim=-1), atol=1e-5),
+        f"the rotary application of the {kind} family",
+        "rotary_function",
+    )
+
+
+def test_qwen_vision_internals():
+    rotary = transformers_compat.qwen_vision_rotary_function()
+    contract(
+        list(inspect.signature(rotary).parameters)[:4] == ["q", "k", "cos", "sin"],
+        "Qwen2-VL's apply_rotary_pos_emb_vision",
+        "qwen_vision_rotary_function",
+    )
+    config = toy_qwen.build_qwen("qwen2_5_vl").config.vision_config
+    grid = torch.tensor([[1, 8, 12]])
+    index = transformers_compat.vision_window_index(grid, config)
+    units = int(grid.prod() // config.spatial_merge_size**2)
+    contract(torch.equal(index.sort().values, torch.arange(units)), "Qwen2.5-VL's window index", "vision_window_index")
+
+
+def test_generate_passes_pre_encoded_features_or_pixels():
+    model, inputs = llava()
+    adapter = get_adapter(model)
+    calls: list[dict] = []
+    hook = record_calls(adapter.multimodal_model, calls)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    finally:
+        hook.remove()
+    prefill = calls[0]
+    features = transformers_compat.encoded_features(prefill)
+    if features is None:
+        contract(
+            prefill.get("pixel_values") is not None, "how generate() hands images to the model", "encoded_features"
+        )
+    else:
+        tokens = int((inputs["input_ids"] == adapter.image_token_id).sum())
+        contract(
+            isinstance(features, (list, tuple)) and sum(f.shape[0] for f in features) == tokens,
+            "generate()'s pre-encoded features (mm_encoder_outputs[...].pooler_output, one tensor per image)",
+            "encoded_features",
+        )
+
+
+def test_video_feature_argument():
+    from transformers import LlavaOnevisionModel
+
+    parameters = inspect.signature(LlavaOnevisionModel.get_video_features).parameters
+    bound = transformers_compat.encode_call_inputs("video", {name: object() for name in parameters if "pixel" in name})
+    contract(
+        "pixel_values_videos" in bound and "pixel_values" not in bound,
+        "the video argument of LlavaOnevisionModel.get_video_features",
+        "encode_call_inputs",
+    )
+
+
+def test_rotary_table_flops():
+    model, _ = llava()
+    adapter = get_adapter(model)
+    hidden = torch.randn(1, 7, adapter.text_config.hidden_size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        adapter.language_model.rotary_emb(hidden, position_ids=torch.arange(7)[None])
+    head_dim = adapter.layers[0].self_attn.head_dim
+    contract(
+        counter.get_total_flops() == transformers_compat.rotary_table_flops(head_dim, 7),
+        "how the Llama rotary module computes its frequencies (FLOPs counted)",
+        "rotary_table_flops",
+    )
+
+
+def test_version_range_matches_pyproject():
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (spec,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("transformers")]
+    floor, ceiling = transformers_compat.TESTED_RANGE
+    assert spec == f"transformers>={floor},<{ceiling}"
+
+
+@pytest.mark.parametrize(
+    ("version", "status"), [("5.16.2", "older"), ("5.17.0", "tested"), ("5.24.9", "tested"), ("5.25.0", "newer")]
+)
+def test_version_status_and_warning(version, status, monkeypatch):
+    assert transformers_compat.version_status(version) == status
+    message = transformers_compat.version_message(version)
+    assert (message is None) == (status == "tested")
+    if message is not None:
+        assert version in message and "piofvlm doctor" in message
+        monkeypatch.setattr(transformers_compat, "TRANSFORMERS_VERSION", version)
+        with pytest.warns(UserWarning, match=version):
+            transformers_compat.check_version()
