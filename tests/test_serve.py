@@ -169,3 +169,13 @@ def test_serve_cli_refuses_a_directory_without_a_model(tmp_path, capsys):
     pytest.importorskip("openai")
     assert cli.main(["serve", "--model", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_testbed_chat_template_renders_the_training_prompt():
+    from piofvlm.testbed.model import CHAT_TEMPLATE, PROMPT_TEMPLATE, build_processor, load_testbed
+
+    _, processor = load_testbed()
+    assert processor.chat_template == CHAT_TEMPLATE == build_processor().chat_template  # shipped == rebuilt
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many ?"}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == PROMPT_TEMPLATE.format(question="how many ?")
