@@ -179,3 +179,19 @@ def test_testbed_chat_template_renders_the_training_prompt():
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many ?"}]}]
     rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered == PROMPT_TEMPLATE.format(question="how many ?")
+
+
+@pytest.mark.slow
+def test_streaming_answers_like_non_streaming(server):
+    sample = samples()[1]
+    url = data_url(sample["image"])
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": sample["question"]}]
+    stream = server.client.chat.completions.create(
+        model=str(CHECKPOINT_DIR),
+        messages=[{"role": "user", "content": content}],
+        max_tokens=3,
+        temperature=0,
+        stream=True,
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed.strip() == server.ask(url, sample["question"])[0]
