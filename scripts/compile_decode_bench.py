@@ -1,11 +1,13 @@
 """Compiled vs eager decode ms/token with a static KV cache, unpruned and PIO-pruned (docs/benchmarks.md).
 
-    python scripts/compile_decode_bench.py --preset llava15-7b --num-layers 8 --device cuda --dtype bfloat16 --out r.json
+    python scripts/compile_decode_bench.py --preset llava15-7b --num-layers 8 --device cuda --dtype bfloat16
 
 Per variant (``none``, ``pio``): eager decode with a dynamic and with a static cache, then static-cache decode compiled
 by ``generate()`` (``CompileConfig`` with ``--backend`` / ``--mode``), its first compiled ``generate`` time, and
-whether the compiled greedy tokens equal the eager ones. Decode ms/token = (t(N new tokens) - t(1)) / (N - 1), the
-median over ``--repeats``. Random weights: timings only, the tokens are meaningless.
+whether the compiled greedy tokens equal the eager ones. Decode ms/token: the time between the first and the last
+generated token (timestamps taken by a logits processor, so the prefill is excluded) / (N - 1), the median over
+``--repeats``. Random weights: timings only, the tokens are meaningless. For a cold first compile, run one
+``--method`` per process with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--mode", default=None, help="torch.compile mode (None; 'reduce-overhead' = CUDA graphs)")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--method", action="append", help="none and/or pio (default: both)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.threads:
@@ -47,8 +50,18 @@ def main() -> None:
     inputs = build_inputs(model, shape)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
+    stamps: list[float] = []
+
+    class Stamp(transformers.LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            sync()
+            stamps.append(time.perf_counter())
+            return scores
+
     def generate(new_tokens: int, cache: str, config=None) -> tuple[float, torch.Tensor]:
+        stamps.clear()
         kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+        kwargs["logits_processor"] = transformers.LogitsProcessorList([Stamp()])
         kwargs["cache_implementation"] = cache
         if config is not None:
             kwargs["compile_config"] = config
@@ -62,13 +75,12 @@ def main() -> None:
     def decode_ms(cache: str, config=None) -> float:
         per_token = []
         for _ in range(args.repeats):
-            one, _ = generate(1, cache, config)
-            many, _ = generate(args.new_tokens, cache, config)
-            per_token.append((many - one) / (args.new_tokens - 1) * 1000)
+            generate(args.new_tokens, cache, config)
+            per_token.append((stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1000)
         return statistics.median(per_token)
 
     rows = []
-    for name in ("none", "pio"):
+    for name in args.method or ["none", "pio"]:
         fields = {} if name == "none" else {"keep": args.keep, "layers": [int(x) for x in args.layers.split(",")]}
         method = piofvlm.get_method(name, **fields)
         with method(model):
