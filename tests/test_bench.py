@@ -46,7 +46,8 @@ def test_bench_runs_end_to_end_and_writes_valid_json(tmp_path):
     assert pio["layer_lengths"][0] == base["layer_lengths"][0] and pio["layer_lengths"][1] == 61 - 49 + 12
     assert {"select", "proxy_forward", "proxy_backward", "nms"} <= set(pio["selection_ms"])
     assert pio["kv_cache_bytes"]["after_prefill"] < base["kv_cache_bytes"]["after_prefill"]
-    assert pio["flops"]["selection"]["backward"] > 0 and rand["flops"]["selection"]["forward"] == 0
+    assert pio["flops"]["selection"]["counted"] > 0 and rand["flops"]["selection"]["counted"] == 0
+    assert pio["flops"]["selection_derived"]["backward"] > 0
     for v in data["variants"]:
         assert len(v["prefill_s"]["values"]) == len(v["e2e_s"]["values"]) == 1
         assert v["ratios"]["prefill_ideal"] > 0 and v["memory"]["peak_bytes"] > 0
@@ -111,3 +112,43 @@ def test_qwen_preset_runs_end_to_end(tmp_path):
     assert base["visual_tokens"] == 16 and pio["kept_visual"] == rand["kept_visual"] == 4
     assert pio["kv_cache_bytes"]["after_prefill"] < base["kv_cache_bytes"]["after_prefill"]
     assert json.loads(write_outputs(result, tmp_path)["json"].read_text())["config"]["preset"] == "tiny-qwen"
+
+
+def test_counted_selection_flops_against_direct_counts():
+    """The counted selection FLOPs (prefill under the method minus under random with its schedule) equal a direct
+    count of the method's rule: FastV's last-query attention at layer K-1; zero for random; PIO's proxy without NMS
+    equals its formula (fast path: k/v over the sequence, the rest at the loss positions, input gradients only)."""
+    from piofvlm.bench.harness import counted_selection_flops, derived_pio_flops
+
+    shape = get_shape("tiny")
+    model = build_model(shape, torch.float32, "sdpa", "cpu")
+    inputs = build_inputs(model, shape)
+    text = fl.TextShape.from_config(model.config.text_config)
+    n = int(inputs["input_ids"].shape[1])
+    twins: dict = {}
+    with torch.no_grad():
+        fastv = piofvlm.get_method("fastv", layers=[2], keep=10)
+        counted = counted_selection_flops(model, inputs, fastv, twins)
+        d = text.hidden_size
+        assert counted == 2 * n * d * text.kv_dim + 2 * d * text.q_dim + 2 * n * text.q_dim
+        assert counted_selection_flops(model, inputs, piofvlm.get_method("random", layers=[2], keep=10), twins) == 0
+        pio = piofvlm.get_method("pio", layers=[2], keep=10, nms=False)
+        counted = counted_selection_flops(model, inputs, pio, twins)
+        derived = derived_pio_flops(pio, text, [n], [{"before": 49, "kept": 10}])
+    assert derived["nms"] == 0 and counted == derived["forward"] + derived["backward"]
+
+
+def test_cli_bench_methods_all_counts_every_method(tmp_path):
+    code = main(
+        ["bench", "--preset", "tiny", "--methods", "all", "--keep", "10", "--layers", "2", "--name", "all",
+         "--dtype", "float32", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--profile-repeats", "0",
+         "--threads", "1", "--no-progress", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads((tmp_path / "all.json").read_text())
+    methods = [v["method"]["method"] for v in data["variants"]]
+    assert set(methods) == set(piofvlm.available_methods()) - {"chain"}
+    for v in data["variants"]:
+        assert v["ratios"]["prefill_ideal"] > 0, v["label"]  # every row has its FLOP-ideal
+        expect_zero = v["method"]["method"] in ("none", "random", "pool")  # pool averages: no matmul
+        assert (v["flops"]["selection"]["counted"] == 0) == expect_zero, v["label"]

@@ -236,3 +236,54 @@ def test_new_families_generate_prefill_matches_forward(kind, name):
         out = m.generate(**inputs, **tq.GREEDY, output_logits=True, return_dict_in_generate=True)
     assert [[k.tolist() for k in r.kept] for r in method.last_selection] == kept
     torch.testing.assert_close(out.logits[0], forward, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ families of piofvlm.toy_families
+#: (method, family) pairs that refuse, by design: the family's adapter has no vision-tower map for that method.
+#: Anything else must run. InternVL (pixel shuffle), Mistral 3 (Pixtral + patch merger), SmolVLM / Idefics3 (pixel
+#: shuffle) and GLM-4.xV (its Qwen-like tower is not wired yet) have no explicit vision-attention scores yet;
+#: LLaVA-NeXT-Video's encoder-side methods refuse prompts with a video.
+REFUSED = {
+    **{
+        (name, kind): kind
+        for name in ("visionzip", "vscan", "chain")
+        for kind in ("internvl", "mistral3", "smolvlm", "idefics3", "glm4v", "glm46v")
+    },
+    **{(name, "llava_next_video"): "llava_next_video" for name in ENCODER_SIDE},
+}
+
+
+def _family_method_cases() -> list:
+    from piofvlm.toy_families import FAMILIES
+
+    names = ["pio", *MATRIX]
+    return [pytest.param(name, kind, id=f"{name}-{kind}") for kind in FAMILIES for name in names]
+
+
+@pytest.mark.parametrize(("name", "kind"), _family_method_cases())
+def test_every_method_runs_or_refuses_on_the_newer_families(name, kind):
+    """Samples 0 and 1 (one image; an image and a video or a second image): exact kept counts per item, hooks
+    removed; or, for the pairs in REFUSED only, a ValueError naming the method and the family."""
+    import test_qwen
+
+    m = test_qwen.model(kind)
+    inputs = test_qwen.make_inputs(kind, indices=(0, 1))
+    with torch.no_grad():
+        m(**inputs)
+    before = hook_counts(m)
+    method = build(name, 0.3) if name in MATRIX else piofvlm.get_method(name, layers=[2], keep=0.3)
+    if (name, kind) in REFUSED:
+        label = "(chain|visionzip)" if name == "chain" else name  # a chain names its encoder-side part
+        with pytest.raises(ValueError, match=rf"(?si)(?=.*{label})(?=.*{kind})"):
+            with torch.no_grad(), method(m):
+                m(**inputs)
+        assert hook_counts(m) == before
+        return
+    with torch.no_grad(), method(m):
+        out = m(**inputs)
+    assert hook_counts(m) == before
+    assert torch.isfinite(out.logits).all()
+    counts = test_qwen.visual_counts(kind, inputs)
+    assert [len(k) for k in method.last_selection[-1].kept] == [
+        sum(test_qwen.expected_kept(0.3, n) for n in sample) for sample in counts
+    ]

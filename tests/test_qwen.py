@@ -1,4 +1,6 @@
-"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL: mechanism invariants, M-RoPE positions, video, dynamic resolution, deepstack."""
+"""Mechanism invariants on every family with per-item layouts: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (M-RoPE, deepstack),
+LLaVA-OneVision, and the families of ``piofvlm.toy_families`` (InternVL, LLaVA-NeXT-Video, Mistral 3, SmolVLM):
+video, dynamic resolution, several images per prompt, padding."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import piofvlm
-from conftest import FixedSelection
+from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.core import proxy_loss
+from piofvlm.toy_families import FAMILIES
 from piofvlm.toy_qwen import (
     IMAGE,
     ONEVISION,
@@ -29,7 +32,11 @@ from piofvlm.toy_qwen import (
 )
 from test_pio import capture_context, simple_nms
 
-KINDS = [*QWEN_KINDS, ONEVISION]
+NEW_KINDS = list(FAMILIES)
+KINDS = [*QWEN_KINDS, ONEVISION, *NEW_KINDS]
+#: Families with 3-D M-RoPE positions (``get_rope_index``): positions kept, ``renumber`` refused.
+MROPE_KINDS = (*QWEN_KINDS, "glm4v", "glm46v")
+
 #: Per sample: prompt, image sizes and video grids. Qwen (dynamic resolution): images of 16, 18, 15 + 8 tokens, a
 #: video of 12. LLaVA-OneVision: anyres images of 112, 203 tokens, a 2-frame video of 33, two multi-image views of 50.
 QWEN_SAMPLES = [
@@ -45,14 +52,30 @@ ONEVISION_SAMPLES = [
     (prompt.replace(IMAGE, OV_IMAGE).replace(VIDEO, OV_VIDEO), sizes, videos)
     for (prompt, _, videos), sizes in zip(QWEN_SAMPLES, [[(28, 28)], [(40, 60)], [(56, 30), (28, 28)]], strict=True)
 ]
-EXPECTED_COUNTS = {ONEVISION: [[112], [203, 33], [50, 50]], **{kind: [[16], [18, 12], [15, 8]] for kind in QWEN_KINDS}}
-SUPPRESS = list(range(4, 10))  # a random model may emit placeholder ids
+EXPECTED_COUNTS = {
+    ONEVISION: [[112], [203, 33], [50, 50]],
+    **{kind: [[16], [18, 12], [15, 8]] for kind in QWEN_KINDS},
+    **{kind: family.counts for kind, family in FAMILIES.items()},
+}
+SUPPRESS = list(range(4, 11))  # a random model may emit placeholder ids (SmolVLM: 4-10)
 #: Greedy, exactly 4 new tokens (no early end of sequence, so batch and single outputs line up).
 GREEDY = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "suppress_tokens": SUPPRESS}
 
 
+def kinds_and_attn() -> list:
+    """(kind, attn) for sdpa and eager; the newer families' eager cases run in the slow suite (the quick suite checks
+    each invariant once per new family, with sdpa)."""
+    return [
+        pytest.param(kind, attn, marks=pytest.mark.slow) if kind in NEW_KINDS and attn == "eager" else (kind, attn)
+        for kind in KINDS
+        for attn in ("sdpa", "eager")
+    ]
+
+
 @functools.cache
 def model(kind: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+    if kind in FAMILIES:
+        return FAMILIES[kind].build(attn=attn, dtype=dtype)
     if kind == ONEVISION:
         return build_onevision(attn=attn, dtype=dtype)
     return build_qwen(kind, attn=attn, dtype=dtype)
@@ -60,10 +83,14 @@ def model(kind: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
 
 @functools.cache
 def processor(kind: str):
+    if kind in FAMILIES:
+        return None  # some processors need torchvision: toy_families lays their inputs out
     return build_onevision_processor() if kind == ONEVISION else build_qwen_processor(kind)
 
 
 def make_inputs(kind: str, indices=(0, 1, 2)):
+    if kind in FAMILIES:
+        return FAMILIES[kind].inputs(tuple(indices))
     samples = ONEVISION_SAMPLES if kind == ONEVISION else QWEN_SAMPLES
     prompts = [samples[i][0] for i in indices]
     images = [[random_image(10 * i + j, size) for j, size in enumerate(samples[i][1])] for i in indices]
@@ -75,17 +102,24 @@ def make_inputs(kind: str, indices=(0, 1, 2)):
 
 def placeholder_ids(kind: str) -> tuple[int, int]:
     config = model(kind).config
-    return config.image_token_id, config.video_token_id
+    return config.image_token_id, getattr(config, "video_token_id", None) or -1
+
+
+def tokenizer(kind: str):
+    return FAMILIES[kind].tokenizer() if kind in FAMILIES else processor(kind).tokenizer
 
 
 def visual_counts(kind: str, inputs) -> list[list[int]]:
     """Per sample, the tokens of each image / video in prompt order, from the processor's output alone."""
     image_id, video_id = placeholder_ids(kind)
-    if kind == ONEVISION:  # items are separated by text in these prompts: one run of placeholders per item
+    if kind == ONEVISION or kind in FAMILIES:  # items are separated by text: one run of placeholders per item
+        joiners = FAMILIES[kind].joiners if kind in FAMILIES else ()  # text inside an item (Mistral 3's row breaks)
         return [
             [
-                len(run)
-                for run in "".join("iv"[t == video_id] if t in (image_id, video_id) else " " for t in row).split()
+                len(run.replace("j", ""))
+                for run in "".join(
+                    "iv"[t == video_id] if t in (image_id, video_id) else "j" if t in joiners else " " for t in row
+                ).split()
             ]
             for row in inputs["input_ids"].tolist()
         ]
@@ -116,13 +150,15 @@ def test_toy_inputs_and_item_counts(kind):
     inputs = make_inputs(kind)
     counts = visual_counts(kind, inputs)
     assert counts == EXPECTED_COUNTS[kind]
-    assert get_adapter(model(kind)).image_token_counts(0, dict(inputs)) == [n for sample in counts for n in sample]
-    if kind != ONEVISION:
+    got = get_adapter(model(kind)).image_token_counts(0, dict(inputs))
+    # None: the family's items are its contiguous runs (InternVL, SmolVLM, Idefics3); test_exact_counts checks them
+    runs_are_items = ("internvl", "smolvlm", "idefics3")
+    assert got == [n for sample in counts for n in sample] or (got is None and kind in runs_are_items)
+    if kind in QWEN_KINDS:
         assert set(inputs["mm_token_type_ids"][1].tolist()) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(("kind", "attn"), kinds_and_attn())
 @pytest.mark.parametrize("batch", [pytest.param(1, marks=pytest.mark.slow), 3])  # batch 3 has padding: stricter
 def test_keep_all_is_identical(kind, attn, batch):
     """Keep-all at layers 0 and 2 (before and after Qwen3-VL's deepstack layers): bit-identical logits and tokens."""
@@ -141,15 +177,14 @@ def test_keep_all_is_identical(kind, attn, batch):
     assert [len(k) for k in method.last_selection[0].kept] == [sum(c) for c in visual_counts(kind, inputs)]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(("kind", "attn"), kinds_and_attn())
 def test_prefill_stays_causal_after_pruning(kind, attn):
     """Changing the last prompt token changes no earlier logit (the authors' Qwen path became bidirectional here)."""
     m = model(kind, attn)
     inputs = make_inputs(kind, indices=(0, 1))
     other = dict(inputs)
     other["input_ids"] = inputs["input_ids"].clone()
-    other["input_ids"][:, -1] = processor(kind).tokenizer.convert_tokens_to_ids("?")
+    other["input_ids"][:, -1] = tokenizer(kind).convert_tokens_to_ids("?")
     totals = [sum(c) for c in visual_counts(kind, inputs)]
     chosen = [[[0, 3, 5, 9, 12], [1, 2, 17, 20, 29]]]
     method = FixedSelection(layers=[1], keep=5, budget_scope="sample", chosen=chosen)
@@ -180,13 +215,12 @@ def test_exact_counts_and_cache_lengths(kind):
         for kept, candidates in zip(record.kept, record.candidates, strict=True):
             assert torch.equal(kept, kept.sort().values)
             assert bool(torch.isin(kept, candidates).all())
-    # per image: each image of sample 2 keeps half of its own tokens at stage 1
-    first, second = counts[2]
+    # per item: each image (tile, frame) of sample 2 keeps half of its own tokens at stage 1
+    bounds = torch.tensor([0, *counts[2]]).cumsum(0).tolist()
     kept = records[0].kept[2]
-    assert (int((kept < first).sum()), int((kept >= first).sum())) == (
-        expected_kept(0.5, first),
-        expected_kept(0.5, second),
-    )
+    assert [int(((kept >= lo) & (kept < hi)).sum()) for lo, hi in zip(bounds, bounds[1:], strict=False)] == [
+        expected_kept(0.5, n) for n in counts[2]
+    ]
     text = inputs["attention_mask"].sum(1) - torch.tensor([sum(c) for c in counts])
     length1, length2 = int((text + torch.tensor(stage1)).max()), int((text + torch.tensor(stage2)).max())
     cache = transformers_compat.output_cache(out)
@@ -196,31 +230,46 @@ def test_exact_counts_and_cache_lengths(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("scope", ["image", "sample", "modality"])
 def test_budget_scopes_with_images_and_video(kind, scope):
-    """Sample 1 has an image then a video: together, separately, or per image / video."""
+    """Sample 1 has an image then a video (families without a video placeholder: more images, or frames written as
+    images): together, separately, or per image / video."""
     m = model(kind)
     inputs = make_inputs(kind, indices=(1,))
-    image_tokens, video_tokens = visual_counts(kind, inputs)[0]
+    counts = visual_counts(kind, inputs)[0]
     method = piofvlm.get_method("random", layers=[1], keep=6, budget_scope=scope)
     with torch.no_grad(), method(m):
         m(**inputs)
     kept = method.last_selection[0].kept[0]
-    from_image, from_video = int((kept < image_tokens).sum()), int((kept >= image_tokens).sum())
-    if scope == "sample":
-        assert from_image + from_video == 6
-    else:  # "image": the image and the video are groups of their own; "modality": the images vs the videos
-        assert (from_image, from_video) == (6, 6)
-    too_many = video_tokens + 1
-    message = rf"keep={too_many} visual tokens is more than group 1 of sample 0 has \({video_tokens}\)"
+    bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+    per_item = [int(((kept >= lo) & (kept < hi)).sum()) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    separate_video = kind not in FAMILIES or FAMILIES[kind].has_video
+    if scope == "sample" or (scope == "modality" and not separate_video):
+        assert sum(per_item) == 6
+    elif scope == "modality":  # the images vs the videos (one of each here)
+        assert per_item == [6, 6]
+    else:  # "image": each image and each video is a group of its own
+        assert per_item == [6] * len(counts)
+    smallest = min(range(len(counts)), key=lambda i: (counts[i], i))  # the first group a budget overflows
+    too_many = counts[smallest] + 1
+    message = rf"keep={too_many} visual tokens is more than group {smallest} of sample 0 has \({counts[smallest]}\)"
     with pytest.raises(ValueError, match=message):
         with torch.no_grad(), piofvlm.get_method("random", layers=[1], keep=too_many, budget_scope="image")(m):
             m(**inputs)
 
 
-@pytest.mark.parametrize(
-    ("kind", "positions"),
-    [*((kind, "keep") for kind in KINDS), (ONEVISION, "renumber")],  # renumber: 1-D RoPE only
-)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def decode_cases() -> list:
+    """(kind, positions, attn); renumber for the 1-D RoPE families; the newer families' cases other than
+    (renumber, sdpa) ((keep, sdpa) for M-RoPE) run in the slow suite."""
+    cases = []
+    for kind in KINDS:
+        for positions in ("keep", "renumber") if kind not in MROPE_KINDS else ("keep",):
+            for attn in ("sdpa", "eager"):
+                quick = ("keep" if kind in MROPE_KINDS else "renumber", "sdpa")  # one quick case per new family
+                slow = kind in NEW_KINDS and (positions, attn) != quick
+                cases.append(pytest.param(kind, positions, attn, marks=[pytest.mark.slow] if slow else []))
+    return cases
+
+
+@pytest.mark.parametrize(("kind", "positions", "attn"), decode_cases())
 def test_decode_continuity(kind, attn, positions):
     """Cached greedy decoding after pruning equals a no-cache forward of the same pruned sequence (rope_deltas)."""
     m = model(kind, attn)
@@ -239,18 +288,7 @@ def test_decode_continuity(kind, attn, positions):
         )
     chosen = [[k.tolist() for k in record.kept] for record in method.last_selection]
     fixed = FixedSelection(layers=layers, keep=keep, chosen=chosen, positions=positions)
-    sequences = generated.sequences
-    batch = sequences.shape[0]
-    full = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(batch, new_tokens, dtype=torch.long)], 1)
-    if "mm_token_type_ids" in inputs:
-        full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, new_tokens))
-    with torch.no_grad(), fixed(m):
-        logits = m(input_ids=sequences, use_cache=False, **full).logits
-    for step in range(new_tokens):
-        cached, uncached = generated.logits[step], logits[:, -new_tokens - 1 + step]
-        torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
-        assert torch.equal(cached.argmax(-1), uncached.argmax(-1))
+    assert_decode_equals_uncached(m, inputs, generated, fixed, new_tokens)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -275,7 +313,7 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     """Full-layer autograd on the unhooked model's hidden states at ``layer``; Qwen M-RoPE from ``get_rope_index``."""
     with torch.no_grad():
         hidden = m(**inputs, output_hidden_states=True).hidden_states[layer]
-    if kind == ONEVISION:
+    if kind not in MROPE_KINDS:  # 1-D RoPE
         positions = torch.arange(hidden.shape[1])[None]
     else:
         positions, _ = m.model.get_rope_index(
@@ -284,7 +322,7 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
             image_grid_thw=inputs.get("image_grid_thw"),
             video_grid_thw=inputs.get("video_grid_thw"),
         )
-    lm = m.model.language_model
+    lm = get_adapter(m).language_model
     x = hidden.clone().requires_grad_(True)
     seq = x.shape[1]
     with torch.enable_grad():
@@ -292,7 +330,7 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
         logits = m.lm_head(lm.norm(out))[0].float()
         window = logits[seq - 5 : seq - 1]
         (grad,) = torch.autograd.grad(F.cross_entropy(window, window.argmax(-1)), x)
-    visual = torch.isin(inputs["input_ids"][0], torch.tensor(placeholder_ids(kind)))
+    visual = get_adapter(m).visual_token_mask(inputs["input_ids"])[0]
     return grad[0, visual].float().norm(dim=-1), hidden[0, visual]
 
 
@@ -311,9 +349,15 @@ def test_kept_indices_match_independent_computation(kind, layer):
     assert record.kept[0].tolist() == simple_nms(scores, feats, k, 0.8)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("kind", "attn", "dtype"),
+    [
+        pytest.param(kind, attn, dtype, marks=[pytest.mark.slow] if kind in NEW_KINDS and attn == "eager" else [])
+        for kind in KINDS
+        for attn in ("sdpa", "eager")
+        for dtype in (torch.float64, torch.float32)
+    ],
+)
 def test_fast_proxy_equals_reference(kind, attn, dtype):
     """The fast proxy applies the family's own rotary function to the combined M-RoPE tables: same gradient."""
     m = model(kind, attn, dtype=dtype)
@@ -323,7 +367,7 @@ def test_fast_proxy_equals_reference(kind, attn, dtype):
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
     ctx = capture_context(m, inputs, layer=2)
-    assert m.model.language_model.layers[0].self_attn is not None and ctx.adapter.rotary_fn() is not None
+    assert ctx.adapter.layers[0].self_attn is not None and ctx.adapter.rotary_fn() is not None
     fast = proxy_loss.proxy_gradient(ctx, 2, fast=True)
     reference = proxy_loss.proxy_gradient(ctx, 2, fast=False)
     valid = ctx.valid
@@ -371,7 +415,7 @@ def test_deepstack_follows_pruning_before_deepstack_layers():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", MROPE_KINDS)
 def test_renumber_is_refused(kind):
     with pytest.raises(ValueError, match=f"positions='renumber' is not defined for {kind} models; use 'keep'"):
         piofvlm.get_method("pio", positions="renumber").apply(model(kind))

@@ -147,6 +147,32 @@ def test_rotary_function_and_table_layout(kind):
     )
 
 
+def test_glm4v_partial_interleaved_rotary():
+    """GLM-4.xV: ``(B, S, head_dim * partial_rotary_factor)`` tables; ``apply_rotary_pos_emb`` rotates interleaved
+    pairs of the first ``rotary_dim`` dims and leaves the rest: the fast proxy applies it as the attention does."""
+    from piofvlm.toy_families import build_glm4v
+
+    adapter, hidden, position_ids = _rotary_case(build_glm4v(num_layers=1))
+    cos, sin = adapter.language_model.rotary_emb(hidden, position_ids=position_ids + 3)
+    head_dim = adapter.layers[0].self_attn.head_dim
+    rotary_dim = int(head_dim * adapter.text_config.rope_parameters["partial_rotary_factor"])
+    contract(
+        tuple(cos.shape) == (2, 6, rotary_dim),
+        f"the layout of Glm4vTextRotaryEmbedding's tables (expected (B, S, {rotary_dim}), got {tuple(cos.shape)})",
+        "rotary_function",
+    )
+    q = torch.randn(2, 2, 6, head_dim)
+    q_rot, _ = adapter.rotary_fn()(q, q, cos, sin)
+    pairs, rotated_pairs = q[..., :rotary_dim].unflatten(-1, (-1, 2)), q_rot[..., :rotary_dim].unflatten(-1, (-1, 2))
+    contract(
+        torch.equal(q_rot[..., rotary_dim:], q[..., rotary_dim:])
+        and torch.allclose(rotated_pairs.norm(dim=-1), pairs.norm(dim=-1), atol=1e-5)
+        and not torch.allclose(q_rot, q),
+        "modeling_glm4v.apply_rotary_pos_emb (partial rotation of interleaved pairs)",
+        "rotary_function",
+    )
+
+
 def test_qwen_vision_internals():
     rotary = transformers_compat.qwen_vision_rotary_function()
     contract(

@@ -246,6 +246,53 @@ def _parse_sets(items: list[str] | None) -> list[tuple[str, Any]]:
     return pairs
 
 
+#: ``piofvlm bench --quick``: a first look in about a minute on a 2-core CPU (4 layers, 1 timed repeat, 2 new tokens).
+QUICK: dict[str, Any] = {"warmup": 1, "repeats": 1, "new_tokens": 2, "profile_repeats": 1}
+QUICK_LAYERS = 4
+#: Methods left out of ``--methods all``: ``chain`` composes two other methods (each is in the list).
+NOT_IN_ALL = ("none", "chain")
+#: Method fields that the presets' 2-block stand-in vision tower needs (``--set`` overrides them): VScan's default
+#: ``local_layer=5`` names a block of a real 24-block CLIP.
+PRESET_FIELDS: dict[str, dict[str, Any]] = {"vscan": {"local_layer": 1}}
+
+
+def _acts_in_llm(name: str) -> bool:
+    """Whether ``--layers`` applies to the method: not for input or vision-tower methods (default ``layers=[0]``)."""
+    from piofvlm.registry import method_class
+
+    default = method_class(name).__dataclass_fields__["layers"].default_factory()  # type: ignore[misc]
+    return default != [0]
+
+
+def _bench_method_names(repeated: list[str] | None, listed: str | None) -> list[str]:
+    """``--method a --method b`` and ``--methods a,b`` (or ``all``: every registered method but ``chain``)."""
+    names = list(repeated or [])
+    for name in (listed or "").split(","):
+        name = name.strip()
+        if name == "all":
+            names += [m for m in available_methods() if m not in NOT_IN_ALL]
+        elif name:
+            names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def _presets_help() -> str:
+    from piofvlm.bench.shapes import SHAPES
+
+    lines = ["model presets (--preset; random weights, nothing downloaded):"]
+    for name, shape in SHAPES.items():
+        lines.append(
+            f"  {name:<19} {shape.hidden_size}x{shape.num_layers} ({shape.num_heads}/{shape.num_kv_heads} heads, "
+            f"MLP {shape.intermediate_size}): {shape.description}"
+        )
+    lines.append(f"methods (--methods all = all but {', '.join(NOT_IN_ALL)}): {', '.join(available_methods())}")
+    lines.append(
+        "example (the issue-14 side-by-side): piofvlm bench --preset next-1024x24 --num-layers 8 --methods all "
+        "--keep 0.111 --layers 2 --threads 1 --new-tokens 4 --repeats 3"
+    )
+    return "\n".join(lines)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from piofvlm.bench import BenchConfig, run_benchmark, write_outputs
     from piofvlm.bench.report import markdown
@@ -265,15 +312,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.preset or args.model:
         data["preset"], data["model_path"] = args.preset, args.model
-    if args.method:
+    names = _bench_method_names(args.method, args.methods)
+    if names:
         variants = []
-        for name in args.method:
+        for name in names:
             entry: dict[str, Any] = {"method": name}
-            if args.layers is not None and name != "none":
+            if args.layers is not None and name != "none" and _acts_in_llm(name):
                 entry["layers"] = parse_value(args.layers)
+            if not args.model:
+                entry.update(PRESET_FIELDS.get(name, {}))
             entry.update(_parse_sets(args.set))
             variants.append(entry)
         data["variants"] = variants
+    if args.quick:
+        data.update(QUICK)
+        if "num_layers" not in data or data["num_layers"] is None or data["num_layers"] > QUICK_LAYERS:
+            data["num_layers"] = QUICK_LAYERS
     if args.keep is not None:
         keep = parse_value(args.keep)
         data["keeps"] = keep if isinstance(keep, list) else [keep]
@@ -290,8 +344,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "threads": args.threads,
     }
     data.update({key: value for key, value in overrides.items() if value is not None})
+    if args.no_count_flops:
+        data["count_flops"] = False
     config = BenchConfig.from_dict(data)
-    result = run_benchmark(config)
+    result = run_benchmark(config, progress_bar=not args.no_progress)
     paths = write_outputs(result, args.out)
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -337,7 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
     srv.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="efficiency benchmark: latency, overhead, memory, KV, FLOPs per method")
+    bench = sub.add_parser(
+        "bench",
+        help="efficiency benchmark: latency, overhead, memory, KV, FLOPs per method",
+        epilog=_presets_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     bench.add_argument("--config", help="JSON experiment file (benchmarks/*.json); flags below override it")
     bench.add_argument("--render", nargs="+", metavar="JSON", help="only rewrite the .md/.png of result files")
     source = bench.add_mutually_exclusive_group()
@@ -345,8 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="local checkpoint directory instead of a preset")
     bench.add_argument("--name", help="run label (output file stem)")
     bench.add_argument("--method", action="append", help="method to run (repeatable); 'none' is always added")
+    bench.add_argument("--methods", help="comma-separated methods, or 'all' (every registered method but chain)")
+    bench.add_argument("--quick", action="store_true", help=f"a first look: {QUICK_LAYERS} layers, {QUICK}")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    bench.add_argument("--no-count-flops", action="store_true", help="skip counting the selection FLOPs")
     bench.add_argument("--keep", help="budgets to sweep, comma-separated (ratios or counts)")
-    bench.add_argument("--layers", help="prune points for every --method, comma-separated")
+    bench.add_argument("--layers", help="prune points of every in-LLM method, comma-separated (input and "
+                       "vision-tower methods keep layers=[0])")  # fmt: skip
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other field of every --method")
     bench.add_argument("--num-layers", type=int, help="cut the preset's depth (CPU runs)")
     bench.add_argument("--dtype", choices=sorted(DTYPES))

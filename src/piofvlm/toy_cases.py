@@ -5,12 +5,13 @@ is downloaded.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from piofvlm import toy, toy_qwen
+from piofvlm import toy, toy_families, toy_qwen
 
 #: ``(model, inputs)``: an eval-mode fp32 model (sdpa) and processor outputs for a batch of two prompts.
 TinyCase = tuple[torch.nn.Module, dict[str, Any]]
@@ -56,4 +57,6 @@ TINY_CASES: dict[str, Callable[[], TinyCase]] = {
     "qwen2_vl": lambda: _qwen("qwen2_vl"),
     "qwen2_5_vl": lambda: _qwen("qwen2_5_vl"),
     "qwen3_vl": lambda: _qwen("qwen3_vl"),
+    # the families of issue 13 (InternVL, LLaVA-NeXT-Video, Mistral 3, SmolVLM): their standard samples 0 and 1
+    **{kind: functools.partial(toy_families.tiny_case, kind) for kind in toy_families.FAMILIES},
 }

@@ -335,6 +335,8 @@ _ROTARY_MODULES = {
     "llama": "transformers.models.llama.modeling_llama",
     "qwen2_vl": "transformers.models.qwen2_vl.modeling_qwen2_vl",
     "qwen3_vl": "transformers.models.qwen3_vl.modeling_qwen3_vl",
+    # GLM-4.xV text model: interleaved pairs (``rotate_half_llm``), only the first ``cos.shape[-1]`` dims rotated
+    "glm4v": "transformers.models.glm4v.modeling_glm4v",
 }
 
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 #: Attention implementations whose masks the mechanism can rebuild after tokens are dropped.
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+#: Text models whose decoder layers are laid out like Llama's and rotate with Llama's ``apply_rotary_pos_emb``.
+LLAMA_STYLE_TEXT_MODELS = ("llama", "mistral", "ministral", "qwen2", "qwen3")
 
 
 class ModelAdapter:
@@ -72,6 +74,13 @@ class ModelAdapter:
         return self.model.lm_head
 
     @property
+    def model_type(self) -> str:
+        """This model's ``config.model_type`` if it is one of :attr:`model_types`, else the first of them (for
+        error messages: an adapter serving several types names the one in use)."""
+        model_type = getattr(self.model.config, "model_type", None)
+        return model_type if model_type in self.model_types else (self.model_types or ("?",))[0]
+
+    @property
     def attn_implementation(self) -> str:
         return self.text_config._attn_implementation
 
@@ -81,12 +90,30 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------------------------------ visual tokens
     def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
-        """Number of placeholder tokens of each image of the batch, in order, or ``None`` if unknown.
+        """Number of placeholder tokens of each image (and video) of the batch, in prompt order, or ``None``.
 
-        ``model_kwargs`` are the keyword arguments of the multimodal model's forward (``pixel_values``,
-        ``image_sizes``, ...). ``None`` makes the mechanism treat each contiguous run of image tokens as one image.
+        ``model_kwargs`` are the keyword arguments of the multimodal model's forward (``input_ids``, ``pixel_values``,
+        ``image_sizes``, ...). ``None`` makes the mechanism treat each contiguous run of visual tokens as one item.
+
+        Default: the per-item sizes of :meth:`item_token_counts` for images and videos, placed in prompt order by
+        :func:`items_in_prompt_order` (so text between an item's tokens, e.g. row breaks, does not split it); ``None``
+        when the family gives no sizes (each image is then one contiguous run, as in InternVL).
         """
-        raise NotImplementedError
+        input_ids = model_kwargs.get("input_ids")
+        images = self.item_token_counts(model_kwargs, "image")
+        videos = self.item_token_counts(model_kwargs, "video") if self.video_token_id is not None else None
+        if input_ids is None or (images is None and videos is None):
+            return None
+        modality = self.visual_modality(input_ids, model_kwargs)
+        return items_in_prompt_order(modality, {0: images or [], 1: videos or []})
+
+    def item_token_counts(self, model_kwargs: dict[str, Any], modality: str) -> list[int] | None:
+        """Visual tokens of each image (``modality="image"``) or video of the call, in the order the model consumes
+        them, or ``None`` if the family does not know them (then contiguous runs are items).
+
+        Default: from the per-item features ``generate()`` pre-encoded (``mm_encoder_outputs``), if they are a list.
+        """
+        return self.counts_from_encoder_outputs(model_kwargs, modality)
 
     @staticmethod
     def counts_from_encoder_outputs(model_kwargs: dict[str, Any], modality: str = "image") -> list[int] | None:
@@ -111,8 +138,12 @@ class ModelAdapter:
         """``(B, S)`` bool: which prompt positions hold visual tokens (image, and video where the family has it)."""
         return self.visual_modality(input_ids) >= 0
 
-    def visual_modality(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, S)`` long: 0 for image tokens, 1 for video tokens, -1 elsewhere (``budget_scope="modality"``)."""
+    def visual_modality(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """``(B, S)`` long: 0 for image tokens, 1 for video tokens, -1 elsewhere (``budget_scope="modality"``).
+
+        ``model_kwargs`` (the multimodal call's keyword arguments) are for families whose video tokens reuse the image
+        id and are told apart by another input (GLM-4.xV's ``mm_token_type_ids``).
+        """
         modality = torch.full_like(input_ids, -1, dtype=torch.long)
         modality = modality.masked_fill(input_ids == self.image_token_id, 0)
         if self.video_token_id is not None:
@@ -146,15 +177,30 @@ class ModelAdapter:
 
     # ------------------------------------------------------------------------------------ fast proxy support
     def rotary_fn(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
-        """The family's own ``apply_rotary_pos_emb(q, k, cos, sin)``, or ``None`` if the fast proxy cannot be used."""
+        """The family's own ``apply_rotary_pos_emb(q, k, cos, sin)``, or ``None`` if the fast proxy cannot be used.
+
+        Default: Llama's for the text models of :data:`LLAMA_STYLE_TEXT_MODELS` (pre-norm decoder layers with
+        ``input_layernorm``, ``self_attn`` ``q/k/v/o_proj`` (+ optional per-head ``q_norm``/``k_norm``),
+        ``post_attention_layernorm`` and ``mlp``: the layout the fast proxy and the explicit-attention methods
+        recompute), else ``None`` (the reference proxy path; attention-based methods refuse with an error).
+        """
+        if getattr(self.text_config, "model_type", None) in LLAMA_STYLE_TEXT_MODELS:
+            return transformers_compat.rotary_function("llama")
         return None
+
+    def decoder_layer_output(self, layer: nn.Module, hidden: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
+        """What decoder ``layer`` outputs at some slots, from its input there and its attention output (after
+        ``o_proj``), both ``(B, n, d)``: the fast proxy's tail of the layer. Default: Llama's pre-norm block
+        (``hidden + attn``, then ``+ mlp(post_attention_layernorm(.))``); families with other norms override it."""
+        residual = hidden + attn_output
+        return residual + layer.mlp(layer.post_attention_layernorm(residual))
 
     # ------------------------------------------------------------------------- vision tower (encoder-side methods)
     # Families that support encoder-side methods override these; the defaults raise a ValueError saying what is
     # missing, so a method can report which capability a family lacks.
     def _no_vision(self, what: str) -> ValueError:
         return ValueError(
-            f"{what} is not available for {self.model_types[0] if self.model_types else '?'} models: "
+            f"{what} is not available for {self.model_type} models: "
             f"{type(self).__name__} does not implement it (see piofvlm.adapters.base.ModelAdapter)"
         )
 

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from piofvlm import transformers_compat
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.registry import register_adapter
 
@@ -31,11 +30,6 @@ class LlavaAdapter(ModelAdapter):
                 f"{num_image_tokens} image tokens in input_ids cannot be split evenly over {num_images} images"
             )
         return [num_image_tokens // num_images] * num_images
-
-    def rotary_fn(self):  # noqa: D102 - documented in the base class
-        if self.text_config.model_type in ("llama", "mistral", "qwen2"):
-            return transformers_compat.rotary_function("llama")
-        return None
 
     # ------------------------------------------------------------------------------------------ vision tower
     @property

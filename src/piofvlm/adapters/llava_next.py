@@ -21,8 +21,13 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
 
     def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
-        from_encoder = self.counts_from_encoder_outputs(model_kwargs)
-        if from_encoder is not None:
+        # Images only, so model order is prompt order (LLaVA-NeXT passes input_ids positionally: not in kwargs).
+        return self.item_token_counts(model_kwargs, "image")
+
+    def item_token_counts(self, model_kwargs: dict[str, Any], modality: str) -> list[int] | None:
+        """Images: base view (+1 with ``"full"``), unpadded high-resolution grid and one newline per grid row."""
+        from_encoder = self.counts_from_encoder_outputs(model_kwargs, modality)
+        if from_encoder is not None or modality != "image":
             return from_encoder
         image_sizes = model_kwargs.get("image_sizes")
         if image_sizes is None or model_kwargs.get("pixel_values") is None:

@@ -7,7 +7,7 @@
   the run's own KV cache, so they are the lengths that really ran.
 * :func:`paper_flops`: the FastV-style formula the paper's efficiency table uses (spec B.2): per layer
   ``4 n d^2 + 2 n^2 d + 2 n d m`` multiply-adds, with ``n`` = *visual* tokens only and one FFN term.
-* :func:`pio_proxy_flops`: PIO's proxy forward + input-gradient backward per stage.
+* :func:`pio_proxy_flops`: PIO's proxy forward + input-gradient backward per stage (tested against the count).
 """
 
 from __future__ import annotations
@@ -102,19 +102,29 @@ def pio_proxy_flops(
 ) -> dict[str, int]:
     """One PIO stage's proxy on ``seq_len`` tokens: ``{"forward", "backward", "nms"}`` FLOPs.
 
-    Fast path: keys and values over the sequence, queries, attention, MLP and LM head at ``positions`` slots only.
-    Reference path: the full layer and the LM head everywhere. The backward computes input gradients only (no
-    weight gradients): each linear costs its forward again, attention twice its forward. NMS: the cosine-similarity
+    Fast path (``core/proxy_loss.py``): keys over the sequence; queries, scores, the attention weights applied to the
+    normed hidden states (``P normed``, then ``v_proj`` on those rows), output projection, MLP and LM head at the
+    ``positions`` loss slots. Reference path: the full layer and the LM head everywhere. The backward computes input
+    gradients only (no weight gradients): each product costs its forward again, twice where both operands need a
+    gradient (scores, ``P normed``; attention twice its forward in the reference path). NMS: the cosine-similarity
     matrix over the first prefix the NMS always compares (``min(candidates, max(2 kept, 64))`` tokens), a lower
     bound: the prefix doubles when suppression leaves fewer than ``kept`` tokens (its fixed-point rounds are
-    matrix-vector products, not counted). A lower bound keeps the FLOP-ideal speedup on the high side.
+    matrix-vector products, not counted).
     """
     d = shape.hidden_size
-    q_tokens = positions if fast else seq_len
-    linear = linear_flops(shape, q_tokens, seq_len) + lm_head_flops(shape, q_tokens)
-    attention = attention_flops(shape, q_tokens, seq_len)
     prefix = min(candidates, max(2 * kept, 64))
-    return {"forward": linear + attention, "backward": linear + 2 * attention, "nms": 2 * prefix * prefix * d}
+    nms = 2 * prefix * prefix * d
+    if not fast:
+        linear = linear_flops(shape, seq_len) + lm_head_flops(shape, seq_len)
+        attention = attention_flops(shape, seq_len, seq_len)
+        return {"forward": linear + attention, "backward": linear + 2 * attention, "nms": nms}
+    n = positions
+    keys = 2 * seq_len * d * shape.kv_dim
+    scores = 2 * n * seq_len * shape.q_dim
+    mixed = 2 * shape.num_heads * n * seq_len * d
+    small = 2 * n * d * shape.q_dim * 3 + 3 * 2 * n * d * shape.intermediate_size + lm_head_flops(shape, n)  # q, v, o
+    forward = keys + scores + mixed + small
+    return {"forward": forward, "backward": forward + scores + mixed, "nms": nms}
 
 
 def paper_layer_macs(shape: TextShape, n_visual: float) -> float:

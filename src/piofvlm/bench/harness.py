@@ -21,6 +21,8 @@ import logging
 import platform
 import statistics
 import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,7 @@ class BenchConfig:
         image_size / question: the input for a real checkpoint (width, height).
         threads: ``torch.set_num_threads`` (None: leave torch's default).
         seed: weights, inputs and sampling seed.
+        count_flops: count every variant's selection FLOPs with ``FlopCounterMode`` (two extra untimed prefills).
         description: free text kept in the results.
     """
 
@@ -80,6 +83,7 @@ class BenchConfig:
     question: str = "Is there a dog in the image? Answer yes or no."
     threads: int | None = None
     seed: int = 0
+    count_flops: bool = True
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -123,6 +127,38 @@ class BenchConfig:
         return entries
 
 
+class Progress:
+    """Variant, repeat and phase on stderr: a tqdm bar when tqdm is installed, else one line per step."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled, self.total, self.done, self.start = enabled, total, 0, time.monotonic()
+        self.bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def step(self, label: str, phase: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            if self.done:
+                self.bar.update(1)
+            self.bar.set_description_str(f"{label} | {phase}")
+        else:
+            print(f"[{self.done + 1}/{self.total} {time.monotonic() - self.start:.0f}s] {label} | {phase}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        self.done += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
+
+
 def variant_label(entry: dict[str, Any]) -> str:
     if entry["method"] == "none":
         return "none"
@@ -133,7 +169,7 @@ def variant_label(entry: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- running
-def _load(config: BenchConfig) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
+def load(config: BenchConfig) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
     dtype = DTYPES[config.dtype]
     if config.preset is not None:
         shape = get_shape(config.preset, config.num_layers)
@@ -165,23 +201,122 @@ def _generate(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int
     )
 
 
-def _selection_flops(
-    method: Any, shape: fl.TextShape, stage_lengths: list[int], records: list[dict[str, int]]
-) -> dict[str, int] | None:
-    """FLOPs of the method's own selection per run, or None when the method's cost is not modelled."""
-    if method.name in ("none", "random"):
-        return {"forward": 0, "backward": 0, "nms": 0}
-    if isinstance(method, PIO):
-        total = {"forward": 0, "backward": 0, "nms": 0}
-        for seq_len, record in zip(stage_lengths, records, strict=True):
-            part = fl.pio_proxy_flops(
-                shape, seq_len, method.num_loss_positions, record["before"], record["kept"], fast=method.fast_proxy
-            )
-            if not method.nms:
-                part["nms"] = 0
-            total = {k: total[k] + part[k] for k in total}
-        return total
-    return None
+def count_flops(fn: Any) -> tuple[int, Any]:
+    """``(FLOPs, result)`` of ``fn()``, counted with the op registry of ``torch.utils.flop_counter`` (matmuls,
+    convolutions, attention kernels that register a count; forward and backward ops alike).
+
+    A plain dispatch mode rather than ``FlopCounterMode``: the latter's module tracker installs backward hooks that
+    ``torch.autograd.grad`` on leaf tensors (PIO's proxy) rejects.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class _Counter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            packet = func._overloadpacket
+            count = flop_registry.get(packet)
+            if count is not None:
+                self.total += int(count(*args, **kwargs, out_val=out))
+            elif packet in _CPU_SDPA:
+                self.total += _CPU_SDPA[packet] * _sdpa_pairs_times_dim(*args[_CPU_SDPA_QUERY[packet] :][:2])
+            return out
+
+    counter = _Counter()
+    with counter:
+        result = fn()
+    return counter.total, result
+
+
+#: torch's FLOP registry has no entry for SDPA's CPU kernel: forward = 2 matmuls of ``2 s_q s_k d`` per head,
+#: backward = 4 (the same counts as its CUDA kernels' entries, dense, grouped KV heads allowed).
+_CPU_SDPA: dict[Any, int] = {}
+_CPU_SDPA_QUERY: dict[Any, int] = {}
+for _name, _factor, _query_arg in (
+    ("_scaled_dot_product_flash_attention_for_cpu", 4, 0),
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", 8, 1),
+):
+    _packet = getattr(torch.ops.aten, _name, None)
+    if _packet is not None:
+        _CPU_SDPA[_packet], _CPU_SDPA_QUERY[_packet] = _factor, _query_arg
+
+
+def _sdpa_pairs_times_dim(query: torch.Tensor, key: torch.Tensor) -> int:
+    """``batch x query heads x s_q x s_k x head_dim`` of an SDPA call."""
+    *batch, s_q, dim = query.shape
+    return int(torch.Size(batch).numel()) * s_q * key.shape[-2] * dim
+
+
+def selection_twin(method: Any) -> Any:
+    """A ``random`` method with ``method``'s schedule: the same kept counts, so the same model FLOPs, and no
+    selection work of its own."""
+    return get_method(
+        "random",
+        layers=list(method.layers),
+        keep=list(method.keep),
+        budget_scope=method.budget_scope,
+        positions=method.positions,
+    )
+
+
+def counted_selection_flops(
+    model: nn.Module, inputs: dict[str, torch.Tensor], method: Any, twin_cache: dict[str, tuple[int, list[int]]]
+) -> int | None:
+    """Exact FLOPs of ``method``'s own work in one prefill, counted: the prefill under the method minus the prefill
+    under :func:`selection_twin` (same kept counts, same layer lengths). Covers everything the method adds: its
+    scores, proxy forward and backward, NMS similarities, vision-tower attention computed in hooks, merges.
+
+    None (with a warning) when the twin's layer lengths differ, which would mix model FLOPs into the difference.
+    """
+    if not isinstance(method, TokenPruner) or method.name == "random":
+        return 0
+    twin = selection_twin(method)
+    key = json.dumps(twin.to_dict(), sort_keys=True, default=str)
+    if key not in twin_cache:
+        with twin(model):
+            flops, (_, cache) = count_flops(lambda: _prefill(model, inputs))
+        twin_cache[key] = (flops, fl.cache_layer_lengths(cache))
+    twin_flops, twin_lengths = twin_cache[key]
+    with method(model):
+        flops, (_, cache) = count_flops(lambda: _prefill(model, inputs))
+    lengths = fl.cache_layer_lengths(cache)
+    if lengths != twin_lengths:
+        logger.warning("%s: layer lengths %s differ from random's %s: selection FLOPs not counted", method.name,
+                       lengths, twin_lengths)  # fmt: skip
+        return None
+    return flops - twin_flops
+
+
+def derived_pio_flops(
+    method: PIO, shape: fl.TextShape, stage_lengths: list[int], records: list[dict[str, int]]
+) -> dict[str, int]:
+    """PIO's selection FLOPs from its formula (:func:`~piofvlm.bench.flops.pio_proxy_flops`), per part."""
+    total = {"forward": 0, "backward": 0, "nms": 0}
+    for seq_len, record in zip(stage_lengths, records, strict=True):
+        part = fl.pio_proxy_flops(
+            shape, seq_len, method.num_loss_positions, record["before"], record["kept"], fast=method.fast_proxy
+        )
+        if not method.nms:
+            part["nms"] = 0
+        total = {k: total[k] + part[k] for k in total}
+    return total
+
+
+def _profiles(
+    model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device, repeats: int
+) -> list[tuple[dict[str, float], list]]:
+    """Profiled prefills; none (with a warning) when the profiler cannot run here (e.g. no CUPTI on a GPU)."""
+    profiles = []
+    for _ in range(repeats):
+        try:
+            profiles.append(profile_labels(lambda: _prefill(model, inputs), device))
+        except Exception as error:  # noqa: BLE001 - the timings stand without the selection split
+            logger.warning("the profiler failed (%r): no selection split in this run", error)
+            return profiles
+    return profiles
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -227,14 +362,26 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def run_benchmark(config: BenchConfig) -> dict[str, Any]:
-    """Run ``config`` and return the result document (see :mod:`piofvlm.bench.harness`)."""
+def run_benchmark(
+    config: BenchConfig,
+    deadline: float | None = None,
+    loaded: tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    progress_bar: bool = False,
+) -> dict[str, Any]:
+    """Run ``config`` and return the result document (see :mod:`piofvlm.bench.harness`).
+
+    Args:
+        deadline: a ``time.monotonic()`` value; timed repeats after the first stop once it has passed (the result
+            records how many ran).
+        loaded: ``(model, inputs, model_info)`` already built for ``config`` (see :func:`load`), to reuse a model.
+        progress_bar: show the variant, repeat and phase on stderr (tqdm when installed, else one line a step).
+    """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     load_start = load_average()
     environment = _environment(device)  # before the run: the commit of the code that runs
-    model, inputs, model_info = _load(config)
+    model, inputs, model_info = loaded if loaded is not None else load(config)
     shape = fl.TextShape.from_config(model.config.text_config)
     entries = config.expand_variants()
     methods = [get_method(e["method"], **{k: v for k, v in e.items() if k != "method"}) for e in entries]
@@ -244,22 +391,29 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     prompt_len = int(inputs["input_ids"].shape[1])
     logger.info("%d visual tokens, prompt %d tokens, variants: %s", num_visual, prompt_len, labels)
 
+    progress = Progress(len(entries) * (config.warmup + 2 * config.repeats + 2), enabled=progress_bar)
     prefill_s: list[list[float]] = [[] for _ in entries]
     e2e_s: list[list[float]] = [[] for _ in entries]
     peaks: list[list[dict[str, int]]] = [[] for _ in entries]
     with torch.no_grad():
         for _ in range(config.warmup):
-            for method in methods:
+            for i, method in enumerate(methods):
+                progress.step(labels[i], "warm-up")
                 with method(model):
                     _prefill(model, inputs)
                     _generate(model, inputs, config.new_tokens)
         for repeat in range(config.repeats):
+            if repeat > 0 and deadline is not None and time.monotonic() > deadline:
+                logger.warning("time budget reached: %d of %d repeats ran", repeat, config.repeats)
+                break
             order = [(i + repeat) % len(entries) for i in range(len(entries))]
             for i in order:
+                progress.step(labels[i], f"prefill {repeat + 1}/{config.repeats}")
                 with methods[i](model):
                     seconds, _ = timer(lambda: _prefill(model, inputs))
                 prefill_s[i].append(seconds)
             for i in order:
+                progress.step(labels[i], f"end to end {repeat + 1}/{config.repeats}")
                 with methods[i](model):
                     memory.reset()
                     seconds, _ = timer(lambda: _generate(model, inputs, config.new_tokens))
@@ -267,6 +421,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                 e2e_s[i].append(seconds)
 
         variants = []
+        twins: dict[str, tuple[int, list[int]]] = {}
         for i, method in enumerate(methods):
             with method(model):
                 _, cache = _prefill(model, inputs)
@@ -275,16 +430,18 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                     for r in method.last_selection
                 ]
                 generated = _generate(model, inputs, config.new_tokens, return_dict_in_generate=True)
-                profiles = [
-                    profile_labels(lambda: _prefill(model, inputs), device) for _ in range(config.profile_repeats)
-                ]
+                progress.step(labels[i], "profile")
+                profiles = _profiles(model, inputs, device, config.profile_repeats)
+            progress.step(labels[i], "count FLOPs")
+            counted = counted_selection_flops(model, inputs, method, twins) if config.count_flops else None
             variants.append(
                 _variant_result(
                     labels[i], entries[i], method, cache, generated, records, prefill_s[i], e2e_s[i], peaks[i],
-                    profiles, shape, config, num_visual, prompt_len, model_info,
+                    profiles, shape, config, num_visual, prompt_len, model_info, counted,
                 )
             )  # fmt: skip
             del cache, generated
+    progress.close()
     result = {
         "config": config.to_dict(),
         "model": {**model_info, "text_shape": dataclasses.asdict(shape), "visual_tokens": num_visual},
@@ -315,16 +472,14 @@ def _variant_result(
     num_visual: int,
     prompt_len: int,
     model_info: dict[str, Any],
+    selection_counted: int | None,
 ) -> dict[str, Any]:
     lengths = fl.cache_layer_lengths(cache)
     new = generated.sequences.shape[1] - prompt_len
     if new != config.new_tokens:
         raise RuntimeError(f"{label}: generated {new} tokens, expected {config.new_tokens}")
     stage_lengths = [lengths[r["layer"] - 1] if r["layer"] > 0 else prompt_len for r in records]
-    if isinstance(method, TokenPruner):
-        selection = _selection_flops(method, shape, stage_lengths, records)
-    else:  # the unpruned baseline
-        selection = {"forward": 0, "backward": 0, "nms": 0}
+    selection = None if selection_counted is None else {"counted": selection_counted}
     model_prefill = fl.prefill_flops(shape, lengths)
     decode = fl.decode_flops(shape, lengths, config.new_tokens - 1)
     stages = [(r["layer"], r["kept"]) for r in records]
@@ -367,6 +522,9 @@ def _variant_result(
         "flops": {
             "prefill_model": model_prefill,
             "selection": selection,
+            "selection_derived": derived_pio_flops(method, shape, stage_lengths, records)
+            if isinstance(method, PIO)
+            else None,
             "prefill_total": None if selection is None else model_prefill + sum(selection.values()),
             "decode": decode,
             "paper_formula": fl.paper_flops(shape, num_visual, stages, shape.num_layers),
@@ -451,8 +609,8 @@ def _extrapolate(
     return (base_prefill * full_layers / num_layers) / full_time
 
 
-def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """``<name>.json``, ``<name>.md`` and (with matplotlib) ``<name>.png`` in ``out_dir``."""
+def write_outputs(result: dict[str, Any], out_dir: str | Path, png: bool = True) -> dict[str, Path]:
+    """``<name>.json``, ``<name>.md`` and (with matplotlib, unless ``png`` is False) ``<name>.png`` in ``out_dir``."""
     from piofvlm.bench.report import markdown, plot
 
     out_dir = Path(out_dir)
@@ -461,7 +619,6 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
     paths["json"].write_text(json.dumps(result, indent=1) + "\n")
     paths["md"].write_text(markdown(result))
-    png = stem.with_suffix(".png")
-    if plot(result, png):
-        paths["png"] = png
+    if png and plot(result, stem.with_suffix(".png")):
+        paths["png"] = stem.with_suffix(".png")
     return paths

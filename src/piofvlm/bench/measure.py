@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -115,7 +117,7 @@ def profile_labels(fn: Callable[[], Any], device: torch.device, top: int = 12) -
     if cuda:
         activities.append(ProfilerActivity.CUDA)
         torch.cuda.synchronize()
-    with profile(activities=activities) as prof:
+    with quiet_stderr(), profile(activities=activities) as prof:
         fn()
         if cuda:
             torch.cuda.synchronize()
@@ -140,6 +142,25 @@ def profile_labels(fn: Callable[[], Any], device: torch.device, top: int = 12) -
         for e in rows
     ]
     return seconds, top_ops
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block: the profiler's native library (kineto) writes
+    ``profiler_start`` / ``profiler_stop`` lines there at every session, whatever ``KINETO_LOG_LEVEL`` says."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real file descriptor 2 (embedded interpreters): leave it alone
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def load_average() -> list[float]:

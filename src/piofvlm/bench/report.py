@@ -67,13 +67,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_pct(r.get('prefill_measured_over_ideal_causal'), 0)} | "
             f"{_ms(v['e2e_s'])} | {_x(r['e2e_speedup'])} | {v['decode_ms_per_token']:.1f} | {split} | {over} |"
         )
-    lines += ["", "| variant | exact prefill TFLOP (model + selection) | exact ratio | paper formula ratio "
+    lines += ["", "| variant | exact prefill TFLOP (model + selection, counted) | exact ratio | paper formula ratio "
               "(this depth / full depth / + proxy layer) | KV after prefill MB | KV ratio | peak mem MB "
               "(above start) | full-depth prefill speedup (extrapolated) |"]  # fmt: skip
     lines.append("|---|---|---|---|---|---|---|---|")
     for v in result["variants"]:
         f, r = v["flops"], v["ratios"]
-        sel = "n/a" if f["selection"] is None else f"{sum(f['selection'].values()) / 1e12:.4f}"
+        sel = "n/a" if f["selection"] is None else f"{sum(f['selection'].values()) / 1e9:.2f} G"
         total = f["prefill_total"]
         exact = "n/a" if total is None else f"{total / 1e12:.3f} ({f['prefill_model'] / 1e12:.3f} + {sel})"
         mem = v["memory"]

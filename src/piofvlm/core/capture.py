@@ -92,7 +92,7 @@ class VisionInputs:
                 # from the model call, so the inputs are read where they are encoded, on this instance only.
                 name = f"get_{modality}_features"
                 handle.add_hook(_InstanceWrap(multimodal, name, functools.partial(self._encode, modality)))
-        vision_layers = self.adapter.vision_layers
+        vision_layers = self.adapter.vision_layers if layers else ()  # pool needs the inputs only, not the blocks
         for index in sorted(set(layers)):
             if not -len(vision_layers) <= index < len(vision_layers):
                 raise ValueError(

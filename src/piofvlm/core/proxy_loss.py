@@ -62,6 +62,13 @@ def _reference_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slot
 
 
 def _fast_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The proxy's logits at ``slots``, computed so that autograd's backward is cheap too.
+
+    Only the keys need a projection over the whole sequence. The values enter as ``out = P V = W_v (P normed) + b_v``
+    (softmax rows sum to 1), so the attention weights are applied to the normed hidden states first and ``v_proj``
+    runs on ``n`` rows per head: the forward skips the ``S x d x d_kv`` value projection and the backward's value
+    path is ``P^T (dO W_v)`` (``S x n H x d``) instead of ``S x d_kv x d``. Same function, same gradient.
+    """
     adapter = ctx.adapter
     rotary = adapter.rotary_fn()
     layer = adapter.layers[layer_index]
@@ -74,22 +81,37 @@ def _fast_logits(ctx: StageContext, layer_index: int, x: torch.Tensor, slots: to
     normed_q = normed.gather(1, slots[..., None].expand(-1, -1, normed.shape[-1]))  # (B, n, d)
     q = attn.q_proj(normed_q).view(batch_size, num_q, -1, head_dim)
     k = attn.k_proj(normed).view(batch_size, seq_len, -1, head_dim)
-    v = attn.v_proj(normed).view(batch_size, seq_len, -1, head_dim).transpose(1, 2)
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, n, hd), (B, H_kv, S, hd)
+    # Keys laid out head by head: a (S x hd) block per head makes the score products and their gradients plain
+    # matrix products (on the strided (S, H, hd) view, q @ k^T took ~40x longer on CPU).
+    q, k = q.transpose(1, 2), k.transpose(1, 2).contiguous()  # (B, H, n, hd), (B, H_kv, S, hd)
 
     cos, sin = ctx.position_embeddings[0], ctx.position_embeddings[1]
     batch_dim = adapter.rotary_batch_dim
     q, _ = rotary(q, q, gather_sequence(cos, slots, batch_dim), gather_sequence(sin, slots, batch_dim))
     _, k = rotary(k, k, cos, sin)
 
+    num_heads, num_kv = q.shape[1], k.shape[1]
+    group = num_heads // num_kv
     key_index = torch.arange(seq_len, device=x.device)
     allowed = ctx.valid[:, None, None, :] & (key_index[None, None, None, :] <= slots[:, None, :, None])  # (B,1,n,S)
-    attn_out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling, enable_gqa=True)
-    attn_out = attn.o_proj(attn_out.transpose(1, 2).reshape(batch_size, num_q, -1))  # (B, n, d)
-    residual = x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1])) + attn_out
-    out = residual + layer.mlp(layer.post_attention_layernorm(residual))
+    # Grouped heads: the G query heads of a KV head share its keys, so (G n) query rows per KV head.
+    scores = q.reshape(batch_size, num_kv, group * num_q, head_dim) @ k.transpose(-1, -2)  # (B, H_kv, G n, S)
+    # The softmax in at least fp32 (as eager attention and SDPA's kernels do for half precision); fp64 stays fp64.
+    scores = scores.view(batch_size, num_heads, num_q, seq_len).to(torch.promote_types(x.dtype, torch.float32))
+    scores = scores * attn.scaling
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(x.dtype)  # (B, H, n, S)
+    # One (H n) x S by S x d product per sample (no broadcast over heads: its backward would materialise H copies).
+    mixed = probs.reshape(batch_size, num_heads * num_q, seq_len) @ normed  # (B, H n, d)
+    mixed = mixed.view(batch_size, num_kv, group * num_q, -1)
+    v_weight = attn.v_proj.weight.view(num_kv, head_dim, -1)  # (H_kv, hd, d)
+    attn_out = mixed @ v_weight.transpose(-1, -2)  # (B, H_kv, G n, hd)
+    if attn.v_proj.bias is not None:
+        attn_out = attn_out + attn.v_proj.bias.view(num_kv, 1, head_dim)
+    attn_out = attn_out.view(batch_size, num_heads, num_q, head_dim).transpose(1, 2)
+    attn_out = attn.o_proj(attn_out.reshape(batch_size, num_q, -1))  # (B, n, d)
+    out = adapter.decoder_layer_output(layer, x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1])), attn_out)
     return adapter.lm_head(adapter.final_norm(out))  # (B, n, V)
 
 
@@ -118,7 +140,10 @@ def proxy_gradient(
     slots = loss_positions(ctx.valid, num_positions, include_last)
     use_fast = fast and ctx.adapter.rotary_fn() is not None
     with torch.inference_mode(False), torch.enable_grad():
-        x = ctx.hidden_states.detach().clone().requires_grad_(True)
+        x = ctx.hidden_states.detach()
+        if x.is_inference():  # an inference tensor cannot enter autograd; an ordinary one needs no copy
+            x = x.clone()
+        x.requires_grad_(True)
         local = _cloned_context(ctx)
         logits_fn = _fast_logits if use_fast else _reference_logits
         # Profiler labels (no cost unless a torch.profiler session is active): the benchmark splits the overhead.

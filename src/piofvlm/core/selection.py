@@ -76,9 +76,11 @@ def greedy_nms(neighbors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
     Greedy rule: walk positions 0, 1, 2, ...; a position is selected unless an earlier *selected* position is its
     neighbour. Computed as the fixed point of ``sel[i] = valid[i] and not any(earlier neighbour j selected)``, by
-    Jacobi iteration: after ``t`` rounds the first ``t`` positions are final, and the first round in which nothing
-    changes proves the unique fixed point, i.e. the greedy answer. Each round is one batched matrix-vector product,
-    so there is one host sync per round, never one per token.
+    Jacobi iteration: after ``t`` rounds the first ``t`` positions are final, and a round in which nothing changes
+    proves the unique fixed point, i.e. the greedy answer (further rounds leave it unchanged). Each round is one
+    batched matrix-vector product; convergence is checked after 1, 2, 4, 8, ... more rounds, so a run that needs
+    ``R`` rounds costs at most ``2R`` products and ``log2(R) + 1`` host syncs (on a GPU the syncs, not the products,
+    are what costs).
 
     Args:
         neighbors: ``(P, N, N)`` bool, ``neighbors[p, i, j]``: positions i and j suppress each other.
@@ -90,13 +92,20 @@ def greedy_nms(neighbors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     num = neighbors.shape[-1]
     earlier = torch.ones(num, num, dtype=torch.bool, device=neighbors.device).tril(-1)  # j < i
     suppressors = (neighbors & earlier & valid[:, None, :]).to(torch.float32)  # (P, N, N)
-    selected = valid.clone()
-    for _ in range(num + 1):
+
+    def step(selected: torch.Tensor) -> torch.Tensor:
         hit = torch.bmm(suppressors, selected.to(torch.float32)[..., None])[..., 0] > 0  # (P, N)
-        updated = valid & ~hit
-        if torch.equal(updated, selected):
+        return valid & ~hit
+
+    selected, rounds, chunk = valid.clone(), 0, 1
+    while rounds <= num:  # num + 1 rounds always reach the fixed point
+        for _ in range(chunk - 1):
+            selected = step(selected)
+        previous, selected = selected, step(selected)
+        rounds += chunk
+        if torch.equal(previous, selected):
             break
-        selected = updated
+        chunk *= 2
     return selected
 
 

@@ -362,12 +362,13 @@ class PruningHandle:
                 "build the inputs with the model's processor from a prompt containing the image placeholder, or "
                 "run without the method"
             )
-        image_ids = self._image_ids(visual, pending[1] if pending is not None else {})
+        model_kwargs = pending[1] if pending is not None else {}
+        image_ids = self._image_ids(visual, model_kwargs)
         scope = self.method.budget_scope
         if scope == "image":
             groups = image_ids
         elif scope == "modality":
-            groups = torch.where(visual, adapter.visual_modality(input_ids.to(device)), -1)
+            groups = torch.where(visual, adapter.visual_modality(input_ids.to(device), model_kwargs), -1)
         else:
             groups = image_ids.clamp(max=0)
         num_groups = int(groups.max().item()) + 1

@@ -76,7 +76,7 @@ class PIO(TokenPruner):
             include_last=self.include_last,
             fast=self.fast_proxy,
         )
-        scores = grad.float().norm(dim=-1)
+        scores = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)  # fp32 accumulation, no fp32 copy
         _check_gradient_flows(scores, ctx)
         return scores
 

@@ -1,0 +1,76 @@
+"""Mistral 3 (``Mistral3ForConditionalGeneration``: Mistral Small 3.x with a Pixtral vision tower).
+
+Layout facts (``PixtralProcessor``): an image of ``h x w`` pixels becomes ``rows = h // (patch * merge)`` rows of
+``cols = w // (patch * merge)`` ``[IMG]`` tokens, each row but the last followed by ``[IMG_BREAK]``, the last one by
+``[IMG_END]``. Only ``[IMG]`` tokens receive vision features, so they are the visual tokens; the breaks and the end
+token are text: they are never dropped and keep the row structure visible to the decoder. An image's count comes from
+``image_sizes`` (``rows * cols``), and its tokens form several runs split by the breaks: :func:`items_in_prompt_order`
+groups them back into one item. 1-D RoPE: ``positions="renumber"`` works as for LLaVA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from piofvlm.adapters.base import ModelAdapter
+from piofvlm.adapters.registry import register_adapter
+
+
+@register_adapter
+class Mistral3Adapter(ModelAdapter):
+    """``[IMG]`` tokens are visual; ``[IMG_BREAK]`` / ``[IMG_END]`` are text; counts from ``image_sizes``."""
+
+    model_types = ("mistral3",)
+
+    @property
+    def _downsample(self) -> int:
+        config = self.model.config
+        return int(config.vision_config.patch_size * config.spatial_merge_size)
+
+    def _grids(self, model_kwargs: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """``(rows, cols)`` of each image's token grid, from ``image_sizes`` (pixels)."""
+        image_sizes = model_kwargs.get("image_sizes")
+        if image_sizes is None:
+            return None
+        return [
+            (int(h) // self._downsample, int(w) // self._downsample) for h, w in torch.as_tensor(image_sizes).tolist()
+        ]
+
+    def item_token_counts(self, model_kwargs: dict[str, Any], modality: str) -> list[int] | None:
+        encoded = self.counts_from_encoder_outputs(model_kwargs, modality)
+        if encoded is not None or modality != "image":
+            return encoded
+        grids = self._grids(model_kwargs)
+        return None if grids is None else [rows * cols for rows, cols in grids]
+
+    def visual_token_sources(self, model_kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Per image in order: ``crop`` = the image, ``patch`` = its token (raster order over the merged grid),
+        ``grid`` 0, ``row``/``col`` on the ``rows x cols`` grid."""
+        grids = self._grids(model_kwargs)
+        if grids is None:
+            raise ValueError("mistral3: image_sizes are needed to lay out the image tokens (pass the processor's)")
+        images = []
+        for index, (rows, cols) in enumerate(grids):
+            token = torch.arange(rows * cols)
+            images.append(
+                {
+                    "crop": torch.full_like(token, index),
+                    "patch": token,
+                    "grid": torch.zeros_like(token),
+                    "row": token // cols,
+                    "col": token % cols,
+                }
+            )
+        return images
+
+    def check_attention(self) -> None:
+        super().check_attention()
+        if getattr(self.text_config, "sliding_window", None) is not None:
+            raise ValueError(
+                f"this mistral3 model's text model uses a sliding window ({self.text_config.sliding_window} tokens); "
+                "after tokens are dropped the mechanism rebuilds full causal masks, which differ once a prompt is "
+                "longer than the window. Load it with text_config.sliding_window=None (the released Mistral Small "
+                "3.x checkpoints have none)."
+            )

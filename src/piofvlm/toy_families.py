@@ -1,0 +1,638 @@
+"""Tiny random models of the families added for issue 13, with inputs in their processors' layouts (no hub).
+
+Each family has a :class:`TinyFamily`: a builder (random weights from a config), an offline processor where one can be
+built without torchvision (video processors need it, SmolVLM's processor needs ``num2words``: those inputs are
+written here in the processor's layout), and three standard samples mirroring ``tests/test_qwen.py``: one image; an
+image and a video (a second image where the family has no video); two images of different sizes. :func:`tiny_case`
+gives ``(model, inputs)`` for ``piofvlm.toy_cases.TINY_CASES`` (``piofvlm doctor``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    BatchFeature,
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    Glm4vImageProcessorPil,
+    Glm4vProcessor,
+    Glm46VConfig,
+    Glm46VForConditionalGeneration,
+    GotOcr2ImageProcessorPil,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    LlavaNextImageProcessorPil,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    PixtralImageProcessorPil,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessorPil,
+)
+
+from piofvlm.toy import WORDS, random_image, text_config, word_level_tokenizer
+
+#: Placeholder of an image / a video in the standard prompts; replaced by each family's own placeholder.
+IMAGE, VIDEO = "{image}", "{video}"
+#: (prompt, image sizes (width, height), video frames) of the standard samples.
+SAMPLES: list[tuple[str, list[tuple[int, int]], list[int]]] = [
+    (f"USER : {IMAGE} what is the colour of the circle ? ASSISTANT :", [(32, 32)], []),
+    (f"USER : {IMAGE} left {VIDEO} how many ? ASSISTANT :", [(64, 32)], [2]),
+    (
+        f"USER : {IMAGE} right {IMAGE} describe this picture please , count the small objects . ASSISTANT :",
+        [(40, 60), (32, 32)],
+        [],
+    ),
+]
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """A tiny model of one family and its standard inputs."""
+
+    model_type: str
+    build: Callable[..., torch.nn.Module]  # (attn="sdpa", num_layers=4, seed=0, dtype=float32) -> model
+    inputs: Callable[[tuple[int, ...]], BatchFeature]  # standard samples ``indices`` -> a left-padded batch
+    tokenizer: Callable[[], Any]
+    #: Whether the family has a video placeholder of its own (else sample 1's "video" is a second image).
+    has_video: bool
+    #: Visual tokens of each item (image / video / frame, in prompt order) of each standard sample.
+    counts: list[list[int]]
+    #: Text token ids that may sit between the visual tokens of one item (Mistral 3's ``[IMG_BREAK]``).
+    joiners: tuple[int, ...] = ()
+
+
+def _model(cls: type, config: Any, attn: str, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _qwen2_text(num_layers: int) -> dict[str, Any]:
+    text = text_config(num_layers).to_dict()
+    text.update(model_type="qwen2", layer_types=None)
+    return text
+
+
+def _prompts(indices: tuple[int, ...], image: str, video: str | None) -> list[str]:
+    return [SAMPLES[i][0].replace(IMAGE, image).replace(VIDEO, video or image) for i in indices]
+
+
+def _images(indices: tuple[int, ...], as_video_image: bool) -> list[Image.Image]:
+    """The images of the samples in prompt order; a video slot becomes a 32 px image when ``as_video_image``."""
+    images = []
+    for i in indices:
+        prompt, sizes, frames = SAMPLES[i]
+        sized = [random_image(10 * i + j, size) for j, size in enumerate(sizes)]
+        if frames and as_video_image:
+            sized.append(random_image(10 * i + 9, (32, 32)))
+        images += sized
+    return images
+
+
+def _frames(i: int, count: int, side: int = 32) -> torch.Tensor:
+    """``(count, 3, side, side)`` random frames of sample ``i``'s video (the same alone or in any batch)."""
+    return torch.rand(count, 3, side, side, generator=torch.Generator().manual_seed(1000 + i))
+
+
+# --------------------------------------------------------------------------------------------------------- InternVL
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+INTERNVL_IMAGE_ID = 6
+
+
+def build_internvl(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """InternVL with a 32 px / patch 4 tower: 8 x 8 patches, 4 x 4 = 16 tokens a tile after the pixel shuffle."""
+    config = InternVLConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 4,
+        },
+        text_config=_qwen2_text(num_layers),
+        image_token_id=INTERNVL_IMAGE_ID,
+        image_seq_length=16,
+    )
+    return _model(InternVLForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_internvl_processor() -> InternVLProcessor:
+    """``InternVLProcessor`` (GOT-OCR2 tiling, up to 4 tiles + thumbnail), tiny tokenizer, no video processor."""
+    tokenizer = word_level_tokenizer([*INTERNVL_TOKENS, *WORDS], INTERNVL_TOKENS)
+    tokenizer.start_image_token, tokenizer.end_image_token, tokenizer.context_image_token = INTERNVL_TOKENS[:3]
+    tokenizer.video_token = INTERNVL_TOKENS[3]
+    ids = tokenizer.convert_tokens_to_ids(INTERNVL_TOKENS[:3])
+    tokenizer.start_image_token_id, tokenizer.end_image_token_id, tokenizer.context_image_token_id = ids
+
+    class OfflineProcessor(InternVLProcessor):
+        def check_argument_for_proper_class(self, *args: Any, **kwargs: Any) -> None:
+            return None  # the stock check wants the torchvision video processor
+
+    OfflineProcessor.__name__ = InternVLProcessor.__name__
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4
+    )
+    return OfflineProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, image_seq_length=16
+    )
+
+
+def internvl_inputs(indices: tuple[int, ...] = (0, 1, 2), use_processor: bool | None = None) -> BatchFeature:
+    """The standard samples. Without videos the processor itself runs (``use_processor=None``); a video is written
+    as the processor writes one (``FrameN: <img> ... </img>`` per frame, the frames' pixels at their place among the
+    images' tiles), so prompts with a video are laid out here (``use_processor=False`` forces this path)."""
+    processor = build_internvl_processor()
+    has_video = any(SAMPLES[i][2] for i in indices)
+    if not has_video and use_processor is not False:
+        return processor(
+            images=_images(indices, False),
+            text=_prompts(indices, "<IMG_CONTEXT>", None),
+            return_tensors="pt",
+            padding=True,
+        )
+    context = processor.image_token
+    prompts, pixels = [], []
+    for i in indices:
+        prompt, sizes, frames = SAMPLES[i]
+        tiles = processor.image_processor(
+            images=[random_image(10 * i + j, s) for j, s in enumerate(sizes)], return_tensors="pt"
+        )
+        per_image = list(tiles["pixel_values"].split(tiles["num_patches"].tolist()))
+        text, images, videos = "", iter(zip(per_image, tiles["num_patches"], strict=True)), iter(frames)
+        for piece in _split_keep(prompt):
+            if piece == IMAGE:
+                image_pixels, patches = next(images)
+                text += f"<img>{context * (16 * int(patches))}</img>"
+                pixels.append(image_pixels)
+            elif piece == VIDEO:
+                count = next(videos)
+                text += "\n".join(f"Frame{t + 1}: <img>{context * 16}</img>" for t in range(count))
+                pixels.append(_frames(i, count))
+            else:
+                text += piece
+        prompts.append(text)
+    inputs = processor.tokenizer(prompts, return_tensors="pt", padding=True)
+    return BatchFeature({**inputs, "pixel_values": torch.cat(pixels)})
+
+
+def _split_keep(prompt: str) -> list[str]:
+    """``prompt`` cut before and after every :data:`IMAGE` / :data:`VIDEO` placeholder, placeholders kept."""
+    pieces = [prompt]
+    for placeholder in (IMAGE, VIDEO):
+        pieces = [part for piece in pieces for part in _interleave(piece.split(placeholder), placeholder)]
+    return [piece for piece in pieces if piece]
+
+
+def _interleave(parts: list[str], separator: str) -> list[str]:
+    out = [parts[0]]
+    for part in parts[1:]:
+        out += [separator, part]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- LLaVA-NeXT-Video
+LNV_TOKENS = ["<image>", "<video>"]
+LNV_IMAGE_ID, LNV_VIDEO_ID = 4, 5
+LNV_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+#: Stands for a video token while the processor tokenizes (it refuses video tokens without a video processor).
+VIDEO_STANDIN = "<video_standin>"
+
+
+def build_llava_next_video(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """CLIP 32 px / patch 4 (8 x 8 patches a view), anyres up to 64 px; videos pooled 2 x 2: 16 tokens a frame."""
+    config = LlavaNextVideoConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 4,
+        },
+        text_config=text_config(num_layers).to_dict(),
+        image_token_index=LNV_IMAGE_ID,
+        video_token_index=LNV_VIDEO_ID,
+        image_grid_pinpoints=LNV_PINPOINTS,
+        spatial_pool_stride=2,
+    )
+    return _model(LlavaNextVideoForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_llava_next_video_processor() -> LlavaNextVideoProcessor:
+    """``LlavaNextVideoProcessor`` with the PIL image processor; videos: :func:`llava_next_video_inputs`."""
+
+    class OfflineProcessor(LlavaNextVideoProcessor):
+        def check_argument_for_proper_class(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    OfflineProcessor.__name__ = LlavaNextVideoProcessor.__name__
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=LNV_PINPOINTS
+    )
+    return OfflineProcessor(
+        video_processor=None,
+        image_processor=image_processor,
+        tokenizer=word_level_tokenizer([*LNV_TOKENS, *WORDS, VIDEO_STANDIN], LNV_TOKENS),
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def llava_next_video_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """Images through the processor; a video's ``<video>`` expanded to ``frames * 16`` tokens as
+    ``replace_video_token`` does, its frames in ``pixel_values_videos`` ``(videos, frames, 3, 32, 32)``."""
+    processor = build_llava_next_video_processor()
+    prompts = []
+    for i in indices:
+        prompt = SAMPLES[i][0].replace(IMAGE, "<image>")
+        for frames in SAMPLES[i][2]:
+            prompt = prompt.replace(VIDEO, " ".join(["<video>"] * (frames * 16)), 1)
+        prompts.append(prompt)
+    # The processor refuses video tokens without a video processor: they stand in as another word while it runs.
+    standin = [p.replace("<video>", VIDEO_STANDIN) for p in prompts]
+    inputs = processor(images=_images(indices, False), text=standin, return_tensors="pt", padding=True)
+    standin_id = processor.tokenizer.convert_tokens_to_ids(VIDEO_STANDIN)
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == standin_id, LNV_VIDEO_ID)
+    videos = [_frames(i, frames) for i in indices for frames in SAMPLES[i][2]]
+    if videos:
+        inputs["pixel_values_videos"] = torch.stack(videos)
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------------------- Mistral 3
+MISTRAL3_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+MISTRAL3_IMAGE_ID = 4
+
+
+def build_mistral3(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Pixtral patch 4 + 2 x 2 patch merger: one ``[IMG]`` token per 8 x 8 pixels; a Mistral text model."""
+    text = text_config(num_layers).to_dict()
+    text.update(model_type="mistral", sliding_window=None, head_dim=16)
+    config = Mistral3Config(
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "head_dim": 16,
+            "image_size": 64,
+            "patch_size": 4,
+        },
+        text_config=text,
+        image_token_index=MISTRAL3_IMAGE_ID,
+        spatial_merge_size=2,
+        projector_hidden_act="gelu",
+    )
+    return _model(Mistral3ForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_mistral3_image_processor() -> PixtralImageProcessorPil:
+    """Pixtral's PIL image processor (images up to 64 px, sides multiples of 8). ``PixtralProcessor`` itself needs
+    torchvision, so :func:`mistral3_inputs` writes its text layout (``replace_image_token``)."""
+    return PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
+
+
+@functools.cache
+def build_mistral3_tokenizer() -> Any:
+    return word_level_tokenizer([*MISTRAL3_TOKENS, *WORDS], MISTRAL3_TOKENS)
+
+
+def mistral3_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """As ``PixtralProcessor`` lays them out: per image ``rows`` rows of ``cols`` ``[IMG]`` tokens, each row closed by
+    ``[IMG_BREAK]`` except the last, closed by ``[IMG_END]``. Mistral 3 has no video placeholder: sample 1's video
+    slot is a second image."""
+    images = _images(indices, True)
+    pixels = build_mistral3_image_processor()(images=images, return_tensors="pt")
+    sizes = iter(pixels["image_sizes"].tolist())
+    prompts = []
+    for prompt in _prompts(indices, IMAGE, None):
+        pieces = prompt.split(IMAGE)
+        text = pieces[0]
+        for piece in pieces[1:]:
+            height, width = next(sizes)
+            rows = [["[IMG]"] * (width // 8) + ["[IMG_BREAK]"] for _ in range(height // 8)]
+            tokens = [token for row in rows for token in row]
+            tokens[-1] = "[IMG_END]"
+            text += "".join(tokens) + piece
+        prompts.append(text)
+    inputs = build_mistral3_tokenizer()(prompts, return_tensors="pt", padding=True)
+    return BatchFeature({**inputs, "pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]})
+
+
+# ------------------------------------------------------------------------------------------------ SmolVLM / Idefics3
+SMOLVLM_TOKENS = [
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<image>",
+    *(f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)),
+]
+SMOLVLM_IMAGE_ID = 6
+#: The tiny vision tower of SmolVLM and Idefics3: 32 px / patch 4 (8 x 8 patches); pixel shuffle 2 gives 16 tokens.
+PIXEL_SHUFFLE_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 4,
+}
+
+
+def build_smolvlm(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """SigLIP-style 32 px / patch 4 tower (8 x 8 patches), pixel shuffle 2: 16 ``<image>`` tokens a tile."""
+    config = SmolVLMConfig(
+        vision_config=dict(PIXEL_SHUFFLE_TOWER),
+        text_config=text_config(num_layers).to_dict(),
+        image_token_id=SMOLVLM_IMAGE_ID,
+        scale_factor=2,
+    )
+    return _model(SmolVLMForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_smolvlm_image_processor() -> SmolVLMImageProcessorPil:
+    """Tiles of 32 px, images resized to at most 64 px (up to 2 x 2 tiles + the global view)."""
+    return SmolVLMImageProcessorPil(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, return_row_col_info=True
+    )
+
+
+@functools.cache
+def build_smolvlm_tokenizer() -> Any:
+    return word_level_tokenizer([*SMOLVLM_TOKENS, *WORDS], SMOLVLM_TOKENS)
+
+
+def smolvlm_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """As ``SmolVLMProcessor`` lays them out (it needs ``num2words``, not installed here): each image expanded by its
+    ``get_image_prompt_string``; pixel values ``(B, tiles, 3, 32, 32)`` zero-padded. SmolVLM writes a video as frames
+    of images with timestamps; the standard sample 1 uses a second image instead."""
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    processor = build_smolvlm_image_processor()
+    images = [[random_image(10 * i + j, s) for j, s in enumerate(SAMPLES[i][1])] for i in indices]
+    for sample, i in zip(images, indices, strict=True):
+        if SAMPLES[i][2]:
+            sample.append(random_image(10 * i + 9, (32, 32)))
+    pixels = processor(images=images, return_tensors="pt")
+    prompts = []
+    for b, prompt in enumerate(_prompts(indices, IMAGE, None)):
+        pieces = prompt.split(IMAGE)
+        text = pieces[0]
+        for j, piece in enumerate(pieces[1:]):
+            rows, cols = pixels["rows"][b][j], pixels["cols"][b][j]
+            text += get_image_prompt_string(rows, cols, 16, "<fake_token_around_image>", "<image>", "<global-img>")
+            text += piece
+        prompts.append(text)
+    inputs = build_smolvlm_tokenizer()(prompts, return_tensors="pt", padding=True)
+    return BatchFeature(
+        {**inputs, "pixel_values": pixels["pixel_values"], "pixel_attention_mask": pixels["pixel_attention_mask"]}
+    )
+
+
+def build_idefics3(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Idefics3 with the same tiny tower as :func:`build_smolvlm`: 16 ``<image>`` tokens a tile, Llama text model."""
+    config = Idefics3Config(
+        vision_config=dict(PIXEL_SHUFFLE_TOWER),
+        text_config=text_config(num_layers).to_dict(),
+        image_token_id=SMOLVLM_IMAGE_ID,
+        scale_factor=2,
+    )
+    return _model(Idefics3ForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_idefics3_processor() -> Idefics3Processor:
+    """The stock ``Idefics3Processor`` (it needs neither torchvision nor ``num2words``): 32 px tiles, images resized
+    to at most 64 px. It adds ``<end_of_utterance>`` to the tokenizer, so it owns its tokenizer (cached)."""
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    tokenizer = word_level_tokenizer([*SMOLVLM_TOKENS, *WORDS], SMOLVLM_TOKENS)
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16)
+
+
+def idefics3_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``Idefics3Processor`` itself; sample 1's video slot is a second image (Idefics3
+    has no video input)."""
+    images = [[random_image(10 * i + j, s) for j, s in enumerate(SAMPLES[i][1])] for i in indices]
+    for sample, i in zip(images, indices, strict=True):
+        if SAMPLES[i][2]:
+            sample.append(random_image(10 * i + 9, (32, 32)))
+    return build_idefics3_processor()(
+        images=images, text=_prompts(indices, "<image>", None), return_tensors="pt", padding=True
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- GLM-4.xV
+GLM_TOKENS = [
+    "<|image|>",
+    "<|video|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+]
+GLM_IMAGE_ID = 4
+#: Frame timestamps (seconds) the processor writes after each video frame; a stand-in for video tokens.
+GLM_TIMESTAMPS = [str(t) for t in range(8)]
+GLM_VIDEO_STANDIN = "<glm_video_standin>"
+#: Tokens of each image of the standard samples (dynamic resolution: 36 to 45 tokens).
+GLM_COUNTS = [[36], [45, 36], [40, 36]]
+#: Video-only samples (stock GLM-4.xV takes no image and video in one call): grids ``(frames, h, w)`` in patches
+#: after temporal merging: 12, 9 and 12 tokens (frames of 6, 9 and 4 tokens).
+GLM_VIDEOS: list[tuple[int, int, int]] = [(2, 4, 6), (1, 6, 6), (3, 4, 4)]
+
+
+def build_glm4v(
+    attn: str = "sdpa",
+    num_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    model_type: str = "glm4v",
+) -> torch.nn.Module:
+    """GLM-4.1V (``model_type="glm4v"``) or GLM-4.6V (``"glm46v"``, the same text model): 14 px patches merged 2 x 2;
+    head_dim 32 with ``partial_rotary_factor`` 0.5 (16 rotated dims, M-RoPE sections 2/3/3)."""
+    names = ("image", "video", "image_start", "image_end", "video_start", "video_end")
+    ids = dict(zip(names, range(4, 10), strict=True))
+    config_cls, model_cls = (
+        (Glm4vConfig, Glm4vForConditionalGeneration)
+        if model_type == "glm4v"
+        else (Glm46VConfig, Glm46VForConditionalGeneration)
+    )
+    config = config_cls(
+        text_config={
+            "model_type": "glm4v_text",
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 1024,
+            "pad_token_id": 0,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "partial_rotary_factor": 0.5,
+            },
+        },
+        vision_config={
+            "model_type": "glm4v_vision",
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 64,
+        },
+        **{f"{name}_token_id": value for name, value in ids.items()},
+    )
+    return _model(model_cls, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_glm4v_processor() -> Glm4vProcessor:
+    """``Glm4vProcessor`` with the PIL image processor (images scaled up to at least 168 x 168 px) and no video
+    processor (it needs torchvision): :func:`glm4v_video_inputs` writes videos in its layout."""
+
+    class OfflineProcessor(Glm4vProcessor):
+        def check_argument_for_proper_class(self, *args: Any, **kwargs: Any) -> None:
+            return None  # the stock check wants the torchvision video processor
+
+    OfflineProcessor.__name__ = Glm4vProcessor.__name__
+    tokenizer = word_level_tokenizer([*GLM_TOKENS, *WORDS, *GLM_TIMESTAMPS, GLM_VIDEO_STANDIN], GLM_TOKENS)
+    image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 2 * 168 * 168, "longest_edge": 2 * 28 * 28 * 400})
+    return OfflineProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+
+
+def glm4v_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``Glm4vProcessor``; sample 1's video slot is a second image (stock GLM-4.xV takes
+    no image and video in one call; videos: :func:`glm4v_video_inputs`)."""
+    return build_glm4v_processor()(
+        images=_images(indices, True), text=_prompts(indices, "<|image|>", None), return_tensors="pt", padding=True
+    )
+
+
+def glm4v_video_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """Video-only prompts with the videos :data:`GLM_VIDEOS` ``[i]``, as ``Glm4vProcessor.replace_video_token``
+    writes them: ``<|begin_of_video|>`` + per frame ``<|begin_of_image|>`` + ``<|image|>`` x ``h * w / 4`` +
+    ``<|end_of_image|>`` + its timestamp, then ``<|end_of_video|>``; ``mm_token_type_ids`` 2 on the frames' tokens."""
+    processor = build_glm4v_processor()
+    prompts = []
+    for i in indices:
+        frames, height, width = GLM_VIDEOS[i]
+        tokens = " ".join([GLM_VIDEO_STANDIN] * (height * width // 4))
+        video = " ".join(f"<|begin_of_image|> {tokens} <|end_of_image|> {GLM_TIMESTAMPS[t]}" for t in range(frames))
+        prompts.append(f"USER : <|begin_of_video|> {video} <|end_of_video|> how many ? ASSISTANT :")
+    inputs = processor(text=prompts, return_tensors="pt", padding=True)
+    standin = inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids(GLM_VIDEO_STANDIN)
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(standin, GLM_IMAGE_ID)
+    inputs["mm_token_type_ids"] = torch.where(standin, 2, 0)
+    grids = [GLM_VIDEOS[i] for i in indices]
+    inputs["pixel_values_videos"] = torch.cat(
+        [
+            torch.rand(t * h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(t * 10_000 + h * 100 + w))
+            for t, h, w in grids
+        ]
+    )
+    inputs["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+    return inputs
+
+
+# -------------------------------------------------------------------------------------------------------- registry
+FAMILIES: dict[str, TinyFamily] = {
+    "internvl": TinyFamily(
+        "internvl",
+        build_internvl,
+        internvl_inputs,
+        lambda: build_internvl_processor().tokenizer,
+        has_video=False,  # a video is frames written as images: each frame is an item of its own
+        counts=[[16], [48, 16, 16], [48, 16]],
+    ),
+    "llava_next_video": TinyFamily(
+        "llava_next_video",
+        build_llava_next_video,
+        llava_next_video_inputs,
+        lambda: build_llava_next_video_processor().tokenizer,
+        has_video=True,
+        counts=[[136], [200, 32], [240, 136]],
+    ),
+    "mistral3": TinyFamily(
+        "mistral3",
+        build_mistral3,
+        mistral3_inputs,
+        build_mistral3_tokenizer,
+        has_video=False,
+        counts=[[16], [32, 16], [40, 16]],
+        joiners=(5,),  # [IMG_BREAK]: text inside an image's tokens
+    ),
+    "smolvlm": TinyFamily(
+        "smolvlm",
+        build_smolvlm,
+        smolvlm_inputs,
+        build_smolvlm_tokenizer,
+        has_video=False,
+        counts=[[16] * 5, [16] * 8, [16] * 10],  # every tile and global view is an item
+    ),
+    "idefics3": TinyFamily(
+        "idefics3",
+        build_idefics3,
+        idefics3_inputs,
+        lambda: build_idefics3_processor().tokenizer,
+        has_video=False,
+        counts=[[16] * 5, [16] * 8, [16] * 10],  # as SmolVLM: every tile and global view is an item
+    ),
+    **{
+        kind: TinyFamily(
+            kind,
+            functools.partial(build_glm4v, model_type=kind),
+            glm4v_inputs,
+            lambda: build_glm4v_processor().tokenizer,
+            has_video=False,  # videos come alone: glm4v_video_inputs
+            counts=GLM_COUNTS,
+        )
+        for kind in ("glm4v", "glm46v")
+    },
+}
+
+
+def tiny_case(model_type: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``(model, inputs)`` for ``piofvlm.toy_cases.TINY_CASES``: the family's tiny model (3 decoder layers) and its
+    standard samples 0 and 1 (one image; an image and a video, or a second image), left-padded."""
+    family = FAMILIES[model_type]
+    return family.build(num_layers=3), dict(family.inputs((0, 1)))
