@@ -69,12 +69,13 @@ class PIO(TokenPruner):
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         """``(B, S)`` fp32 L2 norm of the proxy-loss gradient of each slot."""
+        layer_index = self.proxy_layer_index(ctx.layer)
         grad = proxy_gradient(
             ctx,
-            self.proxy_layer_index(ctx.layer),
+            layer_index,
             num_positions=self.num_loss_positions,
             include_last=self.include_last,
-            fast=self.fast_proxy,
+            fast=self.fast_proxy and _dense_weights(ctx, layer_index),
         )
         scores = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.float32)  # fp32 accumulation, no fp32 copy
         _check_gradient_flows(scores, ctx)
@@ -87,6 +88,17 @@ class PIO(TokenPruner):
         with record_function("piofvlm.nms"):
             keep = nms_fill_per_group(scores, ctx.hidden_states, ctx.groups, ctx.budgets, float(self.tau))
         return Selection(keep=keep, scores=scores)
+
+
+def _dense_weights(ctx: StageContext, layer_index: int) -> bool:
+    """Whether the proxy layer's parameters are plain tensors that the fast proxy may read directly (it multiplies
+    by ``v_proj.weight``). Quantized weights (torchao, bitsandbytes, quanto tensor subclasses) and offloaded ones
+    (accelerate leaves them on the meta device until the module runs) take the reference path, which calls the
+    modules."""
+    for parameter in ctx.adapter.layers[layer_index].parameters():
+        if type(parameter) not in (torch.Tensor, torch.nn.Parameter) or parameter.device.type == "meta":
+            return False
+    return True
 
 
 def _check_gradient_flows(scores: torch.Tensor, ctx: StageContext) -> None:
