@@ -274,3 +274,62 @@ def test_pil_image_processor_check():
             raise ImportError("needs torchvision")
 
     assert not transformers_compat.pil_image_processor_usable(NeedsTorchvision)
+
+
+# ----------------------------------------------------------------------------------- production paths (issue 15)
+def test_static_cache_internals():
+    from transformers import DynamicCache, StaticCache
+
+    model, _ = llava()
+    cache = StaticCache(config=model.config, max_cache_len=17)
+    contract(
+        transformers_compat.static_cache_length(cache) == 17,
+        "StaticCache layers (cache_utils.StaticLayer with max_cache_len)",
+        "static_cache_length",
+    )
+    contract(transformers_compat.static_cache_length(DynamicCache()) is None, "DynamicCache", "static_cache_length")
+    contract(
+        isinstance(transformers_compat.static_cache_position(cache, 1), torch.Tensor),
+        "StaticLayer.cumulative_length (a tensor: each layer's own write position)",
+        "static_cache_position",
+    )
+    mask = torch.ones(1, 1, 2, 3, dtype=torch.bool)
+    assert transformers_compat.full_attention_mask({"full_attention": mask, "sliding_attention": None}) is mask
+    with pytest.raises(ValueError, match="sliding"):
+        transformers_compat.full_attention_mask({"full_attention": mask, "sliding_attention": mask})
+
+
+def test_compile_config_and_generate_compiled_call():
+    config = transformers_compat.compile_config(backend="eager")
+    contract(
+        config.backend == "eager" and config._compile_all_devices is True,
+        "CompileConfig._compile_all_devices (generate() compiles on CPUs only with it)",
+        "compile_config",
+    )
+    model = toy.build_llava(num_layers=1)
+    assert transformers_compat.compiled_forward(model) is None
+    model.get_compiled_call(config)  # what generate() calls to compile static-cache decoding (compiles lazily)
+    contract(
+        transformers_compat.compiled_forward(model) is not None,
+        "GenerationMixin.get_compiled_call (caches the compiled forward as model._compiled_call)",
+        "compiled_forward",
+    )
+    transformers_compat.reset_compiled(model)
+    assert transformers_compat.compiled_forward(model) is None
+
+
+def test_serving_internals():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    serving = transformers_compat.serving()
+    contract(
+        "force_model" in inspect.signature(serving.ModelManager).parameters
+        and "compile" in inspect.signature(serving.GenerationState).parameters
+        and callable(getattr(serving.GenerationState, "get_manager", None))
+        and callable(getattr(serving.ChatCompletionHandler, "handle_request", None))
+        and callable(getattr(serving.ChatCompletionHandler, "get_processor_inputs_from_messages", None)),
+        "transformers.cli.serving (ModelManager(force_model=), GenerationState(compile=).get_manager, "
+        "ChatCompletionHandler.handle_request / get_processor_inputs_from_messages)",
+        "serving",
+    )

@@ -1,4 +1,4 @@
-"""Command line: ``piofvlm run | demo | eval | show | bench | doctor`` (also ``python -m piofvlm``)."""
+"""Command line: ``piofvlm run | serve | demo | eval | show | bench | doctor`` (also ``python -m piofvlm``)."""
 
 from __future__ import annotations
 
@@ -91,6 +91,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"prefill: {result['prefill_s'] * 1000:.1f} ms   generate ({args.max_new_tokens} new tokens max): "
         f"{result['total_s'] * 1000:.1f} ms"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from piofvlm.serve import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote:
+        raise ValueError(f"--host {args.host} exposes the server beyond this machine; add --allow-remote to do so")
+    method = method_from_args(args)
+    print(f"piofvlm serve: {args.model} with {json.dumps(method.to_dict())} on http://{args.host}:{args.port}/v1")
+    serve(
+        args.model,
+        method,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        attn=args.attn,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
     )
     return 0
 
@@ -362,6 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu")
     run.set_defaults(func=cmd_run)
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible server (transformers serve) with a method applied")
+    srv.add_argument("--model", required=True, help="local checkpoint directory or hub id")
+    add_method_arguments(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--allow-remote", action="store_true", help="allow a --host other than this machine")
+    srv.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    srv.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    srv.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, auto")
+    srv.add_argument("--compile", action="store_true", help="static KV cache + torch.compile for decoding")
+    srv.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
+    srv.set_defaults(func=cmd_serve)
+
     bench = sub.add_parser(
         "bench",
         help="efficiency benchmark: latency, overhead, memory, KV, FLOPs per method",
@@ -436,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"piofvlm: error: {error}", file=sys.stderr)
         return 2
 
