@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev install-eval demo test test-slow test-all test-floor test-newest lock doctor lint format clean
+.PHONY: install install-dev install-eval install-production demo test test-slow test-all test-floor test-newest lock doctor lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,15 +25,19 @@ install-eval: $(BIN)/python
 	$(BIN)/pip install -q --no-deps lmms-eval==0.7.3
 	$(BIN)/pip install -q -c requirements.lock -e ".[dev,eval]"
 
+# The optional extras of the production paths (quantized weights, `piofvlm serve`): their tests skip without them.
+install-production: install-eval
+	$(BIN)/pip install -q -c requirements.lock -e ".[dev,eval,quant,serve]"
+
 demo: install
 	$(BIN)/piofvlm demo
 
-test: install-eval
+test: install-production
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-slow: install-eval  # pytest exits 5 when no test is marked slow: not a failure
+test-slow: install-production  # pytest exits 5 when no test is marked slow: not a failure
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
 
 # The fast suite on the declared transformers floor and on the newest release (throw-away venvs; see the script).
@@ -49,7 +53,7 @@ lock:
 doctor: install
 	$(BIN)/piofvlm doctor
 
-test-all: install-eval
+test-all: install-production
 	$(BIN)/python -m pytest -q
 
 lint: install-dev

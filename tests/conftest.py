@@ -55,3 +55,36 @@ class FixedSelection(TokenPruner):
         for b, wanted in enumerate(self.chosen[ctx.stage]):
             keep[b] = torch.isin(ctx.visual_index[b], torch.tensor(wanted, dtype=torch.long)) & (ctx.groups[b] >= 0)
         return Selection(keep=keep)
+
+
+#: Families that run exactly the code of another one (same adapter, same text-model class): the parametrized
+#: invariant matrices run them in the slow suite, except the tests named in ``QUICK_FOR_TWINS``.
+TWIN_FAMILIES = {"glm46v": "glm4v"}
+QUICK_FOR_TWINS = ("test_toy_inputs_and_item_counts", "test_keep_all_is_identical", "test_self_test_passes")
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 - pytest hook
+    import pytest
+
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        family = params.get("kind", params.get("model_type"))
+        if family in TWIN_FAMILIES and not item.originalname.startswith(QUICK_FOR_TWINS):
+            item.add_marker(pytest.mark.slow)
+
+
+def assert_decode_equals_uncached(m, inputs, generated, fixed: FixedSelection, new_tokens: int) -> None:
+    """The cached logits of ``generated`` (``output_logits=True``) equal, step by step, a no-cache forward of the
+    generated sequences under ``fixed`` (the same kept visual tokens); greedy tokens agree."""
+    import torch.nn.functional as F
+
+    full = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    full["attention_mask"] = F.pad(inputs["attention_mask"], (0, new_tokens), value=1)
+    if "mm_token_type_ids" in inputs:
+        full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, new_tokens))
+    with torch.no_grad(), fixed(m):
+        logits = m(input_ids=generated.sequences, use_cache=False, **full).logits
+    for step in range(new_tokens):
+        cached, uncached = generated.logits[step], logits[:, -new_tokens - 1 + step]
+        torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
+        assert torch.equal(cached.argmax(-1), uncached.argmax(-1))

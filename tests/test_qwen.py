@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import piofvlm
-from conftest import FixedSelection
+from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.core import proxy_loss
@@ -34,6 +34,8 @@ from test_pio import capture_context, simple_nms
 
 NEW_KINDS = list(FAMILIES)
 KINDS = [*QWEN_KINDS, ONEVISION, *NEW_KINDS]
+#: Families with 3-D M-RoPE positions (``get_rope_index``): positions kept, ``renumber`` refused.
+MROPE_KINDS = (*QWEN_KINDS, "glm4v", "glm46v")
 
 #: Per sample: prompt, image sizes and video grids. Qwen (dynamic resolution): images of 16, 18, 15 + 8 tokens, a
 #: video of 12. LLaVA-OneVision: anyres images of 112, 203 tokens, a 2-frame video of 33, two multi-image views of 50.
@@ -149,8 +151,9 @@ def test_toy_inputs_and_item_counts(kind):
     counts = visual_counts(kind, inputs)
     assert counts == EXPECTED_COUNTS[kind]
     got = get_adapter(model(kind)).image_token_counts(0, dict(inputs))
-    # None: the family's items are its contiguous runs (InternVL, SmolVLM); test_exact_counts checks the grouping
-    assert got == [n for sample in counts for n in sample] or (got is None and kind in ("internvl", "smolvlm"))
+    # None: the family's items are its contiguous runs (InternVL, SmolVLM, Idefics3); test_exact_counts checks them
+    runs_are_items = ("internvl", "smolvlm", "idefics3")
+    assert got == [n for sample in counts for n in sample] or (got is None and kind in runs_are_items)
     if kind in QWEN_KINDS:
         assert set(inputs["mm_token_type_ids"][1].tolist()) == {0, 1, 2}
 
@@ -255,12 +258,13 @@ def test_budget_scopes_with_images_and_video(kind, scope):
 
 def decode_cases() -> list:
     """(kind, positions, attn); renumber for the 1-D RoPE families; the newer families' cases other than
-    (renumber, sdpa) run in the slow suite."""
+    (renumber, sdpa) ((keep, sdpa) for M-RoPE) run in the slow suite."""
     cases = []
     for kind in KINDS:
-        for positions in ("keep", "renumber") if kind not in QWEN_KINDS else ("keep",):
+        for positions in ("keep", "renumber") if kind not in MROPE_KINDS else ("keep",):
             for attn in ("sdpa", "eager"):
-                slow = kind in NEW_KINDS and (positions, attn) != ("renumber", "sdpa")
+                quick = ("keep" if kind in MROPE_KINDS else "renumber", "sdpa")  # one quick case per new family
+                slow = kind in NEW_KINDS and (positions, attn) != quick
                 cases.append(pytest.param(kind, positions, attn, marks=[pytest.mark.slow] if slow else []))
     return cases
 
@@ -284,18 +288,7 @@ def test_decode_continuity(kind, attn, positions):
         )
     chosen = [[k.tolist() for k in record.kept] for record in method.last_selection]
     fixed = FixedSelection(layers=layers, keep=keep, chosen=chosen, positions=positions)
-    sequences = generated.sequences
-    batch = sequences.shape[0]
-    full = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(batch, new_tokens, dtype=torch.long)], 1)
-    if "mm_token_type_ids" in inputs:
-        full["mm_token_type_ids"] = F.pad(inputs["mm_token_type_ids"], (0, new_tokens))
-    with torch.no_grad(), fixed(m):
-        logits = m(input_ids=sequences, use_cache=False, **full).logits
-    for step in range(new_tokens):
-        cached, uncached = generated.logits[step], logits[:, -new_tokens - 1 + step]
-        torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
-        assert torch.equal(cached.argmax(-1), uncached.argmax(-1))
+    assert_decode_equals_uncached(m, inputs, generated, fixed, new_tokens)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -320,7 +313,7 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     """Full-layer autograd on the unhooked model's hidden states at ``layer``; Qwen M-RoPE from ``get_rope_index``."""
     with torch.no_grad():
         hidden = m(**inputs, output_hidden_states=True).hidden_states[layer]
-    if kind not in QWEN_KINDS:  # 1-D RoPE
+    if kind not in MROPE_KINDS:  # 1-D RoPE
         positions = torch.arange(hidden.shape[1])[None]
     else:
         positions, _ = m.model.get_rope_index(
@@ -422,7 +415,7 @@ def test_deepstack_follows_pruning_before_deepstack_layers():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", QWEN_KINDS)
+@pytest.mark.parametrize("kind", MROPE_KINDS)
 def test_renumber_is_refused(kind):
     with pytest.raises(ValueError, match=f"positions='renumber' is not defined for {kind} models; use 'keep'"):
         piofvlm.get_method("pio", positions="renumber").apply(model(kind))

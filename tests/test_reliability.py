@@ -128,25 +128,6 @@ def test_reused_handle_equals_fresh_handle_across_image_and_video_prompts(kind, 
                 assert [r.kept[0].tolist() for r in method.last_selection] == kept
 
 
-# ------------------------------------------------------------------------------------- 6. refused generation modes
-def test_static_cache_is_refused_with_what_to_do():
-    m = model("llava")
-    inputs = make_inputs("llava", indices=(0,))
-    with torch.no_grad(), piofvlm.get_method("pio", layers=[1], keep=0.3)(m):
-        with pytest.raises(ValueError, match="StaticCache.*Drop cache_implementation='static'"):
-            m.generate(**inputs, max_new_tokens=2, cache_implementation="static")
-
-
-def test_labels_are_refused_with_what_to_do():
-    m = model("llava")
-    inputs = make_inputs("llava", indices=(0, 1))
-    with torch.no_grad(), piofvlm.get_method("pio", layers=[1], keep=0.3)(m):
-        with pytest.raises(ValueError, match="labels= is not supported.*Compute the loss from out.logits"):
-            m(**inputs, labels=inputs["input_ids"])
-    with torch.no_grad():  # the handle is gone: labels work again
-        assert torch.isfinite(m(**inputs, labels=inputs["input_ids"]).loss)
-
-
 # ---------------------------------------------------------------------------------------------- 4. copies, saving
 def module_state(m):
     """Hooks, instance attributes that shadow methods, and weights: what a fresh model must equal."""

@@ -147,6 +147,32 @@ def test_rotary_function_and_table_layout(kind):
     )
 
 
+def test_glm4v_partial_interleaved_rotary():
+    """GLM-4.xV: ``(B, S, head_dim * partial_rotary_factor)`` tables; ``apply_rotary_pos_emb`` rotates interleaved
+    pairs of the first ``rotary_dim`` dims and leaves the rest: the fast proxy applies it as the attention does."""
+    from piofvlm.toy_families import build_glm4v
+
+    adapter, hidden, position_ids = _rotary_case(build_glm4v(num_layers=1))
+    cos, sin = adapter.language_model.rotary_emb(hidden, position_ids=position_ids + 3)
+    head_dim = adapter.layers[0].self_attn.head_dim
+    rotary_dim = int(head_dim * adapter.text_config.rope_parameters["partial_rotary_factor"])
+    contract(
+        tuple(cos.shape) == (2, 6, rotary_dim),
+        f"the layout of Glm4vTextRotaryEmbedding's tables (expected (B, S, {rotary_dim}), got {tuple(cos.shape)})",
+        "rotary_function",
+    )
+    q = torch.randn(2, 2, 6, head_dim)
+    q_rot, _ = adapter.rotary_fn()(q, q, cos, sin)
+    pairs, rotated_pairs = q[..., :rotary_dim].unflatten(-1, (-1, 2)), q_rot[..., :rotary_dim].unflatten(-1, (-1, 2))
+    contract(
+        torch.equal(q_rot[..., rotary_dim:], q[..., rotary_dim:])
+        and torch.allclose(rotated_pairs.norm(dim=-1), pairs.norm(dim=-1), atol=1e-5)
+        and not torch.allclose(q_rot, q),
+        "modeling_glm4v.apply_rotary_pos_emb (partial rotation of interleaved pairs)",
+        "rotary_function",
+    )
+
+
 def test_qwen_vision_internals():
     rotary = transformers_compat.qwen_vision_rotary_function()
     contract(
@@ -236,6 +262,77 @@ def test_version_status_and_warning(version, status, monkeypatch):
         monkeypatch.setattr(transformers_compat, "TRANSFORMERS_VERSION", version)
         with pytest.warns(UserWarning, match=version):
             transformers_compat.check_version()
+
+
+def test_pil_image_processor_check():
+    from transformers import CLIPImageProcessorPil
+
+    assert transformers_compat.pil_image_processor_usable(CLIPImageProcessorPil)
+
+    class NeedsTorchvision:
+        def __init__(self):
+            raise ImportError("needs torchvision")
+
+    assert not transformers_compat.pil_image_processor_usable(NeedsTorchvision)
+
+
+# ----------------------------------------------------------------------------------- production paths (issue 15)
+def test_static_cache_internals():
+    from transformers import DynamicCache, StaticCache
+
+    model, _ = llava()
+    cache = StaticCache(config=model.config, max_cache_len=17)
+    contract(
+        transformers_compat.static_cache_length(cache) == 17,
+        "StaticCache layers (cache_utils.StaticLayer with max_cache_len)",
+        "static_cache_length",
+    )
+    contract(transformers_compat.static_cache_length(DynamicCache()) is None, "DynamicCache", "static_cache_length")
+    contract(
+        isinstance(transformers_compat.static_cache_position(cache, 1), torch.Tensor),
+        "StaticLayer.cumulative_length (a tensor: each layer's own write position)",
+        "static_cache_position",
+    )
+    mask = torch.ones(1, 1, 2, 3, dtype=torch.bool)
+    assert transformers_compat.full_attention_mask({"full_attention": mask, "sliding_attention": None}) is mask
+    with pytest.raises(ValueError, match="sliding"):
+        transformers_compat.full_attention_mask({"full_attention": mask, "sliding_attention": mask})
+
+
+def test_compile_config_and_generate_compiled_call():
+    config = transformers_compat.compile_config(backend="eager")
+    contract(
+        config.backend == "eager" and config._compile_all_devices is True,
+        "CompileConfig._compile_all_devices (generate() compiles on CPUs only with it)",
+        "compile_config",
+    )
+    model = toy.build_llava(num_layers=1)
+    assert transformers_compat.compiled_forward(model) is None
+    model.get_compiled_call(config)  # what generate() calls to compile static-cache decoding (compiles lazily)
+    contract(
+        transformers_compat.compiled_forward(model) is not None,
+        "GenerationMixin.get_compiled_call (caches the compiled forward as model._compiled_call)",
+        "compiled_forward",
+    )
+    transformers_compat.reset_compiled(model)
+    assert transformers_compat.compiled_forward(model) is None
+
+
+def test_serving_internals():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    serving = transformers_compat.serving()
+    contract(
+        "force_model" in inspect.signature(serving.ModelManager).parameters
+        and "compile" in inspect.signature(serving.GenerationState).parameters
+        and callable(getattr(serving.GenerationState, "get_manager", None))
+        and callable(getattr(serving.ChatCompletionHandler, "handle_request", None))
+        and callable(getattr(serving.ChatCompletionHandler, "get_processor_inputs_from_messages", None)),
+        "transformers.cli.serving (ModelManager(force_model=), GenerationState(compile=).get_manager, "
+        "ChatCompletionHandler.handle_request / get_processor_inputs_from_messages)",
+        "serving",
+    )
 
 
 def test_dynamic_cache_layers_can_be_left_padded():

@@ -1,4 +1,4 @@
-"""Command line: ``piofvlm run | demo | eval | show | bench | doctor`` (also ``python -m piofvlm``)."""
+"""Command line: ``piofvlm run | serve | demo | eval | show | bench | doctor`` (also ``python -m piofvlm``)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,27 @@ def read_image(path: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError is an OSError
         message = f"--image {path!r} is not an image file PIL can read ({error}); give a PNG or JPEG"
         raise ValueError(message) from error
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from piofvlm.serve import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote:
+        raise ValueError(f"--host {args.host} exposes the server beyond this machine; add --allow-remote to do so")
+    method = method_from_args(args)
+    print(f"piofvlm serve: {args.model} with {json.dumps(method.to_dict())} on http://{args.host}:{args.port}/v1")
+    serve(
+        args.model,
+        method,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        attn=args.attn,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
+    )
+    return 0
 
 
 def testbed_available() -> bool:
@@ -358,8 +379,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from piofvlm import doctor
-    from piofvlm.toy_cases import TINY_CASES
+    from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
 
+    unavailable = [f"{name} ({UNAVAILABLE[name]})" for name in args.family or () if name in UNAVAILABLE]
+    if unavailable:
+        raise ValueError(f"no self-test on this installation for {'; '.join(unavailable)}")
     unknown = sorted(set(args.family or ()) - set(TINY_CASES))
     if unknown:
         raise ValueError(f"no self-test for {', '.join(unknown)}; families: {', '.join(TINY_CASES)}")
@@ -381,6 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     run.add_argument("--device", default="cpu")
     run.set_defaults(func=cmd_run)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible server (transformers serve) with a method applied")
+    srv.add_argument("--model", required=True, help="local checkpoint directory or hub id")
+    add_method_arguments(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--allow-remote", action="store_true", help="allow a --host other than this machine")
+    srv.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    srv.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    srv.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, auto")
+    srv.add_argument("--compile", action="store_true", help="static KV cache + torch.compile for decoding")
+    srv.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
+    srv.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser(
         "bench",
@@ -456,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"piofvlm: error: {error}", file=sys.stderr)
         return 2
 

@@ -26,7 +26,7 @@ from piofvlm.adapters import get_adapter
 from piofvlm.core.context import Selection, StageContext
 from piofvlm.methods.base import TokenPruner
 from piofvlm.registry import get_method
-from piofvlm.toy_cases import TINY_CASES
+from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
 
 NEW_TOKENS = 3
 
@@ -168,6 +168,8 @@ def run(families: list[str] | None = None, out: Any = None) -> int:
         state = "ok    " if result.ok else "FAILED"
         text = "" if result.ok else f"  {result.detail}"
         print(f"  {model_type:<18} {state} {result.seconds:5.1f} s{text}", file=out, flush=True)
+    for model_type, reason in UNAVAILABLE.items() if families is None else ():
+        print(f"  {model_type:<18} not tested here: {reason}", file=out)
     broken = [r.model_type for r in results if not r.ok]
     floor, ceiling = transformers_compat.TESTED_RANGE
     good = transformers_compat.KNOWN_GOOD_TRANSFORMERS[-1]

@@ -57,6 +57,8 @@ TINY_CASES: dict[str, Callable[[], TinyCase]] = {
     "qwen2_vl": lambda: _qwen("qwen2_vl"),
     "qwen2_5_vl": lambda: _qwen("qwen2_5_vl"),
     "qwen3_vl": lambda: _qwen("qwen3_vl"),
-    # the families of issue 13 (InternVL, LLaVA-NeXT-Video, Mistral 3, SmolVLM): their standard samples 0 and 1
+    # the families of issue 13 (InternVL, LLaVA-NeXT-Video, Mistral 3, SmolVLM, ...): their standard samples 0 and 1
     **{kind: functools.partial(toy_families.tiny_case, kind) for kind in toy_families.FAMILIES},
 }
+#: Supported families without a tiny case on the installed transformers, with the reason (doctor reports them).
+UNAVAILABLE: dict[str, str] = dict(toy_families.UNAVAILABLE)

@@ -18,7 +18,17 @@ import torch
 from PIL import Image
 from transformers import (
     BatchFeature,
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    Glm4vImageProcessorPil,
+    Glm4vProcessor,
+    Glm46VConfig,
+    Glm46VForConditionalGeneration,
     GotOcr2ImageProcessorPil,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLProcessor,
@@ -34,6 +44,7 @@ from transformers import (
     SmolVLMImageProcessorPil,
 )
 
+from piofvlm import transformers_compat
 from piofvlm.toy import WORDS, random_image, text_config, word_level_tokenizer
 
 #: Placeholder of an image / a video in the standard prompts; replaced by each family's own placeholder.
@@ -346,6 +357,15 @@ SMOLVLM_TOKENS = [
     *(f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)),
 ]
 SMOLVLM_IMAGE_ID = 6
+#: The tiny vision tower of SmolVLM and Idefics3: 32 px / patch 4 (8 x 8 patches); pixel shuffle 2 gives 16 tokens.
+PIXEL_SHUFFLE_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 4,
+}
 
 
 def build_smolvlm(
@@ -353,14 +373,7 @@ def build_smolvlm(
 ) -> torch.nn.Module:
     """SigLIP-style 32 px / patch 4 tower (8 x 8 patches), pixel shuffle 2: 16 ``<image>`` tokens a tile."""
     config = SmolVLMConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 4,
-        },
+        vision_config=dict(PIXEL_SHUFFLE_TOWER),
         text_config=text_config(num_layers).to_dict(),
         image_token_id=SMOLVLM_IMAGE_ID,
         scale_factor=2,
@@ -408,6 +421,160 @@ def smolvlm_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
     )
 
 
+def build_idefics3(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Idefics3 with the same tiny tower as :func:`build_smolvlm`: 16 ``<image>`` tokens a tile, Llama text model."""
+    config = Idefics3Config(
+        vision_config=dict(PIXEL_SHUFFLE_TOWER),
+        text_config=text_config(num_layers).to_dict(),
+        image_token_id=SMOLVLM_IMAGE_ID,
+        scale_factor=2,
+    )
+    return _model(Idefics3ForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_idefics3_processor() -> Idefics3Processor:
+    """The stock ``Idefics3Processor`` (it needs neither torchvision nor ``num2words``): 32 px tiles, images resized
+    to at most 64 px. It adds ``<end_of_utterance>`` to the tokenizer, so it owns its tokenizer (cached)."""
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    tokenizer = word_level_tokenizer([*SMOLVLM_TOKENS, *WORDS], SMOLVLM_TOKENS)
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16)
+
+
+def idefics3_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``Idefics3Processor`` itself; sample 1's video slot is a second image (Idefics3
+    has no video input)."""
+    images = [[random_image(10 * i + j, s) for j, s in enumerate(SAMPLES[i][1])] for i in indices]
+    for sample, i in zip(images, indices, strict=True):
+        if SAMPLES[i][2]:
+            sample.append(random_image(10 * i + 9, (32, 32)))
+    return build_idefics3_processor()(
+        images=images, text=_prompts(indices, "<image>", None), return_tensors="pt", padding=True
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- GLM-4.xV
+GLM_TOKENS = [
+    "<|image|>",
+    "<|video|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+]
+GLM_IMAGE_ID = 4
+#: Frame timestamps (seconds) the processor writes after each video frame; a stand-in for video tokens.
+GLM_TIMESTAMPS = [str(t) for t in range(8)]
+GLM_VIDEO_STANDIN = "<glm_video_standin>"
+#: Tokens of each image of the standard samples (dynamic resolution: 36 to 45 tokens).
+GLM_COUNTS = [[36], [45, 36], [40, 36]]
+#: Video-only samples (stock GLM-4.xV takes no image and video in one call): grids ``(frames, h, w)`` in patches
+#: after temporal merging: 12, 9 and 12 tokens (frames of 6, 9 and 4 tokens).
+GLM_VIDEOS: list[tuple[int, int, int]] = [(2, 4, 6), (1, 6, 6), (3, 4, 4)]
+
+
+def build_glm4v(
+    attn: str = "sdpa",
+    num_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    model_type: str = "glm4v",
+) -> torch.nn.Module:
+    """GLM-4.1V (``model_type="glm4v"``) or GLM-4.6V (``"glm46v"``, the same text model): 14 px patches merged 2 x 2;
+    head_dim 32 with ``partial_rotary_factor`` 0.5 (16 rotated dims, M-RoPE sections 2/3/3)."""
+    names = ("image", "video", "image_start", "image_end", "video_start", "video_end")
+    ids = dict(zip(names, range(4, 10), strict=True))
+    config_cls, model_cls = (
+        (Glm4vConfig, Glm4vForConditionalGeneration)
+        if model_type == "glm4v"
+        else (Glm46VConfig, Glm46VForConditionalGeneration)
+    )
+    config = config_cls(
+        text_config={
+            "model_type": "glm4v_text",
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 1024,
+            "pad_token_id": 0,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "partial_rotary_factor": 0.5,
+            },
+        },
+        vision_config={
+            "model_type": "glm4v_vision",
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 64,
+        },
+        **{f"{name}_token_id": value for name, value in ids.items()},
+    )
+    return _model(model_cls, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_glm4v_processor() -> Glm4vProcessor:
+    """``Glm4vProcessor`` with the PIL image processor (images scaled up to at least 168 x 168 px) and no video
+    processor (it needs torchvision): :func:`glm4v_video_inputs` writes videos in its layout."""
+
+    class OfflineProcessor(Glm4vProcessor):
+        def check_argument_for_proper_class(self, *args: Any, **kwargs: Any) -> None:
+            return None  # the stock check wants the torchvision video processor
+
+    OfflineProcessor.__name__ = Glm4vProcessor.__name__
+    tokenizer = word_level_tokenizer([*GLM_TOKENS, *WORDS, *GLM_TIMESTAMPS, GLM_VIDEO_STANDIN], GLM_TOKENS)
+    image_processor = Glm4vImageProcessorPil(size={"shortest_edge": 2 * 168 * 168, "longest_edge": 2 * 28 * 28 * 400})
+    return OfflineProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+
+
+def glm4v_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``Glm4vProcessor``; sample 1's video slot is a second image (stock GLM-4.xV takes
+    no image and video in one call; videos: :func:`glm4v_video_inputs`)."""
+    return build_glm4v_processor()(
+        images=_images(indices, True), text=_prompts(indices, "<|image|>", None), return_tensors="pt", padding=True
+    )
+
+
+def glm4v_video_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """Video-only prompts with the videos :data:`GLM_VIDEOS` ``[i]``, as ``Glm4vProcessor.replace_video_token``
+    writes them: ``<|begin_of_video|>`` + per frame ``<|begin_of_image|>`` + ``<|image|>`` x ``h * w / 4`` +
+    ``<|end_of_image|>`` + its timestamp, then ``<|end_of_video|>``; ``mm_token_type_ids`` 2 on the frames' tokens."""
+    processor = build_glm4v_processor()
+    prompts = []
+    for i in indices:
+        frames, height, width = GLM_VIDEOS[i]
+        tokens = " ".join([GLM_VIDEO_STANDIN] * (height * width // 4))
+        video = " ".join(f"<|begin_of_image|> {tokens} <|end_of_image|> {GLM_TIMESTAMPS[t]}" for t in range(frames))
+        prompts.append(f"USER : <|begin_of_video|> {video} <|end_of_video|> how many ? ASSISTANT :")
+    inputs = processor(text=prompts, return_tensors="pt", padding=True)
+    standin = inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids(GLM_VIDEO_STANDIN)
+    inputs["input_ids"] = inputs["input_ids"].masked_fill(standin, GLM_IMAGE_ID)
+    inputs["mm_token_type_ids"] = torch.where(standin, 2, 0)
+    grids = [GLM_VIDEOS[i] for i in indices]
+    inputs["pixel_values_videos"] = torch.cat(
+        [
+            torch.rand(t * h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(t * 10_000 + h * 100 + w))
+            for t, h, w in grids
+        ]
+    )
+    inputs["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+    return inputs
+
+
 # -------------------------------------------------------------------------------------------------------- registry
 FAMILIES: dict[str, TinyFamily] = {
     "internvl": TinyFamily(
@@ -443,7 +610,38 @@ FAMILIES: dict[str, TinyFamily] = {
         has_video=False,
         counts=[[16] * 5, [16] * 8, [16] * 10],  # every tile and global view is an item
     ),
+    "idefics3": TinyFamily(
+        "idefics3",
+        build_idefics3,
+        idefics3_inputs,
+        lambda: build_idefics3_processor().tokenizer,
+        has_video=False,
+        counts=[[16] * 5, [16] * 8, [16] * 10],  # as SmolVLM: every tile and global view is an item
+    ),
+    **{
+        kind: TinyFamily(
+            kind,
+            functools.partial(build_glm4v, model_type=kind),
+            glm4v_inputs,
+            lambda: build_glm4v_processor().tokenizer,
+            has_video=False,  # videos come alone: glm4v_video_inputs
+            counts=GLM_COUNTS,
+        )
+        for kind in ("glm4v", "glm46v")
+    },
 }
+
+
+#: Families whose tiny inputs cannot be built offline with the installed transformers, with the reason; they are left
+#: out of :data:`FAMILIES` (so of the tests and of ``piofvlm doctor``'s self-test) on that release.
+UNAVAILABLE: dict[str, str] = {}
+for _kind, _processor in (("smolvlm", SmolVLMImageProcessorPil), ("idefics3", Idefics3ImageProcessorPil)):
+    if not transformers_compat.pil_image_processor_usable(_processor):
+        UNAVAILABLE[_kind] = (
+            f"transformers {transformers_compat.TRANSFORMERS_VERSION}'s {_processor.__name__} needs torchvision "
+            "(not installable here), so its tiny inputs cannot be built"
+        )
+        FAMILIES.pop(_kind)
 
 
 def tiny_case(model_type: str) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -157,7 +157,7 @@ def pad_cache_layer(cache: Any, layer_idx: int, count: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- masks
 def causal_padding_mask(
-    config: Any, key_valid: torch.Tensor, query_length: int, dtype: torch.dtype
+    config: Any, key_valid: torch.Tensor, query_length: int, dtype: torch.dtype, q_offset: int | None = None
 ) -> torch.Tensor | None:
     """Causal mask over ``key_valid`` keys whose last ``query_length`` keys are the queries, built by the model's
     own mask interface (``masking_utils``: ``q_length``/``q_offset`` arguments since 5.4).
@@ -165,8 +165,10 @@ def causal_padding_mask(
     Args:
         config: the text config (its ``_attn_implementation`` picks the format).
         key_valid: ``(B, L_kv)`` bool, False for padding keys.
-        query_length: number of queries ``L_q`` (the last ``L_q`` keys).
+        query_length: number of queries ``L_q`` (the last ``L_q`` keys unless ``q_offset`` is given).
         dtype: dtype of the hidden states (eager masks are additive in this dtype).
+        q_offset: key index of the first query (a static cache: the queries sit at its write position and the keys
+            run to its full length); default ``L_kv - L_q``.
 
     Returns:
         sdpa: ``(B, 1, L_q, L_kv)`` bool or None; eager: ``(B, 1, L_q, L_kv)`` float; flash: ``(B, L_kv)`` or None.
@@ -179,7 +181,7 @@ def causal_padding_mask(
         batch_size=batch_size,
         q_length=query_length,
         kv_length=kv_length,
-        q_offset=kv_length - query_length,
+        q_offset=kv_length - query_length if q_offset is None else q_offset,
         kv_offset=0,
         mask_function=causal_mask_function,
         attention_mask=key_valid,
@@ -188,6 +190,161 @@ def causal_padding_mask(
         config=config,
         use_vmap=False,
         device=key_valid.device,
+    )
+
+
+def static_cache_length(cache: Any) -> int | None:
+    """The fixed key length of a static KV cache (``StaticCache``, ``cache_implementation="static"``), ``None`` for a
+    growing one (``DynamicCache``) or no cache.
+
+    Static layers (``cache_utils.StaticLayer``, 5.x) keep one write position per layer (``cumulative_length``) and
+    return their whole ``max_cache_len`` buffer of keys, so every layer's mask spans ``max_cache_len`` keys. Sliding
+    static layers (and quantized or linear-attention layers) are refused: their key layout is not a plain prefix.
+    """
+    from transformers import cache_utils
+
+    layers = getattr(cache, "layers", None)
+    if cache is None or not layers:
+        return None
+    static = [isinstance(layer, cache_utils.StaticLayer) for layer in layers]
+    if not any(static):
+        return None
+    if not all(static) or any(getattr(layer, "is_sliding", False) for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        raise ValueError(
+            f"piofvlm supports static KV caches of full-attention layers only (StaticLayer); this cache has {kinds}. "
+            "Use cache_implementation='static' on a model without sliding-window layers, or the default dynamic cache"
+        )
+    lengths = {int(layer.max_cache_len) for layer in layers}
+    if len(lengths) != 1:
+        raise _broken(f"StaticLayer.max_cache_len (layers differ: {sorted(lengths)})", "static_cache_length")
+    return lengths.pop()
+
+
+def static_cache_position(cache: Any, layer: int) -> Any:
+    """Where static layer ``layer`` writes its next keys: the tokens it holds (a 0-d tensor, not a Python int, so
+    that compiled decoding does not specialise on it)."""
+    position = getattr(cache.layers[layer], "cumulative_length", None)
+    if not isinstance(position, torch.Tensor):
+        raise _broken("StaticLayer.cumulative_length (a tensor)", "static_cache_position")
+    return position
+
+
+def full_attention_mask(mask: Any) -> Any:
+    """The full-attention mask of a mask mapping (``{"full_attention": ...}`` that ``generate()`` prepares for models
+    with per-layer-type masks, e.g. Qwen2), or ``mask`` itself when it is not a mapping.
+
+    A mapping with a sliding-window mask is refused: pruning rebuilds one causal mask per segment of layers.
+    """
+    if not isinstance(mask, dict):
+        return mask
+    other = sorted(key for key, value in mask.items() if key != "full_attention" and value is not None)
+    if other or "full_attention" not in mask:
+        raise ValueError(
+            f"piofvlm rebuilds full-attention masks only; the model prepared masks for {sorted(mask)} (sliding-window "
+            "layers are not supported)"
+        )
+    return mask["full_attention"]
+
+
+# ---------------------------------------------------------------------------------------------------- compiling
+def compile_config(**kwargs: Any) -> Any:
+    """A ``transformers.CompileConfig`` that ``generate()`` honours on every device, the CPU included.
+
+    ``generate()`` compiles decoding with a static cache on accelerators only unless the private flag
+    ``_compile_all_devices`` is set (5.x); ``kwargs`` go to ``CompileConfig`` (``backend``, ``mode``, ``fullgraph``).
+    """
+    from transformers import CompileConfig
+
+    config = CompileConfig(**kwargs)
+    if not hasattr(config, "_compile_all_devices"):
+        raise _broken("CompileConfig._compile_all_devices", "compile_config")
+    config._compile_all_devices = True
+    return config
+
+
+def compiled_forward(model: torch.nn.Module) -> str | None:
+    """What of ``model`` is compiled, or ``None``: ``torch.compile(model)``, ``module.compile()``,
+    ``module.forward = torch.compile(module.forward)``, or the forward ``generate()`` compiled for static-cache
+    decoding (``_compiled_call``, made by ``GenerationMixin.get_compiled_call``)."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return "the model (torch.compile(model))"
+    if "_compiled_call" in model.__dict__:
+        return "the model's decoding (generate() with a compile_config or a static cache on an accelerator)"
+    for name, module in model.named_modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            return f"{name or 'the model'} (.compile())"
+        if hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable"):
+            return f"{name or 'the model'}.forward (torch.compile)"
+    return None
+
+
+def reset_compiled(model: torch.nn.Module) -> None:
+    """Make the next compiled call of ``model`` trace the hooks now on it.
+
+    torch.compile does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): a graph traced
+    before a method's hooks were added keeps running without them (unpruned), and one traced with them keeps running
+    them after they are removed. When any part of ``model`` is compiled, this drops ``generate()``'s compiled forward
+    and resets torch.compile's caches (``torch.compiler.reset()``, process-wide: other compiled code recompiles on
+    its next call).
+    """
+    what = compiled_forward(model)
+    if what is None:
+        return
+    logger.info("%s is compiled: resetting torch.compile's caches so that it is traced again with the hooks", what)
+    model.__dict__.pop("_compiled_call", None)
+    torch.compiler.reset()
+
+
+# ------------------------------------------------------------------------------------------------------ serving
+def serving() -> Any:
+    """The parts of ``transformers serve`` (``transformers.cli.serving``, 5.x) that ``piofvlm serve`` builds on:
+    ``ModelManager`` (``_load_model`` loads a model), ``GenerateManager`` (one inference thread per model,
+    ``async_submit``), ``GenerationState`` (``get_manager``), ``ChatCompletionHandler`` (``handle_request``,
+    ``get_processor_inputs_from_messages``), ``JSONResponse``, and ``build_app(manager, state, chat_handler_class)``
+    wiring them into transformers' FastAPI app as ``transformers serve`` does."""
+    from types import SimpleNamespace
+
+    try:
+        from fastapi.responses import JSONResponse
+        from transformers.cli.serving.chat_completion import ChatCompletionHandler
+        from transformers.cli.serving.completion import CompletionHandler
+        from transformers.cli.serving.model_manager import ModelManager
+        from transformers.cli.serving.response import ResponseHandler
+        from transformers.cli.serving.server import build_server
+        from transformers.cli.serving.systemone import SystemOneHandler
+        from transformers.cli.serving.transcription import TranscriptionHandler
+        from transformers.cli.serving.utils import GenerateManager, GenerationState
+    except ImportError as error:
+        if error.name in ("fastapi", "uvicorn", "openai", "pydantic", "starlette"):
+            raise ImportError(
+                f"piofvlm serve needs transformers' serving extra ({error.name} is missing): "
+                "pip install 'piofvlm[serve]'"
+            ) from error
+        raise _broken(f"transformers.cli.serving ({error})", "serving") from error
+    for cls, name in ((ModelManager, "_load_model"), (GenerateManager, "async_submit")):
+        if not callable(getattr(cls, name, None)):
+            raise _broken(f"{cls.__name__}.{name}", "serving")
+
+    def build_app(manager: Any, state: Any, chat_handler_class: type) -> Any:
+        handlers = {"model_manager": manager, "generation_state": state}
+        return build_server(
+            manager,
+            chat_handler_class(**handlers, chat_template_kwargs={}),
+            completion_handler=CompletionHandler(**handlers),
+            response_handler=ResponseHandler(**handlers, chat_template_kwargs={}),
+            transcription_handler=TranscriptionHandler(manager, state),
+            systemone_handler=SystemOneHandler(**handlers, chat_template_kwargs={}, decision_config=None),
+            generation_state=state,
+        )
+
+    return SimpleNamespace(
+        ModelManager=ModelManager,
+        GenerateManager=GenerateManager,
+        GenerationState=GenerationState,
+        ChatCompletionHandler=ChatCompletionHandler,
+        JSONResponse=JSONResponse,
+        build_app=build_app,
     )
 
 
@@ -207,6 +364,8 @@ _ROTARY_MODULES = {
     "llama": "transformers.models.llama.modeling_llama",
     "qwen2_vl": "transformers.models.qwen2_vl.modeling_qwen2_vl",
     "qwen3_vl": "transformers.models.qwen3_vl.modeling_qwen3_vl",
+    # GLM-4.xV text model: interleaved pairs (``rotate_half_llm``), only the first ``cos.shape[-1]`` dims rotated
+    "glm4v": "transformers.models.glm4v.modeling_glm4v",
 }
 
 
@@ -272,3 +431,14 @@ def encode_call_inputs(modality: str, bound: dict[str, Any]) -> dict[str, Any]:
         bound = dict(bound)
         bound["pixel_values_videos"] = bound.pop("pixel_values")
     return bound
+
+
+# ---------------------------------------------------------------------------------------------- image processors
+def pil_image_processor_usable(cls: type) -> bool:
+    """Whether a ``*ImageProcessorPil`` class works without torchvision (SmolVLM's and Idefics3's did not before
+    5.18: they raised an ImportError asking for torchvision)."""
+    try:
+        cls()
+    except ImportError:
+        return False
+    return True

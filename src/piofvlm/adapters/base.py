@@ -74,6 +74,13 @@ class ModelAdapter:
         return self.model.lm_head
 
     @property
+    def model_type(self) -> str:
+        """This model's ``config.model_type`` if it is one of :attr:`model_types`, else the first of them (for
+        error messages: an adapter serving several types names the one in use)."""
+        model_type = getattr(self.model.config, "model_type", None)
+        return model_type if model_type in self.model_types else (self.model_types or ("?",))[0]
+
+    @property
     def attn_implementation(self) -> str:
         return self.text_config._attn_implementation
 
@@ -97,7 +104,8 @@ class ModelAdapter:
         videos = self.item_token_counts(model_kwargs, "video") if self.video_token_id is not None else None
         if input_ids is None or (images is None and videos is None):
             return None
-        return items_in_prompt_order(self.visual_modality(input_ids), {0: images or [], 1: videos or []})
+        modality = self.visual_modality(input_ids, model_kwargs)
+        return items_in_prompt_order(modality, {0: images or [], 1: videos or []})
 
     def item_token_counts(self, model_kwargs: dict[str, Any], modality: str) -> list[int] | None:
         """Visual tokens of each image (``modality="image"``) or video of the call, in the order the model consumes
@@ -130,8 +138,12 @@ class ModelAdapter:
         """``(B, S)`` bool: which prompt positions hold visual tokens (image, and video where the family has it)."""
         return self.visual_modality(input_ids) >= 0
 
-    def visual_modality(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, S)`` long: 0 for image tokens, 1 for video tokens, -1 elsewhere (``budget_scope="modality"``)."""
+    def visual_modality(self, input_ids: torch.Tensor, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """``(B, S)`` long: 0 for image tokens, 1 for video tokens, -1 elsewhere (``budget_scope="modality"``).
+
+        ``model_kwargs`` (the multimodal call's keyword arguments) are for families whose video tokens reuse the image
+        id and are told apart by another input (GLM-4.xV's ``mm_token_type_ids``).
+        """
         modality = torch.full_like(input_ids, -1, dtype=torch.long)
         modality = modality.masked_fill(input_ids == self.image_token_id, 0)
         if self.video_token_id is not None:
@@ -176,12 +188,19 @@ class ModelAdapter:
             return transformers_compat.rotary_function("llama")
         return None
 
+    def decoder_layer_output(self, layer: nn.Module, hidden: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
+        """What decoder ``layer`` outputs at some slots, from its input there and its attention output (after
+        ``o_proj``), both ``(B, n, d)``: the fast proxy's tail of the layer. Default: Llama's pre-norm block
+        (``hidden + attn``, then ``+ mlp(post_attention_layernorm(.))``); families with other norms override it."""
+        residual = hidden + attn_output
+        return residual + layer.mlp(layer.post_attention_layernorm(residual))
+
     # ------------------------------------------------------------------------- vision tower (encoder-side methods)
     # Families that support encoder-side methods override these; the defaults raise a ValueError saying what is
     # missing, so a method can report which capability a family lacks.
     def _no_vision(self, what: str) -> ValueError:
         return ValueError(
-            f"{what} is not available for {self.model_types[0] if self.model_types else '?'} models: "
+            f"{what} is not available for {self.model_type} models: "
             f"{type(self).__name__} does not implement it (see piofvlm.adapters.base.ModelAdapter)"
         )
 

@@ -55,7 +55,7 @@ class QwenVLAdapter(ModelAdapter):
         if input_ids is None:
             return None
         sizes = {0: self._item_sizes(model_kwargs, "image"), 1: self._item_sizes(model_kwargs, "video")}
-        return items_in_prompt_order(self.visual_modality(input_ids), sizes)
+        return items_in_prompt_order(self.visual_modality(input_ids, model_kwargs), sizes)
 
     def _item_sizes(self, model_kwargs: dict[str, Any], modality: str) -> list[int]:
         """Tokens of each image (or video) of the call: from its grid, or from features ``generate`` pre-encoded."""
@@ -191,7 +191,7 @@ class QwenVLAdapter(ModelAdapter):
         """Per image or video in prompt order: ``crop`` = its row in :meth:`vision_token_scores` (images first),
         ``patch`` = its LLM token, ``grid`` = the frame (0 for images), ``row``/``col`` on the merged grid."""
         input_ids = model_kwargs["input_ids"]
-        modality = self.visual_modality(input_ids)
+        modality = self.visual_modality(input_ids, model_kwargs)
         if model_kwargs.get("attention_mask") is not None:
             modality = modality.masked_fill(~model_kwargs["attention_mask"].bool(), -1)
         grids = {}

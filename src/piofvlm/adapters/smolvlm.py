@@ -1,4 +1,4 @@
-"""SmolVLM (``SmolVLMForConditionalGeneration``; Idefics3 shares the layout but is not registered until tested).
+"""SmolVLM (``SmolVLMForConditionalGeneration``) and Idefics3 (``Idefics3ForConditionalGeneration``): one layout.
 
 Layout facts (``get_image_prompt_string`` of its processor): a large image is split into ``rows x cols`` tiles
 plus a downscaled global view; each tile is written ``<fake_token_around_image><row_i_col_j>`` + ``image_seq_len``
@@ -9,6 +9,8 @@ that would mark where an image ends. The mechanism therefore treats **each tile 
 ratio; a count is per tile); ``budget_scope="sample"`` pools every tile of a sample. ``pixel_values`` is
 ``(B, tiles, 3, H, W)`` padded with all-zero tiles that the model drops; the runs match the real tiles in order.
 The language model is ``model.model.text_model`` (Llama-style, 1-D RoPE: ``positions="renumber"`` works).
+Idefics3 is the same model under another name (``Idefics3Processor.replace_image_token`` writes the same strings;
+``Idefics3Model`` merges features with the same ``inputs_merger``), so one adapter serves both.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from piofvlm.adapters.registry import register_adapter
 class SmolVLMAdapter(ModelAdapter):
     """Each run of ``<image>`` tokens (a tile or a global view) is one item; see the module docstring."""
 
-    model_types = ("smolvlm",)  # idefics3 has the same layout but is untested: not registered
+    model_types = ("smolvlm", "idefics3")
 
     @property
     def language_model(self) -> nn.Module:

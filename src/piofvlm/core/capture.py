@@ -185,8 +185,8 @@ class VisionInputs:
         images = self.adapter.visual_token_sources(image_inputs)  # per image of the batch, in order
         mask = self.kwargs.get("attention_mask")
         visual = self.adapter.visual_token_mask(self.input_ids)
-        if mask is not None:
-            visual = visual & mask.bool()
+        if isinstance(mask, torch.Tensor) and mask.shape == visual.shape:  # 2-D; a static cache's 4-D mask: no padding
+            visual = visual & mask.bool()  # information needed, padding slots hold no image token
         per_sample = visual.sum(1).tolist()
         width = max(per_sample)
         tables = {

@@ -118,8 +118,7 @@ def _fast_logits(
         attn_out = attn_out + attn.v_proj.bias.view(num_kv, 1, head_dim)
     attn_out = attn_out.view(batch_size, num_heads, num_q, head_dim).transpose(1, 2)
     attn_out = attn.o_proj(attn_out.reshape(batch_size, num_q, -1))  # (B, n, d)
-    residual = x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1])) + attn_out
-    out = residual + layer.mlp(layer.post_attention_layernorm(residual))
+    out = adapter.decoder_layer_output(layer, x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1])), attn_out)
     return head(adapter.final_norm(out))  # (B, n, V)
 
 

@@ -68,8 +68,9 @@ class _Segment:
 
 @dataclass
 class _CacheLayout:
-    """How a pruned KV cache is laid out: stored on the cache object itself (attribute :data:`_LAYOUT_ATTR`), so a
-    cache continued later (a second turn, a copy of the cache, another handle) is decoded with its own layout."""
+    """How a pruned dynamic KV cache is laid out: stored on the cache object itself (attribute :data:`_LAYOUT_ATTR`),
+    so a cache continued later (a second turn, after other prompts, under another handle) is decoded with its own
+    layout. Static caches keep the handle's layout of its last prefill (compiled decoding reads it)."""
 
     segments: list[_Segment]
     batch_size: int
@@ -92,8 +93,9 @@ class _Call:
     sample_keys: torch.Tensor | None = None
     attention_mask_2d: torch.Tensor | None = None  # decode only
     position_ids: torch.Tensor | None = None  # decode only
-    segments: list[_Segment] = field(default_factory=list)  # prefill: built stage by stage; decode: the cache's
-    renumber: bool = False  # decode only: the cache was pruned with positions="renumber"
+    static_length: int | None = None  # key length of every layer of a static KV cache, None for a dynamic one
+    segments: list[_Segment] = field(default_factory=list)  # decode only: the layout of the cache being continued
+    renumber: bool = False  # decode only: that cache was pruned with positions="renumber"
     decode_cache: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)
 
 
@@ -111,12 +113,19 @@ class PruningHandle:
         self.adapter = adapter
         self.records: list[StageRecord] = []
         self._stage_at_layer = {layer: stage for stage, layer in enumerate(method.layers)}
+        self._segments: list[_Segment] = []
+        self._prompt_batch: int | None = None
+        self._prompt_len = 0  # padded prompt length of the last prefill (static caches map decode keys with it)
         self._pending: tuple[torch.Tensor | None, dict[str, Any]] | None = None
         self._call: _Call | None = None
         self._selecting = False
+        self._labels: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (labels, input_ids, num_items_in_batch)
+        self._final_source: torch.Tensor | None = None  # (B, S') prompt slot of each slot after the last stage
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         try:
-            self._hooks.append(model.register_forward_pre_hook(guarded(_refuse_labels), with_kwargs=True))
+            # Every hook is guarded: a model carrying them refuses copy.deepcopy and pickling (core/guard.py).
+            self._hooks.append(model.register_forward_pre_hook(guarded(self._take_labels), with_kwargs=True))
+            self._hooks.append(model.register_forward_hook(guarded(self._loss_over_kept), with_kwargs=True))
             self._hooks.append(
                 adapter.multimodal_model.register_forward_pre_hook(guarded(self._on_multimodal), with_kwargs=True)
             )
@@ -136,6 +145,7 @@ class PruningHandle:
             self.remove()
             raise
         _ACTIVE[model] = self
+        transformers_compat.reset_compiled(model)  # a graph traced without these hooks would never run them
 
     def add_hook(self, hook: torch.utils.hooks.RemovableHandle) -> None:
         """Own an extra hook (e.g. a method's hook on the vision tower): it is removed with this handle."""
@@ -149,8 +159,10 @@ class PruningHandle:
         self._hooks.clear()
         self._call = None
         self._pending = None
+        self._segments = []
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
+            transformers_compat.reset_compiled(self.model)  # a graph traced with these hooks would keep running them
 
     @property
     def active(self) -> bool:
@@ -185,13 +197,22 @@ class PruningHandle:
         if embeds is None:
             raise ValueError("piofvlm expects the language model to receive inputs_embeds from the multimodal model")
         cache = transformers_compat.cache_from_kwargs(kwargs)
-        if cache is not None:
-            _check_cache(cache)
-        attention_mask = kwargs.get("attention_mask")
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
-            raise ValueError("piofvlm needs a 2-D padding attention_mask (or None); a custom 4-D mask was given")
-        if cache is None or cache.get_seq_length() == 0:
+        static_length = transformers_compat.static_cache_length(cache)
+        if static_length is not None and self.adapter.text_config._attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                "piofvlm supports a static KV cache with attn_implementation 'sdpa' or 'eager', not "
+                f"{self.adapter.text_config._attn_implementation!r}; use the default dynamic cache"
+            )
+        attention_mask, mask_4d = self._split_mask(kwargs.get("attention_mask"), static_length)
+        if static_length is not None and embeds.shape[1] == 1 and self._segments and torch.compiler.is_compiling():
+            prefill = False  # a compiled one-token step on a static cache this handle prefilled: no graph break
+        else:
+            prefill = cache is None or bool(cache.get_seq_length() == 0)
+        if prefill and mask_4d is not None:
+            attention_mask = self._padding_of_static_mask(mask_4d, static_length, embeds.dtype)
+        if prefill:
             self._call = self._start_prefill(embeds, attention_mask, kwargs.get("position_ids"), pending)
+            self._call.static_length = static_length
             return
         self._call = None
         input_ids = pending[0] if pending is not None else None
@@ -202,7 +223,9 @@ class PruningHandle:
                 "image tokens arrived on a non-empty KV cache: visual tokens are pruned in one prefill over the whole "
                 "prompt, so chunked prefill or adding images to an existing cache is not supported"
             )
-        layout: _CacheLayout | None = getattr(cache, _LAYOUT_ATTR, None)
+        layout: _CacheLayout | None = getattr(cache, _LAYOUT_ATTR, None) if static_length is None else None
+        if layout is None and static_length is not None and self._segments:  # a static cache: this handle's layout
+            layout = _CacheLayout(self._segments, self._prompt_batch, self.method.positions == "renumber")
         if layout is None:
             return  # a cache no piofvlm prefill pruned: nothing to adjust
         if embeds.shape[0] != layout.batch_size:
@@ -215,21 +238,76 @@ class PruningHandle:
             hidden_dtype=embeds.dtype,
             attention_mask_2d=attention_mask,
             position_ids=kwargs.get("position_ids"),
+            static_length=static_length,
             segments=layout.segments,
             renumber=layout.renumber,
         )
 
+    # ------------------------------------------------------------------------------------------- static caches
+    @staticmethod
+    def _split_mask(attention_mask: Any, static_length: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(2-D padding mask, None)``, or ``(None, 4-D mask)`` for the mask ``generate()`` prepares for a static
+        cache (keys span the cache's ``static_length``); any other mask is refused."""
+        if attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            return attention_mask, None
+        mask = transformers_compat.full_attention_mask(attention_mask)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and static_length == mask.shape[-1]:
+            return None, mask
+        raise ValueError(
+            "piofvlm needs a 2-D padding attention_mask (or None); a custom 4-D mask was given (4-D masks are "
+            "accepted only as generate() prepares them for a static cache)"
+        )
+
+    def _padding_of_static_mask(self, mask_4d: torch.Tensor, static_length: int, dtype: torch.dtype) -> torch.Tensor:
+        """The ``(B, S)`` padding mask behind the prefill mask ``generate()`` built for a static cache, checked by
+        rebuilding that mask from it (a mask that is not plain causal + left padding is refused)."""
+        seq_len = mask_4d.shape[2]
+        allowed = mask_4d if mask_4d.dtype == torch.bool else mask_4d == 0
+        valid = allowed[:, 0, -1, :seq_len]
+        key_valid = torch.nn.functional.pad(valid, (0, static_length - seq_len), value=False)
+        expected = causal_padding_mask(self.adapter.text_config, key_valid, seq_len, dtype, q_offset=0)
+        if expected is None or expected.shape != mask_4d.shape or not torch.equal(expected, mask_4d):
+            raise ValueError(
+                "piofvlm needs a 2-D padding attention_mask (or None); the 4-D mask given with the static cache is "
+                "not causal with left padding"
+            )
+        return valid.long()
+
+    def _segment_static_mask(
+        self, segment: _Segment, call: _Call, cache: Any, index: int, query_length: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The decode mask of a pruned segment on a static cache, in tensor operations only (compiled decoding traces
+        it): the segment's cached prompt keys, then every token written since the prompt up to each query (causal),
+        then the unused slots of the buffer (masked)."""
+        seg_len, length = segment.valid.shape[1], call.static_length
+        device = segment.valid.device
+        written = transformers_compat.static_cache_position(cache, index)  # this layer's write position (tensor)
+        keys = torch.arange(length, device=device)
+        rows = torch.arange(query_length, device=device)
+        generated = (keys >= seg_len)[None, :] & (keys[None, :] <= written + rows[:, None])  # (L_q, L)
+        prompt = torch.nn.functional.pad(segment.valid, (0, length - seg_len), value=False)[:, None, None, :]
+        allowed = torch.where(keys < seg_len, prompt, generated[None, None])  # (B, 1, L_q, L)
+        mask_2d = call.attention_mask_2d
+        if mask_2d is not None and mask_2d.shape[1] > self._prompt_len:  # padding among appended tokens
+            appended = mask_2d[:, self._prompt_len :].to(device=device, dtype=torch.bool)
+            appended = appended[:, : length - seg_len]
+            appended = torch.nn.functional.pad(appended, (seg_len, length - seg_len - appended.shape[1]), value=True)
+            allowed = allowed & appended[:, None, None, :]
+        if self.adapter.text_config._attn_implementation == "eager":  # additive, as transformers' eager masks
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return allowed
+
     def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         call, self._call = self._call, None
-        if call is None or not call.prefill or not call.segments:
+        self._final_source = call.layout.source if call is not None and call.prefill else None
+        if call is None or not call.prefill or not self._segments or call.static_length is not None:
             return
         cache = transformers_compat.output_cache(output)
-        if cache is None:
+        if cache is None or not transformers_compat.is_dynamic_cache(cache):
             return
-        _check_cache(cache)
-        if call.segments[0].first_layer == 0:
+        if self._segments[0].first_layer == 0:
             self._pad_first_layer_cache(call, cache)
-        layout = _CacheLayout(call.segments, call.input_ids.shape[0], self.method.positions == "renumber")
+        layout = _CacheLayout(list(self._segments), call.input_ids.shape[0], self.method.positions == "renumber")
         setattr(cache, _LAYOUT_ATTR, layout)
 
     def _pad_first_layer_cache(self, call: _Call, cache: Any) -> None:
@@ -240,14 +318,56 @@ class PruningHandle:
         the pruned length, and a later turn would re-feed already cached tokens. The padding slots are masked: layer
         0 gets a segment of its own whose first slots are invalid.
         """
-        first = call.segments[0]
+        first = self._segments[0]
         missing = call.input_ids.shape[1] - first.valid.shape[1]
         if missing <= 0:
             return
         transformers_compat.pad_cache_layer(cache, 0, missing)
         padding = torch.zeros(first.valid.shape[0], missing, dtype=torch.bool, device=first.valid.device)
         padded = _Segment(first_layer=0, valid=torch.cat([padding, first.valid], 1), shift=first.shift)
-        call.segments[:1] = [padded, _Segment(first_layer=1, valid=first.valid, shift=first.shift)]
+        self._segments[:1] = [padded, _Segment(first_layer=1, valid=first.valid, shift=first.shift)]
+
+    # ------------------------------------------------------------------------------------------------- labels
+    def _take_labels(self, module: nn.Module, args: tuple, kwargs: dict):
+        """``labels=`` are applied to the pruned logits by :meth:`_loss_over_kept`; the model never sees them."""
+        self._labels = None
+        if kwargs.get("labels") is None:
+            return None
+        kwargs = dict(kwargs)
+        labels = kwargs.pop("labels")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None or tuple(input_ids.shape) != tuple(labels.shape):
+            raise ValueError(
+                "labels under a piofvlm method need input_ids of the same shape (the loss follows the kept tokens)"
+            )
+        self._labels = (labels, input_ids, kwargs.get("num_items_in_batch"))
+        return args, kwargs
+
+    def _loss_over_kept(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The causal-LM loss over the kept sequence: the logits at a kept slot predict the label of the prompt slot
+        after it (``-100`` where that slot is a visual token, kept or not, or padding), as the unpruned model's
+        logits at that slot would."""
+        if self._labels is None:
+            return
+        (labels, input_ids, num_items), self._labels = self._labels, None
+        source, logits = self._final_source, getattr(output, "logits", None)
+        if source is None or logits is None or logits.shape[1] != source.shape[1]:
+            raise ValueError(
+                "labels under a piofvlm method need the logits of every kept position: call the model on the whole "
+                "prompt with an empty cache and logits_to_keep=0"
+            )
+        source = source.to(labels.device)
+        following = (source + 1).clamp(max=labels.shape[1] - 1)
+        text = ~self.adapter.visual_token_mask(input_ids.to(labels.device))
+        usable = (source >= 0) & (source + 1 < labels.shape[1]) & text.gather(1, following)
+        targets = torch.where(usable, labels.gather(1, following), -100)
+        output["loss"] = module.loss_function(
+            logits=logits,
+            labels=None,
+            vocab_size=logits.shape[-1],
+            shift_labels=targets,
+            num_items_in_batch=num_items,
+        )
 
     def _layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -261,6 +381,7 @@ class PruningHandle:
         return hook
 
     # ---------------------------------------------------------------------------------------------- prefill
+    @torch.compiler.disable  # data-dependent set-up: run eagerly inside a compiled forward
     def _start_prefill(
         self,
         embeds: torch.Tensor,
@@ -299,12 +420,13 @@ class PruningHandle:
                 "build the inputs with the model's processor from a prompt containing the image placeholder, or "
                 "run without the method"
             )
-        image_ids = self._image_ids(visual, pending[1] if pending is not None else {})
+        model_kwargs = pending[1] if pending is not None else {}
+        image_ids = self._image_ids(visual, model_kwargs)
         scope = self.method.budget_scope
         if scope == "image":
             groups = image_ids
         elif scope == "modality":
-            groups = torch.where(visual, adapter.visual_modality(input_ids.to(device)), -1)
+            groups = torch.where(visual, adapter.visual_modality(input_ids.to(device), model_kwargs), -1)
         else:
             groups = image_ids.clamp(max=0)
         num_groups = int(groups.max().item()) + 1
@@ -322,6 +444,9 @@ class PruningHandle:
             position_embeddings=(),
             position_ids=position_ids,
         )
+        self._segments = []
+        self._prompt_batch = batch_size
+        self._prompt_len = seq_len
         self.records = []
         self.method._last_selection = self.records
         return _Call(
@@ -392,6 +517,7 @@ class PruningHandle:
             )
         return budgets
 
+    @torch.compiler.disable  # data-dependent set-up: run eagerly inside a compiled forward
     def _prune(self, stage: int, index: int, call: _Call, hidden: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
         layout = call.layout
         budgets = self._budgets(stage, call, layout)
@@ -437,10 +563,8 @@ class PruningHandle:
             hidden = hidden.gather(1, gather_index[..., None].expand(-1, -1, hidden.shape[-1]))
             if self.method.positions == "renumber":
                 new_layout.position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, new_layout.position_ids))
-            new_layout.attention_mask = causal_padding_mask(
-                self.adapter.text_config, new_layout.valid, new_layout.valid.shape[1], hidden.dtype
-            )
-        call.segments.append(_Segment(first_layer=index, valid=new_layout.valid, shift=new_layout.shift))
+            new_layout.attention_mask = self._prefill_mask(call, new_layout.valid, hidden.dtype)
+        self._segments.append(_Segment(first_layer=index, valid=new_layout.valid, shift=new_layout.shift))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "stage %d after %d layers: visual tokens per sample %s -> %s",
@@ -450,6 +574,14 @@ class PruningHandle:
                 (new_layout.groups >= 0).sum(1).tolist(),
             )
         return hidden, new_layout
+
+    def _prefill_mask(self, call: _Call, valid: torch.Tensor, dtype: torch.dtype) -> Any:
+        """The causal mask of a rebuilt prefill; on a static cache its keys span the whole buffer (unused: masked)."""
+        seq_len = valid.shape[1]
+        if call.static_length is None:
+            return causal_padding_mask(self.adapter.text_config, valid, seq_len, dtype)
+        key_valid = torch.nn.functional.pad(valid, (0, call.static_length - seq_len), value=False)
+        return causal_padding_mask(self.adapter.text_config, key_valid, seq_len, dtype, q_offset=0)
 
     def _rebuild(self, layout: _Layout, keep_slot: torch.Tensor, hidden: torch.Tensor) -> tuple[_Layout, torch.Tensor]:
         """Compact the kept slots of every sample to the right of a new, shorter, left-padded sequence."""
@@ -526,13 +658,16 @@ class PruningHandle:
         query_length = hidden.shape[1]
         cache = transformers_compat.cache_from_kwargs(kwargs)
         cached = cache.get_seq_length(index) if cache is not None else segment.valid.shape[1]
-        new_tokens = cached + query_length - segment.valid.shape[1]  # generated/appended tokens incl. this call's
-        new_valid = torch.ones(hidden.shape[0], new_tokens, dtype=torch.bool, device=hidden.device)
-        mask_2d = call.attention_mask_2d
-        if mask_2d is not None and mask_2d.shape[1] >= new_tokens:
-            new_valid = mask_2d[:, mask_2d.shape[1] - new_tokens :].to(device=hidden.device, dtype=torch.bool)
-        key_valid = torch.cat([segment.valid, new_valid], dim=1)
-        mask = causal_padding_mask(self.adapter.text_config, key_valid, query_length, hidden.dtype)
+        if call.static_length is not None:
+            mask = self._segment_static_mask(segment, call, cache, index, query_length, hidden.dtype)
+        else:
+            new_tokens = cached + query_length - segment.valid.shape[1]  # generated/appended tokens incl. this call's
+            new_valid = torch.ones(hidden.shape[0], new_tokens, dtype=torch.bool, device=hidden.device)
+            mask_2d = call.attention_mask_2d
+            if mask_2d is not None and mask_2d.shape[1] >= new_tokens:
+                new_valid = mask_2d[:, mask_2d.shape[1] - new_tokens :].to(device=hidden.device, dtype=torch.bool)
+            key_valid = torch.cat([segment.valid, new_valid], dim=1)
+            mask = causal_padding_mask(self.adapter.text_config, key_valid, query_length, hidden.dtype)
         if not call.renumber:
             return mask, None, None
         position_ids = call.position_ids
@@ -543,27 +678,13 @@ class PruningHandle:
         return mask, position_embeddings, position_ids
 
 
-def _refuse_labels(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    if kwargs.get("labels") is not None:
-        raise ValueError(
-            "labels= is not supported while a piofvlm method is applied: the logits are as long as the pruned "
-            "sequence, so they no longer line up with labels of the prompt. Compute the loss from out.logits (the "
-            "last position of every sample is still its next-token prediction), or call the model without the method"
-        )
-
-
-def _check_cache(cache: Any) -> None:
-    if not transformers_compat.is_dynamic_cache(cache):
-        raise ValueError(
-            f"piofvlm cannot prune into a {type(cache).__name__}: after pruning, the layers' KV caches hold different "
-            "numbers of tokens, which only transformers' default DynamicCache (full-attention layers) can store. Drop "
-            "cache_implementation='static' (or the cache you passed) and let the model create its cache."
-        )
-
-
+@torch.compiler.disable  # inductor's value-range analysis evaluates the wrapping products exactly: int64 overflow
 def _sample_keys(input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` int64 fingerprint of each sample's real tokens, counted from its end (so padding does not matter)."""
-    seq_len = input_ids.shape[1]
-    from_end = torch.arange(seq_len, 0, -1, device=input_ids.device)  # 1-based distance from the end
+    """``(B,)`` int64 fingerprint of each sample's real tokens, counted from its end (so padding does not matter).
+
+    It runs eagerly under torch.compile (one graph break in a compiled prefill): inductor bounds ``from_end * A``
+    in exact integers and fails with "too big to convert to int64_t" on the intended wrap-around.
+    """
+    from_end = torch.arange(input_ids.shape[1], 0, -1, device=input_ids.device)  # 1-based distance from the end
     weights = from_end * 6364136223846793005 + 1442695040888963407  # int64 arithmetic wraps: a fixed hash
     return (input_ids.long() * weights * valid.long()).sum(1)

@@ -163,7 +163,7 @@ class TokenPruner(Method):
                 f"layers={self.layers!r}: a prune point must be < the number of decoder layers ({adapter.num_layers})"
             )
         if self.positions == "renumber" and not adapter.supports_renumber:
-            raise ValueError(f"positions='renumber' is not defined for {adapter.model_types[0]} models; use 'keep'")
+            raise ValueError(f"positions='renumber' is not defined for {adapter.model_type} models; use 'keep'")
 
     def attach(self, handle: PruningHandle) -> None:
         """Called once the mechanism's hooks are in place; register extra hooks with ``handle.add_hook``.

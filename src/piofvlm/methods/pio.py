@@ -85,16 +85,19 @@ class PIO(TokenPruner):
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         """``(B, S)`` fp32 L2 norm of the proxy-loss gradient of each slot."""
+        layer_index = self.proxy_layer_index(ctx.layer)
         grad = proxy_gradient(
             ctx,
-            self.proxy_layer_index(ctx.layer),
+            layer_index,
             num_positions=self.num_loss_positions,
             include_last=self.include_last,
-            fast=self.fast_proxy,
+            fast=self.fast_proxy and _dense_weights(ctx, layer_index),
             head=self._head(ctx),
         )
         # At least fp32 accumulation, no fp32 copy; fp64 models keep fp64 (vector_norm refuses to narrow).
-        return torch.linalg.vector_norm(grad, dim=-1, dtype=torch.promote_types(grad.dtype, torch.float32))
+        scores = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.promote_types(grad.dtype, torch.float32))
+        _check_gradient_flows(scores, ctx)
+        return scores
 
     def select(self, ctx: StageContext) -> Selection:
         scores = self.score(ctx)
@@ -103,3 +106,41 @@ class PIO(TokenPruner):
         with record_function("piofvlm.nms"):
             keep = nms_fill_per_group(scores, ctx.hidden_states, ctx.groups, ctx.budgets, float(self.tau))
         return Selection(keep=keep, scores=scores)
+
+
+def _dense_weights(ctx: StageContext, layer_index: int) -> bool:
+    """Whether the proxy layer's parameters are plain tensors that the fast proxy may read directly (it multiplies
+    by ``v_proj.weight``). Quantized weights (torchao, bitsandbytes, quanto tensor subclasses) and offloaded ones
+    (accelerate leaves them on the meta device until the module runs) take the reference path, which calls the
+    modules."""
+    for parameter in ctx.adapter.layers[layer_index].parameters():
+        if type(parameter) not in (torch.Tensor, torch.nn.Parameter) or parameter.device.type == "meta":
+            return False
+    return True
+
+
+def _check_gradient_flows(scores: torch.Tensor, ctx: StageContext) -> None:
+    """Refuse a selection from all-zero gradient scores: the proxy's backward did not reach the hidden states (some
+    quantized weights have no backward on some devices), so the kept set would be the tie order, silently."""
+    visual = ctx.groups >= 0
+    dead = [b for b in range(scores.shape[0]) if bool(visual[b].any()) and not bool(scores[b][visual[b]].any())]
+    if not dead:
+        return
+    quantization = getattr(getattr(ctx.model, "config", None), "quantization_config", None)
+    if isinstance(quantization, dict):
+        library = quantization.get("quant_method")
+    else:
+        library = getattr(quantization, "quant_method", None)
+    library = getattr(library, "value", library)
+    cause = (
+        f"the model's {library} quantized weights give no gradient on this device (bitsandbytes 4-bit on the CPU, "
+        "torchao dynamic-activation int8)"
+        if library
+        else "the proxy layer or LM head gives no gradient"
+    )
+    raise RuntimeError(
+        f"PIO's proxy-loss gradient is zero for every visual token of sample(s) {dead} at layer {ctx.layer}: {cause}, "
+        "so the scores cannot rank the tokens. Load weight-only 8-bit or 4-bit weights that have a backward "
+        "(torchao Int8WeightOnlyConfig, optimum-quanto int8/int4, bitsandbytes 8-bit), or use a method without "
+        "gradients (fastv, dart, pdrop, divprune, random)"
+    )

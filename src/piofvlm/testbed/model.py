@@ -32,6 +32,31 @@ from . import data
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+#: Chat template (saved with the processor as ``chat_template.jinja``): one user message with an image and a question
+#: renders exactly :data:`PROMPT_TEMPLATE`, so chat clients (``piofvlm serve``) ask what the testbed was trained on.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}\n"
+    "{%- if message['content'] is string -%}\n"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}\n"
+    "{%- else -%}\n"
+    "{%- set parts = message['content'] -%}\n"
+    "{%- endif -%}\n"
+    "{%- if message['role'] == 'assistant' -%}\n"
+    "{{- 'ASSISTANT: ' -}}\n"
+    "{%- for part in parts if part['type'] == 'text' -%}{{- part['text'] -}}{%- endfor -%}\n"
+    "{{- eos_token -}}\n"
+    "{%- else -%}\n"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}{%- endif -%}\n"
+    "{%- for part in parts -%}\n"
+    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}\n"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{{- ' ' -}}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}\n"
+)
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_TOKEN_ID = range(5)
 NUM_IMAGE_TOKENS = data.GRID * data.GRID  # 256
@@ -99,7 +124,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaPr
         patch_size=data.PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=None,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
