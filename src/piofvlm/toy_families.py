@@ -368,17 +368,24 @@ PIXEL_SHUFFLE_TOWER = {
 }
 
 
-def build_smolvlm(
-    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+def _pixel_shuffle_model(
+    config_cls: type, model_cls: type, attn: str, num_layers: int, seed: int, dtype: torch.dtype
 ) -> torch.nn.Module:
-    """SigLIP-style 32 px / patch 4 tower (8 x 8 patches), pixel shuffle 2: 16 ``<image>`` tokens a tile."""
-    config = SmolVLMConfig(
+    """A SmolVLM-layout model (SmolVLM, Idefics3) with :data:`PIXEL_SHUFFLE_TOWER` and the toy Llama text model."""
+    config = config_cls(
         vision_config=dict(PIXEL_SHUFFLE_TOWER),
         text_config=text_config(num_layers).to_dict(),
         image_token_id=SMOLVLM_IMAGE_ID,
         scale_factor=2,
     )
-    return _model(SmolVLMForConditionalGeneration, config, attn, seed, dtype)
+    return _model(model_cls, config, attn, seed, dtype)
+
+
+def build_smolvlm(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """SigLIP-style 32 px / patch 4 tower (8 x 8 patches), pixel shuffle 2: 16 ``<image>`` tokens a tile."""
+    return _pixel_shuffle_model(SmolVLMConfig, SmolVLMForConditionalGeneration, attn, num_layers, seed, dtype)
 
 
 @functools.cache
@@ -425,13 +432,7 @@ def build_idefics3(
     attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> torch.nn.Module:
     """Idefics3 with the same tiny tower as :func:`build_smolvlm`: 16 ``<image>`` tokens a tile, Llama text model."""
-    config = Idefics3Config(
-        vision_config=dict(PIXEL_SHUFFLE_TOWER),
-        text_config=text_config(num_layers).to_dict(),
-        image_token_id=SMOLVLM_IMAGE_ID,
-        scale_factor=2,
-    )
-    return _model(Idefics3ForConditionalGeneration, config, attn, seed, dtype)
+    return _pixel_shuffle_model(Idefics3Config, Idefics3ForConditionalGeneration, attn, num_layers, seed, dtype)
 
 
 @functools.cache
