@@ -115,14 +115,14 @@ def without_cache(module: torch.nn.Module) -> dict[str, Any]:
 
 
 def output_cache(output: Any) -> Any:
-    """The KV cache of a model output (``.cache`` from 5.24, ``.past_key_values`` before)."""
-    if "cache" in getattr(output, "keys", lambda: ())():
-        return output["cache"]
-    if "past_key_values" in getattr(output, "keys", lambda: ())():
-        return output["past_key_values"]
+    """The KV cache of a model output (``.cache`` from 5.24, ``.past_key_values`` before); None if it has none."""
+    keys = output.keys() if hasattr(output, "keys") else ()  # a ModelOutput lists its non-None fields
     for name in _CACHE_KWARGS:
-        if hasattr(type(output), name) or name in getattr(output, "__dataclass_fields__", {}):
-            return getattr(output, name)
+        if name in keys:
+            return output[name]
+    for name in _CACHE_KWARGS:
+        if name in getattr(output, "__dataclass_fields__", {}):
+            return getattr(output, name)  # the declared field, left empty (use_cache=False)
     raise _broken(f"the KV-cache field of {type(output).__name__}", "output_cache")
 
 
