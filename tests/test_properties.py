@@ -271,7 +271,7 @@ def check_second_turn_equals_no_cache_reference(s: Scenario) -> None:
         second = m.generate(
             input_ids=ids,
             attention_mask=mask,
-            cache=cache,
+            **{transformers_compat.cache_kwarg_name(m): cache},
             max_new_tokens=1,
             output_logits=True,
             return_dict_in_generate=True,

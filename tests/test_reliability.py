@@ -41,7 +41,7 @@ def second_turn(m, inputs, cache, sequences):
     out = m.generate(
         input_ids=ids,
         attention_mask=mask.long(),
-        cache=cache,
+        **{transformers_compat.cache_kwarg_name(m): cache},
         max_new_tokens=1,
         output_logits=True,
         return_dict_in_generate=True,

@@ -15,6 +15,7 @@ from transformers import StaticCache
 import piofvlm
 import test_qwen
 from conftest import make_inputs, model
+from piofvlm import transformers_compat
 from test_methods_matrix import MATRIX, build
 
 GREEDY = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "output_logits": True}
@@ -104,12 +105,18 @@ def test_static_cache_passed_by_hand_equals_dynamic():
     def loop(cache):
         logits, mask, ids = [], inputs["attention_mask"], None
         with torch.no_grad():
-            out = m(**inputs, cache=cache, use_cache=True)
+            name = transformers_compat.cache_kwarg_name(m)  # ``cache`` from transformers 5.24, else past_key_values
+            out = m(**inputs, use_cache=True, **{name: cache})
             for _ in range(3):
                 logits.append(out.logits[:, -1])
                 ids = out.logits[:, -1].argmax(-1, keepdim=True)
                 mask = torch.cat([mask, torch.ones_like(ids)], 1)
-                out = m(input_ids=ids, attention_mask=mask, cache=out.cache, use_cache=True)
+                out = m(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    use_cache=True,
+                    **{name: transformers_compat.output_cache(out)},
+                )
         return torch.stack(logits, 1)
 
     with method(m):
