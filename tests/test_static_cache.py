@@ -28,6 +28,12 @@ def generate(m, inputs, **kwargs):
     return out.sequences, torch.stack(out.logits, 1)
 
 
+def assert_same_generation(static, dynamic) -> None:
+    """Same greedy tokens, and logits equal to within 1e-5."""
+    assert torch.equal(static[0], dynamic[0])
+    torch.testing.assert_close(static[1], dynamic[1], rtol=0, atol=1e-5)
+
+
 def family(kind: str, attn: str = "sdpa"):
     if kind in ("llava", "llava_next"):
         return model(kind, attn), make_inputs(kind)
@@ -58,8 +64,7 @@ def test_pruned_static_equals_pruned_dynamic(kind, attn, name):
         kept = [k.tolist() for r in method.last_selection for k in r.kept]
         static = generate(m, inputs, cache_implementation="static")
     assert [k.tolist() for r in method.last_selection for k in r.kept] == kept
-    assert torch.equal(static[0], dynamic[0])
-    torch.testing.assert_close(static[1], dynamic[1], rtol=0, atol=1e-5)
+    assert_same_generation(static, dynamic)
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
@@ -69,8 +74,7 @@ def test_every_method_static_equals_dynamic(name):
     with method(m):
         dynamic = generate(m, inputs)
         static = generate(m, inputs, cache_implementation="static")
-    assert torch.equal(static[0], dynamic[0])
-    torch.testing.assert_close(static[1], dynamic[1], rtol=0, atol=1e-5)
+    assert_same_generation(static, dynamic)
 
 
 def test_renumbered_positions_static_equals_dynamic():
@@ -79,8 +83,7 @@ def test_renumbered_positions_static_equals_dynamic():
     with method(m):
         dynamic = generate(m, inputs)
         static = generate(m, inputs, cache_implementation="static")
-    assert torch.equal(static[0], dynamic[0])
-    torch.testing.assert_close(static[1], dynamic[1], rtol=0, atol=1e-5)
+    assert_same_generation(static, dynamic)
 
 
 def test_static_from_generation_config():
@@ -93,8 +96,7 @@ def test_static_from_generation_config():
     static_model.generation_config.cache_implementation = "static"
     with method(static_model):
         static = generate(static_model, inputs)
-    assert torch.equal(static[0], dynamic[0])
-    torch.testing.assert_close(static[1], dynamic[1], rtol=0, atol=1e-5)
+    assert_same_generation(static, dynamic)
 
 
 def test_static_cache_passed_by_hand_equals_dynamic():
