@@ -2,17 +2,14 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from piofvlm import toy as tiny_models  # noqa: E402
-from piofvlm.core.context import Selection, StageContext  # noqa: E402
-from piofvlm.methods.base import TokenPruner  # noqa: E402
+from piofvlm.doctor import ReplaySelection  # noqa: E402
 
 PROMPTS = [
     "USER : <image> what is the colour of the circle ? ASSISTANT :",
@@ -43,18 +40,8 @@ def single_inputs(kind: str, i: int):
     return make_inputs(kind, indices=(i,))
 
 
-@dataclass
-class FixedSelection(TokenPruner):
-    """Test method: keeps the visual indices given per stage and per sample (relative to the original ones)."""
-
-    name: ClassVar[str] = "fixed_test"
-    chosen: list[list[list[int]]] | None = None  # [stage][sample] -> original visual indices to keep
-
-    def select(self, ctx: StageContext) -> Selection:
-        keep = torch.zeros_like(ctx.groups, dtype=torch.bool)
-        for b, wanted in enumerate(self.chosen[ctx.stage]):
-            keep[b] = torch.isin(ctx.visual_index[b], torch.tensor(wanted, dtype=torch.long)) & (ctx.groups[b] >= 0)
-        return Selection(keep=keep)
+#: Test method: keeps the visual indices given per stage and per sample (``chosen``, relative to the original ones).
+FixedSelection = ReplaySelection
 
 
 #: Families that run exactly the code of another one (same adapter, same text-model class): the parametrized

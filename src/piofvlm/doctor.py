@@ -40,15 +40,16 @@ class FamilyResult:
 
 
 @dataclass
-class _Replay(TokenPruner):
-    """Keeps the given original visual indices (``kept[stage][sample]``): a recorded selection, replayed."""
+class ReplaySelection(TokenPruner):
+    """Keeps the given original visual indices, ``chosen[stage][sample]``: a recorded selection replayed (e.g. on a
+    no-cache forward of the same prompt, as the self-test's reference)."""
 
-    name: ClassVar[str] = "_replay"
-    kept: list[list[list[int]]] = dataclasses.field(default_factory=list)
+    name: ClassVar[str] = "replay"
+    chosen: list[list[list[int]]] = dataclasses.field(default_factory=list)
 
     def select(self, ctx: StageContext) -> Selection:
         keep = torch.zeros_like(ctx.groups, dtype=torch.bool)
-        for b, wanted in enumerate(self.kept[ctx.stage]):
+        for b, wanted in enumerate(self.chosen[ctx.stage]):
             wanted_index = torch.tensor(wanted, dtype=torch.long, device=ctx.visual_index.device)
             keep[b] = torch.isin(ctx.visual_index[b], wanted_index) & (ctx.groups[b] >= 0)
         return Selection(keep=keep)
@@ -123,7 +124,7 @@ def _check(model_type: str) -> str | None:
             others["mm_token_type_ids"] = torch.cat(
                 [inputs["mm_token_type_ids"], torch.zeros(batch, NEW_TOKENS, dtype=torch.long)], 1
             )
-        with _Replay(layers=[1], keep=0.5, kept=kept)(model):
+        with ReplaySelection(layers=[1], keep=0.5, chosen=kept)(model):
             uncached = model(input_ids=sequences, attention_mask=mask, use_cache=False, **others).logits
         for step in range(NEW_TOKENS):
             cached_step, uncached_step = generated.logits[step], uncached[:, -NEW_TOKENS - 1 + step]
