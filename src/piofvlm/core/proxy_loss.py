@@ -193,12 +193,13 @@ class _Norm:
             self.base = self._graph.detach()
 
     def scale_rows(self, t: torch.Tensor, window: slice = slice(None)) -> torch.Tensor:
-        """``t * rstd`` for ``t`` shaped like the input (or its rows ``window``), in ``t``'s dtype."""
-        return t if self.rstd is None else t * self.rstd[:, window].to(t.dtype)
+        """``t * rstd`` for ``t`` shaped like the input (or its rows ``window``), multiplied in the compute dtype
+        and rounded once to ``t``'s (a bf16 ``rstd`` would scale each row by its own rounding error)."""
+        return t if self.rstd is None else (t * self.rstd[:, window]).to(t.dtype)
 
     def scale_columns(self, t: torch.Tensor) -> torch.Tensor:
-        """``t * rstd^T`` for ``t`` ``(B, R, S)`` (its columns are input rows), in ``t``'s dtype."""
-        return t if self.rstd is None else t * self.rstd.transpose(-1, -2).to(t.dtype)
+        """``t * rstd^T`` for ``t`` ``(B, R, S)`` (its columns are input rows), as :meth:`scale_rows`."""
+        return t if self.rstd is None else (t * self.rstd.transpose(-1, -2)).to(t.dtype)
 
     def fold_weight(self, t: torch.Tensor) -> torch.Tensor:
         """``t * weight`` along the last axis."""
