@@ -130,7 +130,7 @@ def test_bf16_closed_form_stays_close_to_fp32():
     reference = proxy_loss.proxy_gradient(ctx32, 2, fast=False).norm(dim=-1)
     visual = ctx.groups >= 0
     relative = ((bf16_norms - reference).abs() / reference)[visual]
-    assert relative.median().item() < 0.02 and relative.max().item() < 0.2
+    assert relative.median().item() < 0.005 and relative.max().item() < 0.02  # measured: 0.0013, 0.0033
     # the ranking is essentially the fp32 one
     order = torch.argsort(reference[visual], descending=True)
     top = int(visual.sum()) // 3
