@@ -135,7 +135,14 @@ def draw_overlay(
         The canvas; ``canvas.info["legend"]`` holds the legend's text (save it with :func:`save_overlay` to keep it
         as PNG text).
     """
-    items = get_adapter(model).token_boxes(inputs, source_sizes=[_first(picture).size for picture in pictures])
+    try:
+        items = get_adapter(model).token_boxes(inputs, source_sizes=[_first(picture).size for picture in pictures])
+    except ValueError as error:
+        if "source_sizes" not in str(error):
+            raise
+        raise ValueError(
+            f"{error}. ({len(pictures)} pictures given: give one per image or video, in prompt order)"
+        ) from error
     if len(pictures) != len(items):
         kinds = ", ".join(f"{item.modality} (sample {item.sample})" for item in items)
         raise ValueError(
@@ -155,7 +162,7 @@ def draw_overlay(
         if item.modality == "image" and len(frames) != 1:
             raise ValueError(f"picture {index} is an image in the prompt: give one image, not {len(frames)} frames")
         item_marks = marks[index] if marks is not None else ()
-        rows.append(_item_row(item, frames, records, item_marks, panel_height, max_frames, outline))
+        rows.append(item_panels(item, frames, records, item_marks, panel_height, max_frames, outline))
         labels.append(_item_label(item, index, records))
     legend = overlay_legend(records, method, items, samples)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -196,14 +203,21 @@ def processor_view(image: Image.Image, image_processor: Any) -> Image.Image:
     ``crop_size`` crop) shows the vision tower; ``image`` itself for every other processor."""
     if not getattr(image_processor, "do_center_crop", False):
         return image
-    shortest = (getattr(image_processor, "size", None) or {}).get("shortest_edge")
-    crop = getattr(image_processor, "crop_size", None) or {}
-    if not shortest or "height" not in crop:
+    shortest = _size_field(getattr(image_processor, "size", None), "shortest_edge")
+    crop = getattr(image_processor, "crop_size", None)
+    crop_height, crop_width = _size_field(crop, "height"), _size_field(crop, "width")
+    if not shortest or not crop_height or not crop_width:
         return image
     scale = shortest / min(image.size)
-    crop_w, crop_h = min(crop["width"] / scale, image.width), min(crop["height"] / scale, image.height)
+    crop_w, crop_h = min(crop_width / scale, image.width), min(crop_height / scale, image.height)
     left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
     return image.crop((round(left), round(top), round(left + crop_w), round(top + crop_h)))
+
+
+def _size_field(size: Any, key: str) -> int | None:
+    """``size[key]`` of an image processor's size (a dict or a ``SizeDict``), or None."""
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
 
 
 def _first(picture: Picture) -> Image.Image:
@@ -222,16 +236,18 @@ def _item_label(item: TokenBoxes, index: int, records: Sequence[StageRecord]) ->
     return label
 
 
-def _item_row(
+def item_panels(
     item: TokenBoxes,
-    frames: list[Image.Image],
+    frames: Sequence[Image.Image],
     records: Sequence[StageRecord],
-    marks: Sequence[tuple[int, int, int, int]],
-    panel_height: int,
-    max_frames: int,
-    outline: bool,
+    marks: Sequence[tuple[int, int, int, int]] = (),
+    panel_height: int = 160,
+    max_frames: int = 4,
+    outline: bool = True,
 ) -> list[tuple[Image.Image, str]]:
-    """``(panel, caption)`` of one picture: the original, then per stage one panel per (shown) view."""
+    """``(panel, caption)`` of one image or video (one row of :func:`draw_overlay`): the original, then per stage
+    one panel per view (a video: per frame, the first ``max_frames``). ``frames``: the image (one), or the video's
+    frames; the other arguments as :func:`draw_overlay`'s."""
     views = list(range(len(item.views)))
     if item.modality == "video":
         views = views[:max_frames]
