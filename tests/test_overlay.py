@@ -99,10 +99,16 @@ def test_qwen_non_square_grid_exact_boxes():
     assert video.view.tolist() == [0] * 6 + [1] * 6
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "glm4v"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v-videos"])
 def test_qwen_boxes_follow_the_models_rope_grid(kind):
     """Independent check: the model's own 3-D RoPE positions place each visual token at (frame, row, col)."""
-    model, inputs, pictures = case(kind)
+    if kind == "glm4v-videos":  # video-only prompts, frames split by text, told apart by mm_token_type_ids
+        model, inputs = case("glm4v")[0], toy_families.glm4v_video_inputs()
+        pictures = [
+            [toy.random_image(t, (w * 14, h * 14)) for t in range(2 * f)] for f, h, w in toy_families.GLM_VIDEOS
+        ]
+    else:
+        model, inputs, pictures = case(kind)
     adapter = get_adapter(model)
     kwargs = {key: inputs.get(key) for key in ("image_grid_thw", "video_grid_thw", "attention_mask")}
     positions, _ = adapter.multimodal_model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], **kwargs)
@@ -110,10 +116,13 @@ def test_qwen_boxes_follow_the_models_rope_grid(kind):
     for item in adapter.token_boxes(inputs, source_sizes(pictures)):
         slots = visual[item.sample].nonzero()[:, 0][item.tokens]
         t, h, w = (positions[axis, item.sample, slots] for axis in range(3))
-        frame = torch.unique(t, return_inverse=True)[1]
-        row, col = h - h.min(), w - w.min()
-        rows, cols = int(row.max()) + 1, int(col.max()) + 1
-        expected = torch.stack([col / cols, row / rows, (col + 1) / cols, (row + 1) / rows], dim=-1).float()
+        frame = torch.unique(t, return_inverse=True)[1]  # GLM starts each frame's grid anew: rows/cols per frame
+        expected = torch.empty(len(slots), 4)
+        for f in frame.unique():
+            mine = frame == f
+            row, col = h[mine] - h[mine].min(), w[mine] - w[mine].min()
+            rows, cols = int(row.max()) + 1, int(col.max()) + 1
+            expected[mine] = torch.stack([col / cols, row / rows, (col + 1) / cols, (row + 1) / rows], dim=-1).float()
         assert torch.allclose(item.boxes, expected) and torch.equal(item.view, frame)
 
 
