@@ -14,7 +14,7 @@ from piofvlm.adapters import ModelAdapter, get_adapter
 from piofvlm.adapters.boxes import TokenBoxes, closest_grid, raster_boxes, split_by_sample
 from piofvlm.core.context import StageRecord
 from piofvlm.doctor import ReplaySelection
-from piofvlm.overlay import DIM, draw_overlay, item_panels, overlay_legend, stage_panel
+from piofvlm.overlay import DIM, draw_overlay, item_panels, overlay_legend, processor_view, stage_panel
 from piofvlm.toy_cases import TINY_CASES
 from piofvlm.toy_pictures import source_sizes, tiny_pictures
 
@@ -258,6 +258,15 @@ def test_draw_overlay_rows_views_frames_and_legend(kind):
     assert canvas.height > 3 * 160 and np.asarray(canvas)[:40].min() < 100  # three rows; the legend is drawn
     with pytest.raises(ValueError, match="2 pictures given"):
         draw_overlay(model, inputs, method.last_selection, pictures[:2])
+
+
+def test_processor_view_is_the_center_crop_the_tower_sees():
+    clip = toy.build_processor("llava").image_processor  # shortest edge 28, then a central 28 x 28 crop
+    image = gradient(40, 60)
+    assert np.array_equal(np.asarray(processor_view(image, clip)), np.asarray(image.crop((0, 10, 40, 50))))
+    square = gradient(30, 30)
+    assert processor_view(square, clip) is square  # nothing cropped: the picture itself (its marks still apply)
+    assert processor_view(image, toy_qwen.build_qwen_processor("qwen2_vl").image_processor) is image
 
 
 def test_overlay_legend_without_stages():

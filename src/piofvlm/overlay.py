@@ -211,7 +211,8 @@ def processor_view(image: Image.Image, image_processor: Any) -> Image.Image:
     scale = shortest / min(image.size)
     crop_w, crop_h = min(crop_width / scale, image.width), min(crop_height / scale, image.height)
     left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
-    return image.crop((round(left), round(top), round(left + crop_w), round(top + crop_h)))
+    box = (round(left), round(top), round(left + crop_w), round(top + crop_h))
+    return image if box == (0, 0, image.width, image.height) else image.crop(box)
 
 
 def _size_field(size: Any, key: str) -> int | None:
