@@ -301,6 +301,22 @@ def test_show_refuses_a_family_without_boxes(tmp_path, capsys, monkeypatch):
     assert "piofvlm: error: overlays are not available for llava models" in capsys.readouterr().err
 
 
+def test_show_any_checkpoint_on_an_image(tmp_path, capsys):
+    """``--model DIR --image FILE``: a saved checkpoint (tiny LLaVA) through from_pretrained; its CLIP processor
+    center-crops a 40 x 60 picture, so the panels show the central 40 x 40 square."""
+    toy.save_toy_llava(tmp_path / "model")
+    gradient(40, 60).save(tmp_path / "image.png")
+    out = tmp_path / "overlay.png"
+    argv = ["show", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "image.png"), "--out", str(out)]
+    assert cli.main([*argv, "--method", "random", "--keep", "0.25", "--layers", "1"]) == 0
+    assert (
+        Image.open(out).text["legend"].splitlines()[1]
+        == "stage 1 (after 1 decoder layers): sample 0: 12/49 kept (24.5%)"
+    )
+    assert cli.main(["show", "--image", str(tmp_path / "image.png"), "--out", str(out)]) == 2
+    assert "piofvlm: error: --image needs --model" in capsys.readouterr().err
+
+
 def test_show_unknown_family(tmp_path, capsys):
     assert cli.main(["show", "--family", "gemma3", "--out", str(tmp_path / "o.png")]) == 2
     assert "piofvlm: error: no tiny model of family 'gemma3'" in capsys.readouterr().err

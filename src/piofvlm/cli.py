@@ -238,6 +238,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     method = method_from_args(args)
     if args.family is not None:
         return _show_tiny(args, method)
+    if args.image is not None:
+        return _show_checkpoint(args, method)
+    if args.prompt is not None:
+        raise ValueError("--prompt goes with --image (a testbed sample brings its own question)")
     from piofvlm.testbed import data
     from piofvlm.testbed.model import load_testbed, prompt
 
@@ -260,13 +264,32 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_checkpoint(args: argparse.Namespace, method: Any) -> int:
+    """``piofvlm show --model DIR --image FILE``: any supported checkpoint on one image."""
+    if args.model is None:
+        raise ValueError("--image needs --model: a local checkpoint directory of any supported family")
+    image = read_image(args.image)
+    model, processor = load_model(args.model)
+    question = args.prompt or "Describe the image."
+    inputs = dict(processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt"))
+    picture = processor_view(image, getattr(processor, "image_processor", None))
+    get_adapter(model).token_boxes(inputs, [picture.size])  # a family without boxes fails before any compute
+    with torch.no_grad(), method(model):
+        model(**inputs)
+    canvas = draw_overlay(model, inputs, method.last_selection, [picture], method=method)
+    save_overlay(canvas, args.out)
+    print(canvas.info["legend"])
+    print(f"overlay: {args.out}")
+    return 0
+
+
 def _show_tiny(args: argparse.Namespace, method: Any) -> int:
     """``piofvlm show --family KIND``: the family's tiny random model on its two standard prompts (images, video)."""
     from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
     from piofvlm.toy_pictures import source_sizes, tiny_pictures
 
-    if args.model is not None:
-        raise ValueError("--family draws a tiny random model: give --family or --model, not both")
+    if args.model is not None or args.image is not None:
+        raise ValueError("--family draws a tiny random model on its own inputs: drop --model / --image")
     if args.family not in TINY_CASES:
         reason = f" ({UNAVAILABLE[args.family]})" if args.family in UNAVAILABLE else ""
         raise ValueError(
@@ -511,8 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=cmd_doctor)
 
     show = sub.add_parser("show", help="PNG of the tokens a method kept, per stage, over the images (any family)")
-    show.add_argument("--model", help="testbed checkpoint directory (default: the shipped one)")
+    show.add_argument("--model", help="testbed checkpoint directory (default: the shipped one); with --image: any")
     show.add_argument("--family", help="instead of the testbed: a tiny random model of this config.model_type")
+    show.add_argument("--image", help="an image file for --model (any supported checkpoint) instead of the testbed")
+    show.add_argument("--prompt", help="the question with --image (default: 'Describe the image.')")
     show.add_argument("--split", default="test")
     show.add_argument("--index", type=int, default=0)
     add_method_arguments(show)
