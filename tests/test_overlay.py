@@ -258,6 +258,10 @@ def test_draw_overlay_rows_views_frames_and_legend(kind):
     assert canvas.height > 3 * 160 and np.asarray(canvas)[:40].min() < 100  # three rows; the legend is drawn
     with pytest.raises(ValueError, match="2 pictures given"):
         draw_overlay(model, inputs, method.last_selection, pictures[:2])
+    with pytest.raises(ValueError, match="the batch has samples 0 .. 1"):
+        draw_overlay(model, inputs, method.last_selection, pictures, samples=[2])
+    only = draw_overlay(model, inputs, method.last_selection, pictures, samples=[0], max_frames=1)
+    assert "sample 1" not in only.info["legend"] and only.height < canvas.height  # one row of sample 0
 
 
 def test_processor_view_is_the_center_crop_the_tower_sees():

@@ -154,6 +154,8 @@ def draw_overlay(
         if len(record.kept) != batch:
             raise ValueError(f"stage {record.stage} has {len(record.kept)} samples for a batch of {batch}")
     samples = list(range(batch)) if samples is None else list(samples)
+    if any(b not in range(batch) for b in samples):
+        raise ValueError(f"samples={samples}: the batch has samples 0 .. {batch - 1}")
     rows, labels = [], []
     for index, (item, picture) in enumerate(zip(items, pictures, strict=True)):
         if item.sample not in samples:
