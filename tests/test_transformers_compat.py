@@ -276,6 +276,29 @@ def test_pil_image_processor_check():
     assert not transformers_compat.pil_image_processor_usable(NeedsTorchvision)
 
 
+def test_tiled_canvas_is_the_internvl_processors_grid():
+    """Pictures that brighten along their long side: the processor's tiles (raster order) brighten tile by tile
+    exactly when the grid ``tiled_canvas`` gives for their tile count lies along that side, as the processor's."""
+    import numpy as np
+    from PIL import Image
+
+    from piofvlm import toy_families
+
+    processor = toy_families.build_internvl_processor().image_processor
+    for width, height in ((64, 32), (32, 64), (96, 32)):
+        ramp = np.linspace(0, 255, max(width, height)).astype(np.uint8)
+        array = np.broadcast_to((ramp[None, :] if width > height else ramp[:, None])[..., None], (height, width, 3))
+        out = processor(images=[Image.fromarray(np.ascontiguousarray(array))], return_tensors="pt")
+        tiles = int(out["num_patches"][0]) - 1  # the last one is the thumbnail
+        columns, rows = transformers_compat.tiled_canvas(height, width, 32, tiles)
+        means = out["pixel_values"][:tiles].mean(dim=(1, 2, 3))  # (tiles,) raster order over the grid
+        contract(
+            (columns, rows) == ((tiles, 1) if width > height else (1, tiles)) and bool((means.diff() > 0.3).all()),
+            "GOT-OCR2's get_optimal_tiled_canvas (InternVL's tile grid)",
+            "tiled_canvas",
+        )
+
+
 # ----------------------------------------------------------------------------------- production paths (issue 15)
 def test_static_cache_internals():
     from transformers import DynamicCache, StaticCache

@@ -434,6 +434,18 @@ def encode_call_inputs(modality: str, bound: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- image processors
+def tiled_canvas(height: int, width: int, tile: int, tiles: int) -> tuple[int, int]:
+    """``(columns, rows)`` of the grid of ``tiles`` tiles GOT-OCR2's / InternVL's image processor cuts a
+    ``height x width`` picture into (``get_optimal_tiled_canvas`` restricted to that many tiles: the processor's own
+    choice, ties included, among the grids of its tile count)."""
+    try:
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+    except ImportError as error:
+        raise _broken("got_ocr2.image_processing_pil_got_ocr2.get_optimal_tiled_canvas", "tiled_canvas") from error
+    columns, rows = get_optimal_tiled_canvas((height, width), (tile, tile), tiles, tiles)
+    return int(columns), int(rows)
+
+
 def pil_image_processor_usable(cls: type) -> bool:
     """Whether a ``*ImageProcessorPil`` class works without torchvision (SmolVLM's and Idefics3's did not before
     5.18: they raised an ImportError asking for torchvision)."""

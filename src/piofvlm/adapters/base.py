@@ -7,7 +7,7 @@ after tokens are dropped. Methods and the mechanism never look at ``config.model
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 from piofvlm import transformers_compat
 
 if TYPE_CHECKING:
+    from piofvlm.adapters.boxes import TokenBoxes
     from piofvlm.core.session import PruningHandle
 
 #: Attention implementations whose masks the mechanism can rebuild after tokens are dropped.
@@ -268,6 +269,38 @@ class ModelAdapter:
         token grid(s)); ``crop``/``patch`` are -1 for tokens without a vision-encoder patch (e.g. row separators).
         """
         raise self._no_vision("visual_token_sources")
+
+    # ------------------------------------------------------------------------------------------------ overlays
+    def token_boxes(
+        self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[TokenBoxes]:
+        """Where each visual token of each image / video of a call lies on it (what overlays draw from).
+
+        Args:
+            model_kwargs: the processor's outputs for the call (``input_ids``, ``attention_mask``, pixel inputs and
+                their sizes / grids), as given to the model.
+            source_sizes: ``(width, height)`` of each picture given to the processor (a video: of its frames), in
+                flat prompt order; needed where the layout depends on them and the inputs do not say it (InternVL's
+                and SmolVLM's tile grids).
+
+        Returns:
+            One :class:`~piofvlm.adapters.boxes.TokenBoxes` per image or video in flat (sample-major) prompt order;
+            its boxes count every visual token of the item (see :mod:`piofvlm.adapters.boxes`).
+
+        Default: a ``ValueError``; families that can say it override this.
+        """
+        raise ValueError(
+            f"overlays are not available for {self.model_type} models: {type(self).__name__} does not say where its "
+            "visual tokens lie on the image (ModelAdapter.token_boxes); draw kept-token counts instead, or teach the "
+            "adapter its layout"
+        )
+
+    def visual_slots(self, model_kwargs: dict[str, Any]) -> torch.Tensor:
+        """``(B, S)`` bool: the visual tokens of a call's prompts (not under ``attention_mask == 0``)."""
+        visual = self.visual_token_mask(model_kwargs["input_ids"])
+        if model_kwargs.get("attention_mask") is not None:
+            visual = visual & model_kwargs["attention_mask"].bool().to(visual.device)
+        return visual.cpu()
 
     # ---------------------------------------------------------------------------------------------- checks
     def check_attention(self) -> None:
