@@ -23,7 +23,7 @@ is one contiguous run of image tokens. What differs from the Llama-style familie
   the mechanism sees the hidden states.
 * Static KV caches are refused (their local layers are ``StaticSlidingWindowLayer``s, a ring buffer), as is
   ``use_bidirectional_attention`` (EmbeddingGemma's fully bidirectional text). The SigLIP vision tower has no
-  vision-attention scores here: ``visionzip``/``vscan``/``chain``/``pool`` refuse.
+  vision-attention scores here: ``visionzip``/``vscan``/``chain`` refuse; ``pool`` pools each image's square grid.
 """
 
 from __future__ import annotations
@@ -65,6 +65,20 @@ class Gemma3Adapter(ModelAdapter):
         else:
             return None
         return [int(self.model.config.mm_tokens_per_image)] * int(items)
+
+    def visual_token_sources(self, model_kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """Per image in prompt order: one square grid of ``mm_tokens_per_image`` tokens (``pixel_values`` row
+        ``crop``); ``patch`` is the token's cell of the pooled grid (each averages ``kernel x kernel`` SigLIP
+        patches, so it is not a vision-encoder patch index: no vision-attention method uses it here)."""
+        tokens = int(self.model.config.mm_tokens_per_image)
+        side = int(round(tokens**0.5))
+        counts = self.item_token_counts(model_kwargs, "image") or []
+        token = torch.arange(tokens)
+        return [
+            {"crop": torch.full_like(token, i), "patch": token, "grid": torch.zeros_like(token)}
+            | {"row": token // side, "col": token % side}
+            for i in range(len(counts))
+        ]
 
     # -------------------------------------------------------------------------------------------- layer types
     def layer_type(self, index: int) -> str:
