@@ -119,3 +119,26 @@ def test_gemma4_is_refused_saying_what_is_missing():
 
     with pytest.raises(ValueError, match="(?s)'gemma4'.*not supported yet.*per-layer inputs.*KV-shared.*gemma3"):
         piofvlm.get_method("random", layers=[1], keep=0.5).apply(Stub())
+
+
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_second_turn_on_the_returned_cache_equals_no_cache_reference(positions):
+    """A 4-token follow-up on the pruned cache (pruned before layer 0 and at layer 2): its queries see, in local
+    layers, the window of kept slots behind each of them (multi-token decode masks), as a no-cache forward does."""
+    from test_reliability import reference_logits, second_turn
+
+    m = model("gemma3")
+    inputs = make_inputs("gemma3", indices=(0, 2))
+    layers, keep = [0, 2], [0.6, 0.3]
+    method = piofvlm.get_method("random", layers=layers, keep=keep, positions=positions)
+    with torch.no_grad(), method(m):
+        first = m.generate(
+            **inputs, max_new_tokens=3, do_sample=False, suppress_tokens=[4], return_dict_in_generate=True
+        )
+        cache = transformers_compat.output_cache(first)
+        assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2  # layer 0 padded to the unpruned length
+        records = method.last_selection
+        ids, logits = second_turn(m, inputs, cache, first.sequences)
+    assert method.last_selection is records  # no new prefill
+    expected = reference_logits(m, inputs, ids, records, layers, keep, positions)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
