@@ -38,7 +38,7 @@ def _kept_sequence_reference(m, inputs, keep_slot: torch.Tensor, positions: str)
         return m.lm_head(out.last_hidden_state)
 
 
-@pytest.mark.parametrize("positions", ["keep", "renumber"])
+@pytest.mark.parametrize("positions", ["keep", pytest.param("renumber", marks=pytest.mark.slow)])
 def test_pruned_before_layer_0_equals_the_model_on_the_kept_tokens(positions):
     """Pruned before layer 0, every layer must compute what the stock model computes on the kept tokens alone: local
     windows over the last 16 *kept* slots, the kept tokens of each image attending to each other, local and global
@@ -121,7 +121,7 @@ def test_gemma4_is_refused_saying_what_is_missing():
         piofvlm.get_method("random", layers=[1], keep=0.5).apply(Stub())
 
 
-@pytest.mark.parametrize("positions", ["keep", "renumber"])
+@pytest.mark.parametrize("positions", ["keep", pytest.param("renumber", marks=pytest.mark.slow)])
 def test_second_turn_on_the_returned_cache_equals_no_cache_reference(positions):
     """A 4-token follow-up on the pruned cache (pruned before layer 0 and at layer 2): its queries see, in local
     layers, the window of kept slots behind each of them (multi-token decode masks), as a no-cache forward does."""

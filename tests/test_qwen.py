@@ -325,8 +325,10 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     lm = get_adapter(m).language_model
     x = hidden.clone().requires_grad_(True)
     seq = x.shape[1]
-    mask, rotary = None, lm.rotary_emb(x, positions) if kind != "gemma3" else None
-    if kind == "gemma3":  # the layer's own RoPE base; a local layer sees the last `sliding_window` slots only
+    mask, rotary = None, None
+    if kind != "gemma3":
+        rotary = lm.rotary_emb(x, positions)
+    else:  # the layer's own RoPE base; a local layer sees the last `sliding_window` slots only
         layer_type = lm.config.layer_types[layer]
         rotary = lm.rotary_emb(x, positions, layer_type)
         query, key = torch.arange(seq)[:, None], torch.arange(seq)[None]
