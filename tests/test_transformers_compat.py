@@ -419,12 +419,11 @@ def test_gemma3_layer_type_masks_equal_the_models(attn):
         valid = inputs["attention_mask"].bool()
         seq_len = valid.shape[1]
         blocks = transformers_compat.image_block_ids(inputs["token_type_ids"])
-        kwargs = {"config": config, "inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "cache": None}
+        # (config, inputs_embeds, attention_mask, cache, position_ids): the cache argument was renamed in 5.24
+        arguments = (config, embeds, inputs["attention_mask"], None, None)
         stock = {
-            "blocks": modeling_gemma3.create_masks_for_vision_model(
-                position_ids=None, block_sequence_ids=blocks, **kwargs
-            ),
-            "plain": create_masks_for_generate(position_ids=None, **kwargs),
+            "blocks": modeling_gemma3.create_masks_for_vision_model(*arguments, block_sequence_ids=blocks),
+            "plain": create_masks_for_generate(*arguments),
         }
         for case, ids in (("blocks", blocks), ("plain", None)):
             for kind, window in (("full_attention", None), ("sliding_attention", config.sliding_window)):

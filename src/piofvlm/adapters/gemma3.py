@@ -17,10 +17,10 @@ is one contiguous run of image tokens. What differs from the Llama-style familie
   (``token_type_ids`` -> ``get_block_sequence_ids_for_mask``; in local layers still cut by the window). The block
   of each kept token is gathered with it, so the kept tokens of one image still see each other. Decoding adds text
   only (a new image on an old cache is refused), which needs no block.
-* **Sandwich norms and soft-capping.** A decoder layer normalises the attention output and the MLP input and output
-  (:meth:`decoder_layer_output`, the fast proxy's tail); ``attn_logit_softcapping`` is applied by the fast proxy and
-  the explicit-attention methods. The embedding scale (``sqrt(hidden_size)``) is inside ``embed_tokens``, before
-  the mechanism sees the hidden states.
+* **Sandwich norms.** A decoder layer normalises the attention output and the MLP input and output
+  (:meth:`decoder_layer_output`, the fast proxy's tail). ``Gemma3Attention`` (5.17-5.24) does not pass
+  ``attn_logit_softcapping`` to its attention function, so neither does the proxy. The embedding scale
+  (``sqrt(hidden_size)``) is inside ``embed_tokens``, before the mechanism sees the hidden states.
 * Static KV caches are refused (their local layers are ``StaticSlidingWindowLayer``s, a ring buffer), as is
   ``use_bidirectional_attention`` (EmbeddingGemma's fully bidirectional text). The SigLIP vision tower has no
   vision-attention scores here: ``visionzip``/``vscan``/``chain`` refuse; ``pool`` pools each image's square grid.

@@ -86,9 +86,6 @@ def layer_attention(
     k = layer_keys(adapter, layer_index, hidden, position_embeddings)  # (B, H_kv, S, hd)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # (B, H, n, S)
-    softcap = getattr(attn, "attn_logit_softcapping", None)  # Gemma: tanh soft-capping of the attention logits
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
     if allowed is None:
         key_index = torch.arange(seq_len, device=hidden.device)
         allowed = valid[:, None, None, :] & (key_index[None, None, None, :] <= query_slots[:, None, :, None])

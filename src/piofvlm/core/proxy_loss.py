@@ -107,9 +107,6 @@ def _fast_logits(
     # The softmax in at least fp32 (as eager attention and SDPA's kernels do for half precision); fp64 stays fp64.
     scores = scores.view(batch_size, num_heads, num_q, seq_len).to(torch.promote_types(x.dtype, torch.float32))
     scores = scores * attn.scaling
-    softcap = getattr(attn, "attn_logit_softcapping", None)  # Gemma: tanh soft-capping of the attention logits
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(x.dtype)  # (B, H, n, S)
     # One (H n) x S by S x d product per sample (no broadcast over heads: its backward would materialise H copies).
     mixed = probs.reshape(batch_size, num_heads * num_q, seq_len) @ normed  # (B, H n, d)
