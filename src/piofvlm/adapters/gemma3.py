@@ -21,9 +21,10 @@ is one contiguous run of image tokens. What differs from the Llama-style familie
   (:meth:`decoder_layer_output`, the fast proxy's tail). ``Gemma3Attention`` (5.17-5.24) does not pass
   ``attn_logit_softcapping`` to its attention function, so neither does the proxy. The embedding scale
   (``sqrt(hidden_size)``) is inside ``embed_tokens``, before the mechanism sees the hidden states.
-* Static KV caches are refused (their local layers are ``StaticSlidingWindowLayer``s, a ring buffer), as is
-  ``use_bidirectional_attention`` (EmbeddingGemma's fully bidirectional text). The SigLIP vision tower has no
-  vision-attention scores here: ``visionzip``/``vscan``/``chain`` refuse; ``pool`` pools each image's square grid.
+* Static KV caches are refused (their local layers are ``StaticSlidingWindowLayer``s of ``sliding_window`` slots,
+  rolled in place), as is ``use_bidirectional_attention`` (EmbeddingGemma's fully bidirectional text). The SigLIP
+  vision tower has no vision-attention scores here: ``visionzip``/``vscan``/``chain`` refuse; ``pool`` pools each
+  image's square grid.
 """
 
 from __future__ import annotations
