@@ -39,6 +39,9 @@ class ModelAdapter:
     rotary_batch_dim: ClassVar[int] = 0
     #: Whether ``positions="renumber"`` is well defined for this family.
     supports_renumber: ClassVar[bool] = True
+    #: The multimodal model hands the language model one prepared mask per layer type (a dict, Gemma 3); the
+    #: mechanism then reads the 2-D padding mask of the multimodal call and rebuilds every mask itself.
+    rebuilds_layer_type_masks: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -156,8 +159,11 @@ class ModelAdapter:
         """Positions the language model would use when the caller passes none: ``(1, S)``."""
         return torch.arange(seq_len, device=device)[None]
 
-    def rotary_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Recompute ``position_embeddings`` (cos, sin) for new position ids (used by ``positions="renumber"``)."""
+    def rotary_embeddings(
+        self, hidden_states: torch.Tensor, position_ids: torch.Tensor, layer_type: str = "full_attention"
+    ) -> tuple[torch.Tensor, ...]:
+        """Recompute ``position_embeddings`` (cos, sin) of layers of ``layer_type`` for new position ids (used by
+        ``positions="renumber"``, and for a layer type whose first layer comes after the prune point)."""
         return self.language_model.rotary_emb(hidden_states, position_ids=position_ids)
 
     def renumber_positions(self, position_ids: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -167,6 +173,63 @@ class ModelAdapter:
     def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         """The ``position_ids`` argument the decoder layers get, from the language model's ``position_ids``."""
         return position_ids
+
+    # ------------------------------------------------------------------------------------- per-layer-type masks
+    # Layers of one type share one attention mask and one rotary table. The default is one type for every layer (a
+    # causal mask, one rotary table); families with local and global layers (Gemma 3) override these.
+    def layer_type(self, index: int) -> str:
+        """Attention type of decoder layer ``index`` (the key of its mask and rotary table)."""
+        return "full_attention"
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """The distinct layer types, in the order their first layer comes."""
+        return tuple(dict.fromkeys(self.layer_type(i) for i in range(self.num_layers)))
+
+    def prefill_masks(
+        self,
+        valid: torch.Tensor,
+        source: torch.Tensor,
+        dtype: torch.dtype,
+        key_length: int | None,
+        model_kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The attention masks of a rebuilt (pruned, left-padded) prefill, per layer type.
+
+        Args:
+            valid: ``(B, S)`` bool, real tokens of the rebuilt sequence.
+            source: ``(B, S)`` long, the original prompt slot of each slot (-1 for padding).
+            dtype: dtype of the hidden states (eager masks are additive).
+            key_length: the static cache's key length (keys after ``S`` are unused and masked), None for a dynamic one.
+            model_kwargs: the multimodal call's keyword arguments.
+
+        Default: one causal padding mask for every layer type.
+        """
+        seq_len = valid.shape[1]
+        if key_length is None:
+            mask = transformers_compat.causal_padding_mask(self.text_config, valid, seq_len, dtype)
+        else:
+            key_valid = torch.nn.functional.pad(valid, (0, key_length - seq_len), value=False)
+            mask = transformers_compat.causal_padding_mask(self.text_config, key_valid, seq_len, dtype, q_offset=0)
+        return dict.fromkeys(self.layer_types, mask)
+
+    def decode_mask(self, layer_type: str, key_valid: torch.Tensor, query_length: int, dtype: torch.dtype) -> Any:
+        """The mask of layers of ``layer_type`` for ``query_length`` new tokens over ``key_valid`` ``(B, L_kv)``: the
+        keys the layer's KV cache presents (its visible past, then the new tokens). Default: causal."""
+        return transformers_compat.causal_padding_mask(self.text_config, key_valid, query_length, dtype)
+
+    def allowed_keys(
+        self,
+        layer_type: str,
+        valid: torch.Tensor,
+        source: torch.Tensor,
+        query_slots: torch.Tensor,
+        model_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """``(B, 1, n, S)`` bool: which keys the queries at ``query_slots`` ``(B, n)`` see in layers of
+        ``layer_type`` (for the fast PIO proxy and the explicit-attention methods). Default: causal over real keys."""
+        key_index = torch.arange(valid.shape[1], device=valid.device)
+        return valid[:, None, None, :] & (key_index[None, None, None, :] <= query_slots[:, None, :, None])
 
     # ------------------------------------------------------------------------------------------------ hooks
     def attach(self, handle: PruningHandle) -> None:
