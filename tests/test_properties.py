@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import conftest
 import piofvlm
 import test_qwen as tq
-from conftest import FixedSelection
+from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import ADAPTERS
 from piofvlm.toy_cases import TINY_CASES
@@ -283,11 +283,13 @@ def follow_up_ids(kind: str, batch: int) -> torch.Tensor:
     return torch.tensor([tokenizer.convert_tokens_to_ids(["what", "is", "the"])]).expand(batch, -1)
 
 
-def check_second_turn_equals_no_cache_reference(s: Scenario) -> None:
+def check_decoding_and_second_turn_equal_no_cache_references(s: Scenario) -> None:
+    """Cached decoding equals, step by step, a no-cache forward of the kept sequence; so does a follow-up turn on
+    the returned cache."""
     m, inputs = s.model(), s.inputs()
     method = s.method()
     with torch.no_grad(), method(m):
-        first = m.generate(**inputs, **tq.GREEDY, return_dict_in_generate=True)
+        first = m.generate(**inputs, **tq.GREEDY, output_logits=True, return_dict_in_generate=True)
         cache = transformers_compat.output_cache(first)
         assert cache.get_seq_length() == inputs["input_ids"].shape[1] + tq.GREEDY["max_new_tokens"] - 1
         records = method.last_selection
@@ -306,10 +308,12 @@ def check_second_turn_equals_no_cache_reference(s: Scenario) -> None:
         assert method.last_selection is records  # no new prefill
     chosen = [[k.tolist() for k in record.kept] for record in records]
     fields = {k: v for k, v in s.fields.items() if k in ("layers", "keep", "positions", "budget_scope")}
+    replay = FixedSelection(chosen=chosen, **fields)
+    assert_decode_equals_uncached(m, inputs, first, replay, tq.GREEDY["max_new_tokens"])
     pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     if "mm_token_type_ids" in pixels:  # M-RoPE families: the answer and the follow-up are text (type 0)
         pixels["mm_token_type_ids"] = F.pad(pixels["mm_token_type_ids"], (0, added))
-    with torch.no_grad(), FixedSelection(chosen=chosen, **fields)(m):
+    with torch.no_grad(), replay(m):
         expected = m(input_ids=ids, attention_mask=mask, use_cache=False, **pixels).logits[:, -1]
     torch.testing.assert_close(second.logits[0], expected, rtol=1e-4, atol=1e-4)
 
@@ -341,8 +345,8 @@ def test_a_reused_handle_equals_a_fresh_one(kind, data):
 @pytest.mark.parametrize("kind", FAMILIES)
 @FAST
 @given(data=st.data())
-def test_a_second_turn_on_the_returned_cache_equals_a_no_cache_reference(kind, data):
-    check_second_turn_equals_no_cache_reference(data.draw(scenarios(names=SELECT_ONLY, families=[kind])))
+def test_decoding_and_a_second_turn_on_the_returned_cache_equal_no_cache_references(kind, data):
+    check_decoding_and_second_turn_equal_no_cache_references(data.draw(scenarios(names=SELECT_ONLY, families=[kind])))
 
 
 # ------------------------------------------------------------------------------------------------- deep profile
@@ -374,5 +378,5 @@ def test_deep_a_reused_handle_equals_a_fresh_one(kind, data):
 @pytest.mark.parametrize("kind", FAMILIES)
 @DEEP
 @given(data=st.data())
-def test_deep_a_second_turn_on_the_returned_cache_equals_a_no_cache_reference(kind, data):
-    check_second_turn_equals_no_cache_reference(data.draw(scenarios(names=SELECT_ONLY, families=[kind])))
+def test_deep_decoding_and_a_second_turn_on_the_returned_cache_equal_no_cache_references(kind, data):
+    check_decoding_and_second_turn_equal_no_cache_references(data.draw(scenarios(names=SELECT_ONLY, families=[kind])))
