@@ -124,7 +124,7 @@ def _keep(draw, stages: int, smallest_group: int) -> list[Any]:
     return sorted(counts, reverse=True)
 
 
-#: Every registered method the strategy draws from (minus the ones a family refuses).
+#: The methods drawn: every registered one but ``none`` (minus, per family, the ones it refuses by design).
 METHODS = ("random", "pio", "fastv", "pdrop", "dart", "sparsevlm", "divprune", "cdpruner", "pool", "visionzip",
            "vscan", "chain")  # fmt: skip
 
@@ -316,6 +316,10 @@ def check_decoding_and_second_turn_equal_no_cache_references(s: Scenario) -> Non
     with torch.no_grad(), replay(m):
         expected = m(input_ids=ids, attention_mask=mask, use_cache=False, **pixels).logits[:, -1]
     torch.testing.assert_close(second.logits[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_every_registered_method_is_drawn():
+    assert set(METHODS) == set(piofvlm.available_methods()) - {"none"}
 
 
 # ------------------------------------------------------------------------------------------------ properties
