@@ -36,7 +36,7 @@ LLAVA_FAMILIES = ("llava", "llava_next")
 NUM_LAYERS = 4  # every tiny model here
 #: The fast profile runs each property on every family: a few examples each.
 FAST = settings(
-    max_examples=3,
+    max_examples=2,
     deadline=None,
     derandomize=True,
     database=None,

@@ -117,15 +117,19 @@ def follow_up_ids(kind: str) -> torch.Tensor:
     return torch.tensor([tokenizer.convert_tokens_to_ids(["what", "is", "the", "colour"])])
 
 
+QUICK_SECOND_TURNS = [(kind, [0], "keep") for kind in ("internvl", "qwen2_5_vl", "glm4v")]
+
+
 def second_turn_cases() -> list:
-    """(kind, layers, positions) on every family; ``renumber`` where the adapter supports it. Quick: pruned before
-    layer 0 (layer 0's cache is padded back to the prompt length, which transformers reads) with positions kept."""
+    """(kind, layers, positions) on every family; ``renumber`` where the adapter supports it. Quick (the property
+    suite draws second turns on every family): pruned before layer 0 (layer 0's cache is padded back to the prompt
+    length, which transformers reads) with positions kept, on a 1-D RoPE, a Qwen and a GLM family."""
     return [
         pytest.param(
             kind,
             layers,
             positions,
-            marks=[] if (layers, positions) == ([0], "keep") else pytest.mark.slow,
+            marks=[] if (kind, layers, positions) in QUICK_SECOND_TURNS else pytest.mark.slow,
             id=f"{kind}-layers{'+'.join(map(str, layers))}-{positions}",
         )
         for kind in TINY_CASES
@@ -195,9 +199,11 @@ def mixed_prompts(kind: str) -> list[dict]:
 
 
 def _newer_family_reuse_cases() -> list:
-    """(kind, name) of the newer families with an encoder-side method they run (``refuses``: the REFUSED table)."""
+    """(kind, name) of the newer families with an encoder-side method they run (``refuses``: the REFUSED table);
+    quick: ``pool`` on InternVL (frames as images), LLaVA-NeXT-Video and GLM-4.1V (a video prompt)."""
+    quick = [("internvl", "pool"), ("llava_next_video", "pool"), ("glm4v", "pool")]
     return [
-        pytest.param(kind, name, marks=[] if name == "pool" else pytest.mark.slow)
+        pytest.param(kind, name, marks=[] if (kind, name) in quick else pytest.mark.slow)
         for kind in FAMILIES
         for name in ("visionzip", "vscan", "pool")
         if not refuses(kind, name, has_video=False)  # no prompt of mixed_prompts has a LLaVA-NeXT-Video video
