@@ -358,7 +358,7 @@ def _closed_form_gradient(
     """
     adapter = ctx.adapter
     rotary = adapter.rotary_fn()
-    cos, sin = ctx.position_embeddings[0], ctx.position_embeddings[1]
+    cos, sin = ctx.layer_rotary(layer_index)[:2]
     if adapter.rotary_batch_dim != 0 or cos.dim() != 3:
         return None
     layer = adapter.layers[layer_index]
@@ -409,9 +409,8 @@ def _closed_form_gradient(
         eye = torch.eye(num_kv, dtype=dtype, device=x.device)
         q_blocks = (q[:, :, :, :, None, :] * eye[:, None, None, :, None]).reshape(batch_size, num_heads * num_q, -1)
         products = _RowsTimes.apply(q_blocks, keys)  # (B, S, H n): k_j . q
-        key_index = torch.arange(seq_len, device=x.device)
-        query_index = torch.arange(window.start, window.stop, device=x.device)
-        allowed = ctx.valid[:, None, None, :] & (key_index[None, None, None, :] <= query_index[None, None, :, None])
+        slots = torch.arange(window.start, window.stop, device=x.device)[None].expand(batch_size, -1)  # (B, n)
+        allowed = ctx.allowed_keys(layer_index, slots)  # (B, 1, n, S): causal, plus image blocks / windows (Gemma 3)
         scores = products.transpose(1, 2).view(batch_size, num_heads, num_q, seq_len)
         scores = scores.to(torch.promote_types(dtype, torch.float32)) * attn.scaling
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(dtype)  # (B, H, n, S)
