@@ -145,6 +145,25 @@ def test_rotary_function_and_table_layout(kind):
         f"the rotary application of the {kind} family",
         "rotary_function",
     )
+    _rotary_transpose_and_flat_layout(rotary, cos, sin, head_dim, kind)
+
+
+def _rotary_transpose_and_flat_layout(rotary, cos, sin, head_dim: int, name: str) -> None:
+    """What PIO's closed-form proxy relies on: the function with ``-sin`` is the rotation's transpose, and it takes
+    flat ``(B S, H, hd)`` operands with ``(B S, r)`` tables and an empty second operand."""
+    a, b = torch.randn(2, 4, 6, head_dim, dtype=torch.float64), torch.randn(2, 4, 6, head_dim, dtype=torch.float64)
+    cos, sin = cos.double(), sin.double()
+    rotated_a, _ = rotary(a, a, cos, sin)
+    _, back_b = rotary(b, b, cos, -sin)
+    flat = a.transpose(1, 2).flatten(0, 1)  # (B S, H, hd)
+    rotated_flat, empty = rotary(flat, flat[:, :0], cos.flatten(0, 1), sin.flatten(0, 1))
+    contract(
+        torch.allclose((rotated_a * b).sum(), (a * back_b).sum(), rtol=1e-12)
+        and torch.allclose(rotated_flat, rotated_a.transpose(1, 2).flatten(0, 1), rtol=1e-12)
+        and empty.numel() == 0,
+        f"the rotary function of the {name} family (rotary(., cos, -sin) as the transpose; flat operands)",
+        "rotary_function",
+    )
 
 
 def test_glm4v_partial_interleaved_rotary():
@@ -171,6 +190,7 @@ def test_glm4v_partial_interleaved_rotary():
         "modeling_glm4v.apply_rotary_pos_emb (partial rotation of interleaved pairs)",
         "rotary_function",
     )
+    _rotary_transpose_and_flat_layout(adapter.rotary_fn(), cos, sin, head_dim, "glm4v")
 
 
 def test_qwen_vision_internals():

@@ -102,11 +102,12 @@ def pio_proxy_flops(
 ) -> dict[str, int]:
     """One PIO stage's proxy on ``seq_len`` tokens: ``{"forward", "backward", "nms"}`` FLOPs.
 
-    Fast path (``core/proxy_loss.py``): keys over the sequence; queries, scores, the attention weights applied to the
-    normed hidden states (``P normed``, then ``v_proj`` on those rows), output projection, MLP and LM head at the
-    ``positions`` loss slots. Reference path: the full layer and the LM head everywhere. The backward computes input
-    gradients only (no weight gradients): each product costs its forward again, twice where both operands need a
-    gradient (scores, ``P normed``; attention twice its forward in the reference path). NMS: the cosine-similarity
+    Fast path (``core/proxy_loss.py``, its closed form): keys over the sequence; queries, scores (block-diagonal
+    queries against all key heads), the attention weights applied to the normed hidden states (``P normed``, then
+    ``v_proj`` on those rows), output projection, MLP and LM head at the ``positions`` loss slots. Reference path: the
+    full layer and the LM head everywhere. The backward computes input gradients only (no weight gradients): each
+    product costs its forward again, twice where both operands need a gradient (scores, ``P normed``; attention twice
+    its forward in the reference path). NMS: the cosine-similarity
     matrix over the first prefix the NMS always compares (``min(candidates, max(2 kept, 64))`` tokens), a lower
     bound: the prefix doubles when suppression leaves fewer than ``kept`` tokens (its fixed-point rounds are
     matrix-vector products, not counted).
@@ -120,7 +121,8 @@ def pio_proxy_flops(
         return {"forward": linear + attention, "backward": linear + 2 * attention, "nms": nms}
     n = positions
     keys = 2 * seq_len * d * shape.kv_dim
-    scores = 2 * n * seq_len * shape.q_dim
+    # The closed form multiplies the keys by block-diagonal queries ((H n) x (H_kv hd)): H_kv times the per-head count.
+    scores = 2 * n * seq_len * shape.num_heads * shape.kv_dim
     mixed = 2 * shape.num_heads * n * seq_len * d
     small = 2 * n * d * shape.q_dim * 3 + 3 * 2 * n * d * shape.intermediate_size + lm_head_flops(shape, n)  # q, v, o
     forward = keys + scores + mixed + small

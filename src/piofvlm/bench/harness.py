@@ -219,6 +219,8 @@ def count_flops(fn: Any) -> tuple[int, Any]:
             out = func(*args, **kwargs)
             packet = func._overloadpacket
             count = flop_registry.get(packet)
+            if count is None and packet.__name__.endswith("_"):  # in-place variants (baddbmm_, addmm_): same FLOPs
+                count = flop_registry.get(getattr(torch.ops.aten, packet.__name__[:-1], None))
             if count is not None:
                 self.total += int(count(*args, **kwargs, out_val=out))
             elif packet in _CPU_SDPA:

@@ -6,11 +6,20 @@ positions against their own argmax (no ground truth). Two exact implementations:
 * reference: the decoder layer's own forward on the whole sequence, logits everywhere, then the loss positions;
 * fast: the loss depends on the layer's outputs at the loss positions only, so queries, the MLP and the LM head are
   computed there alone (keys and values over the prefix). Same loss, same gradient, a fraction of the cost.
+
+The fast path's gradient comes in one of two exact ways:
+
+* closed form (default where the layer fits it): autograd runs only on the few loss rows (queries, attention
+  weights, output projection, MLP, LM head); a visual row is never a loss position, so its gradient reaches it only
+  through the layer's keys and values, and that part is written out: the key gradient rotated back, the key
+  projection's and values' transposes, the (per-head key) RMSNorm backward, over all S rows at once;
+* autograd through the whole fast forward (:func:`_fast_logits`), for layers the closed form does not fit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +31,11 @@ from piofvlm.core.context import StageContext
 from piofvlm.core.ops import gather_sequence
 
 
+def _loss_window(seq_len: int, num_positions: int, include_last: bool) -> slice:
+    end = seq_len if include_last else seq_len - 1
+    return slice(end - num_positions, end)
+
+
 def loss_positions(valid: torch.Tensor, num_positions: int, include_last: bool) -> torch.Tensor:
     """Slots whose logits enter the loss: ``(B, n)``.
 
@@ -30,9 +44,9 @@ def loss_positions(valid: torch.Tensor, num_positions: int, include_last: bool) 
     Sequences are left-padded, so the same slots are the last real tokens of every sample.
     """
     batch_size, seq_len = valid.shape
-    end = seq_len if include_last else seq_len - 1
-    start = end - num_positions
-    if start < 0 or not bool(valid[:, start:end].all()):
+    window = _loss_window(seq_len, num_positions, include_last)
+    start, end = window.start, window.stop
+    if start < 0 or not bool(valid[:, window].all()):
         raise ValueError(
             f"the proxy loss needs {num_positions} prompt positions before the last token in every sample "
             f"(num_loss_positions={num_positions}, include_last={include_last}); a prompt is too short"
@@ -121,6 +135,327 @@ def _fast_logits(
     return head(adapter.final_norm(out))  # (B, n, V)
 
 
+# ------------------------------------------------------------------------------------------------ closed form
+def _rms_norm_formula(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's ``RMSNorm`` as transformers writes it, in ``promote_types(dtype, float32)``."""
+    hidden = x.to(torch.promote_types(x.dtype, torch.float32))
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(x.dtype)
+
+
+def rms_norm_parts(norm: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """``(weight, eps)`` if ``norm`` computes :func:`_rms_norm_formula` on inputs like ``like`` (same last size,
+    dtype and device), checked bit for bit on a probe row; else ``None``.
+
+    ``None`` for LayerNorms, Gemma's ``(1 + weight)``, norms with a bias, and fp64 inputs of the transformers norms,
+    which compute in fp32 (a closed-form backward in fp64 would be more precise than the module and not equal it).
+    """
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    size = like.shape[-1]
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (size,) or not isinstance(eps, float):
+        return None
+    if any(name != "weight" for name, _ in norm.named_parameters()):
+        return None
+    # A non-zero mean and an uneven spread: tells RMSNorm from LayerNorm, and fp32 arithmetic from fp64.
+    probe = torch.linspace(-1.0, 3.0, size, dtype=torch.float64, device=like.device).to(like.dtype)[None]  # (1, d)
+    with torch.no_grad():
+        actual, expected = norm(probe), _rms_norm_formula(probe, weight, eps)
+    return (weight, eps) if actual.dtype == expected.dtype and torch.equal(actual, expected) else None
+
+
+class _Norm:
+    """A norm module applied to ``x`` (``(..., d)``), written ``output = weight * rstd * base``.
+
+    Closed form (:func:`rms_norm_parts` recognises the module): ``base = x``, ``rstd`` the ``(..., 1)`` reciprocal
+    RMS (in ``promote_types(dtype, float32)``), ``weight`` the module's; the input gradient, from ``g = rstd * weight
+    * dL/d(output)``, is ``g - x rstd^2 mean(g x)``. Otherwise ``base`` is the module's output, ``rstd`` and
+    ``weight`` are ``None`` (ones), and the input gradient is autograd through the module.
+    """
+
+    def __init__(self, module: torch.nn.Module, x: torch.Tensor) -> None:
+        parts = rms_norm_parts(module, x)
+        self.module = module
+        self._graph: torch.Tensor | None = None
+        if parts is not None:
+            self.weight, eps = parts
+            self.base = x.detach()
+            compute = torch.promote_types(x.dtype, torch.float32)
+            with torch.no_grad():
+                norms = torch.linalg.vector_norm(self.base, dim=-1, keepdim=True, dtype=compute)
+                self.mean_square = norms.square_().div_(x.shape[-1])  # (..., 1)
+                self.rstd: torch.Tensor | None = torch.rsqrt(self.mean_square + eps)
+        else:
+            self.weight = self.rstd = None
+            self._input = x.detach().requires_grad_(True)
+            self._graph = module(self._input)
+            self.base = self._graph.detach()
+
+    def scale_rows(self, t: torch.Tensor, window: slice = slice(None)) -> torch.Tensor:
+        """``t * rstd`` for ``t`` shaped like the input (or its rows ``window``), multiplied in the compute dtype
+        and rounded once to ``t``'s (a bf16 ``rstd`` would scale each row by its own rounding error)."""
+        return t if self.rstd is None else (t * self.rstd[:, window]).to(t.dtype)
+
+    def scale_columns(self, t: torch.Tensor) -> torch.Tensor:
+        """``t * rstd^T`` for ``t`` ``(B, R, S)`` (its columns are input rows), as :meth:`scale_rows`."""
+        return t if self.rstd is None else (t * self.rstd.transpose(-1, -2)).to(t.dtype)
+
+    def fold_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """``t * weight`` along the last axis."""
+        return t if self.weight is None else t * self.weight
+
+    def output(self) -> torch.Tensor:
+        """The module's output (recomputed by the module itself in the closed form)."""
+        if self._graph is not None:
+            return self.base
+        with torch.no_grad():
+            return self.module(self.base)
+
+    def backward(self, scaled_grad: torch.Tensor, window: slice = slice(None)) -> torch.Tensor:
+        """Input gradient from ``scaled_grad = rstd * weight * dL/d(output)`` (just ``dL/d(output)`` without the
+        closed form); in the closed form also for the input's rows ``window`` alone."""
+        if self._graph is not None:
+            (grad,) = torch.autograd.grad(self._graph, self._input, scaled_grad)
+            return grad
+        x, rstd = self.base[:, window], self.rstd[:, window]
+        coefficient = (rstd.square() * self._mean_gx(scaled_grad, x)[..., None]).to(x.dtype)  # (..., 1)
+        return torch.addcmul(scaled_grad, x, coefficient, value=-1)
+
+    def gradient_norms(self, scaled_grad: torch.Tensor) -> torch.Tensor:
+        """L2 norms ``(...)`` of the input gradient's rows (closed form only), in the compute dtype, without the
+        gradient: ``|g - c x|^2 = |g|^2 - 2 c (g x) + c^2 |x|^2`` with ``c = rstd^2 mean(g x)``."""
+        x, rstd = self.base, self.rstd[..., 0]
+        compute = rstd.dtype
+        mean_gx = self._mean_gx(scaled_grad, x)
+        coefficient = rstd.square() * mean_gx
+        grad_square = torch.linalg.vector_norm(scaled_grad, dim=-1, dtype=compute).square_()
+        size = x.shape[-1]
+        square = grad_square - coefficient * size * (2 * mean_gx - coefficient * self.mean_square[..., 0])
+        return square.clamp_(min=0).sqrt_()
+
+    def _mean_gx(self, scaled_grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``mean(g x)`` over the last axis, in the compute dtype."""
+        return torch.linalg.vecdot(scaled_grad, x, dim=-1).to(self.rstd.dtype).div_(x.shape[-1])
+
+
+class _LinearHead(torch.autograd.Function):
+    """``hidden @ weight^T`` for a few rows, with a constant ``weight`` ``(V, d)``, computed as ``(weight @
+    hidden^T)^T``: with a handful of rows CPU GEMM streams the vocabulary matrix about twice as fast that way round."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        rows = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+        return (weight @ rows.T).T.reshape(*hidden.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None
+
+
+def _output_head(head: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    """``head`` itself, or :class:`_LinearHead` on its weight for a plain bias-free ``nn.Linear``."""
+    weight = getattr(head, "weight", None)
+    if (
+        isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and type(weight) in (torch.Tensor, torch.nn.Parameter)
+        and weight.device.type != "meta"
+    ):
+        return lambda hidden: _LinearHead.apply(hidden, weight)
+    return head
+
+
+def _rotate(rotary: Callable[..., Any], t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The family's rotation of ``t`` ``(B m, H, hd)`` by tables ``(B, m, r)``, in ``t``'s layout: the function
+    unsqueezes the tables at dim 1, so batch and sequence go flat in front of the heads (its second operand is left
+    empty)."""
+    rotated, _ = rotary(t, t[:, :0], cos.flatten(0, 1), sin.flatten(0, 1))
+    return rotated
+
+
+def _is_rotate_half(rotary: Callable[..., Any], head_dim: int, table_dim: int) -> bool:
+    """Whether ``rotary`` is Llama's ``t cos + rotate_half(t) sin`` over the whole head (checked on a probe)."""
+    if table_dim != head_dim or head_dim % 2:
+        return False
+    probe = torch.linspace(-1.0, 1.0, 2 * head_dim).view(2, 1, head_dim)  # (2, 1, hd)
+    cos, sin = torch.linspace(0.1, 0.9, 2 * head_dim).view(1, 2, head_dim), torch.linspace(-0.7, 0.8, 2 * head_dim)
+    sin = sin.view(1, 2, head_dim)
+    return torch.allclose(_rotate(rotary, probe, cos, sin), _rotate_half(probe, cos, sin), rtol=1e-5, atol=1e-6)
+
+
+def _rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`_rotate` for Llama's rotation, in three passes over ``t`` (the function's own takes about five: it
+    builds ``rotate_half(t)`` with a negation and a concatenation). Used where :func:`_is_rotate_half` holds."""
+    cos, sin = cos.flatten(0, 1)[:, None], sin.flatten(0, 1)[:, None]  # (B m, 1, hd)
+    half = t.shape[-1] // 2
+    rotated = t * cos
+    rotated[..., :half].addcmul_(t[..., half:], sin[..., :half], value=-1)
+    rotated[..., half:].addcmul_(t[..., :half], sin[..., half:])
+    return rotated
+
+
+class _RowsTimes(torch.autograd.Function):
+    """``rows @ small^T`` ``(B, S, R)`` for constant ``rows`` ``(B, S, c)``, differentiable in ``small`` ``(B, R, c)``.
+
+    Written out because CPU ``bmm`` copies a transposed large operand (~60 ms for ``(B, c, S)`` at S = 3000, against
+    under 1 ms for these layouts): the backward is ``grad^T @ rows``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, small: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        return rows @ small.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        return grad.transpose(1, 2) @ rows, None
+
+
+class _WeightedRows(torch.autograd.Function):
+    """``weights @ rows`` ``(B, R, c)`` for constant ``rows`` ``(B, S, c)``, differentiable in ``weights``
+    ``(B, R, S)``; the backward ``(rows @ grad^T)^T`` keeps ``rows`` in its layout (see :class:`_RowsTimes`)."""
+
+    @staticmethod
+    def forward(ctx: Any, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        return weights @ rows
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        return (rows @ grad.transpose(1, 2)).transpose(1, 2), None
+
+
+def _closed_form_gradient(
+    ctx: StageContext,
+    layer_index: int,
+    x: torch.Tensor,
+    window: slice,
+    head: Callable[[torch.Tensor], Any],
+    norms: bool = False,
+) -> torch.Tensor | None:
+    """The fast proxy's input gradient ``(B, S, d)`` (or its rows' L2 norms ``(B, S)`` with ``norms``): autograd on
+    the loss rows only, the rest in closed form.
+
+    Each row ``j`` reaches the loss through the layer's key ``k_j = R_j W_k n_j`` and value ``W_v n_j``, with
+    ``n_j = w r_j x_j`` the input norm (``r_j`` its reciprocal RMS; an optional per-head key norm before ``R_j``); the
+    loss rows (``window``) also through their queries and the residual. Autograd on the loss rows (queries, softmax,
+    ``P n``, the output projection, MLP, final norm and head) gives ``dL/d(k q^T)`` and ``dL/d(P n)``; then, over all
+    rows:
+
+    * keys: ``dk = R^T dL/d(k q^T) q``, with ``R^T`` the family's rotation by ``-sin`` (RoPE rotates pairs);
+    * ``g = r w (W_k^T dk + P^T dL/d(P n))``, plus the loss rows' query term;
+    * ``dx = g - x r^2 mean(g x)`` (the RMSNorm backward), plus the loss rows' residual term; for the norms,
+      ``|dx|^2`` from ``|g|^2``, ``g x`` and ``|x|^2`` without forming ``dx`` (:meth:`_Norm.gradient_norms`).
+
+    ``r`` and ``w`` never touch an ``S x d`` tensor: ``w`` goes into ``W_k`` and ``dL/d(P n)``, ``r`` into the rotary
+    tables and ``P``. The grouped queries enter as one block-diagonal ``(H n, H_kv hd)`` matrix, so keys keep the
+    projection's ``(B, S, H_kv hd)`` layout both ways. ``None`` where the layer does not fit (rotary tables not
+    ``(B, S, r)``): the caller then runs autograd through :func:`_fast_logits`.
+    """
+    adapter = ctx.adapter
+    rotary = adapter.rotary_fn()
+    cos, sin = ctx.layer_rotary(layer_index)[:2]
+    if adapter.rotary_batch_dim != 0 or cos.dim() != 3:
+        return None
+    layer = adapter.layers[layer_index]
+    attn = layer.self_attn
+    batch_size, seq_len, _ = x.shape
+    head_dim, dtype = attn.head_dim, x.dtype
+    num_q = window.stop - window.start
+    cos, sin = cos.expand(batch_size, -1, -1), sin.expand(batch_size, -1, -1)  # (B, S, r)
+    has_k_norm = hasattr(attn, "k_norm")
+
+    with record_function("piofvlm.proxy.forward"):
+        norm = _Norm(layer.input_layernorm, x)
+        with torch.no_grad():
+            k_weight = norm.fold_weight(attn.k_proj.weight)  # (kv, d)
+            keys = F.linear(norm.base, k_weight)  # (B, S, kv)
+            # r_j scales row j: into the rotary tables when nothing comes between the projection and RoPE.
+            # (a partial rotation, GLM's, leaves the other dims out of the tables: scaled on the keys then)
+            full_rotation = cos.shape[-1] == head_dim
+            fold = full_rotation and attn.k_proj.bias is None and not has_k_norm
+            cos_k, sin_k = (norm.scale_rows(cos), norm.scale_rows(sin)) if fold else (cos, sin)
+            if not fold:
+                keys = norm.scale_rows(keys)
+                if attn.k_proj.bias is not None:
+                    keys = keys + attn.k_proj.bias
+        k_norm = _Norm(attn.k_norm, keys.view(batch_size, seq_len, -1, head_dim)) if has_k_norm else None
+        with torch.no_grad():
+            if k_norm is not None:
+                keys = k_norm.output()
+            rotate_keys = (
+                _rotate_half if _is_rotate_half(rotary, head_dim, cos.shape[-1]) else partial(_rotate, rotary)
+            )
+            keys = rotate_keys(keys.reshape(batch_size * seq_len, -1, head_dim), cos_k, sin_k)
+            keys = keys.view(batch_size, seq_len, -1)  # (B, S, H_kv hd)
+        num_kv = keys.shape[-1] // head_dim
+
+        x_q = x.detach()[:, window].clone().requires_grad_(True)  # (B, n, d) the loss rows' residual path
+        with torch.no_grad():
+            normed_q = layer.input_layernorm(x_q)
+        normed_q.requires_grad_(True)  # their query path
+        q = attn.q_proj(normed_q).view(batch_size, num_q, -1, head_dim)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q = _rotate(rotary, q.flatten(0, 1), cos[:, window], sin[:, window])  # (B n, H, hd)
+        num_heads = q.shape[1]
+        group = num_heads // num_kv
+        # Row (h, g, i) of the block-diagonal queries: head h G + g at loss position i, in key head h's columns.
+        q = q.view(batch_size, num_q, num_kv, group, head_dim).permute(0, 2, 3, 1, 4)  # (B, H_kv, G, n, hd)
+        eye = torch.eye(num_kv, dtype=dtype, device=x.device)
+        q_blocks = (q[:, :, :, :, None, :] * eye[:, None, None, :, None]).reshape(batch_size, num_heads * num_q, -1)
+        products = _RowsTimes.apply(q_blocks, keys)  # (B, S, H n): k_j . q
+        slots = torch.arange(window.start, window.stop, device=x.device)[None].expand(batch_size, -1)  # (B, n)
+        allowed = ctx.allowed_keys(layer_index, slots)  # (B, 1, n, S): causal, plus image blocks / windows (Gemma 3)
+        scores = products.transpose(1, 2).view(batch_size, num_heads, num_q, seq_len)
+        scores = scores.to(torch.promote_types(dtype, torch.float32)) * attn.scaling
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(dtype)  # (B, H, n, S)
+        # P n = ((P r) x) w: the row and column factors on the small operands.
+        probs_scaled = norm.scale_columns(probs.reshape(batch_size, num_heads * num_q, seq_len))  # (B, H n, S)
+        mixed = norm.fold_weight(_WeightedRows.apply(probs_scaled, norm.base))  # (B, H n, d)
+        v_weight = attn.v_proj.weight.view(num_kv, head_dim, -1)  # (H_kv, hd, d)
+        attn_out = mixed.view(batch_size, num_kv, group * num_q, -1) @ v_weight.transpose(-1, -2)  # (B,H_kv,G n,hd)
+        if attn.v_proj.bias is not None:
+            attn_out = attn_out + attn.v_proj.bias.view(num_kv, 1, head_dim)
+        attn_out = attn_out.view(batch_size, num_heads, num_q, head_dim).transpose(1, 2)
+        attn_out = attn.o_proj(attn_out.reshape(batch_size, num_q, -1))  # (B, n, d)
+        out = adapter.decoder_layer_output(layer, x_q, attn_out)
+        loss = _self_argmax_loss(_output_head(head)(adapter.final_norm(out)))
+
+    with record_function("piofvlm.proxy.backward"):
+        d_products, d_mixed, d_normed_q, d_x_q = torch.autograd.grad(loss, (products, mixed, normed_q, x_q))
+        with torch.no_grad():
+            d_keys = d_products @ q_blocks.detach()  # (B, S, H_kv hd), in rotated coordinates
+            # r R^T: r into the tables where they cover the whole head, else on the (S, kv) gradient
+            fold = full_rotation and k_norm is None
+            cos_k, sin_k = (norm.scale_rows(cos), norm.scale_rows(sin)) if fold else (cos, sin)
+            d_keys = rotate_keys(d_keys.view(batch_size * seq_len, -1, head_dim), cos_k, -sin_k)
+            if k_norm is not None:
+                d_keys = d_keys.view(batch_size, seq_len, -1, head_dim)
+                d_keys = k_norm.backward(k_norm.scale_rows(k_norm.fold_weight(d_keys)))
+            if not fold:
+                d_keys = norm.scale_rows(d_keys.reshape(batch_size, seq_len, -1))
+            scaled = d_keys.view(batch_size, seq_len, -1) @ k_weight  # (B, S, d): r w W_k^T dk
+            scaled.baddbmm_(probs_scaled.transpose(1, 2), norm.fold_weight(d_mixed))  # + r w P^T dL/d(P n)
+            scaled[:, window] += norm.fold_weight(norm.scale_rows(d_normed_q, window))
+            if not norms or norm.rstd is None:
+                grad = norm.backward(scaled)
+                grad[:, window] += d_x_q
+                return _row_norms(grad) if norms else grad
+            result = norm.gradient_norms(scaled)  # (B, S)
+            result[:, window] = _row_norms(norm.backward(scaled[:, window], window) + d_x_q)  # + the residual term
+            return result
+
+
+def _row_norms(grad: torch.Tensor) -> torch.Tensor:
+    """``(B, S)`` L2 norms of the rows of ``grad``, accumulated in at least fp32 (fp64 stays fp64)."""
+    return torch.linalg.vector_norm(grad, dim=-1, dtype=torch.promote_types(grad.dtype, torch.float32))
+
+
 def proxy_gradient(
     ctx: StageContext,
     layer_index: int,
@@ -128,6 +463,7 @@ def proxy_gradient(
     include_last: bool = False,
     fast: bool = True,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    closed_form: bool = True,
 ) -> torch.Tensor:
     """Gradient of the proxy loss with respect to (a detached copy of) ``ctx.hidden_states``.
 
@@ -141,25 +477,60 @@ def proxy_gradient(
         include_last: end the loss window at the last prompt token instead of the one before it.
         fast: use the exact fast path (falls back to the reference path if the family has no rotary function).
         head: the output head applied after the final norm; ``None``: the model's LM head.
+        closed_form: on the fast path, the closed-form gradient where the layer fits it
+            (:func:`_closed_form_gradient`); False: autograd through the whole fast forward (same gradient).
 
     Returns:
         ``(B, S, d)`` gradient in the hidden-state dtype.
     """
+    return _proxy(ctx, layer_index, num_positions, include_last, fast, head, closed_form, norms=False)
+
+
+def proxy_gradient_norms(
+    ctx: StageContext,
+    layer_index: int,
+    num_positions: int = 4,
+    include_last: bool = False,
+    fast: bool = True,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    closed_form: bool = True,
+) -> torch.Tensor:
+    """``(B, S)`` L2 norm of each row of :func:`proxy_gradient` (same arguments), accumulated in at least fp32 (fp64
+    stays fp64). The closed form computes them without forming the gradient."""
+    return _proxy(ctx, layer_index, num_positions, include_last, fast, head, closed_form, norms=True)
+
+
+def _proxy(
+    ctx: StageContext,
+    layer_index: int,
+    num_positions: int,
+    include_last: bool,
+    fast: bool,
+    head: Callable[[torch.Tensor], torch.Tensor] | None,
+    closed_form: bool,
+    norms: bool,
+) -> torch.Tensor:
     slots = loss_positions(ctx.valid, num_positions, include_last)
     use_fast = fast and ctx.adapter.rotary_fn() is not None
     with torch.inference_mode(False), torch.enable_grad():
         x = ctx.hidden_states.detach()
         if x.is_inference():  # an inference tensor cannot enter autograd; an ordinary one needs no copy
             x = x.clone()
-        x.requires_grad_(True)
         local = _cloned_context(ctx)
+        head = head or ctx.adapter.lm_head
+        if use_fast and closed_form:
+            window = _loss_window(x.shape[1], num_positions, include_last)  # the columns of ``slots``
+            result = _closed_form_gradient(local, layer_index, x, window, head, norms=norms)
+            if result is not None:
+                return result
+        x.requires_grad_(True)
         logits_fn = _fast_logits if use_fast else _reference_logits
         # Profiler labels (no cost unless a torch.profiler session is active): the benchmark splits the overhead.
         with record_function("piofvlm.proxy.forward"):
-            loss = _self_argmax_loss(logits_fn(local, layer_index, x, slots.clone(), head or ctx.adapter.lm_head))
+            loss = _self_argmax_loss(logits_fn(local, layer_index, x, slots.clone(), head))
         with record_function("piofvlm.proxy.backward"):
             (grad,) = torch.autograd.grad(loss, x)
-    return grad
+    return _row_norms(grad) if norms else grad
 
 
 def _cloned_context(ctx: StageContext) -> StageContext:

@@ -5,6 +5,8 @@ All functions work on the whole batch at once on the model's device; none loops 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +71,53 @@ def pack_groups(order: torch.Tensor, groups: torch.Tensor, num_groups: int) -> t
     rows = torch.arange(batch_size, device=order.device)[:, None] * num_groups + groups_in_order  # (B, S)
     table[rows[inside], rank[inside]] = order[inside]
     return table
+
+
+def _bf16_cosine_margin(size: int, tau: float) -> float:
+    """Twice the most a cosine near ``tau`` from a bf16 GEMM can differ from the fp32 one: the products of bf16 values
+    are exact and summed in fp32 (at most ``size * 2^-24`` of ``|a| |b|``), the sum is rounded to bf16 (``2^-9`` of
+    itself, i.e. of ``|tau| + margin``)."""
+    return 2 * (2.0**-9 * abs(tau) + size * 2.0**-24) / (1 - 2.0**-9)
+
+
+def cosine_neighbors(features: torch.Tensor, tau: float) -> torch.Tensor:
+    """``(P, L, L)`` bool: cosine similarity of features ``(P, L, d)`` at least ``tau``, decided in fp32 on the
+    normalised features (as ``F.normalize(features.float())`` products would, to fp32 rounding).
+
+    bf16 features on a CPU: the ``L x L`` products come from one bf16 GEMM (~15x faster there than fp32), and the
+    pairs whose cosine lies within :func:`_bf16_cosine_margin` of ``tau`` (well under 1%) are recomputed in fp32 from
+    the exact bf16 values, so every decision is the fp32 one.
+    """
+    wide = features.float()
+    norms = torch.linalg.vector_norm(wide, dim=-1).clamp(min=1e-12)  # (P, L), F.normalize's floor
+    if features.dtype != torch.bfloat16 or features.device.type != "cpu":
+        unit = wide / norms[..., None]  # (P, L, d)
+        return torch.bmm(unit, unit.transpose(1, 2)) >= tau
+    approx = torch.bmm(features, features.transpose(1, 2)).float() / (norms[:, :, None] * norms[:, None, :])
+    neighbors = approx >= tau
+    band = (approx - tau).abs() <= _bf16_cosine_margin(features.shape[-1], tau)
+    rows, first, second = band.nonzero(as_tuple=True)  # row-major order, as a CSR pattern lists them
+    if rows.numel():
+        neighbors[rows, first, second] = (
+            _sampled_dots(wide, rows, first, second) / (norms[rows, first] * norms[rows, second]) >= tau
+        )
+    return neighbors
+
+
+def _sampled_dots(
+    features: torch.Tensor, rows: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+) -> torch.Tensor:
+    """fp32 dot products ``features[rows, first] . features[rows, second]`` (``(P, L, d)`` features; pairs in
+    row-major order) from one sampled sparse product: ~25x faster on CPUs than gathering both rows of every pair."""
+    batch, length, _ = features.shape
+    size = batch * length
+    flat = features.reshape(size, -1)
+    flat_first, flat_second = rows * length + first, rows * length + second
+    crow = F.pad(torch.bincount(flat_first, minlength=size).cumsum(0), (1, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "sparse CSR tensor support is in beta state"
+        pattern = torch.sparse_csr_tensor(crow, flat_second, flat.new_zeros(rows.numel()), (size, size))
+        return torch.sparse.sampled_addmm(pattern, flat, flat.T, beta=0.0).values()
 
 
 def greedy_nms(neighbors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -156,8 +205,7 @@ def nms_fill_per_group(
     prefix = _grow(max(prefix, 1), width)
     while True:
         cells = table[:, :prefix]
-        feats = F.normalize(features[sample, cells.clamp(min=0)].float(), dim=-1)  # (P, L, d)
-        neighbors = torch.bmm(feats, feats.transpose(1, 2)) >= tau  # (P, L, L)
+        neighbors = cosine_neighbors(features[sample, cells.clamp(min=0)], tau)  # (P, L, L)
         selected = greedy_nms(neighbors, valid[:, :prefix])
         if prefix == width or bool((selected.sum(1, keepdim=True) >= row_budget).all()):
             break

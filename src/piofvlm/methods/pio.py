@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from piofvlm.core.context import Selection, StageContext
-from piofvlm.core.proxy_loss import proxy_gradient
+from piofvlm.core.proxy_loss import proxy_gradient_norms
 from piofvlm.core.selection import nms_fill_per_group, topk_per_group
 from piofvlm.methods.base import TokenPruner
 from piofvlm.registry import register_method
@@ -86,7 +86,8 @@ class PIO(TokenPruner):
     def score(self, ctx: StageContext) -> torch.Tensor:
         """``(B, S)`` fp32 L2 norm of the proxy-loss gradient of each slot."""
         layer_index = self.proxy_layer_index(ctx.layer)
-        grad = proxy_gradient(
+        # At least fp32 accumulation; fp64 models keep fp64.
+        scores = proxy_gradient_norms(
             ctx,
             layer_index,
             num_positions=self.num_loss_positions,
@@ -94,8 +95,6 @@ class PIO(TokenPruner):
             fast=self.fast_proxy and _dense_weights(ctx, layer_index),
             head=self._head(ctx),
         )
-        # At least fp32 accumulation, no fp32 copy; fp64 models keep fp64 (vector_norm refuses to narrow).
-        scores = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.promote_types(grad.dtype, torch.float32))
         _check_gradient_flows(scores, ctx)
         return scores
 
