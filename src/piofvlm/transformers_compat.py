@@ -127,7 +127,9 @@ def output_cache(output: Any) -> Any:
 
 
 def is_dynamic_cache(cache: Any) -> bool:
-    """Whether ``cache`` is a plain ``DynamicCache`` whose every layer is a ``DynamicLayer`` (grows by concatenation).
+    """Whether ``cache`` is a plain ``DynamicCache`` whose every attention layer is a ``DynamicLayer`` (grows by
+    concatenation); linear-attention layers (``LinearAttentionLayer``: fixed-size conv and recurrent states, no
+    sequence axis, e.g. Qwen3.5's Gated DeltaNet layers) may sit between them.
 
     The pruning mechanism gives the layers after a prune point KV caches of their own, shorter lengths; only this
     layout can hold that. Static, sliding-window, quantized and offloaded caches are not of it."""
@@ -136,7 +138,38 @@ def is_dynamic_cache(cache: Any) -> bool:
     layers = getattr(cache, "layers", None)
     if not isinstance(cache, DynamicCache) or not isinstance(layers, list):
         return False
-    return all(type(layer) is DynamicLayer for layer in layers)
+    linear = _linear_attention_layer_class()
+    return all(type(layer) is DynamicLayer or (linear is not None and type(layer) is linear) for layer in layers)
+
+
+def _linear_attention_layer_class() -> type | None:
+    from transformers import cache_utils
+
+    return getattr(cache_utils, "LinearAttentionLayer", None)
+
+
+def cache_length_layer(cache: Any) -> int:
+    """The layer whose length ``cache.get_seq_length()`` reports (``generate()`` and the model read the prompt length
+    there): layer 0, or on a hybrid cache the first layer that is not a linear-attention layer (``Cache.
+    get_seq_length`` skips them, 5.x)."""
+    linear = _linear_attention_layer_class()
+    layers = getattr(cache, "layers", None) or []
+    for index, layer in enumerate(layers):
+        if linear is None or not isinstance(layer, linear):
+            return index
+    return 0
+
+
+def linear_attention_states(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(conv_state, recurrent_state)`` of linear-attention layer ``layer`` of a cache (``Cache.get_conv_state`` /
+    ``get_recurrent_state``, 5.x): Gated DeltaNet's ``(B, conv_dim, kernel)`` and ``(B, H_v, d_k, d_v)``."""
+    get_conv, get_recurrent = getattr(cache, "get_conv_state", None), getattr(cache, "get_recurrent_state", None)
+    if get_conv is None or get_recurrent is None:
+        raise _broken(f"{type(cache).__name__}.get_conv_state / get_recurrent_state", "linear_attention_states")
+    conv, recurrent = get_conv(layer), get_recurrent(layer)
+    if not isinstance(conv, torch.Tensor) or not isinstance(recurrent, torch.Tensor):
+        raise _broken("the conv / recurrent states of a linear-attention layer (tensors)", "linear_attention_states")
+    return conv, recurrent
 
 
 def pad_cache_layer(cache: Any, layer_idx: int, count: int) -> None:
@@ -191,6 +224,19 @@ def causal_padding_mask(
         use_vmap=False,
         device=key_valid.device,
     )
+
+
+def recurrent_padding_mask(config: Any, valid: torch.Tensor) -> torch.Tensor | None:
+    """The 2-D padding mask linear-attention layers (Qwen3.5's Gated DeltaNet) get for a prefill whose real tokens are
+    ``valid`` ``(B, S)``, built by the model's own ``masking_utils.create_recurrent_attention_mask`` (5.x): ``(B, S)``
+    long (the layers zero the padded slots' inputs), or None when nothing is padded."""
+    from transformers import masking_utils
+
+    create = getattr(masking_utils, "create_recurrent_attention_mask", None)
+    if create is None:
+        raise _broken("masking_utils.create_recurrent_attention_mask", "recurrent_padding_mask")
+    shape_only = valid.new_empty(*valid.shape, 0, dtype=torch.float32)  # (B, S, 0): only its length is read
+    return create(config=config, inputs_embeds=shape_only, attention_mask=valid.long(), cache=None)
 
 
 def static_cache_length(cache: Any) -> int | None:
@@ -366,6 +412,8 @@ _ROTARY_MODULES = {
     "qwen3_vl": "transformers.models.qwen3_vl.modeling_qwen3_vl",
     # GLM-4.xV text model: interleaved pairs (``rotate_half_llm``), only the first ``cos.shape[-1]`` dims rotated
     "glm4v": "transformers.models.glm4v.modeling_glm4v",
+    # Qwen3.5 full-attention layers: Llama-style halves, only the first ``cos.shape[-1]`` dims rotated
+    "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
 }
 
 

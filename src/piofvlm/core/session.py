@@ -305,27 +305,33 @@ class PruningHandle:
         cache = transformers_compat.output_cache(output)
         if cache is None or not transformers_compat.is_dynamic_cache(cache):
             return
-        if self._segments[0].first_layer == 0:
+        if self._segments[0].first_layer <= transformers_compat.cache_length_layer(cache):
             self._pad_first_layer_cache(call, cache)
         layout = _CacheLayout(list(self._segments), call.input_ids.shape[0], self.method.positions == "renumber")
         setattr(cache, _LAYOUT_ATTR, layout)
 
     def _pad_first_layer_cache(self, call: _Call, cache: Any) -> None:
-        """After a prefill pruned before layer 0: left-pad layer 0's KV cache to the unpruned prompt length.
+        """After a prefill pruned before layer L, the layer transformers reads the cache length from (layer 0; on a
+        hybrid cache the first attention layer, :func:`transformers_compat.cache_length_layer`): left-pad layer L's
+        KV cache to the unpruned prompt length.
 
-        transformers reads the length of the whole cache from layer 0 (``generate()`` slices the next turn's
-        ``input_ids`` with it, the model derives positions from it). Pruned at layer 0, every layer would report
-        the pruned length, and a later turn would re-feed already cached tokens. The padding slots are masked: layer
-        0 gets a segment of its own whose first slots are invalid.
+        transformers reads the length of the whole cache from layer L (``generate()`` slices the next turn's
+        ``input_ids`` with it, the model derives positions from it). Pruned before it, it would report the pruned
+        length, and a later turn would re-feed already cached tokens. The padding slots are masked: layer L gets a
+        segment of its own whose first slots are invalid.
         """
-        first = self._segments[0]
-        missing = call.input_ids.shape[1] - first.valid.shape[1]
+        index = transformers_compat.cache_length_layer(cache)
+        position = max(i for i, seg in enumerate(self._segments) if seg.first_layer <= index)
+        segment = self._segments[position]
+        missing = call.input_ids.shape[1] - segment.valid.shape[1]
         if missing <= 0:
             return
-        transformers_compat.pad_cache_layer(cache, 0, missing)
-        padding = torch.zeros(first.valid.shape[0], missing, dtype=torch.bool, device=first.valid.device)
-        padded = _Segment(first_layer=0, valid=torch.cat([padding, first.valid], 1), shift=first.shift)
-        self._segments[:1] = [padded, _Segment(first_layer=1, valid=first.valid, shift=first.shift)]
+        transformers_compat.pad_cache_layer(cache, index, missing)
+        padding = torch.zeros(segment.valid.shape[0], missing, dtype=torch.bool, device=segment.valid.device)
+        padded = _Segment(first_layer=index, valid=torch.cat([padding, segment.valid], 1), shift=segment.shift)
+        kept = [segment] if segment.first_layer < index else []  # the (linear) layers before L keep their segment
+        after = _Segment(first_layer=index + 1, valid=segment.valid, shift=segment.shift)
+        self._segments[position : position + 1] = [*kept, padded, after]
 
     # ------------------------------------------------------------------------------------------------- labels
     def _take_labels(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -485,23 +491,31 @@ class PruningHandle:
 
     def _prefill_layer(self, index: int, call: _Call, args: tuple, kwargs: dict):
         layout = call.layout
-        if not layout.position_embeddings:
-            layout.attention_mask = kwargs.get("attention_mask")
-            layout.position_embeddings = tuple(kwargs["position_embeddings"])
         hidden = args[0] if args else kwargs["hidden_states"]
+        if not layout.position_embeddings:
+            layout.attention_mask = self._captured_mask(index, call, kwargs)
+            layout.position_embeddings = tuple(kwargs["position_embeddings"])
         if index in self._stage_at_layer:
             hidden, layout = self._prune(self._stage_at_layer[index], index, call, hidden)
             call.layout, call.pruned = layout, True
         if not call.pruned:
             return None
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = layout.attention_mask
+        kwargs["attention_mask"] = self.adapter.layer_mask(index, layout.valid, layout.attention_mask)
         kwargs["position_embeddings"] = layout.position_embeddings
         kwargs["position_ids"] = self.adapter.layer_position_ids(layout.position_ids)
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    def _captured_mask(self, index: int, call: _Call, kwargs: dict) -> Any:
+        """The full-attention mask of the unpruned prefill: the one the first hooked layer got, or, when that layer is
+        not an attention layer (a hybrid stack's linear-attention layer gets a 2-D padding mask), the same causal
+        mask rebuilt by the model's own mask functions."""
+        if self.adapter.is_attention_layer(index):
+            return kwargs.get("attention_mask")
+        return self._prefill_mask(call, call.layout.valid, call.hidden_dtype)
 
     def _budgets(self, stage: int, call: _Call, layout: _Layout) -> torch.Tensor:
         num_groups = call.original_counts.shape[1]
@@ -638,6 +652,8 @@ class PruningHandle:
 
     # ---------------------------------------------------------------------------------------------- decode
     def _decode_layer(self, index: int, call: _Call, args: tuple, kwargs: dict):
+        if not self.adapter.is_attention_layer(index):
+            return None  # a linear-attention layer: fixed-size state, its 2-D padding mask covers only the new tokens
         before = [i for i, seg in enumerate(call.segments) if seg.first_layer <= index]
         if not before:
             return None  # a layer before the cache's first prune point: its cache is the unpruned prompt
