@@ -651,7 +651,17 @@ def build_qwen3_5(
         vision_start_token_id=toy_qwen.VISION_START_ID,
         vision_end_token_id=toy_qwen.VISION_END_ID,
     )
-    return _model(Qwen3_5ForConditionalGeneration, config, attn, seed, dtype)
+    model = _model(Qwen3_5ForConditionalGeneration, config, attn, seed, dtype)
+    # Slow decays (A in [0.01, 0.1], a state keeps a token for tens of steps) instead of the init's [0.01, 16]: with
+    # the init most heads forget a token within a few steps, the proxy gradient of far visual tokens through a linear
+    # layer falls to rounding noise (1e-10) and PIO's ranking through it would be a draw of ties.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            if hasattr(layer, "linear_attn"):
+                rates = torch.empty(layer.linear_attn.A_log.shape).uniform_(0.01, 0.1, generator=generator)
+                layer.linear_attn.A_log.copy_(rates.log())
+    return model
 
 
 def qwen3_5_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:

@@ -259,7 +259,8 @@ def static_cache_length(cache: Any) -> int | None:
         kinds = sorted({type(layer).__name__ for layer in layers})
         raise ValueError(
             f"piofvlm supports static KV caches of full-attention layers only (StaticLayer); this cache has {kinds}. "
-            "Use cache_implementation='static' on a model without sliding-window layers, or the default dynamic cache"
+            "Use cache_implementation='static' on a model without sliding-window or linear-attention layers, or the "
+            "default dynamic cache"
         )
     lengths = {int(layer.max_cache_len) for layer in layers}
     if len(lengths) != 1:
