@@ -19,6 +19,7 @@ from piofvlm.toy_families import build_qwen3_5, qwen3_5_inputs
 from test_pio import capture_context
 from test_qwen import SUPPRESS, expected_kept, visual_counts
 
+SLOW = pytest.mark.slow
 #: The released checkpoints' pattern: layers 0-2 linear attention, layer 3 full attention.
 THREE_TO_ONE: list[str] = []
 
@@ -75,7 +76,9 @@ def kept_sequence_run(m, inputs, prune_layer: int, keep_slot: torch.Tensor):
     return cache, logits
 
 
-@pytest.mark.parametrize(("pattern", "prune_layer"), [("3:1", 1), ("3:1", 3), ("1:1", 2)])
+@pytest.mark.parametrize(
+    ("pattern", "prune_layer"), [("3:1", 1), pytest.param("3:1", 3, marks=SLOW), pytest.param("1:1", 2, marks=SLOW)]
+)
 def test_linear_states_after_pruning_equal_a_run_on_the_kept_sequence(pattern, prune_layer):
     """Padded batch of 3, a fixed selection at one prune point: each linear-attention layer after it holds the conv and
     recurrent state of the stock layers run on that sample's kept sequence alone; the layers before it hold the
@@ -108,7 +111,10 @@ def test_linear_states_after_pruning_equal_a_run_on_the_kept_sequence(pattern, p
         torch.testing.assert_close(out.logits[b, -1], expected_logits[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("layers", "keep"), [([2], [0.3]), ([1, 3], [0.6, 0.3]), ([0], [0.5])])
+@pytest.mark.parametrize(
+    ("layers", "keep"),
+    [([2], [0.3]), pytest.param([1, 3], [0.6, 0.3], marks=SLOW), pytest.param([0], [0.5], marks=SLOW)],
+)
 def test_decode_continuity_three_to_one(layers, keep):
     """The checkpoints' pattern: pruned before linear layers and before the only attention layer (which
     transformers reads the cache length from: it is left-padded), cached decoding == a no-cache forward."""
@@ -131,7 +137,7 @@ def test_decode_continuity_three_to_one(layers, keep):
     assert_decode_equals_uncached(m, inputs, generated, fixed, 4)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", pytest.param("eager", marks=SLOW)])
 def test_keep_all_three_to_one_is_identical(attn):
     m = model("3:1", attn)
     inputs = qwen3_5_inputs()
@@ -171,9 +177,9 @@ def test_attention_methods_refuse_linear_layers(name, fields, layer):
     ("name", "fields"),
     [
         ("fastv", {"layers": [3], "attention_layer": "next"}),
-        ("sparsevlm", {"layers": [3]}),
-        ("dart", {"layers": [3], "key_layer": "next", "image_pivots": 2, "text_pivots": 2}),
-        ("pdrop", {"layers": [3], "keep": 0.3}),
+        pytest.param("sparsevlm", {"layers": [3]}, marks=SLOW),
+        pytest.param("dart", {"layers": [3], "key_layer": "next", "image_pivots": 2, "text_pivots": 2}, marks=SLOW),
+        pytest.param("pdrop", {"layers": [3], "keep": 0.3}, marks=SLOW),
     ],
 )
 def test_attention_methods_run_at_the_attention_layer(name, fields):
@@ -207,7 +213,7 @@ def test_explicit_attention_equals_the_models_attention_map():
     torch.testing.assert_close(probs, attentions[0][:, :, slots[0]].float(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("pattern", "layer"), [("1:1", 1), ("1:1", 2), ("3:1", 3)])
+@pytest.mark.parametrize(("pattern", "layer"), [("1:1", 1), ("1:1", 2), pytest.param("3:1", 3, marks=SLOW)])
 def test_fast_proxy_equals_reference_fp64(pattern, layer):
     """Gated full-attention proxy (layers 1, 3) and linear-attention proxy (layer 2): same gradient, padded batch."""
     m = model(pattern, dtype=torch.float64)
@@ -245,3 +251,29 @@ def test_static_cache_is_refused():
     with pytest.raises(ValueError, match=r"static KV caches .*LinearAttentionLayer.*linear-attention layers"):
         with torch.no_grad(), piofvlm.get_method("random", layers=[1], keep=0.5)(m):
             m.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+@pytest.mark.parametrize("layers", [[2], pytest.param([1, 3], marks=SLOW)])
+def test_second_turn_on_the_returned_cache_equals_no_cache_reference(layers):
+    """A follow-up (several tokens: the linear layers continue their states, the attention layers their pruned KV)
+    on the cache of a pruned generation == a no-cache forward of the whole conversation keeping the same tokens."""
+    from test_reliability import GREEDY, extended_mask, second_turn
+
+    m = model("3:1")
+    inputs = qwen3_5_inputs((0, 2))
+    keep = [0.4] * len(layers)
+    method = piofvlm.get_method("random", layers=layers, keep=keep)
+    with torch.no_grad(), method(m):
+        first = m.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
+        cache = transformers_compat.output_cache(first)
+        assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2
+        records = method.last_selection
+        ids, logits = second_turn(m, inputs, cache, first.sequences)
+    assert method.last_selection is records  # no new prefill
+    chosen = [[k.tolist() for k in record.kept] for record in records]
+    added = ids.shape[1] - inputs["input_ids"].shape[1]
+    rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    rest["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, added))
+    with torch.no_grad(), FixedSelection(layers=layers, keep=keep, chosen=chosen)(m):
+        expected = m(input_ids=ids, attention_mask=extended_mask(inputs, ids), use_cache=False, **rest).logits[:, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
