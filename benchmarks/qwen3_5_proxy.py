@@ -15,14 +15,19 @@ and, for scale, one plain forward (no grad) of a linear and of a full-attention 
 estimated by ``torch.profiler`` (``with_flops``: matrix products and convolutions; elementwise work and SDPA kernels
 not counted, so the full-attention rows are lower bounds).
 
-    PYTHONPATH=src python benchmarks/qwen3_5_proxy.py [--tokens 1024] [--repeats 5]
+    PYTHONPATH=src python benchmarks/qwen3_5_proxy.py [--tokens 1024] [--repeats 7]
+
+The options run round-robin and the minimum is reported with the median: on a shared machine the minimum is the
+least disturbed figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from typing import Any
 
 import torch
 from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
@@ -92,24 +97,31 @@ def context(model: torch.nn.Module, tokens: int, layer: int) -> StageContext:
     )
 
 
-def measure(fn, repeats: int) -> tuple[float, int]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    # torch.profiler's FLOP estimates (FlopCounterMode's module tracker cannot follow autograd.grad on a leaf)
+def flops_of(fn) -> int:
+    """``torch.profiler``'s FLOP estimate of one call (``FlopCounterMode``'s module tracker cannot follow
+    ``autograd.grad`` on a leaf)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as profiler:
         fn()
-    flops = sum(event.flops for event in profiler.key_averages() if event.flops)
-    return 1000 * sorted(times)[len(times) // 2], flops
+    return sum(event.flops for event in profiler.key_averages() if event.flops)
+
+
+def measure(fns: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Wall times (ms) of each function, run round-robin (so a load change on a shared machine hits all alike)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1000 * (time.perf_counter() - start))
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -117,15 +129,14 @@ def main() -> None:
     adapter = get_adapter(model)
     assert not adapter.is_attention_layer(1) and adapter.is_attention_layer(3)
     ctx = context(model, args.tokens, layer=1)
-    rows = []
+    fns: dict[str, Any] = {}
     for name, index, fast in (
         ("next (layer 1, linear), reference", 1, False),
         ("next (layer 1, linear), fast: default", 1, True),
         ("next_attention (layer 3), reference", 3, False),
         ("next_attention (layer 3), fast", 3, True),
     ):
-        ms, flops = measure(lambda index=index, fast=fast: proxy_gradient(ctx, index, fast=fast), args.repeats)
-        rows.append({"proxy": name, "ms": round(ms, 1), "gflops": round(flops / 1e9, 3)})
+        fns[name] = lambda index=index, fast=fast: proxy_gradient(ctx, index, fast=fast)
     lm = adapter.language_model
     for name, index in (("plain forward, linear layer", 1), ("plain forward, full-attention layer", 3)):
 
@@ -138,12 +149,22 @@ def main() -> None:
                     **transformers_compat.without_cache(lm.layers[index]),
                 )
 
-        ms, flops = measure(forward, args.repeats)
-        rows.append({"proxy": name, "ms": round(ms, 1), "gflops": round(flops / 1e9, 3)})
+        fns[name] = forward
+    times = measure(fns, args.repeats)
+    rows = [
+        {
+            "proxy": name,
+            "ms_min": round(min(times[name]), 1),
+            "ms_median": round(sorted(times[name])[len(times[name]) // 2], 1),
+            "gflops": round(flops_of(fn) / 1e9, 3),
+        }
+        for name, fn in fns.items()
+    ]
     print(f"tokens={args.tokens} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print("| proxy | ms (median) | GFLOPs |\n|---|---|---|")
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
+    print("| proxy | ms (min) | ms (median) | GFLOPs |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['proxy']} | {row['ms']} | {row['gflops']} |")
+        print(f"| {row['proxy']} | {row['ms_min']} | {row['ms_median']} | {row['gflops']} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"tokens": args.tokens, "stand_in": STAND_IN, "rows": rows}, handle, indent=1)

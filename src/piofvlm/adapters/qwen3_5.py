@@ -26,10 +26,11 @@ as of transformers 5.24:
   so it runs the Gated DeltaNet over the whole sequence and only the residual, MLP, final norm and LM head at the loss
   positions (:meth:`token_mixer`): exact, the same gradient as the reference path. ``proxy_layer="next_attention"``
   instead takes the next full-attention layer (skipping the linear layers in between), cheaper but not the layer that
-  will consume the pruned sequence. Measured on the CPU at a 1/8-width stand-in, 512 tokens
-  (``benchmarks/qwen3_5_proxy.py``, ``docs/methods.md``): the default costs 3.0 GFLOPs (about one linear layer's
-  forward, 3.7) and 6.6 s on transformers' pure-PyTorch delta rule, ``"next_attention"`` 0.38 GFLOPs and 0.5 s. The
-  default stays the faithful one; ``"next_attention"`` is the cheap alternative where the DeltaNet backward is slow.
+  will consume the pruned sequence. Measured on the CPU at a 1/8-width stand-in, 1024 tokens
+  (``benchmarks/qwen3_5_proxy.py``, ``docs/methods.md``): the default costs 5.9 GFLOPs (about 0.8 of a linear
+  layer's forward) and 2-3x a linear layer's forward in time on transformers' pure-PyTorch delta rule;
+  ``"next_attention"`` 0.58 GFLOPs, 4-16x less time (512-2048 tokens). The default stays the faithful one;
+  ``"next_attention"`` is the cheap alternative where the DeltaNet backward is slow.
 * **Prune points**: any layer (before a linear or a full-attention layer, layer 0 included).
 * **Attention-reading methods** (FastV, PyramidDrop, SparseVLM, DART's keys) need a layer's queries and keys: at a
   linear-attention layer they refuse with an error naming the method, the family and the full-attention layers
