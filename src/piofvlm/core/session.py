@@ -491,10 +491,10 @@ class PruningHandle:
 
     def _prefill_layer(self, index: int, call: _Call, args: tuple, kwargs: dict):
         layout = call.layout
-        hidden = args[0] if args else kwargs["hidden_states"]
         if not layout.position_embeddings:
             layout.attention_mask = self._captured_mask(index, call, kwargs)
             layout.position_embeddings = tuple(kwargs["position_embeddings"])
+        hidden = args[0] if args else kwargs["hidden_states"]
         if index in self._stage_at_layer:
             hidden, layout = self._prune(self._stage_at_layer[index], index, call, hidden)
             call.layout, call.pruned = layout, True
