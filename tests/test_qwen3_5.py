@@ -137,7 +137,8 @@ def test_decode_continuity_three_to_one(layers, keep):
     assert_decode_equals_uncached(m, inputs, generated, fixed, 4)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", pytest.param("eager", marks=SLOW)])
+@SLOW  # the quick suite checks keep-all on the 1:1 model (tests/test_qwen.py)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_keep_all_three_to_one_is_identical(attn):
     m = model("3:1", attn)
     inputs = qwen3_5_inputs()
