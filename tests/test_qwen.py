@@ -112,7 +112,9 @@ def tokenizer(kind: str):
 def visual_counts(kind: str, inputs) -> list[list[int]]:
     """Per sample, the tokens of each image / video in prompt order, from the processor's output alone."""
     image_id, video_id = placeholder_ids(kind)
-    if kind == ONEVISION or (kind in FAMILIES and kind not in MROPE_KINDS):  # items are separated by text: runs
+    # Items separated by text: one run of placeholders per item (Qwen3.5 writes a video frame by frame, as Qwen3-VL:
+    # counted from the grids below)
+    if kind == ONEVISION or (kind in FAMILIES and kind != "qwen3_5"):
         joiners = FAMILIES[kind].joiners if kind in FAMILIES else ()  # text inside an item (Mistral 3's row breaks)
         return [
             [
