@@ -80,6 +80,9 @@ def context(model: torch.nn.Module, tokens: int, layer: int) -> StageContext:
     valid = torch.ones(1, tokens, dtype=torch.bool)
     groups = torch.full((1, tokens), -1, dtype=torch.long)
     groups[:, 8 : tokens - 32] = 0  # the visual tokens
+    source = torch.arange(tokens)[None]
+    masks = adapter.prefill_masks(valid, source, hidden.dtype, None, {})  # per layer type
+    rotary = tuple(adapter.language_model.rotary_emb(hidden, positions))
     return StageContext(
         stage=0,
         layer=layer,
@@ -88,12 +91,14 @@ def context(model: torch.nn.Module, tokens: int, layer: int) -> StageContext:
         groups=groups,
         visual_index=torch.where(groups >= 0, groups.cumsum(1) - 1, -1),
         budgets=torch.tensor([[tokens // 8]]),
-        attention_mask=transformers_compat.causal_padding_mask(adapter.text_config, valid, tokens, hidden.dtype),
-        position_embeddings=tuple(adapter.language_model.rotary_emb(hidden, positions)),
+        attention_mask=masks[adapter.layer_type(layer)],
+        position_embeddings=rotary,
         position_ids=positions,
         sample_keys=torch.zeros(1, dtype=torch.long),
         adapter=adapter,
         model=model,
+        masks=masks,
+        rotary=dict.fromkeys(adapter.layer_types, rotary),
     )
 
 
@@ -145,7 +150,7 @@ def main() -> None:
                 lm.layers[index](
                     ctx.hidden_states,
                     position_embeddings=ctx.position_embeddings,
-                    attention_mask=adapter.layer_mask(index, ctx.valid, ctx.attention_mask),
+                    attention_mask=ctx.layer_mask(index),
                     **transformers_compat.without_cache(lm.layers[index]),
                 )
 

@@ -69,3 +69,24 @@ def test_python_dash_m_is_the_cli():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "piofvlm doctor" in proc.stdout and "transformers" in proc.stdout
+
+
+def test_the_report_self_tests_every_family_and_names_the_unavailable_ones(monkeypatch):
+    """``piofvlm doctor`` without ``--family`` runs the self-test of every family of ``TINY_CASES`` (each one's own
+    self-test is ``test_self_test_passes_on_this_installation``) and says why the others are not tested."""
+    checked = []
+
+    def check(model_type):
+        checked.append(model_type)
+        return doctor.FamilyResult(model_type, True, "ok", 0.0)
+
+    monkeypatch.setattr(doctor, "check_family", check)
+    monkeypatch.setattr(doctor, "environment", lambda: {**ENV, "transformers_status": "tested"})
+    out = io.StringIO()
+    assert doctor.run(None, out) == 0
+    assert checked == list(TINY_CASES)
+    lines = out.getvalue().splitlines()
+    for model_type in TINY_CASES:
+        assert any(line.split()[:2] == [model_type, "ok"] for line in lines), model_type
+    for model_type, reason in UNAVAILABLE.items():
+        assert f"{model_type:<18} not tested here: {reason}" in out.getvalue()

@@ -64,7 +64,11 @@ def test_show_writes_one_panel_per_stage(tmp_path, capsys):
     argv = ["show", "--index", "2", "--method", "pio", "--layers", "0,2", "--keep", "0.5,0.111", "--out", str(out)]
     assert cli.main(argv) == 0
     image = Image.open(out)
-    assert image.size == (3 * 336, 336 + 18)  # original + two stages
+    assert image.width == 3 * 336 + 2 * 4  # original + two stages, one view each
+    legend = image.text["legend"].splitlines()
+    assert legend[0] == "method: pio  keep=[0.5, 0.111]  layers=[0, 2]  budget_scope=image"
+    assert legend[1] == "stage 1 (after 0 decoder layers): sample 0: 128/256 kept (50.0%)"
+    assert legend[2] == "stage 2 (after 2 decoder layers): sample 0: 28/256 kept (10.9%)"
     assert "overlay:" in capsys.readouterr().out
 
 

@@ -241,13 +241,14 @@ def test_new_families_generate_prefill_matches_forward(kind, name):
 # ------------------------------------------------------------------------ families of piofvlm.toy_families
 #: (method, family) pairs that refuse, by design: the family's adapter has no vision-tower map for that method.
 #: Anything else must run. InternVL (pixel shuffle), Mistral 3 (Pixtral + patch merger), SmolVLM / Idefics3 (pixel
-#: shuffle) and GLM-4.xV (its Qwen-like tower is not wired yet) have no explicit vision-attention scores yet;
+#: shuffle), GLM-4.xV (its Qwen-like tower is not wired yet) and Gemma 3 (SigLIP + pooling, not wired yet) have no
+#: explicit vision-attention scores yet;
 #: LLaVA-NeXT-Video's encoder-side methods refuse prompts with a video.
 REFUSED = {
     **{
         (name, kind): kind
         for name in ("visionzip", "vscan", "chain")
-        for kind in ("internvl", "mistral3", "smolvlm", "idefics3", "glm4v", "glm46v")
+        for kind in ("internvl", "mistral3", "smolvlm", "idefics3", "glm4v", "glm46v", "gemma3")
     },
     **{(name, "llava_next_video"): "llava_next_video" for name in ENCODER_SIDE},
     ("sparsevlm", "qwen3_5"): "qwen3_5",  # reads layer 2, a linear-attention layer of the tiny Qwen3.5

@@ -1,8 +1,11 @@
 """Property-based invariants (Hypothesis): drawn family x method x budget x prune points x batch / padding x images
 and videos per sample x positions mode x dtype x handle reuse, checked against what must always hold.
 
-Two profiles of the same properties: ``FAST`` (a few examples each, in the default suite) and ``DEEP`` (many more,
-marked ``slow``). Both are derandomized, so a run is reproducible; a failure prints the drawn example.
+Every family with a tiny case (``piofvlm.toy_cases.TINY_CASES``) is drawn; what differs between families comes from
+the family itself: its adapter (``supports_renumber``) and the methods it refuses by design
+(``test_methods_matrix.REFUSED``, never drawn here). Two profiles of the same properties: ``FAST`` (a few examples per
+family, in the default suite) and ``DEEP`` (many more, marked ``slow``). Both are derandomized, so a run is
+reproducible; a failure prints the drawn example.
 """
 
 from __future__ import annotations
@@ -13,38 +16,46 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 import conftest
 import piofvlm
 import test_qwen as tq
-from conftest import FixedSelection
+from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
+from piofvlm.adapters import ADAPTERS, get_adapter
+from piofvlm.toy_cases import TINY_CASES
 from piofvlm.toy_qwen import random_image
+from test_methods_matrix import REFUSED
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+#: Every family with a tiny case on the installed transformers (the others are in ``toy_cases.UNAVAILABLE``).
+FAMILIES = list(TINY_CASES)
 LLAVA_FAMILIES = ("llava", "llava_next")
 NUM_LAYERS = 4  # every tiny model here
+#: The fast profile runs each property on every family: a few examples each.
 FAST = settings(
-    max_examples=15,
+    max_examples=2,
     deadline=None,
     derandomize=True,
     database=None,
     phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure prints its drawn example at once
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-DEEP = settings(FAST, max_examples=200)
+DEEP = settings(FAST, max_examples=30)
+BOTH_DTYPES = (torch.float32, torch.float64)
+BOTH_ATTN = ("sdpa", "eager")  # the deep profile draws both (eager in fp32 only)
 #: Methods that only choose tokens (no merged hidden states): a :class:`FixedSelection` replays them exactly.
 SELECT_ONLY = ("random", "pio", "fastv", "pdrop", "dart", "divprune", "cdpruner")
 
 
 # ------------------------------------------------------------------------------------------------ models, inputs
 @functools.cache
-def get_model(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def get_model(kind: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa") -> torch.nn.Module:
     if kind in LLAVA_FAMILIES:
-        return conftest.model(kind, dtype=dtype)
-    return tq.model(kind, dtype=dtype)
+        return conftest.model(kind, attn, dtype=dtype)
+    return tq.model(kind, attn, dtype=dtype)
 
 
 @functools.cache
@@ -90,6 +101,7 @@ class Scenario:
     dtype: torch.dtype
     stages_keep: list[Any] = field(default_factory=list)
     other: tuple[int, ...] = ()  # another batch of the same family, for handle reuse
+    attn: str = "sdpa"
 
     def method(self, **override: Any) -> Any:
         return piofvlm.get_method(self.name, **{**self.fields, **override})
@@ -98,7 +110,7 @@ class Scenario:
         return get_inputs(self.kind, self.indices, self.image_seed, self.dtype)
 
     def model(self) -> torch.nn.Module:
-        return get_model(self.kind, self.dtype)
+        return get_model(self.kind, self.dtype, self.attn)
 
 
 def _layers(draw, low: int, stages: int) -> list[int]:
@@ -114,17 +126,33 @@ def _keep(draw, stages: int, smallest_group: int) -> list[Any]:
     return sorted(counts, reverse=True)
 
 
+#: The methods drawn: every registered one but ``none`` (minus, per family, the ones it refuses by design).
+METHODS = ("random", "pio", "fastv", "pdrop", "dart", "sparsevlm", "divprune", "cdpruner", "pool", "visionzip",
+           "vscan", "chain")  # fmt: skip
+
+
+def refuses(kind: str, name: str, has_video: bool) -> bool:
+    """Whether ``name`` refuses ``kind`` by design on prompts with (``has_video``) or without a video: the pairs of
+    ``test_methods_matrix.REFUSED``; LLaVA-NeXT-Video's encoder-side methods refuse only prompts with a video (its
+    pooled frames have no patch map)."""
+    return (name, kind) in REFUSED and (kind != "llava_next_video" or has_video)
+
+
 @st.composite
-def scenarios(draw, names: tuple[str, ...] | None = None, families=FAMILIES, dtypes=(torch.float32,)) -> Scenario:
+def scenarios(
+    draw, names: tuple[str, ...] = METHODS, families=FAMILIES, dtypes=(torch.float32,), attns=("sdpa",)
+) -> Scenario:
     kind = draw(st.sampled_from(families))
     indices, other = draw(BATCHES), draw(BATCHES)
     image_seed = draw(st.integers(0, 3)) if kind in LLAVA_FAMILIES else 0
     dtype = draw(st.sampled_from(dtypes))
-    sizes = [*group_sizes(kind, get_inputs(kind, indices, image_seed, dtype))]
-    sizes += group_sizes(kind, get_inputs(kind, other, image_seed, dtype))
+    # eager fp64 with padding is NaN in stock transformers (its softmax runs in fp32): eager is drawn in fp32 only
+    attn = draw(st.sampled_from(attns)) if dtype == torch.float32 else "sdpa"
+    batches = [get_inputs(kind, indices, image_seed, dtype), get_inputs(kind, other, image_seed, dtype)]
+    sizes = [n for batch in batches for n in group_sizes(kind, batch)]
     smallest = min(n for sample in sizes for n in sample)  # counts must fit both batches
-    name = draw(st.sampled_from(names or ("random", "pio", "fastv", "pdrop", "dart", "sparsevlm", "divprune",
-                                            "cdpruner", "pool", "visionzip", "vscan", "chain")))  # fmt: skip
+    has_video = any("pixel_values_videos" in batch for batch in batches)
+    name = draw(st.sampled_from([name for name in names if not refuses(kind, name, has_video)]))
     fields: dict[str, Any] = {}
     if name in ("random", "pio", "divprune", "cdpruner"):
         fields["layers"] = _layers(draw, 0, draw(st.integers(1, 2)))
@@ -153,10 +181,13 @@ def scenarios(draw, names: tuple[str, ...] | None = None, families=FAMILIES, dty
         }
     else:
         fields["keep"] = keep
-    supports_renumber = kind in (*LLAVA_FAMILIES, "llava_onevision")
-    if supports_renumber and draw(st.booleans()):
+    if ADAPTERS[kind].supports_renumber and draw(st.booleans()):
         fields["positions"] = "renumber"
-    return Scenario(kind, name, fields, indices, image_seed, dtype, keep, other)
+    if name != "chain":  # hybrid stacks (Qwen3.5): no attention map at a linear layer (refused: test_qwen3_5.py)
+        adapter = get_adapter(get_model(kind, dtype))
+        reads = piofvlm.get_method(name, **fields).attention_layers()
+        assume(all(adapter.is_attention_layer(index) for index in reads))
+    return Scenario(kind, name, fields, indices, image_seed, dtype, keep, other, attn)
 
 
 def expected_kept(scenario: Scenario, sizes: list[list[int]]) -> list[list[int]]:
@@ -256,18 +287,25 @@ def check_reused_handle_equals_fresh(s: Scenario) -> None:
             assert [[k.tolist() for k in r.kept] for r in method.last_selection] == kept
 
 
-def check_second_turn_equals_no_cache_reference(s: Scenario) -> None:
+def follow_up_ids(kind: str, batch: int) -> torch.Tensor:
+    """``(batch, 3)`` ids of a text-only follow-up question ("what is the") in the family's vocabulary."""
+    tokenizer = conftest.processor(kind).tokenizer if kind in LLAVA_FAMILIES else tq.tokenizer(kind)
+    return torch.tensor([tokenizer.convert_tokens_to_ids(["what", "is", "the"])]).expand(batch, -1)
+
+
+def check_decoding_and_second_turn_equal_no_cache_references(s: Scenario) -> None:
+    """Cached decoding equals, step by step, a no-cache forward of the kept sequence; so does a follow-up turn on
+    the returned cache."""
     m, inputs = s.model(), s.inputs()
     method = s.method()
-    follow_up = torch.tensor([[10, 11, 12]]).expand(len(s.indices), -1)
     with torch.no_grad(), method(m):
-        first = m.generate(**inputs, **tq.GREEDY, return_dict_in_generate=True)
+        first = m.generate(**inputs, **tq.GREEDY, output_logits=True, return_dict_in_generate=True)
         cache = transformers_compat.output_cache(first)
         assert cache.get_seq_length() == inputs["input_ids"].shape[1] + tq.GREEDY["max_new_tokens"] - 1
         records = method.last_selection
-        ids = torch.cat([first.sequences, follow_up], 1)
+        ids = torch.cat([first.sequences, follow_up_ids(s.kind, len(s.indices))], 1)
         added = ids.shape[1] - inputs["input_ids"].shape[1]
-        mask = torch.cat([inputs["attention_mask"], torch.ones(ids.shape[0], added, dtype=torch.long)], 1)
+        mask = F.pad(inputs["attention_mask"], (0, added), value=1)
         second = m.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -280,61 +318,82 @@ def check_second_turn_equals_no_cache_reference(s: Scenario) -> None:
         assert method.last_selection is records  # no new prefill
     chosen = [[k.tolist() for k in record.kept] for record in records]
     fields = {k: v for k, v in s.fields.items() if k in ("layers", "keep", "positions", "budget_scope")}
+    replay = FixedSelection(chosen=chosen, **fields)
+    assert_decode_equals_uncached(m, inputs, first, replay, tq.GREEDY["max_new_tokens"])
     pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    with torch.no_grad(), FixedSelection(chosen=chosen, **fields)(m):
+    if "mm_token_type_ids" in pixels:  # M-RoPE families: the answer and the follow-up are text (type 0)
+        pixels["mm_token_type_ids"] = F.pad(pixels["mm_token_type_ids"], (0, added))
+    with torch.no_grad(), replay(m):
         expected = m(input_ids=ids, attention_mask=mask, use_cache=False, **pixels).logits[:, -1]
     torch.testing.assert_close(second.logits[0], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_every_registered_method_is_drawn():
+    assert set(METHODS) == set(piofvlm.available_methods()) - {"none"}
+
+
 # ------------------------------------------------------------------------------------------------ properties
+# Each property runs on every family (pytest parameter ``kind``; Hypothesis seeds each family's draws apart).
+# ``conftest.TWIN_FAMILIES`` (GLM-4.6V: GLM-4.1V's code) run in the slow suite only.
+@pytest.mark.parametrize("kind", FAMILIES)
 @FAST
-@given(scenarios())
-def test_keep_all_is_identical_and_exit_leaves_the_model_unchanged(s):
-    check_keep_all_identity_and_clean_exit(s)
+@given(data=st.data())
+def test_keep_all_is_identical_and_exit_leaves_the_model_unchanged(kind, data):
+    check_keep_all_identity_and_clean_exit(data.draw(scenarios(families=[kind])))
 
 
+@pytest.mark.parametrize("kind", FAMILIES)
 @FAST
-@given(scenarios())
-def test_counts_follow_the_budget_batch_equals_single_and_errors_leave_no_trace(s):
-    check_counts_batch_single_and_exit_on_error(s)
+@given(data=st.data())
+def test_counts_follow_the_budget_batch_equals_single_and_errors_leave_no_trace(kind, data):
+    check_counts_batch_single_and_exit_on_error(data.draw(scenarios(families=[kind])))
 
 
+@pytest.mark.parametrize("kind", FAMILIES)
 @FAST
-@given(scenarios())
-def test_a_reused_handle_equals_a_fresh_one(s):
-    check_reused_handle_equals_fresh(s)
+@given(data=st.data())
+def test_a_reused_handle_equals_a_fresh_one(kind, data):
+    check_reused_handle_equals_fresh(data.draw(scenarios(families=[kind])))
 
 
+@pytest.mark.parametrize("kind", FAMILIES)
 @FAST
-@given(scenarios(names=SELECT_ONLY, families=LLAVA_FAMILIES))
-def test_a_second_turn_on_the_returned_cache_equals_a_no_cache_reference(s):
-    check_second_turn_equals_no_cache_reference(s)
+@given(data=st.data())
+def test_decoding_and_a_second_turn_on_the_returned_cache_equal_no_cache_references(kind, data):
+    check_decoding_and_second_turn_equal_no_cache_references(data.draw(scenarios(names=SELECT_ONLY, families=[kind])))
 
 
 # ------------------------------------------------------------------------------------------------- deep profile
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", FAMILIES)
 @DEEP
-@given(scenarios(dtypes=(torch.float32, torch.float64)))
-def test_deep_keep_all_is_identical_and_exit_leaves_the_model_unchanged(s):
-    check_keep_all_identity_and_clean_exit(s)
+@given(data=st.data())
+def test_deep_keep_all_is_identical_and_exit_leaves_the_model_unchanged(kind, data):
+    check_keep_all_identity_and_clean_exit(data.draw(scenarios(families=[kind], dtypes=BOTH_DTYPES, attns=BOTH_ATTN)))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", FAMILIES)
 @DEEP
-@given(scenarios(dtypes=(torch.float32, torch.float64)))
-def test_deep_counts_follow_the_budget_batch_equals_single_and_errors_leave_no_trace(s):
-    check_counts_batch_single_and_exit_on_error(s)
+@given(data=st.data())
+def test_deep_counts_follow_the_budget_batch_equals_single_and_errors_leave_no_trace(kind, data):
+    check_counts_batch_single_and_exit_on_error(
+        data.draw(scenarios(families=[kind], dtypes=BOTH_DTYPES, attns=BOTH_ATTN))
+    )
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", FAMILIES)
 @DEEP
-@given(scenarios())
-def test_deep_a_reused_handle_equals_a_fresh_one(s):
-    check_reused_handle_equals_fresh(s)
+@given(data=st.data())
+def test_deep_a_reused_handle_equals_a_fresh_one(kind, data):
+    check_reused_handle_equals_fresh(data.draw(scenarios(families=[kind], attns=BOTH_ATTN)))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", FAMILIES)
 @DEEP
-@given(scenarios(names=SELECT_ONLY, families=LLAVA_FAMILIES))
-def test_deep_a_second_turn_on_the_returned_cache_equals_a_no_cache_reference(s):
-    check_second_turn_equals_no_cache_reference(s)
+@given(data=st.data())
+def test_deep_decoding_and_a_second_turn_on_the_returned_cache_equal_no_cache_references(kind, data):
+    scenario = scenarios(names=SELECT_ONLY, families=[kind], attns=BOTH_ATTN)
+    check_decoding_and_second_turn_equal_no_cache_references(data.draw(scenario))

@@ -351,8 +351,19 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     lm = get_adapter(m).language_model
     x = hidden.clone().requires_grad_(True)
     seq = x.shape[1]
+    mask, rotary = None, None
+    if kind != "gemma3":
+        rotary = lm.rotary_emb(x, positions)
+    else:  # the layer's own RoPE base; a local layer sees the last `sliding_window` slots only
+        layer_type = lm.config.layer_types[layer]
+        rotary = lm.rotary_emb(x, positions, layer_type)
+        query, key = torch.arange(seq)[:, None], torch.arange(seq)[None]
+        allowed = key <= query  # the loss rows are text: image blocks do not change them
+        if layer_type == "sliding_attention":
+            allowed &= key > query - lm.config.sliding_window
+        mask = allowed[None, None]
     with torch.enable_grad():
-        out = lm.layers[layer](x, attention_mask=None, position_embeddings=lm.rotary_emb(x, positions))
+        out = lm.layers[layer](x, attention_mask=mask, position_embeddings=rotary)
         logits = m.lm_head(lm.norm(out))[0].float()
         window = logits[seq - 5 : seq - 1]
         (grad,) = torch.autograd.grad(F.cross_entropy(window, window.argmax(-1)), x)

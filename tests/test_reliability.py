@@ -11,8 +11,12 @@ import piofvlm
 import test_qwen as tq
 from conftest import FixedSelection, make_inputs, model
 from piofvlm import cli, toy, transformers_compat
+from piofvlm.adapters import ADAPTERS
+from piofvlm.toy_cases import TINY_CASES
+from piofvlm.toy_families import FAMILIES, glm4v_video_inputs
 from piofvlm.toy_qwen import IMAGE, OV_IMAGE, OV_VIDEO, QWEN_KINDS, VIDEO, add_videos, build_qwen, random_image
 from test_methods_matrix import build
+from test_properties import refuses
 
 FOLLOW_UP = torch.tensor([[10, 11, 12, 13]])  # "what is the colour" in the toy vocabulary: no image token
 GREEDY = {"do_sample": False, "suppress_tokens": [4]}
@@ -30,13 +34,16 @@ def reference_logits(m, inputs, ids, records, layers, keep, positions="keep"):
     fixed = FixedSelection(layers=layers, keep=keep, chosen=chosen, positions=positions)
     pixels = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     mask = extended_mask(inputs, ids)
+    if "mm_token_type_ids" in pixels:  # M-RoPE families: the tokens after the prompt are text (type 0)
+        added = ids.shape[1] - inputs["input_ids"].shape[1]
+        pixels["mm_token_type_ids"] = torch.nn.functional.pad(pixels["mm_token_type_ids"], (0, added))
     with torch.no_grad(), fixed(m):
         return m(input_ids=ids, attention_mask=mask.long(), use_cache=False, **pixels).logits[:, -1]
 
 
-def second_turn(m, inputs, cache, sequences):
+def second_turn(m, inputs, cache, sequences, follow_up=FOLLOW_UP, greedy=GREEDY):
     """Generate one token after ``sequences`` + a follow-up question, continuing ``cache``."""
-    ids = torch.cat([sequences, FOLLOW_UP.expand(sequences.shape[0], -1)], 1)
+    ids = torch.cat([sequences, follow_up.expand(sequences.shape[0], -1)], 1)
     mask = extended_mask(inputs, ids)
     out = m.generate(
         input_ids=ids,
@@ -45,7 +52,7 @@ def second_turn(m, inputs, cache, sequences):
         max_new_tokens=1,
         output_logits=True,
         return_dict_in_generate=True,
-        **GREEDY,
+        **greedy,
     )
     return ids, out.logits[0]
 
@@ -97,6 +104,59 @@ def test_a_cache_pruned_under_one_handle_continues_under_another():
     torch.testing.assert_close(logits, reference_logits(m, inputs, ids, records, [0], 0.3), rtol=1e-4, atol=1e-4)
 
 
+def tiny(kind: str, indices: tuple[int, ...]):
+    """A family's tiny model (4 decoder layers) and its standard samples ``indices``, left-padded."""
+    if kind in ("llava", "llava_next"):
+        return model(kind), make_inputs(kind, indices=indices)
+    return tq.model(kind), tq.make_inputs(kind, indices=indices)
+
+
+def follow_up_ids(kind: str) -> torch.Tensor:
+    """``(1, 4)``: "what is the colour" in the family's vocabulary (no visual token)."""
+    tokenizer = toy.build_processor(kind).tokenizer if kind in ("llava", "llava_next") else tq.tokenizer(kind)
+    return torch.tensor([tokenizer.convert_tokens_to_ids(["what", "is", "the", "colour"])])
+
+
+QUICK_SECOND_TURNS = [(kind, [0], "keep") for kind in ("internvl", "qwen2_5_vl", "glm4v")]
+
+
+def second_turn_cases() -> list:
+    """(kind, layers, positions) on every family; ``renumber`` where the adapter supports it. Quick (the property
+    suite draws second turns on every family): pruned before layer 0 (layer 0's cache is padded back to the prompt
+    length, which transformers reads) with positions kept, on a 1-D RoPE, a Qwen and a GLM family."""
+    return [
+        pytest.param(
+            kind,
+            layers,
+            positions,
+            marks=[] if (kind, layers, positions) in QUICK_SECOND_TURNS else pytest.mark.slow,
+            id=f"{kind}-layers{'+'.join(map(str, layers))}-{positions}",
+        )
+        for kind in TINY_CASES
+        for layers in ([0], [1, 3])
+        for positions in (("keep", "renumber") if ADAPTERS[kind].supports_renumber else ("keep",))
+    ]
+
+
+@pytest.mark.parametrize(("kind", "layers", "positions"), second_turn_cases())
+def test_second_turn_on_every_family_equals_no_cache_reference(kind, layers, positions):
+    """Images and videos, dynamic resolution, left padding: a follow-up turn on the returned cache equals a no-cache
+    forward over the whole conversation keeping the same visual tokens."""
+    m, inputs = tiny(kind, (0, 1))
+    keep = [0.4, 0.2][: len(layers)]
+    greedy = {"do_sample": False, "suppress_tokens": tq.SUPPRESS}
+    method = piofvlm.get_method("pio", layers=layers, keep=keep, positions=positions)
+    with torch.no_grad(), method(m):
+        first = m.generate(**inputs, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True, **greedy)
+        cache = transformers_compat.output_cache(first)
+        assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2
+        records = method.last_selection
+        ids, logits = second_turn(m, inputs, cache, first.sequences, follow_up_ids(kind), greedy)
+    assert method.last_selection is records  # the second turn was no new prefill
+    expected = reference_logits(m, inputs, ids, records, layers, keep, positions)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------- 2, 3. handle reuse, encoder side
 def image_only(kind):
     image = random_image(3, (56, 56))
@@ -115,6 +175,45 @@ def video_only(kind):
 def test_reused_handle_equals_fresh_handle_across_image_and_video_prompts(kind, name):
     m = tq.model(kind)
     calls = [image_only(kind), video_only(kind), image_only(kind)]
+    method = build(name, 4)
+    with torch.no_grad():
+        reused = []
+        with method(m):
+            for inputs in calls:
+                tokens = m.generate(**inputs, **tq.GREEDY)
+                reused.append((tokens, [r.kept[0].tolist() for r in method.last_selection]))
+        for inputs, (tokens, kept) in zip(calls, reused, strict=True):
+            with method(m):
+                assert torch.equal(m.generate(**inputs, **tq.GREEDY), tokens)
+                assert [r.kept[0].tolist() for r in method.last_selection] == kept
+
+
+def mixed_prompts(kind: str) -> list[dict]:
+    """Three prompts of a ``toy_families`` family, each alone: one image; an image and a video (or a second image,
+    or frames written as images); the first again. GLM-4.xV takes a video only alone: its second prompt is a video;
+    LLaVA-NeXT-Video's encoder-side methods refuse videos: its second prompt is two images."""
+    second = tq.make_inputs(kind, indices=(2 if kind == "llava_next_video" else 1,))
+    if kind in ("glm4v", "glm46v"):
+        second = glm4v_video_inputs((0,))
+    return [tq.make_inputs(kind, indices=(0,)), second, tq.make_inputs(kind, indices=(0,))]
+
+
+def _newer_family_reuse_cases() -> list:
+    """(kind, name) of the newer families with an encoder-side method they run (``refuses``: the REFUSED table);
+    quick: ``pool`` on InternVL (frames as images), LLaVA-NeXT-Video and GLM-4.1V (a video prompt)."""
+    quick = [("internvl", "pool"), ("llava_next_video", "pool"), ("glm4v", "pool")]
+    return [
+        pytest.param(kind, name, marks=[] if (kind, name) in quick else pytest.mark.slow)
+        for kind in FAMILIES
+        for name in ("visionzip", "vscan", "pool")
+        if not refuses(kind, name, has_video=False)  # no prompt of mixed_prompts has a LLaVA-NeXT-Video video
+    ]
+
+
+@pytest.mark.parametrize(("kind", "name"), _newer_family_reuse_cases())
+def test_reused_handle_equals_fresh_handle_on_the_newer_families(kind, name):
+    m = tq.model(kind)
+    calls = mixed_prompts(kind)
     method = build(name, 4)
     with torch.no_grad():
         reused = []
@@ -405,14 +504,28 @@ def test_torch_compile_runs_with_a_method_applied():
 
 
 # -------------------------------------------------------------- found by the property suite (fp64 merging methods)
-@pytest.mark.parametrize("name", ["visionzip", "vscan", "pool"])
-def test_merging_methods_keep_fp64_precision(name):
+def _fp64_cases() -> list:
+    """(name, kind): every merging method on every family that runs it (on its standard samples 2, 0, 1); the quick
+    suite runs Qwen2-VL, where the bug was found."""
+    return [
+        pytest.param(name, kind, marks=[] if kind == "qwen2_vl" else pytest.mark.slow)
+        for kind in TINY_CASES
+        for name in ("visionzip", "vscan", "pool")
+        if not refuses(kind, name, has_video=kind in FAMILIES and FAMILIES[kind].has_video)  # sample 1's video
+    ]
+
+
+@pytest.mark.parametrize(("name", "kind"), _fp64_cases())
+def test_merging_methods_keep_fp64_precision(name, kind):
     """Merged values were averaged in fp32 and cast back: an fp64 model lost its precision (keep-all not identical,
     batch != single beyond fp64 rounding)."""
-    m = tq.model("qwen2_vl", dtype=torch.float64)
-    inputs = tq.make_inputs("qwen2_vl", indices=(2, 0, 1))
+    if kind in ("llava", "llava_next"):
+        m, inputs = model(kind, dtype=torch.float64), make_inputs(kind, indices=(2, 0, 1))
+    else:
+        m, inputs = tq.model(kind, dtype=torch.float64), tq.make_inputs(kind, indices=(2, 0, 1))
     for key in ("pixel_values", "pixel_values_videos"):
-        inputs[key] = inputs[key].to(torch.float64)
+        if key in inputs:
+            inputs[key] = inputs[key].to(torch.float64)
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
         reference = m(**inputs).logits

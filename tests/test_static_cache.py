@@ -16,7 +16,9 @@ import piofvlm
 import test_qwen
 from conftest import make_inputs, model
 from piofvlm import transformers_compat
-from test_methods_matrix import MATRIX, build
+from piofvlm.adapters import ADAPTERS
+from piofvlm.toy_cases import TINY_CASES
+from test_methods_matrix import MATRIX, REFUSED, build
 
 GREEDY = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "output_logits": True}
 GREEDY["return_dict_in_generate"] = True
@@ -40,9 +42,28 @@ def family(kind: str, attn: str = "sdpa"):
     return test_qwen.model(kind, attn), test_qwen.make_inputs(kind)
 
 
-#: Qwen3.5 (linear-attention layers) refuses static caches: tests/test_qwen3_5.py.
-STATIC_KINDS = [k for k in test_qwen.KINDS if k != "qwen3_5"]
-FAMILIES = [("llava", "sdpa"), ("llava", "eager"), ("llava_next", "sdpa"), *[(k, "sdpa") for k in STATIC_KINDS]]
+#: Families with sliding-window or linear-attention layers: a static cache is refused (tests/test_gemma3.py and
+#: tests/test_qwen3_5.py check the error).
+SLIDING_KINDS = ("gemma3", "qwen3_5")
+FAMILIES = [
+    ("llava", "sdpa"),
+    ("llava", "eager"),
+    ("llava_next", "sdpa"),
+    *[(k, "sdpa") for k in test_qwen.KINDS if k not in SLIDING_KINDS],
+]
+#: Every family with a tiny case on this transformers (``piofvlm.toy_cases``) but the sliding ones; ``renumber``
+#: where its adapter has it.
+KINDS = [kind for kind in TINY_CASES if kind not in SLIDING_KINDS]
+RENUMBER_KINDS = [kind for kind in KINDS if ADAPTERS[kind].supports_renumber]
+#: Families with 1-D positions. The stock M-RoPE models (Qwen-VL, GLM-4.xV) cannot decode by hand with a 2-D mask in
+#: transformers 5.24 (``compute_3d_position_ids`` returns positions for the whole mask, not the new token), with or
+#: without a method: ``generate()`` covers them.
+ONE_D_KINDS = [kind for kind in KINDS if ADAPTERS[kind].position_batch_dim == 0]
+
+
+def quick(kinds: list[str], *fast: str) -> list:
+    """``kinds`` as parameters; all but ``fast`` run in the slow suite (``make test-slow``)."""
+    return [pytest.param(kind, marks=[] if kind in fast else [pytest.mark.slow]) for kind in kinds]
 
 
 @pytest.mark.parametrize(("kind", "attn"), FAMILIES)
@@ -79,8 +100,9 @@ def test_every_method_static_equals_dynamic(name):
     assert_same_generation(static, dynamic)
 
 
-def test_renumbered_positions_static_equals_dynamic():
-    m, inputs = family("llava")
+@pytest.mark.parametrize("kind", quick(RENUMBER_KINDS, "llava", "llava_next_video", "mistral3"))
+def test_renumbered_positions_static_equals_dynamic(kind):
+    m, inputs = family(kind)
     method = piofvlm.get_method("pio", layers=[2], keep=0.3, positions="renumber")
     with method(m):
         dynamic = generate(m, inputs)
@@ -101,9 +123,10 @@ def test_static_from_generation_config():
     assert_same_generation(static, dynamic)
 
 
-def test_static_cache_passed_by_hand_equals_dynamic():
+@pytest.mark.parametrize("kind", quick(ONE_D_KINDS, "llava", "internvl", "smolvlm"))
+def test_static_cache_passed_by_hand_equals_dynamic(kind):
     """Prefill and three greedy decode steps with a ``StaticCache`` and 2-D masks (no ``generate``)."""
-    m, inputs = family("llava")
+    m, inputs = family(kind)
     method = piofvlm.get_method("pio", layers=[1, 3], keep=[0.5, 0.25])
 
     def loop(cache):
@@ -127,6 +150,38 @@ def test_static_cache_passed_by_hand_equals_dynamic():
         dynamic = loop(None)
         static = loop(StaticCache(config=m.config, max_cache_len=inputs["input_ids"].shape[1] + 4))
     torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [(name, kind) for kind in KINDS if kind != "llava" for name in MATRIX if (name, kind) not in REFUSED],
+)
+def test_every_method_static_equals_dynamic_on_every_family(name, kind):
+    """As :func:`test_every_method_static_equals_dynamic`, on the other families (the pairs a family refuses by
+    design on these prompts, ``test_methods_matrix.REFUSED``, are tested to refuse there)."""
+    m, inputs = family(kind)
+    method = build(name, 0.3)
+    with method(m):
+        dynamic = generate(m, inputs)
+        static = generate(m, inputs, cache_implementation="static")
+    assert_same_generation(static, dynamic)
+
+
+@pytest.mark.parametrize("kind", [kind for kind in ("internvl", "smolvlm") if kind in TINY_CASES])
+def test_encoder_side_method_on_a_static_cache_prefill(kind):
+    """Regression: ``generate()`` on a static cache hands the model a 4-D mask (a ``{"full_attention": ...}`` dict
+    for Qwen2-based text models, InternVL; a tensor for Llama-based ones, SmolVLM). Adapters that read
+    ``attention_mask`` as the 2-D padding mask in ``visual_token_sources`` crashed (``'dict' object has no attribute
+    'bool'``; a size mismatch). Found by extending the static-cache tests to every family."""
+    m, inputs = family(kind)
+    method = build("pool", 0.3)
+    with method(m):
+        dynamic = generate(m, inputs)
+        kept = [k.tolist() for r in method.last_selection for k in r.kept]
+        static = generate(m, inputs, cache_implementation="static")
+    assert [k.tolist() for r in method.last_selection for k in r.kept] == kept
+    assert_same_generation(static, dynamic)
 
 
 def test_custom_4d_mask_is_still_refused():

@@ -276,6 +276,29 @@ def test_pil_image_processor_check():
     assert not transformers_compat.pil_image_processor_usable(NeedsTorchvision)
 
 
+def test_tiled_canvas_is_the_internvl_processors_grid():
+    """Pictures that brighten along their long side: the processor's tiles (raster order) brighten tile by tile
+    exactly when the grid ``tiled_canvas`` gives for their tile count lies along that side, as the processor's."""
+    import numpy as np
+    from PIL import Image
+
+    from piofvlm import toy_families
+
+    processor = toy_families.build_internvl_processor().image_processor
+    for width, height in ((64, 32), (32, 64), (96, 32)):
+        ramp = np.linspace(0, 255, max(width, height)).astype(np.uint8)
+        array = np.broadcast_to((ramp[None, :] if width > height else ramp[:, None])[..., None], (height, width, 3))
+        out = processor(images=[Image.fromarray(np.ascontiguousarray(array))], return_tensors="pt")
+        tiles = int(out["num_patches"][0]) - 1  # the last one is the thumbnail
+        columns, rows = transformers_compat.tiled_canvas(height, width, 32, tiles)
+        means = out["pixel_values"][:tiles].mean(dim=(1, 2, 3))  # (tiles,) raster order over the grid
+        contract(
+            (columns, rows) == ((tiles, 1) if width > height else (1, tiles)) and bool((means.diff() > 0.3).all()),
+            "GOT-OCR2's get_optimal_tiled_canvas (InternVL's tile grid)",
+            "tiled_canvas",
+        )
+
+
 # ----------------------------------------------------------------------------------- production paths (issue 15)
 def test_static_cache_internals():
     from transformers import DynamicCache, StaticCache
@@ -359,6 +382,117 @@ def test_dynamic_cache_layers_can_be_left_padded():
     static = StaticCache(config=model.config.text_config, max_cache_len=8)
     assert not transformers_compat.is_dynamic_cache(static)
     assert transformers_compat.is_dynamic_cache(DynamicCache())
+
+
+# ---------------------------------------------------------------------------------------------------------- Gemma 3
+@functools.cache
+def gemma3():
+    from piofvlm.toy_families import build_gemma3, gemma3_inputs
+
+    return build_gemma3(num_layers=2), gemma3_inputs((0, 2))
+
+
+def test_gemma3_rotary_tables_per_layer_type():
+    """``Gemma3RotaryEmbedding(x, position_ids, layer_type)``: ``(B, S, head_dim)`` tables, local and global bases
+    differ; ``apply_rotary_pos_emb`` keeps each pair's norm."""
+    model, _ = gemma3()
+    adapter, hidden, position_ids = _rotary_case(model)
+    local = adapter.rotary_embeddings(hidden, position_ids + 3, "sliding_attention")
+    full = adapter.rotary_embeddings(hidden, position_ids + 3, "full_attention")
+    head_dim = adapter.layers[0].self_attn.head_dim
+    contract(
+        tuple(local[0].shape) == (2, 6, head_dim) and not torch.allclose(local[0], full[0]),
+        "Gemma3RotaryEmbedding.forward(x, position_ids, layer_type) (one (B, S, head_dim) table per layer type)",
+        "rotary_function",
+    )
+    q = torch.randn(2, 4, 6, head_dim)
+    q_rot, _ = adapter.rotary_fn()(q, q, *local)
+    contract(
+        torch.allclose(q_rot.norm(dim=-1), q.norm(dim=-1), atol=1e-5) and not torch.allclose(q_rot, q),
+        "modeling_gemma3.apply_rotary_pos_emb",
+        "rotary_function",
+    )
+
+
+def test_gemma3_image_block_ids():
+    token_type_ids = torch.tensor([[0, 1, 1, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1, 0]])
+    contract(
+        torch.equal(
+            transformers_compat.image_block_ids(token_type_ids),
+            torch.tensor([[-1, 0, 0, -1, 1, 1, -1], [-1, -1, -1, 0, 0, 0, -1]]),
+        ),
+        "modeling_gemma3.get_block_sequence_ids_for_mask (a block index per run of token_type_ids == 1, else -1)",
+        "image_block_ids",
+    )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gemma3_layer_type_masks_equal_the_models(attn):
+    """``layer_type_mask`` composes the masks as ``Gemma3Model`` does: with image blocks (prefill with
+    ``token_type_ids``) and without (``create_masks_for_generate``), full and sliding, with left padding."""
+    from transformers.masking_utils import create_masks_for_generate
+    from transformers.models.gemma3 import modeling_gemma3
+
+    model, inputs = gemma3()
+    config = model.config.get_text_config()
+    previous = config._attn_implementation
+    config._attn_implementation = attn
+    try:
+        embeds = torch.zeros(*inputs["input_ids"].shape, config.hidden_size)
+        valid = inputs["attention_mask"].bool()
+        seq_len = valid.shape[1]
+        blocks = transformers_compat.image_block_ids(inputs["token_type_ids"])
+        # (config, inputs_embeds, attention_mask, cache, position_ids): the cache argument was renamed in 5.24
+        arguments = (config, embeds, inputs["attention_mask"], None, None)
+        stock = {
+            "blocks": modeling_gemma3.create_masks_for_vision_model(*arguments, block_sequence_ids=blocks),
+            "plain": create_masks_for_generate(*arguments),
+        }
+        for case, ids in (("blocks", blocks), ("plain", None)):
+            for kind, window in (("full_attention", None), ("sliding_attention", config.sliding_window)):
+                ours = transformers_compat.layer_type_mask(
+                    config, valid, seq_len, embeds.dtype, sliding_window=window, block_ids=ids
+                )
+                theirs = stock[case][kind]
+                contract(
+                    (ours is None and theirs is None) or (ours is not None and torch.equal(ours, theirs)),
+                    f"the {kind} mask Gemma 3 builds ({case}: masking_utils or_masks/and_masks/blockwise_overlay/"
+                    "sliding_window_overlay)",
+                    "layer_type_mask",
+                )
+    finally:
+        config._attn_implementation = previous
+
+
+def test_sliding_cache_layers():
+    """``DynamicSlidingWindowLayer`` (Gemma 3's local layers) keeps its last ``sliding_window - 1`` slots and counts
+    every slot it saw; ``get_mask_sizes`` says how many it presents; left-padding it counts slots without keys."""
+    model, _ = gemma3()
+    lm = get_adapter(model).language_model
+    window = lm.config.sliding_window
+    for length in (window + 4, 5):
+        with torch.no_grad():
+            out = lm(input_ids=torch.arange(length)[None] % 40 + 7, use_cache=True)
+        cache = transformers_compat.output_cache(out)
+        contract(transformers_compat.is_dynamic_cache(cache), "the cache Gemma 3 creates", "is_dynamic_cache")
+        past = min(length, window - 1)
+        contract(
+            transformers_compat.visible_past_keys(cache, 0, 1) == past
+            and transformers_compat.visible_past_keys(cache, 1, 1) == length,
+            "Cache.get_mask_sizes(query_length, layer_idx) of sliding and full layers",
+            "visible_past_keys",
+        )
+        keys = cache.layers[0].keys.clone()
+        transformers_compat.pad_cache_layer(cache, 0, 3)
+        stored = cache.layers[0].keys
+        contract(
+            cache.get_seq_length(0) == length + 3
+            and stored.shape[2] == min(length + 3, window - 1)
+            and torch.equal(stored[:, :, stored.shape[2] - keys.shape[2] :], keys)
+            and transformers_compat.visible_past_keys(cache, 0, 1) == stored.shape[2],
+            "DynamicSlidingWindowLayer.cumulative_length/keys (the window keeps the last sliding_window - 1 slots)",
+            "pad_cache_layer",
+        )
 
 
 @functools.cache

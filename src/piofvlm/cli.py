@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
+from piofvlm.adapters import get_adapter
 from piofvlm.loading import DTYPES, build_prompt, check_device, load_model
-from piofvlm.overlay import overlay_panels
+from piofvlm.overlay import draw_overlay, overlay_panels, processor_view, save_overlay
 from piofvlm.registry import available_methods, get_method
 
 logger = logging.getLogger(__name__)
@@ -234,20 +235,75 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    method = method_from_args(args)
+    if args.family is not None:
+        return _show_tiny(args, method)
+    if args.image is not None:
+        return _show_checkpoint(args, method)
+    if args.prompt is not None:
+        raise ValueError("--prompt goes with --image (a testbed sample brings its own question)")
     from piofvlm.testbed import data
     from piofvlm.testbed.model import load_testbed, prompt
 
-    method = method_from_args(args)
     model, processor = load_testbed(path=args.model)
     sample = data.make_sample(args.split, args.index)
     inputs = processor(images=[sample["image"]], text=[prompt(sample["question"])], return_tensors="pt")
-    num_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    picture = processor_view(sample["image"], processor.image_processor)
+    get_adapter(model).token_boxes(inputs, [picture.size])  # a family without boxes fails before any compute
     with torch.no_grad(), method(model):
         output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
-    image = overlay_panels(sample["image"], method.last_selection, num_visual, boxes=data.relevant_boxes(sample))
-    image.save(args.out)
+    marks = [data.relevant_boxes(sample)] if picture is sample["image"] else None
+    canvas = draw_overlay(
+        model, inputs, method.last_selection, [picture], method=method, marks=marks, panel_height=336
+    )
+    save_overlay(canvas, args.out)
     print(f"question: {sample['question']}  expected: {sample['answer']}  answer: {answer}")
+    print(canvas.info["legend"])
+    print(f"overlay: {args.out}")
+    return 0
+
+
+def _show_checkpoint(args: argparse.Namespace, method: Any) -> int:
+    """``piofvlm show --model DIR --image FILE``: any supported checkpoint on one image."""
+    if args.model is None:
+        raise ValueError("--image needs --model: a local checkpoint directory of any supported family")
+    image = read_image(args.image)
+    model, processor = load_model(args.model)
+    question = args.prompt or "Describe the image."
+    inputs = dict(processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt"))
+    picture = processor_view(image, getattr(processor, "image_processor", None))
+    get_adapter(model).token_boxes(inputs, [picture.size])  # a family without boxes fails before any compute
+    with torch.no_grad(), method(model):
+        model(**inputs)
+    canvas = draw_overlay(model, inputs, method.last_selection, [picture], method=method)
+    save_overlay(canvas, args.out)
+    print(canvas.info["legend"])
+    print(f"overlay: {args.out}")
+    return 0
+
+
+def _show_tiny(args: argparse.Namespace, method: Any) -> int:
+    """``piofvlm show --family KIND``: the family's tiny random model on its two standard prompts (images, video)."""
+    from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
+    from piofvlm.toy_pictures import source_sizes, tiny_pictures
+
+    if args.model is not None or args.image is not None:
+        raise ValueError("--family draws a tiny random model on its own inputs: drop --model / --image")
+    if args.family not in TINY_CASES:
+        reason = f" ({UNAVAILABLE[args.family]})" if args.family in UNAVAILABLE else ""
+        raise ValueError(
+            f"no tiny model of family {args.family!r}{reason}; --family takes one of: {', '.join(sorted(TINY_CASES))}"
+        )
+    model, inputs = TINY_CASES[args.family]()
+    pictures = tiny_pictures(args.family)
+    get_adapter(model).token_boxes(inputs, source_sizes(pictures))  # a family without boxes fails before any compute
+    with torch.no_grad(), method(model):
+        model(**inputs)
+    canvas = draw_overlay(model, inputs, method.last_selection, pictures, method=method)
+    save_overlay(canvas, args.out)
+    print(f"piofvlm show: a tiny {args.family} model with RANDOM weights (its choices are noise; the layout is real)")
+    print(canvas.info["legend"])
     print(f"overlay: {args.out}")
     return 0
 
@@ -477,8 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--family", action="append", help="self-test only this config.model_type (repeatable)")
     doctor.set_defaults(func=cmd_doctor)
 
-    show = sub.add_parser("show", help="PNG of a testbed image with the tokens a method kept, per stage")
-    show.add_argument("--model", help="testbed checkpoint directory (default: the shipped one)")
+    show = sub.add_parser("show", help="PNG of the tokens a method kept, per stage, over the images (any family)")
+    show.add_argument("--model", help="testbed checkpoint directory (default: the shipped one); with --image: any")
+    show.add_argument("--family", help="instead of the testbed: a tiny random model of this config.model_type")
+    show.add_argument("--image", help="an image file for --model (any supported checkpoint) instead of the testbed")
+    show.add_argument("--prompt", help="the question with --image (default: 'Describe the image.')")
     show.add_argument("--split", default="test")
     show.add_argument("--index", type=int, default=0)
     add_method_arguments(show)

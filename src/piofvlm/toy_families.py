@@ -18,6 +18,10 @@ import torch
 from PIL import Image
 from transformers import (
     BatchFeature,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
     Glm4vConfig,
     Glm4vForConditionalGeneration,
     Glm4vImageProcessorPil,
@@ -578,6 +582,82 @@ def glm4v_video_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
     return inputs
 
 
+# ---------------------------------------------------------------------------------------------------------- Gemma 3
+GEMMA3_TOKENS = ["<image_soft_token>", "<start_of_image>", "<end_of_image>"]
+GEMMA3_IMAGE_ID, GEMMA3_BOI_ID, GEMMA3_EOI_ID = 4, 5, 6
+#: Sliding window of the tiny Gemma 3's local layers: shorter than every standard prompt (36-51 tokens), so pruning
+#: changes what a window covers; long enough that the last prompt tokens still see an image (PIO's proxy at a local
+#: layer).
+GEMMA3_WINDOW = 16
+
+
+def build_gemma3(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Gemma 3 with a SigLIP 32 px / patch 4 tower (8 x 8 patches, pooled 2 x 2: 16 tokens an image), local and global
+    layers alternating (local first), a 16-slot window, local and global RoPE bases 10^4 and 10^6."""
+    config = Gemma3Config(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 4,
+        },
+        text_config={
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 16,
+            "max_position_embeddings": 1024,
+            "sliding_window": GEMMA3_WINDOW,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+        },
+        mm_tokens_per_image=16,
+        image_token_id=GEMMA3_IMAGE_ID,
+        boi_token_index=GEMMA3_BOI_ID,
+        eoi_token_index=GEMMA3_EOI_ID,
+    )
+    return _model(Gemma3ForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_gemma3_processor() -> Gemma3Processor:
+    """``Gemma3Processor`` (PIL image processor, 32 px, no pan-and-scan) over the tiny tokenizer: an image is written
+    ``<start_of_image>`` + 16 ``<image_soft_token>`` + ``<end_of_image>``, with ``token_type_ids`` 1 on the image
+    tokens (the bidirectional blocks)."""
+    tokenizer = word_level_tokenizer([*GEMMA3_TOKENS, *WORDS], GEMMA3_TOKENS)
+    tokenizer.image_token, tokenizer.boi_token, tokenizer.eoi_token = GEMMA3_TOKENS
+    tokenizer.image_token_id, tokenizer.boi_token_id, tokenizer.eoi_token_id = (
+        GEMMA3_IMAGE_ID,
+        GEMMA3_BOI_ID,
+        GEMMA3_EOI_ID,
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    return Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=16)
+
+
+def gemma3_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``Gemma3Processor``; Gemma 3 has no video: sample 1's video is a second image."""
+    processor = build_gemma3_processor()
+    images = [[random_image(10 * i + j, size) for j, size in enumerate(SAMPLES[i][1])] for i in indices]
+    for i, sample_images in zip(indices, images, strict=True):
+        if SAMPLES[i][2]:
+            sample_images.append(random_image(10 * i + 9, (32, 32)))
+    return processor(
+        images=images, text=_prompts(indices, "<start_of_image>", None), return_tensors="pt", padding=True
+    )
+
+
 # ------------------------------------------------------------------------------------------------------- Qwen3.5
 #: The tiny Qwen3.5's decoder: linear attention and full attention alternate, so prune points, PIO proxies and
 #: attention-reading methods meet both kinds in the standard matrices. The released checkpoints' pattern (3 linear
@@ -717,6 +797,14 @@ FAMILIES: dict[str, TinyFamily] = {
         lambda: build_idefics3_processor().tokenizer,
         has_video=False,
         counts=[[16] * 5, [16] * 8, [16] * 10],  # as SmolVLM: every tile and global view is an item
+    ),
+    "gemma3": TinyFamily(
+        "gemma3",
+        build_gemma3,
+        gemma3_inputs,
+        lambda: build_gemma3_processor().tokenizer,
+        has_video=False,
+        counts=[[16], [16, 16], [16, 16]],
     ),
     **{
         kind: TinyFamily(

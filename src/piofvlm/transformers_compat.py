@@ -127,19 +127,21 @@ def output_cache(output: Any) -> Any:
 
 
 def is_dynamic_cache(cache: Any) -> bool:
-    """Whether ``cache`` is a plain ``DynamicCache`` whose every attention layer is a ``DynamicLayer`` (grows by
-    concatenation); linear-attention layers (``LinearAttentionLayer``: fixed-size conv and recurrent states, no
-    sequence axis, e.g. Qwen3.5's Gated DeltaNet layers) may sit between them.
+    """Whether ``cache`` is a plain ``DynamicCache`` whose every layer is a ``DynamicLayer`` (grows by concatenation)
+    or a ``DynamicSlidingWindowLayer`` (keeps the last ``sliding_window - 1`` slots it saw, Gemma 3's local layers).
 
     The pruning mechanism gives the layers after a prune point KV caches of their own, shorter lengths; only this
-    layout can hold that. Static, sliding-window, quantized and offloaded caches are not of it."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    layout can hold that. Static, quantized and offloaded caches are not of it."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
     layers = getattr(cache, "layers", None)
     if not isinstance(cache, DynamicCache) or not isinstance(layers, list):
         return False
-    linear = _linear_attention_layer_class()
-    return all(type(layer) is DynamicLayer or (linear is not None and type(layer) is linear) for layer in layers)
+    linear = _linear_attention_layer_class()  # Qwen3.5's Gated DeltaNet layers: fixed-size states, no sequence
+    return all(
+        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) or (linear is not None and type(layer) is linear)
+        for layer in layers
+    )
 
 
 def _linear_attention_layer_class() -> type | None:
@@ -173,9 +175,11 @@ def linear_attention_states(cache: Any, layer: int) -> tuple[torch.Tensor, torch
 
 
 def pad_cache_layer(cache: Any, layer_idx: int, count: int) -> None:
-    """Prepend ``count`` zero key/value slots to layer ``layer_idx`` of a dynamic cache (its sequence length grows by
-    ``count``; the slots must be masked by whoever reads the cache). ``DynamicLayer.keys``/``.values`` are
-    ``(B, H, S, D)`` tensors."""
+    """Make layer ``layer_idx`` of a dynamic cache count ``count`` more slots before its first one (masked by whoever
+    reads the cache). ``DynamicLayer.keys``/``.values`` are ``(B, H, S, D)`` tensors: ``count`` zero slots are
+    prepended. A ``DynamicSlidingWindowLayer`` counts the slots it saw in ``cumulative_length`` and keeps only its
+    last ``sliding_window - 1``: the count grows by ``count`` and zero slots are prepended only as far as the window
+    reaches back into them."""
     if count <= 0:
         return
     if not is_dynamic_cache(cache):
@@ -184,8 +188,25 @@ def pad_cache_layer(cache: Any, layer_idx: int, count: int) -> None:
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or not isinstance(values, torch.Tensor):
         raise _broken("DynamicLayer.keys/values (expected (B, H, S, D) tensors)", "pad_cache_layer")
+    if getattr(layer, "is_sliding", False):
+        window, seen = getattr(layer, "sliding_window", None), getattr(layer, "cumulative_length", None)
+        if not isinstance(window, int) or not isinstance(seen, int):
+            raise _broken("DynamicSlidingWindowLayer.sliding_window/cumulative_length (ints)", "pad_cache_layer")
+        layer.cumulative_length = seen + count
+        count = max(0, min(seen + count, window - 1) - keys.shape[2])
     layer.keys = torch.cat([keys.new_zeros(*keys.shape[:2], count, keys.shape[3]), keys], dim=2)
     layer.values = torch.cat([values.new_zeros(*values.shape[:2], count, values.shape[3]), values], dim=2)
+
+
+def visible_past_keys(cache: Any, layer_idx: int, query_length: int) -> int:
+    """How many cached keys layer ``layer_idx`` attends to besides the ``query_length`` new ones: everything it
+    holds for a full-attention layer, at most ``sliding_window - 1`` for a sliding one (``Cache.get_mask_sizes``,
+    ``(query_length, layer_idx) -> (kv_length, kv_offset)`` in 5.x)."""
+    try:
+        kv_length, _ = cache.get_mask_sizes(query_length, layer_idx)
+    except TypeError as error:
+        raise _broken("Cache.get_mask_sizes(query_length, layer_idx)", "visible_past_keys") from error
+    return int(kv_length) - query_length
 
 
 # ---------------------------------------------------------------------------------------------------------- masks
@@ -224,6 +245,63 @@ def causal_padding_mask(
         use_vmap=False,
         device=key_valid.device,
     )
+
+
+def layer_type_mask(
+    config: Any,
+    key_valid: torch.Tensor,
+    query_length: int,
+    dtype: torch.dtype,
+    sliding_window: int | None = None,
+    block_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The mask of a full-attention (``sliding_window=None``) or sliding-window layer over ``key_valid`` keys whose
+    last ``query_length`` keys are the queries, composed as Gemma 3 composes it (``modeling_gemma3.
+    create_masks_for_vision_model``, ``masking_utils.create_sliding_window_causal_mask``):
+
+    * with ``block_ids`` ``(B, L_kv)`` (image block of each key, -1 for text): full = causal OR same block; sliding =
+      (causal OR same block) AND ``kv > q - sliding_window``; always materialised;
+    * without: causal, or causal AND the window (``sliding_window_causal_mask_function``, ``local_size``).
+    """
+    from transformers import masking_utils as mu
+
+    batch_size, kv_length = key_valid.shape
+    mask_function: Any = mu.causal_mask_function
+    extra: dict[str, Any] = {"allow_is_causal_skip": True, "use_vmap": False}
+    if block_ids is not None:
+        mask_function = mu.or_masks(mask_function, mu.blockwise_overlay(block_ids))
+        extra = {"allow_is_causal_skip": False, "use_vmap": False}
+        if sliding_window is not None:
+            mask_function = mu.and_masks(mask_function, mu.sliding_window_overlay(sliding_window))
+            extra["use_vmap"] = True
+    elif sliding_window is not None:
+        mask_function = mu.sliding_window_causal_mask_function(sliding_window)
+        extra["local_size"] = sliding_window
+    return mu.ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+        batch_size=batch_size,
+        q_length=query_length,
+        kv_length=kv_length,
+        q_offset=kv_length - query_length,
+        kv_offset=0,
+        mask_function=mask_function,
+        attention_mask=key_valid,
+        dtype=dtype,
+        config=config,
+        device=key_valid.device,
+        **extra,
+    )
+
+
+def image_block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, S)`` long: the index of the image block each token of a Gemma 3 prompt belongs to (-1 for text), from
+    its ``token_type_ids`` (``modeling_gemma3.get_block_sequence_ids_for_mask``): tokens of one block attend to each
+    other bidirectionally in every layer."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    function = getattr(modeling_gemma3, "get_block_sequence_ids_for_mask", None)
+    if function is None:
+        raise _broken("modeling_gemma3.get_block_sequence_ids_for_mask", "image_block_ids")
+    return function(token_type_ids, device=token_type_ids.device)
 
 
 def recurrent_padding_mask(config: Any, valid: torch.Tensor) -> torch.Tensor | None:
@@ -413,6 +491,7 @@ _ROTARY_MODULES = {
     "qwen3_vl": "transformers.models.qwen3_vl.modeling_qwen3_vl",
     # GLM-4.xV text model: interleaved pairs (``rotate_half_llm``), only the first ``cos.shape[-1]`` dims rotated
     "glm4v": "transformers.models.glm4v.modeling_glm4v",
+    "gemma3": "transformers.models.gemma3.modeling_gemma3",  # Llama's rotate_half; q/k normed before rotating
     # Qwen3.5 full-attention layers: Llama-style halves, only the first ``cos.shape[-1]`` dims rotated
     "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
 }
@@ -483,6 +562,18 @@ def encode_call_inputs(modality: str, bound: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- image processors
+def tiled_canvas(height: int, width: int, tile: int, tiles: int) -> tuple[int, int]:
+    """``(columns, rows)`` of the grid of ``tiles`` tiles GOT-OCR2's / InternVL's image processor cuts a
+    ``height x width`` picture into (``get_optimal_tiled_canvas`` restricted to that many tiles: the processor's own
+    choice, ties included, among the grids of its tile count)."""
+    try:
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+    except ImportError as error:
+        raise _broken("got_ocr2.image_processing_pil_got_ocr2.get_optimal_tiled_canvas", "tiled_canvas") from error
+    columns, rows = get_optimal_tiled_canvas((height, width), (tile, tile), tiles, tiles)
+    return int(columns), int(rows)
+
+
 def pil_image_processor_usable(cls: type) -> bool:
     """Whether a ``*ImageProcessorPil`` class works without torchvision (SmolVLM's and Idefics3's did not before
     5.18: they raised an ImportError asking for torchvision)."""

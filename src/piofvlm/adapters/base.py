@@ -7,7 +7,7 @@ after tokens are dropped. Methods and the mechanism never look at ``config.model
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 from piofvlm import transformers_compat
 
 if TYPE_CHECKING:
+    from piofvlm.adapters.boxes import TokenBoxes
     from piofvlm.core.session import PruningHandle
 
 #: Attention implementations whose masks the mechanism can rebuild after tokens are dropped.
@@ -38,6 +39,9 @@ class ModelAdapter:
     rotary_batch_dim: ClassVar[int] = 0
     #: Whether ``positions="renumber"`` is well defined for this family.
     supports_renumber: ClassVar[bool] = True
+    #: The multimodal model hands the language model one prepared mask per layer type (a dict, Gemma 3); the
+    #: mechanism then reads the 2-D padding mask of the multimodal call and rebuilds every mask itself.
+    rebuilds_layer_type_masks: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -155,8 +159,11 @@ class ModelAdapter:
         """Positions the language model would use when the caller passes none: ``(1, S)``."""
         return torch.arange(seq_len, device=device)[None]
 
-    def rotary_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Recompute ``position_embeddings`` (cos, sin) for new position ids (used by ``positions="renumber"``)."""
+    def rotary_embeddings(
+        self, hidden_states: torch.Tensor, position_ids: torch.Tensor, layer_type: str = "full_attention"
+    ) -> tuple[torch.Tensor, ...]:
+        """Recompute ``position_embeddings`` (cos, sin) of layers of ``layer_type`` for new position ids (used by
+        ``positions="renumber"``, and for a layer type whose first layer comes after the prune point)."""
         return self.language_model.rotary_emb(hidden_states, position_ids=position_ids)
 
     def renumber_positions(self, position_ids: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -166,6 +173,63 @@ class ModelAdapter:
     def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         """The ``position_ids`` argument the decoder layers get, from the language model's ``position_ids``."""
         return position_ids
+
+    # ------------------------------------------------------------------------------------- per-layer-type masks
+    # Layers of one type share one attention mask and one rotary table. The default is one type for every layer (a
+    # causal mask, one rotary table); families with local and global layers (Gemma 3) override these.
+    def layer_type(self, index: int) -> str:
+        """Attention type of decoder layer ``index`` (the key of its mask and rotary table)."""
+        return "full_attention"
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """The distinct layer types, in the order their first layer comes."""
+        return tuple(dict.fromkeys(self.layer_type(i) for i in range(self.num_layers)))
+
+    def prefill_masks(
+        self,
+        valid: torch.Tensor,
+        source: torch.Tensor,
+        dtype: torch.dtype,
+        key_length: int | None,
+        model_kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The attention masks of a rebuilt (pruned, left-padded) prefill, per layer type.
+
+        Args:
+            valid: ``(B, S)`` bool, real tokens of the rebuilt sequence.
+            source: ``(B, S)`` long, the original prompt slot of each slot (-1 for padding).
+            dtype: dtype of the hidden states (eager masks are additive).
+            key_length: the static cache's key length (keys after ``S`` are unused and masked), None for a dynamic one.
+            model_kwargs: the multimodal call's keyword arguments.
+
+        Default: one causal padding mask for every layer type.
+        """
+        seq_len = valid.shape[1]
+        if key_length is None:
+            mask = transformers_compat.causal_padding_mask(self.text_config, valid, seq_len, dtype)
+        else:
+            key_valid = torch.nn.functional.pad(valid, (0, key_length - seq_len), value=False)
+            mask = transformers_compat.causal_padding_mask(self.text_config, key_valid, seq_len, dtype, q_offset=0)
+        return dict.fromkeys(self.layer_types, mask)
+
+    def decode_mask(self, layer_type: str, key_valid: torch.Tensor, query_length: int, dtype: torch.dtype) -> Any:
+        """The mask of layers of ``layer_type`` for ``query_length`` new tokens over ``key_valid`` ``(B, L_kv)``: the
+        keys the layer's KV cache presents (its visible past, then the new tokens). Default: causal."""
+        return transformers_compat.causal_padding_mask(self.text_config, key_valid, query_length, dtype)
+
+    def allowed_keys(
+        self,
+        layer_type: str,
+        valid: torch.Tensor,
+        source: torch.Tensor,
+        query_slots: torch.Tensor,
+        model_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """``(B, 1, n, S)`` bool: which keys the queries at ``query_slots`` ``(B, n)`` see in layers of
+        ``layer_type`` (for the fast PIO proxy and the explicit-attention methods). Default: causal over real keys."""
+        key_index = torch.arange(valid.shape[1], device=valid.device)
+        return valid[:, None, None, :] & (key_index[None, None, None, :] <= query_slots[:, None, :, None])
 
     # ------------------------------------------------------------------------------------------------ hooks
     def attach(self, handle: PruningHandle) -> None:
@@ -181,18 +245,14 @@ class ModelAdapter:
     def is_attention_layer(self, index: int) -> bool:
         """Whether decoder layer ``index`` attends over a KV cache through a causal mask (its attention map exists).
 
-        False for a linear-attention (recurrent) layer: it gets a 2-D padding mask (:meth:`layer_mask`), decoding
-        leaves its mask alone, and attention-reading methods refuse it (:meth:`check_attention_map`)."""
+        False for a linear-attention (recurrent) layer: its layer type gets a 2-D padding mask (:meth:`prefill_masks`),
+        decoding leaves its mask alone, and attention-reading methods refuse it (:meth:`check_attention_map`)."""
         return True
 
-    def layer_mask(self, index: int, valid: torch.Tensor, causal_mask: Any) -> Any:
-        """The ``attention_mask`` decoder layer ``index`` gets in a (rebuilt, left-padded) prefill whose real tokens
-        are ``valid`` ``(B, S)`` and whose full-attention mask is ``causal_mask``. Default: ``causal_mask``."""
-        return causal_mask
-
-    def token_mixer(self, index: int, normed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def token_mixer(self, index: int, normed: torch.Tensor, mask: Any) -> torch.Tensor:
         """Output ``(B, S, d)`` of the token mixer of a non-attention layer ``index`` (before the residual add) on its
-        normed input ``normed`` ``(B, S, d)``, without a cache: the fast proxy's head of such a layer."""
+        normed input ``normed`` ``(B, S, d)`` with the mask its layer type gets, without a cache: the fast proxy's head
+        of such a layer."""
         raise ValueError(f"{type(self).__name__} has no token mixer other than attention (layer {index})")
 
     def check_attention_map(self, index: int, method: str) -> None:
@@ -306,6 +366,38 @@ class ModelAdapter:
         token grid(s)); ``crop``/``patch`` are -1 for tokens without a vision-encoder patch (e.g. row separators).
         """
         raise self._no_vision("visual_token_sources")
+
+    # ------------------------------------------------------------------------------------------------ overlays
+    def token_boxes(
+        self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[TokenBoxes]:
+        """Where each visual token of each image / video of a call lies on it (what overlays draw from).
+
+        Args:
+            model_kwargs: the processor's outputs for the call (``input_ids``, ``attention_mask``, pixel inputs and
+                their sizes / grids), as given to the model.
+            source_sizes: ``(width, height)`` of each picture given to the processor (a video: of its frames), in
+                flat prompt order; needed where the layout depends on them and the inputs do not say it (InternVL's
+                and SmolVLM's tile grids).
+
+        Returns:
+            One :class:`~piofvlm.adapters.boxes.TokenBoxes` per image or video in flat (sample-major) prompt order;
+            its boxes count every visual token of the item (see :mod:`piofvlm.adapters.boxes`).
+
+        Default: a ``ValueError``; families that can say it override this.
+        """
+        raise ValueError(
+            f"overlays are not available for {self.model_type} models: {type(self).__name__} does not say where its "
+            "visual tokens lie on the image (ModelAdapter.token_boxes); draw kept-token counts instead, or teach the "
+            "adapter its layout"
+        )
+
+    def visual_slots(self, model_kwargs: dict[str, Any]) -> torch.Tensor:
+        """``(B, S)`` bool: the visual tokens of a call's prompts (not under ``attention_mask == 0``)."""
+        visual = self.visual_token_mask(model_kwargs["input_ids"])
+        if model_kwargs.get("attention_mask") is not None:
+            visual = visual & model_kwargs["attention_mask"].bool().to(visual.device)
+        return visual.cpu()
 
     # ---------------------------------------------------------------------------------------------- checks
     def check_attention(self) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from piofvlm.adapters.base import ModelAdapter
+from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, no_place, raster_boxes, split_by_sample
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -30,6 +32,28 @@ class LlavaAdapter(ModelAdapter):
                 f"{num_image_tokens} image tokens in input_ids cannot be split evenly over {num_images} images"
             )
         return [num_image_tokens // num_images] * num_images
+
+    def token_boxes(
+        self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[TokenBoxes]:
+        """One view per image: the vision tower's ``side x side`` patch grid in raster order over the picture it was
+        given (a [CLS] token fed to the projector, ``"full"`` strategy with CLIP, has no place). A processor that
+        center-crops (LLaVA-1.5's CLIP processor) gives the tower the central square: boxes are on that square."""
+        visual = self.visual_slots(model_kwargs)
+        counts = self.image_token_counts(int(visual.sum()), model_kwargs)
+        if counts is None:
+            raise ValueError("llava: pixel_values are needed to lay out the image tokens (pass the processor's)")
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        items = []
+        for sample, tokens in split_by_sample(visual, counts):
+            extra = len(tokens) - side * side
+            if extra not in (0, 1):
+                raise ValueError(f"an image of {len(tokens)} tokens is not a {side} x {side} patch grid")
+            boxes = torch.cat([no_place(extra), raster_boxes(side, side)])
+            view = torch.cat([torch.full((extra,), -1), torch.zeros(side * side, dtype=torch.long)])
+            items.append(TokenBoxes(sample, "image", tokens, boxes, view, ("image",)))
+        return items
 
     # ------------------------------------------------------------------------------------------ vision tower
     @property
@@ -108,3 +132,25 @@ class LlavaAdapter(ModelAdapter):
                 }
             )
         return images
+
+
+def anyres_view_boxes(
+    source: dict[str, torch.Tensor], side: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Boxes of an anyres image (LLaVA-NeXT, LLaVA-OneVision) from its :meth:`~LlavaAdapter.visual_token_sources`
+    entry: the base view (grid 0, ``side x side``) and the unpadded (possibly downscaled) high-resolution grid (grid 1,
+    ``rows x cols`` over the whole picture); ``image_newline`` tokens (``crop == -1``) have no place.
+
+    Returns ``(boxes (N, 4), view (N,), views)``.
+    """
+    grid, row, col = source["grid"], source["row"], source["col"]
+    placed = source["crop"] >= 0
+    boxes, view = no_place(len(grid)), torch.full_like(grid, -1)
+    base = placed & (grid == 0)
+    boxes[base], view[base] = cell_boxes(row[base], col[base], side, side), 0
+    high = placed & (grid == 1)
+    if not bool(high.any()):
+        return boxes, view, ("base",)
+    rows, cols = int(row[high].max()) + 1, int(col[high].max()) + 1
+    boxes[high], view[high] = cell_boxes(row[high], col[high], rows, cols), 1
+    return boxes, view, ("base", "high-res")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers.models.llava_next import modeling_llava_next as mln
 
-from piofvlm.adapters.llava import LlavaAdapter
+from piofvlm.adapters.boxes import TokenBoxes, split_by_sample
+from piofvlm.adapters.llava import LlavaAdapter, anyres_view_boxes
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -52,6 +54,22 @@ class LlavaNextAdapter(LlavaAdapter):
             height, width = grid.shape[1], grid.shape[2]
             counts.append(base + height * (width + 1))
         return counts
+
+    def token_boxes(
+        self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[TokenBoxes]:
+        """Two views per image: the base view (``side x side`` over the whole picture) and the unpadded
+        high-resolution grid (its tiles' patches over the whole picture; padding removed as the model does); the
+        ``image_newline`` closing each grid row has no place. An image of one tile has the base view only."""
+        sources = self.visual_token_sources(model_kwargs)
+        side = self._check_patch_tokens()
+        items = []
+        for (sample, tokens), source in zip(
+            split_by_sample(self.visual_slots(model_kwargs), [len(s["crop"]) for s in sources]), sources, strict=True
+        ):
+            boxes, view, views = anyres_view_boxes(source, side)
+            items.append(TokenBoxes(sample, "image", tokens, boxes, view, views))
+        return items
 
     def visual_token_sources(self, model_kwargs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         """Base view first (grid 0, ``side x side``), then the unpadded high-resolution grid with its trailing

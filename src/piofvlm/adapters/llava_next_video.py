@@ -8,11 +8,14 @@ one item (budget group under ``budget_scope="image"``). 1-D RoPE: ``positions="r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from piofvlm.adapters.base import ModelAdapter
+from piofvlm.adapters.base import ModelAdapter, prompt_items
+from piofvlm.adapters.boxes import TokenBoxes, frame_names, raster_boxes, split_by_sample
+from piofvlm.adapters.llava import anyres_view_boxes
 from piofvlm.adapters.llava_next import LlavaNextAdapter
 from piofvlm.adapters.registry import register_adapter
 
@@ -61,3 +64,37 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 "(pio, random, fastv, ...) or images only"
             )
         return super().visual_token_sources(model_kwargs)
+
+    def token_boxes(
+        self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[TokenBoxes]:
+        """Images as LLaVA-NeXT's; a video one view per frame: its ``spatial_pool_stride``-pooled grid in raster
+        order (no newline). Items in prompt order."""
+        has_images = model_kwargs.get("pixel_values") is not None
+        images = LlavaNextAdapter.visual_token_sources(self, model_kwargs) if has_images else []
+        videos = model_kwargs.get("pixel_values_videos")
+        config = self.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        pooled = side // config.spatial_pool_stride
+        frames = 0 if videos is None else int(videos.shape[1])
+        num_videos = 0 if videos is None else int(videos.shape[0])
+        modality = (
+            self.visual_modality(model_kwargs["input_ids"]).cpu().masked_fill(~self.visual_slots(model_kwargs), -1)
+        )
+        sizes = {0: [len(source["crop"]) for source in images], 1: [frames * pooled**2] * num_videos}
+        order = prompt_items(modality, sizes)
+        if order is None:
+            raise ValueError(f"llava_next_video: the images / videos {sizes} do not match the visual tokens")
+        visual = self.visual_slots(model_kwargs)
+        items = []
+        for (sample, tokens), (kind, index, _) in zip(
+            split_by_sample(visual, [count for _, _, count in order]), order, strict=True
+        ):
+            if kind == 0:
+                boxes, view, views = anyres_view_boxes(images[index], side)
+                items.append(TokenBoxes(sample, "image", tokens, boxes, view, views))
+            else:
+                boxes = raster_boxes(pooled, pooled).repeat(frames, 1)
+                view = torch.arange(frames).repeat_interleave(pooled**2)
+                items.append(TokenBoxes(sample, "video", tokens, boxes, view, frame_names(frames)))
+        return items

@@ -10,6 +10,7 @@ tokens keep their positions (or are renumbered, ``positions="renumber"``). Visua
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,7 +18,8 @@ from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 
 from piofvlm import transformers_compat
 from piofvlm.adapters.base import items_in_prompt_order, prompt_items
-from piofvlm.adapters.llava import LlavaAdapter
+from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, frame_names, no_place, split_by_sample
+from piofvlm.adapters.llava import LlavaAdapter, anyres_view_boxes
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -149,6 +151,31 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                 }
             )
         return sources
+
+    def token_boxes(
+        self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[TokenBoxes]:
+        """Images as LLaVA-NeXT's (base view + unpadded, possibly downscaled, high-resolution grid; an image of a
+        multi-image prompt has the base view only); videos one view per frame (its 2x2-pooled grid), the trailing
+        newline without a place. Items in prompt order."""
+        sources = self.visual_token_sources(model_kwargs)
+        num_images = len(self._crops_per_image(model_kwargs)) if model_kwargs.get("pixel_values") is not None else 0
+        counts = [len(source["crop"]) for source in sources]
+        side, pooled = self._side, math.ceil(self._side / 2)
+        items = []
+        for (sample, tokens), source in zip(
+            split_by_sample(self.visual_slots(model_kwargs), counts), sources, strict=True
+        ):
+            if int(source["crop"].max()) < num_images:
+                boxes, view, views = anyres_view_boxes(source, side)
+                items.append(TokenBoxes(sample, "image", tokens, boxes, view, views))
+                continue
+            placed = source["crop"] >= 0
+            frames = int(source["grid"][placed].max()) + 1
+            boxes, view = no_place(len(tokens)), torch.where(placed, source["grid"], -1)
+            boxes[placed] = cell_boxes(source["row"][placed], source["col"][placed], pooled, pooled)
+            items.append(TokenBoxes(sample, "video", tokens, boxes, view, frame_names(frames)))
+        return items
 
     # ---------------------------------------------------------------------------------------------- counting
     @property

@@ -10,11 +10,13 @@ groups them back into one item. 1-D RoPE: ``positions="renumber"`` works as for 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from piofvlm.adapters.base import ModelAdapter
+from piofvlm.adapters.boxes import TokenBoxes, raster_boxes, split_by_sample
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -64,6 +66,20 @@ class Mistral3Adapter(ModelAdapter):
                 }
             )
         return images
+
+    def token_boxes(
+        self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[TokenBoxes]:
+        """Per image: its ``rows x cols`` ``[IMG]`` grid (from ``image_sizes``, not square in general) in raster
+        order over the whole picture; the ``[IMG_BREAK]`` / ``[IMG_END]`` tokens are text, not there."""
+        grids = self._grids(model_kwargs)
+        if grids is None:
+            raise ValueError("mistral3: image_sizes are needed to lay out the image tokens (pass the processor's)")
+        placed = split_by_sample(self.visual_slots(model_kwargs), [rows * cols for rows, cols in grids])
+        return [
+            TokenBoxes(sample, "image", tokens, raster_boxes(rows, cols), torch.zeros_like(tokens), ("image",))
+            for (sample, tokens), (rows, cols) in zip(placed, grids, strict=True)
+        ]
 
     def check_attention(self) -> None:
         super().check_attention()

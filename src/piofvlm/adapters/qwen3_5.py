@@ -11,7 +11,7 @@ as of transformers 5.24:
   map: a causal depthwise conv (``conv_state`` ``(B, conv_dim, kernel)``) then the gated delta rule
   (``recurrent_state`` ``(B, H_v, d_k, d_v)``). They take a 2-D padding mask (``create_recurrent_attention_mask``:
   the inputs of padded slots are zeroed, so left padding leaves the states untouched), not the causal mask. After a
-  prune point the mechanism hands them the padding mask of the rebuilt sequence (:meth:`layer_mask`), so their state
+  prune point the mechanism hands them the padding mask of the rebuilt sequence (:meth:`prefill_masks`), so their state
   after the prefill is the state of the kept sequence; during decoding their mask is left alone (a generated token is
   never padding). Their cache holds no sequence, so the cache length transformers reads comes from the first
   full-attention layer (see ``PruningHandle._pad_length_layer_cache``).
@@ -57,30 +57,46 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
 
     model_types = ("qwen3_5",)
 
-    @property
-    def layer_types(self) -> list[str]:
-        return list(self.text_config.layer_types)
-
     def rotary_fn(self):  # noqa: D102 - documented in the base class
         return transformers_compat.rotary_function("qwen3_5")
 
+    def rotary_embeddings(
+        self, hidden_states: torch.Tensor, position_ids: torch.Tensor, layer_type: str = "full_attention"
+    ) -> tuple[torch.Tensor, ...]:
+        """One table for every layer type, from the M-RoPE rows (the text model drops the text row of 4-row ids)."""
+        if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+            position_ids = position_ids[1:]
+        return self.language_model.rotary_emb(hidden_states, position_ids=position_ids)
+
     # ------------------------------------------------------------------------------------ hybrid layer stack
+    def layer_type(self, index: int) -> str:
+        """``"linear_attention"`` or ``"full_attention"`` (``text_config.layer_types``): the key of its mask."""
+        return str(self.text_config.layer_types[index])
+
     def is_attention_layer(self, index: int) -> bool:
-        return self.layer_types[index] != "linear_attention"
+        return self.layer_type(index) != "linear_attention"
 
-    def layer_mask(self, index: int, valid: torch.Tensor, causal_mask: Any) -> Any:
-        """Linear-attention layers: the 2-D padding mask of the rebuilt sequence (as the text model builds it)."""
-        if self.is_attention_layer(index):
-            return causal_mask
-        return transformers_compat.recurrent_padding_mask(self.text_config, valid)
+    def prefill_masks(
+        self,
+        valid: torch.Tensor,
+        source: torch.Tensor,
+        dtype: torch.dtype,
+        key_length: int | None,
+        model_kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Full-attention layers: the causal mask; linear-attention layers: the 2-D padding mask of the rebuilt
+        sequence, as the text model builds it (``create_recurrent_attention_mask``)."""
+        masks = super().prefill_masks(valid, source, dtype, key_length, model_kwargs)
+        if "linear_attention" in masks:
+            masks["linear_attention"] = transformers_compat.recurrent_padding_mask(self.text_config, valid)
+        return masks
 
-    def token_mixer(self, index: int, normed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def token_mixer(self, index: int, normed: torch.Tensor, mask: Any) -> torch.Tensor:
         """The Gated DeltaNet of linear layer ``index`` over the whole (left-padded) sequence, without a cache:
         ``(B, S, d)``."""
         if self.is_attention_layer(index):
-            return super().token_mixer(index, normed, valid)
-        mixer = self.layers[index].linear_attn
-        return mixer(normed, attention_mask=self.layer_mask(index, valid, None), cache=None)
+            return super().token_mixer(index, normed, mask)
+        return self.layers[index].linear_attn(normed, attention_mask=mask, cache=None)
 
     def attention_queries(self, attn: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``q_proj`` gives each head's query and gate side by side (``Qwen3_5Attention.forward``)."""

@@ -18,6 +18,7 @@ What differs from LLaVA, as of transformers 5.x:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from piofvlm import transformers_compat
 from piofvlm.adapters.base import ModelAdapter, items_in_prompt_order, prompt_items
+from piofvlm.adapters.boxes import TokenBoxes, frame_names, raster_boxes, split_by_sample
 from piofvlm.adapters.registry import register_adapter
 from piofvlm.core.guard import guarded
 
@@ -218,6 +220,36 @@ class QwenVLAdapter(ModelAdapter):
                 }
             )
         return sources
+
+    # ------------------------------------------------------------------------------------------------ overlays
+    def token_boxes(
+        self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[TokenBoxes]:
+        """Dynamic resolution: an image's ``(h / merge) x (w / merge)`` merged grid (from ``image_grid_thw``; not
+        square in general) in raster order over the whole picture (the processor resizes it, aspect kept, to a
+        multiple of ``patch * merge``); a video one view per temporal patch (``temporal_patch_size`` source frames)
+        with the same grid. Items in prompt order."""
+        visual = self.visual_slots(model_kwargs)
+        modality = self.visual_modality(model_kwargs["input_ids"], model_kwargs).cpu().masked_fill(~visual, -1)
+        grids = {}
+        for value, name in ((0, "image"), (1, "video")):
+            grid = model_kwargs.get(f"{name}_grid_thw")
+            grids[value] = [] if grid is None or not bool((modality == value).any()) else grid.tolist()
+        merge = self.merge_size
+        sizes = {value: [t * h * w // merge**2 for t, h, w in grid] for value, grid in grids.items()}
+        order = prompt_items(modality, sizes)
+        if order is None:
+            raise ValueError(f"{self.model_type}: the image / video grids {grids} do not match the visual tokens")
+        items = []
+        for (sample, tokens), (kind, index, _) in zip(
+            split_by_sample(visual, [count for _, _, count in order]), order, strict=True
+        ):
+            t, h, w = grids[kind][index]
+            boxes = raster_boxes(h // merge, w // merge).repeat(t, 1)
+            view = torch.arange(t).repeat_interleave(h * w // merge**2)
+            views = ("image",) if kind == 0 else frame_names(t)
+            items.append(TokenBoxes(sample, ("image", "video")[kind], tokens, boxes, view, views))
+        return items
 
     # ---------------------------------------------------------------------------------------------- checks
     def check_attention(self) -> None:

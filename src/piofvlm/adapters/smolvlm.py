@@ -15,12 +15,14 @@ Idefics3 is the same model under another name (``Idefics3Processor.replace_image
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from piofvlm.adapters.base import ModelAdapter
+from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, closest_grid, in_region
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -68,3 +70,56 @@ class SmolVLMAdapter(ModelAdapter):
                     }
                 )
         return tiles
+
+    def token_boxes(
+        self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[TokenBoxes]:
+        """Per image: its ``rows x cols`` tiles over the picture (view ``"tiles"``, each tile a square grid) and the
+        global view (``"global"``, the whole picture); an image small enough not to be split has the global view only
+        (``"image"``). The runs of an image end at its global view, the run the ``<global-img>`` token (the token
+        before each sample's last run) opens. The processor does not pass its tile grid on, so it is the grid of
+        that many tiles closest to the picture's aspect (``source_sizes`` are needed for split images): the
+        processor's own grid, whose aspect follows the picture's up to rounding to whole tiles."""
+        side = self.tile_side
+        input_ids = model_kwargs["input_ids"].cpu()
+        visual = self.visual_slots(model_kwargs)
+        items: list[TokenBoxes] = []
+        for sample, row in enumerate(visual):
+            starts = (row & ~torch.nn.functional.pad(row, (1, 0))[:-1]).nonzero()[:, 0].tolist()
+            if not starts:
+                continue
+            if starts[0] == 0:
+                raise ValueError(
+                    f"{self.model_type}: a prompt starts with an image token; the processor opens tiles with text"
+                )
+            global_id = int(input_ids[sample, starts[-1] - 1])
+            runs: list[int] = []  # the current image's runs (their start)
+            for start in starts:
+                runs.append(start)
+                if int(input_ids[sample, start - 1]) != global_id:
+                    continue
+                tiles = len(runs) - 1
+                first = int(row[: runs[0]].sum())
+                tokens = torch.arange(first, first + (tiles + 1) * side * side)
+                token = torch.arange(side * side)
+                grid = cell_boxes(token // side, token % side, side, side)  # (side**2, 4) within one tile
+                if tiles == 0:
+                    items.append(TokenBoxes(sample, "image", tokens, grid, torch.zeros_like(token), ("image",)))
+                else:
+                    index = len(items)
+                    if source_sizes is None or index >= len(source_sizes):
+                        raise ValueError(
+                            f"{self.model_type}: image {index} is split into {tiles} tiles, laid out by the picture's "
+                            "size: pass source_sizes=[(width, height), ...] of the images, in prompt order"
+                        )
+                    rows, cols = closest_grid(tiles, *source_sizes[index])
+                    regions = [
+                        (c / cols, r / rows, (c + 1) / cols, (r + 1) / rows) for r in range(rows) for c in range(cols)
+                    ]
+                    boxes = torch.cat([*(in_region(grid, region) for region in regions), grid])
+                    view = torch.cat([torch.zeros(tiles * side * side, dtype=torch.long), torch.ones_like(token)])
+                    items.append(TokenBoxes(sample, "image", tokens, boxes, view, ("tiles", "global")))
+                runs = []
+            if runs:
+                raise ValueError(f"{self.model_type}: tile runs after the last global view of a sample")
+        return items

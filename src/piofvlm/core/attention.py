@@ -8,6 +8,8 @@ states entering it. The result does not depend on the attention implementation t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from piofvlm.adapters.base import ModelAdapter
@@ -51,6 +53,7 @@ def layer_attention(
     position_embeddings: tuple[torch.Tensor, ...],
     valid: torch.Tensor,
     query_slots: torch.Tensor,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal softmax attention of decoder layer ``layer_index`` for the given query slots, in fp32.
 
@@ -61,6 +64,7 @@ def layer_attention(
         position_embeddings: ``(cos, sin)`` of the current layout.
         valid: ``(B, S)`` bool, real tokens (padding keys are masked out).
         query_slots: ``(B, n)`` long, slots whose attention rows are wanted.
+        allowed: ``(B, 1, n, S)`` bool keys each query sees (``StageContext.allowed_keys``); None: causal.
 
     Returns:
         ``(B, H, n, S)`` attention probabilities (rows sum to 1 over the allowed keys).
@@ -83,8 +87,9 @@ def layer_attention(
     k = layer_keys(adapter, layer_index, hidden, position_embeddings)  # (B, H_kv, S, hd)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scaling  # (B, H, n, S)
-    key_index = torch.arange(seq_len, device=hidden.device)
-    allowed = valid[:, None, None, :] & (key_index[None, None, None, :] <= query_slots[:, None, :, None])
+    if allowed is None:
+        key_index = torch.arange(seq_len, device=hidden.device)
+        allowed = valid[:, None, None, :] & (key_index[None, None, None, :] <= query_slots[:, None, :, None])
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
@@ -96,6 +101,7 @@ def attention_received(
     valid: torch.Tensor,
     query: str,
     chunk: int = 256,
+    key_mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``(B, S)`` attention each slot receives, averaged over heads, from the last query or from every query.
 
@@ -103,15 +109,19 @@ def attention_received(
         query: ``"last"``: the last prompt token's row; ``"mean"``: the mean over every real query row (rows that
             cannot see a key contribute 0 to it, as in an eager attention map).
         chunk: query rows per step for ``"mean"`` (bounds memory to ``B * H * chunk * S``).
+        key_mask: ``query_slots (B, n) -> (B, 1, n, S)`` bool keys those queries see; None: causal.
     """
     batch_size, seq_len = valid.shape
     if query == "last":
         slots = torch.full((batch_size, 1), seq_len - 1, dtype=torch.long, device=valid.device)
-        return layer_attention(adapter, layer_index, hidden, position_embeddings, valid, slots)[:, :, 0].mean(1)
+        allowed = None if key_mask is None else key_mask(slots)
+        probs = layer_attention(adapter, layer_index, hidden, position_embeddings, valid, slots, allowed)
+        return probs[:, :, 0].mean(1)
     total = torch.zeros(batch_size, seq_len, dtype=torch.float32, device=valid.device)
     for start in range(0, seq_len, chunk):
         slots = torch.arange(start, min(start + chunk, seq_len), device=valid.device)[None].expand(batch_size, -1)
-        probs = layer_attention(adapter, layer_index, hidden, position_embeddings, valid, slots).mean(1)  # (B,n,S)
+        allowed = None if key_mask is None else key_mask(slots)
+        probs = layer_attention(adapter, layer_index, hidden, position_embeddings, valid, slots, allowed).mean(1)
         probs = torch.nan_to_num(probs) * valid.gather(1, slots)[..., None]  # padding query rows are empty
         total += probs.sum(1)
     return total / valid.sum(1, keepdim=True).clamp(min=1)

@@ -182,11 +182,16 @@ class VisionInputs:
             raise RuntimeError("no image inputs were captured for this prefill (call the model with pixel_values)")
         image_inputs = {**self.kwargs, **{k: v for k, v in self.image_kwargs.items() if v is not None}}
         image_inputs["input_ids"] = self.input_ids
-        images = self.adapter.visual_token_sources(image_inputs)  # per image of the batch, in order
         mask = self.kwargs.get("attention_mask")
-        visual = self.adapter.visual_token_mask(self.input_ids)
-        if isinstance(mask, torch.Tensor) and mask.shape == visual.shape:  # 2-D; a static cache's 4-D mask: no padding
-            visual = visual & mask.bool()  # information needed, padding slots hold no image token
+        visual = self.adapter.visual_token_mask(self.input_ids)  # (B, S)
+        if isinstance(mask, torch.Tensor) and mask.shape == visual.shape:  # the 2-D padding mask
+            visual = visual & mask.bool()
+        else:
+            # generate() on a static cache passes a 4-D mask ({"full_attention": ...} for Qwen2-based models): no
+            # padding information is needed, padding slots hold no image token (the prefill refuses that). Adapters
+            # read attention_mask as the (B, S) padding mask: they get none.
+            image_inputs.pop("attention_mask", None)
+        images = self.adapter.visual_token_sources(image_inputs)  # per image of the batch, in order
         per_sample = visual.sum(1).tolist()
         width = max(per_sample)
         tables = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,28 @@ class StageContext:
     sample_keys: torch.Tensor
     adapter: ModelAdapter
     model: nn.Module
+    #: Per layer type (``adapter.layer_type``): the masks and rotary tables of the current layout. Empty: every
+    #: layer gets :attr:`attention_mask` and :attr:`position_embeddings` (those of layer :attr:`layer`'s type).
+    masks: dict[str, Any] = field(default_factory=dict)
+    rotary: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    #: ``(layer_index, query_slots (B, n)) -> (B, 1, n, S)`` bool keys those queries see in that layer; None: causal.
+    key_mask: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+
+    def layer_mask(self, index: int) -> Any:
+        """The attention mask decoder layer ``index`` gets in the current layout."""
+        return self.masks.get(self.adapter.layer_type(index), self.attention_mask)
+
+    def layer_rotary(self, index: int) -> tuple[torch.Tensor, ...]:
+        """The ``(cos, sin)`` decoder layer ``index`` gets in the current layout."""
+        return self.rotary.get(self.adapter.layer_type(index), self.position_embeddings)
+
+    def allowed_keys(self, index: int, query_slots: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, n, S)`` bool: the keys the queries at ``query_slots`` ``(B, n)`` see in decoder layer ``index``
+        (causal over real keys, plus e.g. Gemma 3's image blocks and sliding windows)."""
+        if self.key_mask is not None:
+            return self.key_mask(index, query_slots)
+        key_index = torch.arange(self.valid.shape[1], device=self.valid.device)
+        return self.valid[:, None, None, :] & (key_index[None, None, None, :] <= query_slots[:, None, :, None])
 
     @property
     def visual(self) -> torch.Tensor:

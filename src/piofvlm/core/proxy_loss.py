@@ -58,8 +58,8 @@ def _reference_logits(
     layer = adapter.layers[layer_index]
     out = layer(
         x,
-        attention_mask=adapter.layer_mask(layer_index, ctx.valid, ctx.attention_mask),
-        position_embeddings=ctx.position_embeddings,
+        attention_mask=ctx.layer_mask(layer_index),
+        position_embeddings=ctx.layer_rotary(layer_index),
         position_ids=adapter.layer_position_ids(ctx.position_ids),
         **transformers_compat.without_cache(layer),
     )
@@ -96,15 +96,14 @@ def _fast_logits(
     # matrix products (on the strided (S, H, hd) view, q @ k^T took ~40x longer on CPU).
     q, k = q.transpose(1, 2), k.transpose(1, 2).contiguous()  # (B, H, n, hd), (B, H_kv, S, hd)
 
-    cos, sin = ctx.position_embeddings[0], ctx.position_embeddings[1]
+    cos, sin = ctx.layer_rotary(layer_index)[:2]
     batch_dim = adapter.rotary_batch_dim
     q, _ = rotary(q, q, gather_sequence(cos, slots, batch_dim), gather_sequence(sin, slots, batch_dim))
     _, k = rotary(k, k, cos, sin)
 
     num_heads, num_kv = q.shape[1], k.shape[1]
     group = num_heads // num_kv
-    key_index = torch.arange(seq_len, device=x.device)
-    allowed = ctx.valid[:, None, None, :] & (key_index[None, None, None, :] <= slots[:, None, :, None])  # (B,1,n,S)
+    allowed = ctx.allowed_keys(layer_index, slots)  # (B, 1, n, S): causal, plus image blocks / windows (Gemma 3)
     # Grouped heads: the G query heads of a KV head share its keys, so (G n) query rows per KV head.
     scores = q.reshape(batch_size, num_kv, group * num_q, head_dim) @ k.transpose(-1, -2)  # (B, H_kv, G n, S)
     # The softmax in at least fp32 (as eager attention and SDPA's kernels do for half precision); fp64 stays fp64.
@@ -136,7 +135,7 @@ def _fast_mixer_logits(
     """
     adapter = ctx.adapter
     layer = adapter.layers[layer_index]
-    mixed = adapter.token_mixer(layer_index, layer.input_layernorm(x), ctx.valid)  # (B, S, d)
+    mixed = adapter.token_mixer(layer_index, layer.input_layernorm(x), ctx.layer_mask(layer_index))  # (B, S, d)
     index = slots[..., None].expand(-1, -1, x.shape[-1])
     out = adapter.decoder_layer_output(layer, x.gather(1, index), mixed.gather(1, index))  # (B, n, d)
     return head(adapter.final_norm(out))  # (B, n, V)
@@ -208,4 +207,7 @@ def _cloned_context(ctx: StageContext) -> StageContext:
         sample_keys=ctx.sample_keys,
         adapter=ctx.adapter,
         model=ctx.model,
+        masks={kind: clone(mask) for kind, mask in ctx.masks.items()},
+        rotary={kind: tuple(clone(t) for t in tables) for kind, tables in ctx.rotary.items()},
+        key_mask=ctx.key_mask,
     )

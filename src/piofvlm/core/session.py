@@ -48,8 +48,9 @@ class _Layout:
     groups: torch.Tensor  # budget group of visual slots, -1 otherwise
     visual_index: torch.Tensor  # index among the sample's original visual tokens, -1 otherwise
     shift: torch.Tensor  # (B,) tokens dropped so far (decode position shift under "renumber")
-    attention_mask: Any
-    position_embeddings: tuple[torch.Tensor, ...]
+    # Per layer type (``adapter.layer_type``): the attention mask and the rotary tables (cos, sin) the layers get.
+    masks: dict[str, Any]
+    rotary: dict[str, tuple[torch.Tensor, ...]]
     position_ids: torch.Tensor
 
     @property
@@ -89,6 +90,7 @@ class _Call:
     layout: _Layout | None = None  # prefill only
     pruned: bool = False
     input_ids: torch.Tensor | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # prefill only: the multimodal call's arguments
     original_counts: torch.Tensor | None = None  # (B, G) visual tokens per group before any stage
     sample_keys: torch.Tensor | None = None
     attention_mask_2d: torch.Tensor | None = None  # decode only
@@ -96,7 +98,7 @@ class _Call:
     static_length: int | None = None  # key length of every layer of a static KV cache, None for a dynamic one
     segments: list[_Segment] = field(default_factory=list)  # decode only: the layout of the cache being continued
     renumber: bool = False  # decode only: that cache was pruned with positions="renumber"
-    decode_cache: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)
+    decode_cache: dict[tuple[int, str], tuple[Any, Any, Any]] = field(default_factory=dict)  # (segment, type)
 
 
 class PruningHandle:
@@ -203,7 +205,16 @@ class PruningHandle:
                 "piofvlm supports a static KV cache with attn_implementation 'sdpa' or 'eager', not "
                 f"{self.adapter.text_config._attn_implementation!r}; use the default dynamic cache"
             )
-        attention_mask, mask_4d = self._split_mask(kwargs.get("attention_mask"), static_length)
+        attention_mask = kwargs.get("attention_mask")
+        outer_mask = (pending[1] if pending is not None else {}).get("attention_mask")
+        if isinstance(attention_mask, dict) and self.adapter.rebuilds_layer_type_masks:
+            # Per-layer-type masks the multimodal model built (Gemma 3): rebuilt from its 2-D padding mask.
+            if outer_mask is not None and not (isinstance(outer_mask, torch.Tensor) and outer_mask.dim() == 2):
+                raise ValueError(
+                    "piofvlm needs a 2-D padding attention_mask (or None); a custom or prepared 4-D mask was given"
+                )
+            attention_mask = outer_mask
+        attention_mask, mask_4d = self._split_mask(attention_mask, static_length)
         if static_length is not None and embeds.shape[1] == 1 and self._segments and torch.compiler.is_compiling():
             prefill = False  # a compiled one-token step on a static cache this handle prefilled: no graph break
         else:
@@ -446,8 +457,8 @@ class PruningHandle:
             groups=groups,
             visual_index=visual_index,
             shift=torch.zeros(batch_size, dtype=torch.long, device=device),
-            attention_mask=None,  # filled in by the first hooked layer from its own arguments
-            position_embeddings=(),
+            masks={},  # filled in by the first hooked layer of each type from its own arguments
+            rotary={},
             position_ids=position_ids,
         )
         self._segments = []
@@ -460,6 +471,7 @@ class PruningHandle:
             hidden_dtype=embeds.dtype,
             layout=layout,
             input_ids=input_ids,
+            model_kwargs=model_kwargs,
             original_counts=original_counts,
             sample_keys=_sample_keys(input_ids.to(device), valid),
         )
@@ -491,9 +503,10 @@ class PruningHandle:
 
     def _prefill_layer(self, index: int, call: _Call, args: tuple, kwargs: dict):
         layout = call.layout
-        if not layout.position_embeddings:
-            layout.attention_mask = self._captured_mask(index, call, kwargs)
-            layout.position_embeddings = tuple(kwargs["position_embeddings"])
+        layer_type = self.adapter.layer_type(index)
+        if not call.pruned and layer_type not in layout.rotary:
+            layout.masks[layer_type] = kwargs.get("attention_mask")
+            layout.rotary[layer_type] = tuple(kwargs["position_embeddings"])
         hidden = args[0] if args else kwargs["hidden_states"]
         if index in self._stage_at_layer:
             hidden, layout = self._prune(self._stage_at_layer[index], index, call, hidden)
@@ -501,21 +514,13 @@ class PruningHandle:
         if not call.pruned:
             return None
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = self.adapter.layer_mask(index, layout.valid, layout.attention_mask)
-        kwargs["position_embeddings"] = layout.position_embeddings
+        kwargs["attention_mask"] = layout.masks[layer_type]
+        kwargs["position_embeddings"] = layout.rotary[layer_type]
         kwargs["position_ids"] = self.adapter.layer_position_ids(layout.position_ids)
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
         return args, kwargs
-
-    def _captured_mask(self, index: int, call: _Call, kwargs: dict) -> Any:
-        """The full-attention mask of the unpruned prefill: the one the first hooked layer got, or, when that layer is
-        not an attention layer (a hybrid stack's linear-attention layer gets a 2-D padding mask), the same causal
-        mask rebuilt by the model's own mask functions."""
-        if self.adapter.is_attention_layer(index):
-            return kwargs.get("attention_mask")
-        return self._prefill_mask(call, call.layout.valid, call.hidden_dtype)
 
     def _budgets(self, stage: int, call: _Call, layout: _Layout) -> torch.Tensor:
         num_groups = call.original_counts.shape[1]
@@ -535,6 +540,20 @@ class PruningHandle:
     def _prune(self, stage: int, index: int, call: _Call, hidden: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
         layout = call.layout
         budgets = self._budgets(stage, call, layout)
+        adapter = self.adapter
+        for layer_type in adapter.layer_types:  # types whose first layer comes after this one: from the positions
+            if layer_type not in layout.rotary:
+                layout.rotary[layer_type] = tuple(adapter.rotary_embeddings(hidden, layout.position_ids, layer_type))
+        if any(kind not in layout.masks for kind in adapter.layer_types):  # and their masks (same mask functions)
+            built = self._prefill_masks(call, layout, hidden.dtype)
+            layout.masks = {kind: layout.masks.get(kind, built[kind]) for kind in adapter.layer_types}
+        layer_type = adapter.layer_type(index)
+        source, valid, model_kwargs = layout.source, layout.valid, call.model_kwargs
+
+        def key_mask(layer_index: int, query_slots: torch.Tensor) -> torch.Tensor:
+            kind = adapter.layer_type(layer_index)
+            return adapter.allowed_keys(kind, valid, source, query_slots, model_kwargs)
+
         ctx = StageContext(
             stage=stage,
             layer=index,
@@ -543,12 +562,15 @@ class PruningHandle:
             groups=layout.groups,
             visual_index=layout.visual_index,
             budgets=budgets,
-            attention_mask=layout.attention_mask,
-            position_embeddings=layout.position_embeddings,
+            attention_mask=layout.masks.get(layer_type),
+            position_embeddings=layout.rotary[layer_type],
             position_ids=layout.position_ids,
             sample_keys=call.sample_keys,
             adapter=self.adapter,
             model=self.model,
+            masks=dict(layout.masks),
+            rotary=dict(layout.rotary),
+            key_mask=key_mask,
         )
         self._selecting = True
         try:
@@ -576,8 +598,11 @@ class PruningHandle:
             new_layout, gather_index = self._rebuild(layout, keep_slot, hidden)
             hidden = hidden.gather(1, gather_index[..., None].expand(-1, -1, hidden.shape[-1]))
             if self.method.positions == "renumber":
-                new_layout.position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, new_layout.position_ids))
-            new_layout.attention_mask = self._prefill_mask(call, new_layout.valid, hidden.dtype)
+                new_layout.rotary = {
+                    kind: tuple(adapter.rotary_embeddings(hidden, new_layout.position_ids, kind))
+                    for kind in adapter.layer_types
+                }
+            new_layout.masks = self._prefill_masks(call, new_layout, hidden.dtype)
         self._segments.append(_Segment(first_layer=index, valid=new_layout.valid, shift=new_layout.shift))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
@@ -589,13 +614,10 @@ class PruningHandle:
             )
         return hidden, new_layout
 
-    def _prefill_mask(self, call: _Call, valid: torch.Tensor, dtype: torch.dtype) -> Any:
-        """The causal mask of a rebuilt prefill; on a static cache its keys span the whole buffer (unused: masked)."""
-        seq_len = valid.shape[1]
-        if call.static_length is None:
-            return causal_padding_mask(self.adapter.text_config, valid, seq_len, dtype)
-        key_valid = torch.nn.functional.pad(valid, (0, call.static_length - seq_len), value=False)
-        return causal_padding_mask(self.adapter.text_config, key_valid, seq_len, dtype, q_offset=0)
+    def _prefill_masks(self, call: _Call, layout: _Layout, dtype: torch.dtype) -> dict[str, Any]:
+        """The masks of a rebuilt prefill, per layer type (the adapter builds them: causal by default); on a static
+        cache their keys span the whole buffer (unused: masked)."""
+        return self.adapter.prefill_masks(layout.valid, layout.source, dtype, call.static_length, call.model_kwargs)
 
     def _rebuild(self, layout: _Layout, keep_slot: torch.Tensor, hidden: torch.Tensor) -> tuple[_Layout, torch.Tensor]:
         """Compact the kept slots of every sample to the right of a new, shorter, left-padded sequence."""
@@ -623,18 +645,19 @@ class PruningHandle:
             position_ids = self.adapter.renumber_positions(
                 position_ids, gather_sequence(dropped_before, gather_index, 0)
             )
-            position_embeddings: tuple[torch.Tensor, ...] = ()
+            rotary: dict[str, tuple[torch.Tensor, ...]] = {}
         else:
-            position_embeddings = tuple(
-                gather_sequence(t, gather_index, self.adapter.rotary_batch_dim) for t in layout.position_embeddings
-            )
+            rotary = {
+                kind: tuple(gather_sequence(t, gather_index, self.adapter.rotary_batch_dim) for t in tables)
+                for kind, tables in layout.rotary.items()
+            }
         new_layout = _Layout(
             source=take(layout.source, -1),
             groups=take(layout.groups, -1),
             visual_index=take(layout.visual_index, -1),
             shift=layout.shift + dropped.sum(1),
-            attention_mask=None,
-            position_embeddings=position_embeddings,
+            masks={},
+            rotary=rotary,
             position_ids=position_ids,
         )
         return new_layout, gather_index
@@ -657,10 +680,10 @@ class PruningHandle:
         before = [i for i, seg in enumerate(call.segments) if seg.first_layer <= index]
         if not before:
             return None  # a layer before the cache's first prune point: its cache is the unpruned prompt
-        segment_id = before[-1]
-        if segment_id not in call.decode_cache:
-            call.decode_cache[segment_id] = self._decode_inputs(segment_id, index, call, args, kwargs)
-        mask, position_embeddings, position_ids = call.decode_cache[segment_id]
+        key = (before[-1], self.adapter.layer_type(index))
+        if key not in call.decode_cache:
+            call.decode_cache[key] = self._decode_inputs(key[0], index, call, args, kwargs)
+        mask, position_embeddings, position_ids = call.decode_cache[key]
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = mask
         if position_embeddings is not None:
@@ -669,7 +692,9 @@ class PruningHandle:
         return args, kwargs
 
     def _decode_inputs(self, segment_id: int, index: int, call: _Call, args: tuple, kwargs: dict):
+        """Mask (and, under "renumber", positions) of the layers of one segment and layer type while decoding."""
         segment = call.segments[segment_id]
+        layer_type = self.adapter.layer_type(index)
         hidden = args[0] if args else kwargs["hidden_states"]
         query_length = hidden.shape[1]
         cache = transformers_compat.cache_from_kwargs(kwargs)
@@ -683,14 +708,17 @@ class PruningHandle:
             if mask_2d is not None and mask_2d.shape[1] >= new_tokens:
                 new_valid = mask_2d[:, mask_2d.shape[1] - new_tokens :].to(device=hidden.device, dtype=torch.bool)
             key_valid = torch.cat([segment.valid, new_valid], dim=1)
-            mask = causal_padding_mask(self.adapter.text_config, key_valid, query_length, hidden.dtype)
+            if cache is not None:  # a sliding-window layer presents only its last keys (counted in kept slots)
+                past = transformers_compat.visible_past_keys(cache, index, query_length)
+                key_valid = key_valid[:, key_valid.shape[1] - past - query_length :]
+            mask = self.adapter.decode_mask(layer_type, key_valid, query_length, hidden.dtype)
         if not call.renumber:
             return mask, None, None
         position_ids = call.position_ids
         if position_ids is None:
             position_ids = self.adapter.default_position_ids(hidden.shape[0], query_length, hidden.device) + cached
         position_ids = self.adapter.renumber_positions(position_ids, segment.shift[:, None])
-        position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, position_ids))
+        position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, position_ids, layer_type))
         return mask, position_embeddings, position_ids
 
 

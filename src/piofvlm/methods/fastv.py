@@ -64,4 +64,12 @@ class FastV(TokenPruner):
             index, hidden = ctx.layer - 1, self._inputs.get(ctx.layer - 1, ctx)
         else:
             index, hidden = ctx.layer, ctx.hidden_states
-        return attention_received(ctx.adapter, index, hidden, ctx.position_embeddings, ctx.valid, self.query)
+        return attention_received(
+            ctx.adapter,
+            index,
+            hidden,
+            ctx.layer_rotary(index),
+            ctx.valid,
+            self.query,
+            key_mask=lambda slots: ctx.allowed_keys(index, slots),
+        )

@@ -40,5 +40,11 @@ class PDrop(TokenPruner):
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         return attention_received(
-            ctx.adapter, ctx.layer, ctx.hidden_states, ctx.position_embeddings, ctx.valid, query="last"
+            ctx.adapter,
+            ctx.layer,
+            ctx.hidden_states,
+            ctx.position_embeddings,
+            ctx.valid,
+            query="last",
+            key_mask=lambda slots: ctx.allowed_keys(ctx.layer, slots),
         )

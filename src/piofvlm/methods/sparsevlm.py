@@ -70,7 +70,10 @@ class SparseVLM(TokenPruner):
         # Text slots per sample, padded with the last slot (masked below).
         order = torch.sort((~text).long(), dim=1, stable=True).indices[:, :num_text]  # (B, T) text slots first
         row_ok = text.gather(1, order)  # (B, T)
-        probs = layer_attention(ctx.adapter, ctx.layer, ctx.hidden_states, ctx.position_embeddings, ctx.valid, order)
+        allowed = ctx.allowed_keys(ctx.layer, order)
+        probs = layer_attention(
+            ctx.adapter, ctx.layer, ctx.hidden_states, ctx.position_embeddings, ctx.valid, order, allowed
+        )
         probs = torch.nan_to_num(probs.mean(1))  # (B, T, S)
         to_visual = (probs * visual[:, None, :]).sum(-1) / visual.sum(1, keepdim=True).clamp(min=1)  # (B, T)
         mean = (to_visual * row_ok).sum(1, keepdim=True) / row_ok.sum(1, keepdim=True).clamp(min=1)

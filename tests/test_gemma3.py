@@ -1,0 +1,144 @@
+"""Gemma 3: local (sliding-window) and global layers, bidirectional image blocks. The standard invariants run in the
+parametrized matrices of ``test_qwen.py`` / ``test_methods_matrix.py``; here, what is particular to the family.
+
+The tiny model alternates local and global layers (local first) with a 16-slot window, shorter than every standard
+prompt, so pruning changes what a window covers. The decision tested: **a window counts kept slots**.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import piofvlm
+from conftest import FixedSelection
+from piofvlm import transformers_compat
+from piofvlm.toy_families import GEMMA3_IMAGE_ID, GEMMA3_WINDOW
+from test_qwen import make_inputs, model
+
+
+def _kept_sequence_reference(m, inputs, keep_slot: torch.Tensor, positions: str) -> torch.Tensor:
+    """Logits of the unhooked model run on the kept tokens alone (``(1, S')``): embeddings with the image features
+    merged, the kept ones gathered, their ``token_type_ids`` (so the image blocks are the kept tokens' runs) and
+    their positions (original ones, or ``0..S'-1``)."""
+    with torch.no_grad():
+        embeds = m.model.get_input_embeddings()(inputs["input_ids"])
+        features = m.model.get_image_features(inputs["pixel_values"]).pooler_output.to(embeds.dtype)
+        visual = (inputs["input_ids"] == GEMMA3_IMAGE_ID)[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(visual, features)
+        kept = embeds[:, keep_slot]
+        length = kept.shape[1]
+        position_ids = torch.arange(keep_slot.shape[0])[keep_slot][None] if positions == "keep" else None
+        out = m.model(
+            inputs_embeds=kept,
+            token_type_ids=inputs["token_type_ids"][:, keep_slot],
+            attention_mask=torch.ones(1, length, dtype=torch.long),
+            position_ids=position_ids,
+        )
+        return m.lm_head(out.last_hidden_state)
+
+
+@pytest.mark.parametrize("positions", ["keep", pytest.param("renumber", marks=pytest.mark.slow)])
+def test_pruned_before_layer_0_equals_the_model_on_the_kept_tokens(positions):
+    """Pruned before layer 0, every layer must compute what the stock model computes on the kept tokens alone: local
+    windows over the last 16 *kept* slots, the kept tokens of each image attending to each other, local and global
+    RoPE at the kept tokens' positions. Every kept position's logits are compared (image tokens included)."""
+    m = model("gemma3")
+    inputs = make_inputs("gemma3", indices=(2,))  # two images, one sample: no padding
+    ids = inputs["input_ids"][0]
+    visual = ids == GEMMA3_IMAGE_ID
+    chosen = list(range(0, int(visual.sum()), 3))  # every third image token, over both images
+    visual_index = visual.long().cumsum(0) - 1
+    keep_slot = ~visual | (visual & torch.isin(visual_index, torch.tensor(chosen)))
+    # The test can tell the two window rules apart: at the last token, the last 16 kept slots reach further back
+    # than the last 16 original positions.
+    last = ids.shape[0] - 1
+    kept_positions = torch.arange(ids.shape[0])[keep_slot]
+    assert int(kept_positions[-GEMMA3_WINDOW]) < last - GEMMA3_WINDOW + 1
+    fixed = FixedSelection(layers=[0], keep=len(chosen), budget_scope="sample", chosen=[[chosen]], positions=positions)
+    with torch.no_grad(), fixed(m):
+        pruned = m(**inputs).logits
+    reference = _kept_sequence_reference(m, inputs, keep_slot, positions)
+    assert pruned.shape == reference.shape == (1, int(keep_slot.sum()), reference.shape[-1])
+    torch.testing.assert_close(pruned, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_sliding_layers_cache_the_last_window_of_kept_slots():
+    """After pruning at layer 1, every layer from 1 on has seen the kept sequence; a local layer presents its last
+    ``window - 1`` slots of it, a global layer all of them; decoding continues on those lengths."""
+    m = model("gemma3")
+    inputs = make_inputs("gemma3")
+    method = piofvlm.get_method("random", layers=[1], keep=0.5)
+    with torch.no_grad(), method(m):
+        out = m(**inputs, use_cache=True)
+    cache = transformers_compat.output_cache(out)
+    length = inputs["input_ids"].shape[1]
+    kept = [len(k) for k in method.last_selection[0].kept]  # per sample
+    text = ((inputs["input_ids"] != GEMMA3_IMAGE_ID) & inputs["attention_mask"].bool()).sum(1)
+    kept_length = int((text + torch.tensor(kept)).max())
+    types = m.config.text_config.layer_types
+    assert [cache.get_seq_length(i) for i in range(len(types))] == [length, *[kept_length] * (len(types) - 1)]
+    presented = [transformers_compat.visible_past_keys(cache, i, 1) for i in range(len(types))]
+    expected = [
+        min(seen, GEMMA3_WINDOW - 1) if kind == "sliding_attention" else seen
+        for seen, kind in zip([length, *[kept_length] * (len(types) - 1)], types, strict=True)
+    ]
+    assert presented == expected
+    assert kept_length > GEMMA3_WINDOW  # the window cuts the kept sequence too
+
+
+def test_static_cache_is_refused_with_a_clear_error():
+    m = model("gemma3")
+    inputs = make_inputs("gemma3", indices=(0,))
+    with torch.no_grad(), piofvlm.get_method("random", layers=[1], keep=0.5)(m):
+        with pytest.raises(ValueError, match="(?s)static KV caches of full-attention layers only.*Sliding"):
+            m.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def test_bidirectional_text_config_is_refused():
+    m = model("gemma3")
+    inputs = make_inputs("gemma3", indices=(0,))
+    config = m.config.text_config
+    config.use_bidirectional_attention = True
+    try:
+        with pytest.raises(ValueError, match="use_bidirectional_attention"):
+            with torch.no_grad(), piofvlm.get_method("random", layers=[1], keep=0.5)(m):
+                m(**inputs)
+    finally:
+        config.use_bidirectional_attention = False
+
+
+def test_gemma4_is_refused_saying_what_is_missing():
+    """Gemma 4 is not supported yet: the error names the model type and each thing the mechanism lacks for it."""
+    from transformers import Gemma4Config
+
+    class Stub(torch.nn.Module):  # only the config is read before the refusal
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = Gemma4Config()
+
+    with pytest.raises(ValueError, match="(?s)'gemma4'.*not supported yet.*per-layer inputs.*KV-shared.*gemma3"):
+        piofvlm.get_method("random", layers=[1], keep=0.5).apply(Stub())
+
+
+@pytest.mark.parametrize("positions", ["keep", pytest.param("renumber", marks=pytest.mark.slow)])
+def test_second_turn_on_the_returned_cache_equals_no_cache_reference(positions):
+    """A 4-token follow-up on the pruned cache (pruned before layer 0 and at layer 2): its queries see, in local
+    layers, the window of kept slots behind each of them (multi-token decode masks), as a no-cache forward does."""
+    from test_reliability import reference_logits, second_turn
+
+    m = model("gemma3")
+    inputs = make_inputs("gemma3", indices=(0, 2))
+    layers, keep = [0, 2], [0.6, 0.3]
+    method = piofvlm.get_method("random", layers=layers, keep=keep, positions=positions)
+    with torch.no_grad(), method(m):
+        first = m.generate(
+            **inputs, max_new_tokens=3, do_sample=False, suppress_tokens=[4], return_dict_in_generate=True
+        )
+        cache = transformers_compat.output_cache(first)
+        assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2  # layer 0 padded to the unpruned length
+        records = method.last_selection
+        ids, logits = second_turn(m, inputs, cache, first.sequences)
+    assert method.last_selection is records  # no new prefill
+    expected = reference_logits(m, inputs, ids, records, layers, keep, positions)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
