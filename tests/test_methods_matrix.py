@@ -251,6 +251,7 @@ REFUSED = {
         for kind in ("internvl", "mistral3", "smolvlm", "idefics3", "glm4v", "glm46v", "gemma3")
     },
     **{(name, "llava_next_video"): "llava_next_video" for name in ENCODER_SIDE},
+    ("sparsevlm", "qwen3_5"): "qwen3_5",  # reads layer 2, a linear-attention layer of the tiny Qwen3.5
 }
 
 

@@ -42,8 +42,9 @@ def family(kind: str, attn: str = "sdpa"):
     return test_qwen.model(kind, attn), test_qwen.make_inputs(kind)
 
 
-#: Families with sliding-window layers: a static cache is refused (tests/test_gemma3.py checks the error).
-SLIDING_KINDS = ("gemma3",)
+#: Families with sliding-window or linear-attention layers: a static cache is refused (tests/test_gemma3.py and
+#: tests/test_qwen3_5.py check the error).
+SLIDING_KINDS = ("gemma3", "qwen3_5")
 FAMILIES = [
     ("llava", "sdpa"),
     ("llava", "eager"),

@@ -513,3 +513,80 @@ def test_sliding_cache_layers():
             "DynamicSlidingWindowLayer.cumulative_length/keys (the window keeps the last sliding_window - 1 slots)",
             "pad_cache_layer",
         )
+
+
+@functools.cache
+def qwen3_5():
+    """The tiny Qwen3.5 (linear, full, linear, full attention) and a left-padded batch of two."""
+    from piofvlm.toy_families import build_qwen3_5, qwen3_5_inputs
+
+    return build_qwen3_5(), qwen3_5_inputs((0, 1))
+
+
+def test_qwen3_5_partial_rotary_and_gated_queries():
+    """Qwen3.5 full-attention layers: ``(B, S, head_dim * partial_rotary_factor)`` tables rotating the first dims in
+    halves (``modeling_qwen3_5.apply_rotary_pos_emb``); ``q_proj`` gives per head the query then the gate."""
+    model, _ = qwen3_5()
+    adapter, hidden, position_ids = _rotary_case(model)
+    cos, sin = adapter.language_model.rotary_emb(hidden, position_ids=position_ids + 3)
+    attn = adapter.layers[1].self_attn
+    rotary_dim = int(attn.head_dim * adapter.text_config.rope_parameters["partial_rotary_factor"])
+    contract(
+        tuple(cos.shape) == (2, 6, rotary_dim), "the layout of Qwen3_5TextRotaryEmbedding's tables", "rotary_function"
+    )
+    q = torch.randn(2, 2, 6, attn.head_dim)
+    q_rot, _ = adapter.rotary_fn()(q, q, cos, sin)
+    contract(
+        torch.equal(q_rot[..., rotary_dim:], q[..., rotary_dim:])
+        and torch.allclose(q_rot[..., :rotary_dim].norm(dim=-1), q[..., :rotary_dim].norm(dim=-1), atol=1e-5),
+        "modeling_qwen3_5.apply_rotary_pos_emb (partial rotation, halves)",
+        "rotary_function",
+    )
+    contract(
+        attn.q_proj.out_features == 2 * attn.config.num_attention_heads * attn.head_dim,
+        "Qwen3_5Attention.q_proj (query and gate per head, 2 * H * head_dim outputs)",
+        "rotary_function",
+    )
+
+
+def test_recurrent_padding_mask_and_hybrid_cache():
+    """Linear-attention layers get the 2-D padding mask (None without padding); the hybrid cache holds their conv /
+    recurrent states, reports its length from the first attention layer, and counts as a dynamic cache."""
+    model, inputs = qwen3_5()
+    adapter = get_adapter(model)
+    calls: list[dict] = []
+    hook = record_calls(adapter.layers[0], calls)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+    finally:
+        hook.remove()
+    valid = inputs["attention_mask"].bool()
+    rebuilt = transformers_compat.recurrent_padding_mask(adapter.text_config, valid)
+    given = calls[0]["attention_mask"]
+    contract(
+        isinstance(given, torch.Tensor) and given.shape == valid.shape and torch.equal(rebuilt, given),
+        "the mask linear-attention layers receive (create_recurrent_attention_mask: the 2-D padding mask)",
+        "recurrent_padding_mask",
+    )
+    contract(
+        transformers_compat.recurrent_padding_mask(adapter.text_config, torch.ones_like(valid)) is None,
+        "create_recurrent_attention_mask (None without padding)",
+        "recurrent_padding_mask",
+    )
+    cache = transformers_compat.output_cache(out)
+    contract(transformers_compat.is_dynamic_cache(cache), "the hybrid cache's layer classes", "is_dynamic_cache")
+    index = transformers_compat.cache_length_layer(cache)
+    contract(
+        index == 1 and cache.get_seq_length() == cache.get_seq_length(1) == valid.shape[1],
+        "Cache.get_seq_length on a hybrid cache (the first attention layer's length)",
+        "cache_length_layer",
+    )
+    conv, recurrent = transformers_compat.linear_attention_states(cache, 0)
+    mixer = adapter.layers[0].linear_attn
+    contract(
+        tuple(conv.shape) == (2, mixer.conv_dim, mixer.conv_kernel_size)
+        and tuple(recurrent.shape) == (2, mixer.num_v_heads, mixer.head_k_dim, mixer.head_v_dim),
+        "the conv / recurrent state layouts of LinearAttentionLayer",
+        "linear_attention_states",
+    )

@@ -43,12 +43,14 @@ from transformers import (
     Mistral3Config,
     Mistral3ForConditionalGeneration,
     PixtralImageProcessorPil,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessorPil,
 )
 
-from piofvlm import transformers_compat
+from piofvlm import toy_qwen, transformers_compat
 from piofvlm.toy import WORDS, random_image, text_config, word_level_tokenizer
 
 #: Placeholder of an image / a video in the standard prompts; replaced by each family's own placeholder.
@@ -656,6 +658,103 @@ def gemma3_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
     )
 
 
+# ------------------------------------------------------------------------------------------------------- Qwen3.5
+#: The tiny Qwen3.5's decoder: linear attention and full attention alternate, so prune points, PIO proxies and
+#: attention-reading methods meet both kinds in the standard matrices. The released checkpoints' pattern (3 linear
+#: : 1 full) is ``layer_types=None`` (``full_attention_interval`` 4), used by ``tests/test_qwen3_5.py``.
+QWEN3_5_LAYER_TYPES = ("linear_attention", "full_attention")
+#: Per sample: images (16 tokens; 18 and a 2-frame video of 12; 15 and 8), as Qwen3-VL's standard samples.
+QWEN3_5_COUNTS = [[16], [18, 12], [15, 8]]
+QWEN3_5_SAMPLES: list[tuple[str, list[tuple[int, int]], list[tuple[int, int, int]]]] = [
+    ("USER : {image} what is the colour of the circle ? ASSISTANT :", [(112, 112)], []),
+    ("USER : {image} left {video} how many ? ASSISTANT :", [(168, 84)], [(2, 4, 6)]),
+    (
+        "USER : {image} right {image} describe this picture please , count the small objects . ASSISTANT :",
+        [(84, 140), (112, 56)],
+        [],
+    ),
+]
+
+
+def build_qwen3_5(
+    attn: str = "sdpa",
+    num_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    layer_types: list[str] | None = None,
+) -> torch.nn.Module:
+    """Qwen3.5 with Qwen3-VL's tiny vision tower (14 px patches merged 2 x 2, no deepstack); head_dim 32 with
+    ``partial_rotary_factor`` 0.5 (16 rotated dims, interleaved M-RoPE sections 2/3/3) and gated attention; Gated
+    DeltaNet layers with 2 key / 4 value heads of 16 dims and a conv kernel of 4. ``layer_types``: default
+    :data:`QWEN3_5_LAYER_TYPES` repeated; ``[]`` for the checkpoints' 3 : 1 pattern."""
+    if layer_types is None:
+        layer_types = [QWEN3_5_LAYER_TYPES[i % 2] for i in range(num_layers)]
+    config = Qwen3_5Config(
+        text_config={
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "max_position_embeddings": 1024,
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "layer_types": list(layer_types) or None,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 0.5,
+            },
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 64,
+        },
+        image_token_id=toy_qwen.IMAGE_TOKEN_ID,
+        video_token_id=toy_qwen.VIDEO_TOKEN_ID,
+        vision_start_token_id=toy_qwen.VISION_START_ID,
+        vision_end_token_id=toy_qwen.VISION_END_ID,
+    )
+    model = _model(Qwen3_5ForConditionalGeneration, config, attn, seed, dtype)
+    # Slow decays (A in [0.01, 0.1], a state keeps a token for tens of steps) instead of the init's [0.01, 16]: with
+    # the init most heads forget a token within a few steps, the proxy gradient of far visual tokens through a linear
+    # layer falls to rounding noise (1e-10) and PIO's ranking through it would be a draw of ties.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            if hasattr(layer, "linear_attn"):
+                rates = torch.empty(layer.linear_attn.A_log.shape).uniform_(0.01, 0.1, generator=generator)
+                layer.linear_attn.A_log.copy_(rates.log())
+    return model
+
+
+def qwen3_5_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``Qwen3VLProcessor`` (Qwen3.5's processor) with the PIL image processor; a video
+    is written as that processor writes it (per frame a timestamp and its own vision start / end tokens), its random
+    frames in ``pixel_values_videos`` (``toy_qwen.add_videos``; the video processor needs torchvision)."""
+    samples = [QWEN3_5_SAMPLES[i] for i in indices]
+    prompts = [prompt.format(image=toy_qwen.IMAGE, video=toy_qwen.VIDEO) for prompt, _, _ in samples]
+    images = [random_image(10 * i + j, size) for i in indices for j, size in enumerate(QWEN3_5_SAMPLES[i][1])]
+    videos = [grid for _, _, grids in samples for grid in grids]
+    return toy_qwen.add_videos("qwen3_vl", toy_qwen.build_qwen_processor("qwen3_vl"), prompts, images, videos)
+
+
 # -------------------------------------------------------------------------------------------------------- registry
 FAMILIES: dict[str, TinyFamily] = {
     "internvl": TinyFamily(
@@ -718,6 +817,14 @@ FAMILIES: dict[str, TinyFamily] = {
         )
         for kind in ("glm4v", "glm46v")
     },
+    "qwen3_5": TinyFamily(
+        "qwen3_5",
+        build_qwen3_5,
+        qwen3_5_inputs,
+        toy_qwen.build_qwen_tokenizer,
+        has_video=True,
+        counts=QWEN3_5_COUNTS,
+    ),
 }
 
 

@@ -137,7 +137,41 @@ def is_dynamic_cache(cache: Any) -> bool:
     layers = getattr(cache, "layers", None)
     if not isinstance(cache, DynamicCache) or not isinstance(layers, list):
         return False
-    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
+    linear = _linear_attention_layer_class()  # Qwen3.5's Gated DeltaNet layers: fixed-size states, no sequence
+    return all(
+        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) or (linear is not None and type(layer) is linear)
+        for layer in layers
+    )
+
+
+def _linear_attention_layer_class() -> type | None:
+    from transformers import cache_utils
+
+    return getattr(cache_utils, "LinearAttentionLayer", None)
+
+
+def cache_length_layer(cache: Any) -> int:
+    """The layer whose length ``cache.get_seq_length()`` reports (``generate()`` and the model read the prompt length
+    there): layer 0, or on a hybrid cache the first layer that is not a linear-attention layer (``Cache.
+    get_seq_length`` skips them, 5.x)."""
+    linear = _linear_attention_layer_class()
+    layers = getattr(cache, "layers", None) or []
+    for index, layer in enumerate(layers):
+        if linear is None or not isinstance(layer, linear):
+            return index
+    return 0
+
+
+def linear_attention_states(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(conv_state, recurrent_state)`` of linear-attention layer ``layer`` of a cache (``Cache.get_conv_state`` /
+    ``get_recurrent_state``, 5.x): Gated DeltaNet's ``(B, conv_dim, kernel)`` and ``(B, H_v, d_k, d_v)``."""
+    get_conv, get_recurrent = getattr(cache, "get_conv_state", None), getattr(cache, "get_recurrent_state", None)
+    if get_conv is None or get_recurrent is None:
+        raise _broken(f"{type(cache).__name__}.get_conv_state / get_recurrent_state", "linear_attention_states")
+    conv, recurrent = get_conv(layer), get_recurrent(layer)
+    if not isinstance(conv, torch.Tensor) or not isinstance(recurrent, torch.Tensor):
+        raise _broken("the conv / recurrent states of a linear-attention layer (tensors)", "linear_attention_states")
+    return conv, recurrent
 
 
 def pad_cache_layer(cache: Any, layer_idx: int, count: int) -> None:
@@ -270,6 +304,19 @@ def image_block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
     return function(token_type_ids, device=token_type_ids.device)
 
 
+def recurrent_padding_mask(config: Any, valid: torch.Tensor) -> torch.Tensor | None:
+    """The 2-D padding mask linear-attention layers (Qwen3.5's Gated DeltaNet) get for a prefill whose real tokens are
+    ``valid`` ``(B, S)``, built by the model's own ``masking_utils.create_recurrent_attention_mask`` (5.x): ``(B, S)``
+    long (the layers zero the padded slots' inputs), or None when nothing is padded."""
+    from transformers import masking_utils
+
+    create = getattr(masking_utils, "create_recurrent_attention_mask", None)
+    if create is None:
+        raise _broken("masking_utils.create_recurrent_attention_mask", "recurrent_padding_mask")
+    shape_only = valid.new_empty(*valid.shape, 0, dtype=torch.float32)  # (B, S, 0): only its length is read
+    return create(config=config, inputs_embeds=shape_only, attention_mask=valid.long(), cache=None)
+
+
 def static_cache_length(cache: Any) -> int | None:
     """The fixed key length of a static KV cache (``StaticCache``, ``cache_implementation="static"``), ``None`` for a
     growing one (``DynamicCache``) or no cache.
@@ -290,7 +337,8 @@ def static_cache_length(cache: Any) -> int | None:
         kinds = sorted({type(layer).__name__ for layer in layers})
         raise ValueError(
             f"piofvlm supports static KV caches of full-attention layers only (StaticLayer); this cache has {kinds}. "
-            "Use cache_implementation='static' on a model without sliding-window layers, or the default dynamic cache"
+            "Use cache_implementation='static' on a model without sliding-window or linear-attention layers, or the "
+            "default dynamic cache"
         )
     lengths = {int(layer.max_cache_len) for layer in layers}
     if len(lengths) != 1:
@@ -444,6 +492,8 @@ _ROTARY_MODULES = {
     # GLM-4.xV text model: interleaved pairs (``rotate_half_llm``), only the first ``cos.shape[-1]`` dims rotated
     "glm4v": "transformers.models.glm4v.modeling_glm4v",
     "gemma3": "transformers.models.gemma3.modeling_gemma3",  # Llama's rotate_half; q/k normed before rotating
+    # Qwen3.5 full-attention layers: Llama-style halves, only the first ``cos.shape[-1]`` dims rotated
+    "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
 }
 
 

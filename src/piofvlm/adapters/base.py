@@ -239,6 +239,34 @@ class ModelAdapter:
         hooks go through ``handle.add_hook``. Default: nothing.
         """
 
+    # ------------------------------------------------------------------------------------ hybrid layer stacks
+    # Families whose decoder stack mixes attention layers with layers that keep a fixed-size state instead of a KV
+    # cache (Qwen3.5's Gated DeltaNet linear attention) override these; the defaults describe an all-attention stack.
+    def is_attention_layer(self, index: int) -> bool:
+        """Whether decoder layer ``index`` attends over a KV cache through a causal mask (its attention map exists).
+
+        False for a linear-attention (recurrent) layer: its layer type gets a 2-D padding mask (:meth:`prefill_masks`),
+        decoding leaves its mask alone, and attention-reading methods refuse it (:meth:`check_attention_map`)."""
+        return True
+
+    def token_mixer(self, index: int, normed: torch.Tensor, mask: Any) -> torch.Tensor:
+        """Output ``(B, S, d)`` of the token mixer of a non-attention layer ``index`` (before the residual add) on its
+        normed input ``normed`` ``(B, S, d)`` with the mask its layer type gets, without a cache: the fast proxy's head
+        of such a layer."""
+        raise ValueError(f"{type(self).__name__} has no token mixer other than attention (layer {index})")
+
+    def check_attention_map(self, index: int, method: str) -> None:
+        """Raise a ``ValueError`` naming ``method`` if it cannot read the attention (queries, keys) of layer
+        ``index``."""
+        if not self.is_attention_layer(index):
+            attention = [i for i in range(self.num_layers) if self.is_attention_layer(i)]
+            raise ValueError(
+                f"{method} reads the attention map (queries and keys) of decoder layer {index}, which in "
+                f"{self.model_type} models is a linear-attention layer without one; the full-attention layers are "
+                f"{attention}. Choose prune points whose attention layer is one of them, or a method that needs no "
+                "attention map (pio, random, divprune, cdpruner, pool)"
+            )
+
     # ------------------------------------------------------------------------------------ fast proxy support
     def rotary_fn(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
         """The family's own ``apply_rotary_pos_emb(q, k, cos, sin)``, or ``None`` if the fast proxy cannot be used.
@@ -251,6 +279,12 @@ class ModelAdapter:
         if getattr(self.text_config, "model_type", None) in LLAMA_STYLE_TEXT_MODELS:
             return transformers_compat.rotary_function("llama")
         return None
+
+    def attention_queries(self, attn: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query states ``(B, n, H, hd)`` of attention module ``attn`` (before per-head norms and RoPE) at normed
+        inputs ``(B, n, d)``, and the output gate ``(B, n, H * hd)`` the attention output is multiplied by (after a
+        sigmoid) before ``o_proj``, or None. Default: ``q_proj`` alone, no gate."""
+        return attn.q_proj(normed).view(*normed.shape[:2], -1, attn.head_dim), None
 
     def decoder_layer_output(self, layer: nn.Module, hidden: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
         """What decoder ``layer`` outputs at some slots, from its input there and its attention output (after

@@ -33,6 +33,7 @@ def layer_keys(
     position_embeddings: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Keys of decoder layer ``layer_index``: ``(B, H_kv, S, hd)``, rotated by RoPE if ``position_embeddings``."""
+    adapter.check_attention_map(layer_index, "key states")
     attn = adapter.layers[layer_index].self_attn
     batch_size, seq_len, _ = hidden.shape
     normed = adapter.layers[layer_index].input_layernorm(hidden)
@@ -68,14 +69,14 @@ def layer_attention(
     Returns:
         ``(B, H, n, S)`` attention probabilities (rows sum to 1 over the allowed keys).
     """
+    adapter.check_attention_map(layer_index, "explicit attention scores")
     rotary = _rotary(adapter, "explicit attention scores")
     layer = adapter.layers[layer_index]
     attn = layer.self_attn
     batch_size, seq_len, _ = hidden.shape
-    num_q = query_slots.shape[1]
     normed = layer.input_layernorm(hidden)
     normed_q = normed.gather(1, query_slots[..., None].expand(-1, -1, normed.shape[-1]))  # (B, n, d)
-    q = attn.q_proj(normed_q).view(batch_size, num_q, -1, attn.head_dim)
+    q, _ = adapter.attention_queries(attn, normed_q)  # (B, n, H, hd); an output gate does not change the map
     if hasattr(attn, "q_norm"):
         q = attn.q_norm(q)
     q = q.transpose(1, 2)  # (B, H, n, hd)

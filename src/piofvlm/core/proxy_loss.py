@@ -5,7 +5,9 @@ positions against their own argmax (no ground truth). Two exact implementations:
 
 * reference: the decoder layer's own forward on the whole sequence, logits everywhere, then the loss positions;
 * fast: the loss depends on the layer's outputs at the loss positions only, so queries, the MLP and the LM head are
-  computed there alone (keys and values over the prefix). Same loss, same gradient, a fraction of the cost.
+  computed there alone (keys and values over the prefix). Same loss, same gradient, a fraction of the cost. A
+  linear-attention proxy layer (hybrid stacks) runs its token mixer over the whole sequence, the rest at the loss
+  positions only.
 
 The fast path's gradient comes in one of two exact ways:
 
@@ -100,7 +102,7 @@ def _fast_logits(
 
     normed = layer.input_layernorm(x)  # (B, S, d)
     normed_q = normed.gather(1, slots[..., None].expand(-1, -1, normed.shape[-1]))  # (B, n, d)
-    q = attn.q_proj(normed_q).view(batch_size, num_q, -1, head_dim)
+    q, gate = adapter.attention_queries(attn, normed_q)  # (B, n, H, hd), (B, n, H hd) or None
     k = attn.k_proj(normed).view(batch_size, seq_len, -1, head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -129,8 +131,10 @@ def _fast_logits(
     attn_out = mixed @ v_weight.transpose(-1, -2)  # (B, H_kv, G n, hd)
     if attn.v_proj.bias is not None:
         attn_out = attn_out + attn.v_proj.bias.view(num_kv, 1, head_dim)
-    attn_out = attn_out.view(batch_size, num_heads, num_q, head_dim).transpose(1, 2)
-    attn_out = attn.o_proj(attn_out.reshape(batch_size, num_q, -1))  # (B, n, d)
+    attn_out = attn_out.view(batch_size, num_heads, num_q, head_dim).transpose(1, 2).reshape(batch_size, num_q, -1)
+    if gate is not None:  # gated attention (Qwen3.5): the output is scaled by sigmoid(gate) before o_proj
+        attn_out = attn_out * torch.sigmoid(gate)
+    attn_out = attn.o_proj(attn_out)  # (B, n, d)
     out = adapter.decoder_layer_output(layer, x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1])), attn_out)
     return head(adapter.final_norm(out))  # (B, n, V)
 
@@ -398,7 +402,7 @@ def _closed_form_gradient(
         with torch.no_grad():
             normed_q = layer.input_layernorm(x_q)
         normed_q.requires_grad_(True)  # their query path
-        q = attn.q_proj(normed_q).view(batch_size, num_q, -1, head_dim)
+        q, gate = adapter.attention_queries(attn, normed_q)  # (B, n, H, hd), (B, n, H hd) or None
         if hasattr(attn, "q_norm"):
             q = attn.q_norm(q)
         q = _rotate(rotary, q.flatten(0, 1), cos[:, window], sin[:, window])  # (B n, H, hd)
@@ -421,8 +425,10 @@ def _closed_form_gradient(
         attn_out = mixed.view(batch_size, num_kv, group * num_q, -1) @ v_weight.transpose(-1, -2)  # (B,H_kv,G n,hd)
         if attn.v_proj.bias is not None:
             attn_out = attn_out + attn.v_proj.bias.view(num_kv, 1, head_dim)
-        attn_out = attn_out.view(batch_size, num_heads, num_q, head_dim).transpose(1, 2)
-        attn_out = attn.o_proj(attn_out.reshape(batch_size, num_q, -1))  # (B, n, d)
+        attn_out = attn_out.view(batch_size, num_heads, num_q, head_dim).transpose(1, 2).reshape(batch_size, num_q, -1)
+        if gate is not None:  # gated attention (Qwen3.5): the output is scaled by sigmoid(gate) before o_proj
+            attn_out = attn_out * torch.sigmoid(gate)
+        attn_out = attn.o_proj(attn_out)  # (B, n, d)
         out = adapter.decoder_layer_output(layer, x_q, attn_out)
         loss = _self_argmax_loss(_output_head(head)(adapter.final_norm(out)))
 
@@ -454,6 +460,22 @@ def _closed_form_gradient(
 def _row_norms(grad: torch.Tensor) -> torch.Tensor:
     """``(B, S)`` L2 norms of the rows of ``grad``, accumulated in at least fp32 (fp64 stays fp64)."""
     return torch.linalg.vector_norm(grad, dim=-1, dtype=torch.promote_types(grad.dtype, torch.float32))
+
+
+def _fast_mixer_logits(
+    ctx: StageContext, layer_index: int, x: torch.Tensor, slots: torch.Tensor, head: Callable[[torch.Tensor], Any]
+) -> torch.Tensor:
+    """The proxy's logits at ``slots`` for a layer whose token mixer is not attention (a linear-attention layer).
+
+    Its recurrence carries every earlier token, so the mixer runs over the whole sequence (as in the reference
+    path); the residual, MLP, final norm and LM head, all per token, run at the loss positions only. Exact.
+    """
+    adapter = ctx.adapter
+    layer = adapter.layers[layer_index]
+    mixed = adapter.token_mixer(layer_index, layer.input_layernorm(x), ctx.layer_mask(layer_index))  # (B, S, d)
+    index = slots[..., None].expand(-1, -1, x.shape[-1])
+    out = adapter.decoder_layer_output(layer, x.gather(1, index), mixed.gather(1, index))  # (B, n, d)
+    return head(adapter.final_norm(out))  # (B, n, V)
 
 
 def proxy_gradient(
@@ -518,13 +540,19 @@ def _proxy(
             x = x.clone()
         local = _cloned_context(ctx)
         head = head or ctx.adapter.lm_head
-        if use_fast and closed_form:
+        attention_layer = ctx.adapter.is_attention_layer(layer_index)
+        if use_fast and closed_form and attention_layer:
             window = _loss_window(x.shape[1], num_positions, include_last)  # the columns of ``slots``
             result = _closed_form_gradient(local, layer_index, x, window, head, norms=norms)
             if result is not None:
                 return result
         x.requires_grad_(True)
-        logits_fn = _fast_logits if use_fast else _reference_logits
+        if not use_fast:
+            logits_fn = _reference_logits
+        elif attention_layer:
+            logits_fn = _fast_logits
+        else:
+            logits_fn = _fast_mixer_logits
         # Profiler labels (no cost unless a torch.profiler session is active): the benchmark splits the overhead.
         with record_function("piofvlm.proxy.forward"):
             loss = _self_argmax_loss(logits_fn(local, layer_index, x, slots.clone(), head))

@@ -316,27 +316,33 @@ class PruningHandle:
         cache = transformers_compat.output_cache(output)
         if cache is None or not transformers_compat.is_dynamic_cache(cache):
             return
-        if self._segments[0].first_layer == 0:
+        if self._segments[0].first_layer <= transformers_compat.cache_length_layer(cache):
             self._pad_first_layer_cache(call, cache)
         layout = _CacheLayout(list(self._segments), call.input_ids.shape[0], self.method.positions == "renumber")
         setattr(cache, _LAYOUT_ATTR, layout)
 
     def _pad_first_layer_cache(self, call: _Call, cache: Any) -> None:
-        """After a prefill pruned before layer 0: left-pad layer 0's KV cache to the unpruned prompt length.
+        """After a prefill pruned before layer L, the layer transformers reads the cache length from (layer 0; on a
+        hybrid cache the first attention layer, :func:`transformers_compat.cache_length_layer`): left-pad layer L's
+        KV cache to the unpruned prompt length.
 
-        transformers reads the length of the whole cache from layer 0 (``generate()`` slices the next turn's
-        ``input_ids`` with it, the model derives positions from it). Pruned at layer 0, every layer would report
-        the pruned length, and a later turn would re-feed already cached tokens. The padding slots are masked: layer
-        0 gets a segment of its own whose first slots are invalid.
+        transformers reads the length of the whole cache from layer L (``generate()`` slices the next turn's
+        ``input_ids`` with it, the model derives positions from it). Pruned before it, it would report the pruned
+        length, and a later turn would re-feed already cached tokens. The padding slots are masked: layer L gets a
+        segment of its own whose first slots are invalid.
         """
-        first = self._segments[0]
-        missing = call.input_ids.shape[1] - first.valid.shape[1]
+        index = transformers_compat.cache_length_layer(cache)
+        position = max(i for i, seg in enumerate(self._segments) if seg.first_layer <= index)
+        segment = self._segments[position]
+        missing = call.input_ids.shape[1] - segment.valid.shape[1]
         if missing <= 0:
             return
-        transformers_compat.pad_cache_layer(cache, 0, missing)
-        padding = torch.zeros(first.valid.shape[0], missing, dtype=torch.bool, device=first.valid.device)
-        padded = _Segment(first_layer=0, valid=torch.cat([padding, first.valid], 1), shift=first.shift)
-        self._segments[:1] = [padded, _Segment(first_layer=1, valid=first.valid, shift=first.shift)]
+        transformers_compat.pad_cache_layer(cache, index, missing)
+        padding = torch.zeros(segment.valid.shape[0], missing, dtype=torch.bool, device=segment.valid.device)
+        padded = _Segment(first_layer=index, valid=torch.cat([padding, segment.valid], 1), shift=segment.shift)
+        kept = [segment] if segment.first_layer < index else []  # the (linear) layers before L keep their segment
+        after = _Segment(first_layer=index + 1, valid=segment.valid, shift=segment.shift)
+        self._segments[position : position + 1] = [*kept, padded, after]
 
     # ------------------------------------------------------------------------------------------------- labels
     def _take_labels(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -538,6 +544,9 @@ class PruningHandle:
         for layer_type in adapter.layer_types:  # types whose first layer comes after this one: from the positions
             if layer_type not in layout.rotary:
                 layout.rotary[layer_type] = tuple(adapter.rotary_embeddings(hidden, layout.position_ids, layer_type))
+        if any(kind not in layout.masks for kind in adapter.layer_types):  # and their masks (same mask functions)
+            built = self._prefill_masks(call, layout, hidden.dtype)
+            layout.masks = {kind: layout.masks.get(kind, built[kind]) for kind in adapter.layer_types}
         layer_type = adapter.layer_type(index)
         source, valid, model_kwargs = layout.source, layout.valid, call.model_kwargs
 
@@ -666,6 +675,8 @@ class PruningHandle:
 
     # ---------------------------------------------------------------------------------------------- decode
     def _decode_layer(self, index: int, call: _Call, args: tuple, kwargs: dict):
+        if not self.adapter.is_attention_layer(index):
+            return None  # a linear-attention layer: fixed-size state, its 2-D padding mask covers only the new tokens
         before = [i for i, seg in enumerate(call.segments) if seg.first_layer <= index]
         if not before:
             return None  # a layer before the cache's first prune point: its cache is the unpruned prompt

@@ -164,6 +164,13 @@ class TokenPruner(Method):
             )
         if self.positions == "renumber" and not adapter.supports_renumber:
             raise ValueError(f"positions='renumber' is not defined for {adapter.model_type} models; use 'keep'")
+        for index in self.attention_layers():
+            adapter.check_attention_map(index, self.name)
+
+    def attention_layers(self) -> list[int]:
+        """Decoder layers whose attention map (queries and keys) this method reads; checked against the model (a
+        hybrid stack's linear-attention layers have none). Default: none."""
+        return []
 
     def attach(self, handle: PruningHandle) -> None:
         """Called once the mechanism's hooks are in place; register extra hooks with ``handle.add_hook``.

@@ -62,6 +62,9 @@ class DART(TokenPruner):
         if self.key_layer == "previous" and self.layers[0] == 0:
             raise ValueError("key_layer='previous' needs every prune point >= 1 (no layer has run at layer 0)")
 
+    def attention_layers(self) -> list[int]:
+        return [layer - 1 if self.key_layer == "previous" else layer for layer in self.layers]
+
     def attach(self, handle: PruningHandle) -> None:
         if self.key_layer == "previous":
             self._inputs = LayerInputs(handle, [layer - 1 for layer in self.layers])

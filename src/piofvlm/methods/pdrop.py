@@ -35,6 +35,9 @@ class PDrop(TokenPruner):
     layers: list[int] = field(default_factory=lambda: [8, 16, 24])
     keep: list[Keep] | Keep = field(default_factory=lambda: [0.5, 0.25, 0.125])
 
+    def attention_layers(self) -> list[int]:
+        return list(self.layers)
+
     def score(self, ctx: StageContext) -> torch.Tensor:
         return attention_received(
             ctx.adapter,

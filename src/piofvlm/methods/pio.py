@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from piofvlm.core.selection import nms_fill_per_group, topk_per_group
 from piofvlm.methods.base import TokenPruner
 from piofvlm.registry import register_method
 
-PROXY_LAYERS = ("next", "previous")
+PROXY_LAYERS = ("next", "previous", "next_attention")
 OUTPUT_HEADS = ("lm_head", "input_embeddings")
 
 
@@ -38,7 +38,9 @@ class PIO(TokenPruner):
         nms: False selects the plain top-k by gradient norm.
         proxy_layer: ``"next"``: the decoder layer that will consume the pruned sequence (layer index K; the
             authors' LLaVA choice); ``"previous"``: the layer that produced the hidden states, applied again (index
-            K-1; the authors' Qwen choice).
+            K-1; the authors' Qwen choice); ``"next_attention"``: the first full-attention layer at or after K (on
+            hybrid stacks such as Qwen3.5 it skips linear-attention layers, cheaper but not the layer that consumes
+            the pruned sequence; elsewhere the same as ``"next"``).
         num_loss_positions: prompt positions whose logits enter the loss (authors: 4).
         include_last: end the loss window at the last prompt token (the authors' window stops one before it, whose
             gradient is therefore always zero).
@@ -74,8 +76,24 @@ class PIO(TokenPruner):
         if self.output_head not in OUTPUT_HEADS:
             raise ValueError(f"output_head must be one of {OUTPUT_HEADS}, got {self.output_head!r}")
 
-    def proxy_layer_index(self, layer: int) -> int:
-        return layer if self.proxy_layer == "next" else layer - 1
+    def proxy_layer_index(self, layer: int, adapter: Any = None) -> int:
+        if self.proxy_layer == "previous":
+            return layer - 1
+        if self.proxy_layer == "next_attention" and adapter is not None:
+            following = [i for i in range(layer, adapter.num_layers) if adapter.is_attention_layer(i)]
+            if not following:
+                raise ValueError(
+                    f"pio proxy_layer='next_attention': no full-attention layer at or after layer {layer} in "
+                    f"{adapter.model_type} models; use proxy_layer='next'"
+                )
+            return following[0]
+        return layer
+
+    def check_model(self, adapter: Any) -> None:
+        super().check_model(adapter)
+        if self.proxy_layer == "next_attention":
+            for layer in self.layers:
+                self.proxy_layer_index(layer, adapter)  # refuses a prune point with no attention layer after it
 
     def _head(self, ctx: StageContext) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if self.output_head == "lm_head":
@@ -85,7 +103,7 @@ class PIO(TokenPruner):
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         """``(B, S)`` fp32 L2 norm of the proxy-loss gradient of each slot."""
-        layer_index = self.proxy_layer_index(ctx.layer)
+        layer_index = self.proxy_layer_index(ctx.layer, ctx.adapter)
         # At least fp32 accumulation; fp64 models keep fp64.
         scores = proxy_gradient_norms(
             ctx,

@@ -52,6 +52,9 @@ class SparseVLM(TokenPruner):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
+    def attention_layers(self) -> list[int]:
+        return list(self.layers)
+
     def rater_scores(self, ctx: StageContext) -> torch.Tensor:
         """``(B, S)`` mean attention of each slot from the raters (only visual slots are meaningful)."""
         visual = ctx.groups >= 0
