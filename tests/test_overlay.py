@@ -151,6 +151,8 @@ def test_llava_next_tile_maps_to_its_quadrant():
 def test_internvl_and_smolvlm_tiles_are_halves_of_a_wide_image():
     """A 64 x 32 picture: InternVL cuts 2 x 1 tiles (+ thumbnail), SmolVLM 1 row of 2 tiles (+ global view)."""
     for kind, index, tile_tokens in (("internvl", 1, 16), ("smolvlm", 1, 16)):
+        if kind not in TINY_CASES:  # SmolVLM's PIL processor needs torchvision on the 5.17 floor
+            continue
         model, inputs, pictures = case(kind)
         item = get_adapter(model).token_boxes(inputs, source_sizes(pictures))[index]
         assert pictures[index].size == (64, 32) and item.views[1] in ("thumbnail", "global")
@@ -239,7 +241,7 @@ def test_item_panels_draw_kept_tokens_on_the_right_cells():
             assert (panel[inner] < source[inner] * (1 - DIM) + 1.01).all()
 
 
-@pytest.mark.parametrize("kind", ["llava_onevision", "smolvlm"])
+@pytest.mark.parametrize("kind", [k for k in ("llava_onevision", "smolvlm") if k in TINY_CASES])
 def test_draw_overlay_rows_views_frames_and_legend(kind):
     model, inputs, pictures = case(kind)
     chosen = [[[0, 1, 2], [0, 5, 40]], [[1], [5]]]

@@ -164,11 +164,24 @@ def cache_length_layer(cache: Any) -> int:
 
 def linear_attention_states(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(conv_state, recurrent_state)`` of linear-attention layer ``layer`` of a cache (``Cache.get_conv_state`` /
-    ``get_recurrent_state``, 5.x): Gated DeltaNet's ``(B, conv_dim, kernel)`` and ``(B, H_v, d_k, d_v)``."""
+    ``get_recurrent_state`` in 5.24; before, e.g. 5.17, the layer's ``conv_states[0]`` / ``recurrent_states[0]``):
+    Gated DeltaNet's ``(B, conv_dim, kernel)`` and ``(B, H_v, d_k, d_v)``."""
     get_conv, get_recurrent = getattr(cache, "get_conv_state", None), getattr(cache, "get_recurrent_state", None)
-    if get_conv is None or get_recurrent is None:
-        raise _broken(f"{type(cache).__name__}.get_conv_state / get_recurrent_state", "linear_attention_states")
-    conv, recurrent = get_conv(layer), get_recurrent(layer)
+    if get_conv is not None and get_recurrent is not None:
+        conv, recurrent = get_conv(layer), get_recurrent(layer)
+    else:
+        cache_layer = cache.layers[layer] if layer < len(getattr(cache, "layers", ())) else None
+        conv_states, recurrent_states = (
+            getattr(cache_layer, "conv_states", None),
+            getattr(cache_layer, "recurrent_states", None),
+        )
+        if not isinstance(conv_states, dict) or not isinstance(recurrent_states, dict):
+            raise _broken(
+                f"{type(cache).__name__}.get_conv_state / get_recurrent_state (or its layers' conv_states / "
+                "recurrent_states)",
+                "linear_attention_states",
+            )
+        conv, recurrent = conv_states.get(0), recurrent_states.get(0)
     if not isinstance(conv, torch.Tensor) or not isinstance(recurrent, torch.Tensor):
         raise _broken("the conv / recurrent states of a linear-attention layer (tensors)", "linear_attention_states")
     return conv, recurrent
