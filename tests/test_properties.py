@@ -33,6 +33,8 @@ from test_methods_matrix import REFUSED
 #: Every family with a tiny case on the installed transformers (the others are in ``toy_cases.UNAVAILABLE``).
 FAMILIES = list(TINY_CASES)
 LLAVA_FAMILIES = ("llava", "llava_next")
+#: Families whose norms compute in fp32 whatever the model dtype (``Gemma3RMSNorm``): fp64 is only fp32-exact there.
+FP32_NORM_KINDS = ("gemma3",)
 NUM_LAYERS = 4  # every tiny model here
 #: The fast profile runs each property on every family: a few examples each.
 FAST = settings(
@@ -251,8 +253,11 @@ def check_counts_batch_single_and_exit_on_error(s: Scenario) -> None:
         for stage in method.last_selection:
             for k, candidates in zip(stage.kept, stage.candidates, strict=True):
                 assert torch.equal(k, k.sort().values) and bool(torch.isin(k, candidates).all())
-        # fp64: the unhooked LLaVA-OneVision model itself differs by ~1e-8 between a batch and its samples.
+        # fp64: the unhooked LLaVA-OneVision model itself differs by ~1e-8 between a batch and its samples; Gemma 3's
+        # RMSNorm computes in fp32 even in an fp64 model, so the unhooked model differs by ~1.4e-7 there.
         tolerance = {"rtol": 1e-4, "atol": 1e-5} if s.dtype == torch.float32 else {"rtol": 1e-6, "atol": 1e-7}
+        if s.dtype == torch.float64 and s.kind in FP32_NORM_KINDS:
+            tolerance = {"rtol": 1e-5, "atol": 1e-6}
         for i in range(len(s.indices)):
             single = slice_inputs(s.kind, s.indices, i, s.image_seed, s.dtype)
             torch.testing.assert_close(m(**single).logits[:, -1], batch[i : i + 1], **tolerance)
