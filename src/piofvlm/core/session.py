@@ -561,7 +561,8 @@ class PruningHandle:
             prompt_tail = torch.arange(value.shape[1], device=value.device) + self._prompt_len - value.shape[1]
             if value.shape[1] != query_length or not bool((tail == prompt_tail[None]).all()):
                 raise ValueError(
-                    f"a prefill sliced to its last {query_length} tokens (logits_to_keep) reaches pruned visual tokens: "
+                    f"a prefill sliced to its last {query_length} tokens (logits_to_keep) reaches pruned visual "
+                    "tokens: "
                     "use logits_to_keep no larger than the text after the last image, or logits_to_keep=0"
                 )
             return args
