@@ -124,10 +124,12 @@ def test_generate_prefill_runs_shared_layers_on_the_last_token_with_sliced_input
         with torch.no_grad(), method(m):
             full = m(**inputs).logits
             last = m(**inputs, logits_to_keep=1).logits
+            three = m(**inputs, logits_to_keep=3).logits
     finally:
         hook.remove()
-    assert shapes == [full.shape[1], 1]
+    assert shapes == [full.shape[1], 1, 3]
     torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(three, full[:, -3:], rtol=1e-5, atol=1e-6)  # causal rows among the sliced queries
 
 
 def test_logits_to_keep_reaching_pruned_tokens_is_refused():

@@ -521,6 +521,13 @@ class PruningHandle:
         if query_length < layout.source.shape[1]:
             # generate()'s prefill runs KV-shared layers on the last logits_to_keep tokens only (Gemma 4): the same
             # query rows of the rebuilt mask, rotary tables and positions.
+            if mask is None and query_length > 1:  # sdpa's is_causal would align the shorter queries top-left
+                slots = torch.arange(
+                    layout.source.shape[1] - query_length, layout.source.shape[1], device=hidden.device
+                )
+                mask = self.adapter.allowed_keys(
+                    layer_type, layout.valid, layout.source, slots[None].expand(hidden.shape[0], -1), call.model_kwargs
+                )  # (B, 1, L_q, S) bool
             mask, rotary, position_ids = _last_queries(mask, rotary, position_ids, query_length, self.adapter)
         kwargs["attention_mask"] = mask
         kwargs["position_embeddings"] = rotary
@@ -793,6 +800,11 @@ def _last_queries(
     ``(B, L_q, hd)`` and position ids ``(..., L_q)`` (as ``Gemma4TextModel._maybe_slice_kv_shared_inputs`` slices)."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         mask = mask[:, :, -query_length:, :]
+    elif mask is None and query_length > 1:
+        raise ValueError(
+            f"cannot run the KV-shared layers on the last {query_length} queries of a continuation without a "
+            "materialised mask: use logits_to_keep=1 (as generate() does) or 0"
+        )
     elif mask is not None:
         raise ValueError(
             f"cannot slice a {type(mask).__name__} attention mask to the last {query_length} queries "
