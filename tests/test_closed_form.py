@@ -21,7 +21,7 @@ from piofvlm.core import proxy_loss
 from piofvlm.core.selection import cosine_neighbors
 from test_pio import capture_context
 
-KINDS = ["llava", "llava_next", *tq.KINDS]
+KINDS = ["llava", "llava_next", *(kind for kind in tq.KINDS if kind not in tq.REFERENCE_PROXY_KINDS)]  # no fast proxy
 
 
 def _model_and_inputs(kind: str, dtype: torch.dtype = torch.float32, indices=(0, 1, 2)):

@@ -91,9 +91,9 @@ def test_inductor_compiled_decode_equals_eager():
     assert_same(compiled, eager)
 
 
-#: Compiled decoding runs on a static cache, which Qwen3.5 (linear-attention layers) and Gemma 3 (sliding-window
-#: layers) refuse (tests/test_qwen3_5.py, tests/test_gemma3.py).
-NO_STATIC_CACHE = ("qwen3_5", "gemma3")
+#: Compiled decoding runs on a static cache, which Qwen3.5 (linear-attention layers) and Gemma 3 / 4 (sliding-window
+#: layers) refuse (tests/test_qwen3_5.py, tests/test_gemma3.py, tests/test_static_cache.py).
+NO_STATIC_CACHE = ("qwen3_5", "gemma3", "gemma4")
 
 
 @pytest.mark.parametrize(

@@ -108,19 +108,6 @@ def test_bidirectional_text_config_is_refused():
         config.use_bidirectional_attention = False
 
 
-def test_gemma4_is_refused_saying_what_is_missing():
-    """Gemma 4 is not supported yet: the error names the model type and each thing the mechanism lacks for it."""
-    from transformers import Gemma4Config
-
-    class Stub(torch.nn.Module):  # only the config is read before the refusal
-        def __init__(self) -> None:
-            super().__init__()
-            self.config = Gemma4Config()
-
-    with pytest.raises(ValueError, match="(?s)'gemma4'.*not supported yet.*per-layer inputs.*KV-shared.*gemma3"):
-        piofvlm.get_method("random", layers=[1], keep=0.5).apply(Stub())
-
-
 @pytest.mark.parametrize("positions", ["keep", pytest.param("renumber", marks=pytest.mark.slow)])
 def test_second_turn_on_the_returned_cache_equals_no_cache_reference(positions):
     """A 4-token follow-up on the pruned cache (pruned before layer 0 and at layer 2): its queries see, in local

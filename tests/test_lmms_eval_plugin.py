@@ -80,7 +80,9 @@ def test_bad_model_args_fail_before_loading(plugin, arg_string, message):
 
 def test_unsupported_model_type_is_refused_by_name(plugin, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    message = "model_type 'gpt2' is not supported by piofvlm; supported: gemma3, glm46v, glm4v, idefics3, internvl, "
+    message = (
+        "model_type 'gpt2' is not supported by piofvlm; supported: gemma3, gemma4, glm46v, glm4v, idefics3, internvl, "
+    )
     with pytest.raises(ValueError, match=message):
         plugin.PiofvlmModel(pretrained=str(tmp_path), method="none")
 

@@ -252,6 +252,9 @@ REFUSED = {
     },
     **{(name, "llava_next_video"): "llava_next_video" for name in ENCODER_SIDE},
     ("sparsevlm", "qwen3_5"): "qwen3_5",  # reads layer 2, a linear-attention layer of the tiny Qwen3.5
+    # Gemma 4: no vision-attention map; the methods recomputing a decoder layer's attention are refused
+    **{(name, "gemma4"): "gemma4" for name in ("visionzip", "vscan", "chain", "fastv", "pdrop", "sparsevlm")},
+    ("dart", "gemma4"): "gemma4",
 }
 
 

@@ -324,5 +324,5 @@ def test_show_any_checkpoint_on_an_image(tmp_path, capsys):
 
 
 def test_show_unknown_family(tmp_path, capsys):
-    assert cli.main(["show", "--family", "gemma4", "--out", str(tmp_path / "o.png")]) == 2
-    assert "piofvlm: error: no tiny model of family 'gemma4'" in capsys.readouterr().err
+    assert cli.main(["show", "--family", "gemma2", "--out", str(tmp_path / "o.png")]) == 2
+    assert "piofvlm: error: no tiny model of family 'gemma2'" in capsys.readouterr().err

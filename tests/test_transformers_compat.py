@@ -446,6 +446,48 @@ def test_gemma3_image_block_ids():
     )
 
 
+def test_gemma4_vision_block_ids():
+    mm_token_type_ids = torch.tensor([[0, 1, 1, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1, 0]])
+    contract(
+        torch.equal(
+            transformers_compat.vision_block_ids(mm_token_type_ids),
+            torch.tensor([[-1, 0, 0, -1, 1, 1, -1], [-1, -1, -1, 0, 0, 0, -1]]),
+        ),
+        "modeling_gemma4.get_block_sequence_ids_for_mask (a block index per run of vision mm_token_type_ids)",
+        "vision_block_ids",
+    )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gemma4_masks_equal_the_models(attn):
+    """The Gemma 4 adapter's masks (vision blocks in sliding layers only) equal ``create_masks_for_vision_model``'s,
+    with left padding; ``is_dynamic_cache`` accepts the cache with a DummyLayer for the KV-shared layer."""
+    from transformers.models.gemma4 import modeling_gemma4
+
+    from piofvlm.adapters import get_adapter
+    from piofvlm.toy_families import build_gemma4, gemma4_inputs
+
+    model, inputs = build_gemma4(attn=attn), gemma4_inputs()
+    config = model.config.get_text_config()
+    embeds = torch.zeros(*inputs["input_ids"].shape, config.hidden_size)
+    valid = inputs["attention_mask"].bool()
+    blocks = transformers_compat.vision_block_ids(inputs["mm_token_type_ids"])
+    stock = modeling_gemma4.create_masks_for_vision_model(
+        config, embeds, inputs["attention_mask"], None, None, block_sequence_ids=blocks
+    )
+    source = torch.where(valid, torch.arange(valid.shape[1])[None], -1)
+    ours = get_adapter(model).prefill_masks(valid, source, embeds.dtype, None, dict(inputs))
+    for kind in ("full_attention", "sliding_attention"):
+        contract(
+            torch.equal(ours[kind], stock[kind]),
+            f"the {kind} mask Gemma 4 builds (create_masks_for_vision_model: blocks in sliding layers only)",
+            "layer_type_mask",
+        )
+    with torch.no_grad():
+        cache = transformers_compat.output_cache(model(**inputs, use_cache=True))
+    contract(transformers_compat.is_dynamic_cache(cache), "the cache Gemma 4 creates (DummyLayer)", "is_dynamic_cache")
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_gemma3_layer_type_masks_equal_the_models(attn):
     """``layer_type_mask`` composes the masks as ``Gemma3Model`` does: with image blocks (prefill with

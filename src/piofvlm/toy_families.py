@@ -22,6 +22,8 @@ from transformers import (
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessorPil,
     Gemma3Processor,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
     Glm4vConfig,
     Glm4vForConditionalGeneration,
     Glm4vImageProcessorPil,
@@ -658,6 +660,109 @@ def gemma3_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
     )
 
 
+# ---------------------------------------------------------------------------------------------------------- Gemma 4
+GEMMA4_TOKENS = ["<|image|>", "<|image>", "<image|>"]
+GEMMA4_IMAGE_ID, GEMMA4_BOI_ID, GEMMA4_EOI_ID = 4, 5, 6
+#: Sliding window of the tiny Gemma 4's local layers (shorter than every standard prompt, as Gemma 3's).
+GEMMA4_WINDOW = 16
+GEMMA4_PATCH, GEMMA4_POOL = 4, 2
+#: Per sample: each image's patch grid (height, width) after the processor's aspect-preserving resize; an image is
+#: ``h * w / POOL**2`` soft tokens (variable counts, as Gemma 4's processor gives).
+GEMMA4_GRIDS: list[list[tuple[int, int]]] = [[(8, 8)], [(8, 16), (8, 8)], [(12, 8), (8, 8)]]
+GEMMA4_COUNTS = [[h * w // GEMMA4_POOL**2 for h, w in grids] for grids in GEMMA4_GRIDS]
+
+
+def gemma4_layer_types(num_layers: int) -> list[str]:
+    """``num_layers`` computing layers, local and global alternating and ending on a global one, then one KV-shared
+    global layer (Gemma 4 forces the last layer global) that reads the keys of the last computing one."""
+    types = ["full_attention" if (num_layers - 1 - i) % 2 == 0 else "sliding_attention" for i in range(num_layers)]
+    return [*types, "full_attention"]
+
+
+def build_gemma4(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Gemma 4 with a tiny vision tower (4 px patches pooled 2 x 2), ``num_layers`` computing decoder layers (local and
+    global alternating, a 16-slot window, bidirectional image blocks in local layers) plus one KV-shared layer
+    (``num_kv_shared_layers=1``: it reads the last global layer's keys), per-layer inputs of 8 dims a layer."""
+    layer_types = gemma4_layer_types(num_layers)
+    config = Gemma4Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "patch_size": GEMMA4_PATCH,
+            "pooling_kernel_size": GEMMA4_POOL,
+            "position_embedding_size": 64,
+        },
+        text_config={
+            "vocab_size": 64,
+            "vocab_size_per_layer_input": 64,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": len(layer_types),
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "global_head_dim": 32,
+            "hidden_size_per_layer_input": 8,
+            "num_kv_shared_layers": 1,
+            "max_position_embeddings": 1024,
+            "sliding_window": GEMMA4_WINDOW,
+            "layer_types": layer_types,
+            "use_bidirectional_attention": "vision",
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+        },
+        audio_config=None,
+        image_token_id=GEMMA4_IMAGE_ID,
+        boi_token_id=GEMMA4_BOI_ID,
+        eoi_token_id=GEMMA4_EOI_ID,
+        video_token_id=7,
+        audio_token_id=8,
+    )
+    return _model(Gemma4ForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_gemma4_tokenizer() -> Any:
+    return word_level_tokenizer([*GEMMA4_TOKENS, "<|video|>", "<|audio|>", *WORDS], GEMMA4_TOKENS)
+
+
+def gemma4_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples in ``Gemma4Processor``'s layout, hand-built (its processor also needs a video processor
+    and a feature extractor): an image is ``<|image>`` + ``<|image|>`` x soft tokens + ``<image|>``,
+    ``mm_token_type_ids`` 1 on the soft tokens; ``pixel_values`` ``(images, max_patches, 3 * patch**2)`` and
+    ``image_position_ids`` ``(images, max_patches, 2)`` (x, y) per patch, padding patches at (-1, -1)."""
+    tokenizer = build_gemma4_tokenizer()
+    prompts, grids = [], []
+    for i in indices:
+        parts = SAMPLES[i][0].replace(VIDEO, IMAGE).split(IMAGE)
+        text = parts[0]
+        for (h, w), part in zip(GEMMA4_GRIDS[i], parts[1:], strict=True):
+            soft = " ".join([GEMMA4_TOKENS[0]] * (h * w // GEMMA4_POOL**2))
+            text += f"{GEMMA4_TOKENS[1]} {soft} {GEMMA4_TOKENS[2]}" + part
+        prompts.append(text)
+        grids += [(h, w, 10 * i + j) for j, (h, w) in enumerate(GEMMA4_GRIDS[i])]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == GEMMA4_IMAGE_ID).long()
+    max_patches = max(h * w for grid in GEMMA4_GRIDS for h, w in grid)
+    pixels = torch.zeros(len(grids), max_patches, 3 * GEMMA4_PATCH**2)
+    positions = torch.full((len(grids), max_patches, 2), -1, dtype=torch.long)
+    for n, (h, w, seed) in enumerate(grids):  # an image's pixels depend on its sample and place only
+        generator = torch.Generator().manual_seed(seed)
+        pixels[n, : h * w] = torch.rand(h * w, 3 * GEMMA4_PATCH**2, generator=generator)
+        y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        positions[n, : h * w] = torch.stack([x.flatten(), y.flatten()], -1)
+    inputs["pixel_values"] = pixels
+    inputs["image_position_ids"] = positions
+    return BatchFeature(dict(inputs))
+
+
 # ------------------------------------------------------------------------------------------------------- Qwen3.5
 #: The tiny Qwen3.5's decoder: linear attention and full attention alternate, so prune points, PIO proxies and
 #: attention-reading methods meet both kinds in the standard matrices. The released checkpoints' pattern (3 linear
@@ -805,6 +910,14 @@ FAMILIES: dict[str, TinyFamily] = {
         lambda: build_gemma3_processor().tokenizer,
         has_video=False,
         counts=[[16], [16, 16], [16, 16]],
+    ),
+    "gemma4": TinyFamily(
+        "gemma4",
+        build_gemma4,
+        gemma4_inputs,
+        build_gemma4_tokenizer,
+        has_video=False,
+        counts=GEMMA4_COUNTS,
     ),
     **{
         kind: TinyFamily(

@@ -138,8 +138,14 @@ def is_dynamic_cache(cache: Any) -> bool:
     if not isinstance(cache, DynamicCache) or not isinstance(layers, list):
         return False
     linear = _linear_attention_layer_class()  # Qwen3.5's Gated DeltaNet layers: fixed-size states, no sequence
+    # Gemma 4's KV-shared layers hold no cache (``DummyLayer``): they read an earlier layer's.
+    from transformers import cache_utils
+
+    dummy = getattr(cache_utils, "DummyLayer", None)
     return all(
-        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) or (linear is not None and type(layer) is linear)
+        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer)
+        or (linear is not None and type(layer) is linear)
+        or (dummy is not None and type(layer) is dummy)
         for layer in layers
     )
 
@@ -315,6 +321,18 @@ def image_block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
     if function is None:
         raise _broken("modeling_gemma3.get_block_sequence_ids_for_mask", "image_block_ids")
     return function(token_type_ids, device=token_type_ids.device)
+
+
+def vision_block_ids(mm_token_type_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, S)`` long: the index of the image block each token of a Gemma 4 prompt belongs to (-1 for text), from
+    its ``mm_token_type_ids`` (1 image, 2 video: ``modeling_gemma4.get_block_sequence_ids_for_mask``): tokens of one
+    block attend to each other bidirectionally in the sliding layers."""
+    from transformers.models.gemma4 import modeling_gemma4
+
+    function = getattr(modeling_gemma4, "get_block_sequence_ids_for_mask", None)
+    if function is None:
+        raise _broken("modeling_gemma4.get_block_sequence_ids_for_mask", "vision_block_ids")
+    return function(mm_token_type_ids, device=mm_token_type_ids.device)
 
 
 def recurrent_padding_mask(config: Any, valid: torch.Tensor) -> torch.Tensor | None:

@@ -42,6 +42,9 @@ class ModelAdapter:
     #: The multimodal model hands the language model one prepared mask per layer type (a dict, Gemma 3); the
     #: mechanism then reads the 2-D padding mask of the multimodal call and rebuilds every mask itself.
     rebuilds_layer_type_masks: ClassVar[bool] = False
+    #: ``(position, keyword)`` of a decoder-layer argument holding one row per token ``(B, S, ...)`` besides the
+    #: hidden states (Gemma 4's ``per_layer_input``): gathered with the kept tokens after a prune point. None: none.
+    per_token_layer_input: ClassVar[tuple[int, str] | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -266,6 +269,21 @@ class ModelAdapter:
                 f"{attention}. Choose prune points whose attention layer is one of them, or a method that needs no "
                 "attention map (pio, random, divprune, cdpruner, pool)"
             )
+
+    def kv_layer(self, index: int) -> int:
+        """The decoder layer whose KV cache layer ``index`` attends to: itself, or for a KV-shared layer (Gemma 4's
+        last ``num_kv_shared_layers``) the earlier layer whose keys and values it reads (decode masks are sized from
+        that layer's cache)."""
+        return index
+
+    def proxy_layer_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments a decoder layer needs when the reference proxy calls it alone, without a cache
+        (Gemma 4: an empty ``shared_kv_states`` for the layers that store their keys there). Default: none."""
+        return {}
+
+    def check_method(self, method: Any) -> None:
+        """Raise a ``ValueError`` naming the method and the family if ``method`` (a configured ``TokenPruner``)
+        cannot run on this family. Default: every method may (its own checks still apply)."""
 
     # ------------------------------------------------------------------------------------ fast proxy support
     def rotary_fn(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:

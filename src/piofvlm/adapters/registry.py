@@ -9,19 +9,7 @@ from piofvlm.adapters.base import ModelAdapter
 ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
 #: Families studied and not supported yet: the error for their model type says what the mechanism lacks for them.
-NOT_SUPPORTED: dict[str, str] = {
-    "gemma4": " ".join(
-        [
-            "the mechanism does not yet (1) gather Gemma 4's per-layer inputs (each decoder layer gets",
-            "per_layer_inputs[:, :, i] positionally, one row per token) with the kept tokens after a prune point;",
-            "(2) keep the KV-shared layers (the last num_kv_shared_layers, which attend with the keys and values an",
-            "earlier layer of their type stored in shared_kv_states) on the kept sequence of the layer they read;",
-            "(3) slice its rebuilt masks and rotary tables to the last logits_to_keep tokens, on which generate()'s",
-            "prefill runs those layers (_maybe_slice_kv_shared_inputs); (4) rebuild the vision-bidirectional sliding",
-            "masks (use_bidirectional_attention='vision') for images of variable token counts",
-        ]
-    ),
-}
+NOT_SUPPORTED: dict[str, str] = {}
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:

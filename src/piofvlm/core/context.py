@@ -49,6 +49,9 @@ class StageContext:
     rotary: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     #: ``(layer_index, query_slots (B, n)) -> (B, 1, n, S)`` bool keys those queries see in that layer; None: causal.
     key_mask: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    #: Extra keyword arguments decoder layer :attr:`layer` takes in the current layout besides the hidden states,
+    #: mask and rotary tables (Gemma 4's ``per_layer_input`` ``(B, S, d_ple)``, gathered with the kept tokens).
+    layer_inputs: dict[str, Any] = field(default_factory=dict)
 
     def layer_mask(self, index: int) -> Any:
         """The attention mask decoder layer ``index`` gets in the current layout."""

@@ -70,12 +70,14 @@ def _reference_logits(
 ) -> torch.Tensor:
     adapter = ctx.adapter
     layer = adapter.layers[layer_index]
+    extra = {**adapter.proxy_layer_kwargs(), **(ctx.layer_inputs if layer_index == ctx.layer else {})}
     out = layer(
         x,
         attention_mask=ctx.layer_mask(layer_index),
         position_embeddings=ctx.layer_rotary(layer_index),
         position_ids=adapter.layer_position_ids(ctx.position_ids),
         **transformers_compat.without_cache(layer),
+        **extra,
     )
     out = out[0] if isinstance(out, tuple) else out
     logits = head(adapter.final_norm(out))  # (B, S, V)
@@ -584,4 +586,5 @@ def _cloned_context(ctx: StageContext) -> StageContext:
         masks={kind: clone(mask) for kind, mask in ctx.masks.items()},
         rotary={kind: tuple(clone(t) for t in tables) for kind, tables in ctx.rotary.items()},
         key_mask=ctx.key_mask,
+        layer_inputs={name: clone(value) for name, value in ctx.layer_inputs.items()},
     )

@@ -509,18 +509,75 @@ class PruningHandle:
             layout.rotary[layer_type] = tuple(kwargs["position_embeddings"])
         hidden = args[0] if args else kwargs["hidden_states"]
         if index in self._stage_at_layer:
-            hidden, layout = self._prune(self._stage_at_layer[index], index, call, hidden)
+            layer_inputs = self._layer_inputs(layout, args, kwargs)
+            hidden, layout = self._prune(self._stage_at_layer[index], index, call, hidden, layer_inputs)
             call.layout, call.pruned = layout, True
         if not call.pruned:
             return None
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = layout.masks[layer_type]
-        kwargs["position_embeddings"] = layout.rotary[layer_type]
-        kwargs["position_ids"] = self.adapter.layer_position_ids(layout.position_ids)
+        mask, rotary = layout.masks[layer_type], layout.rotary[layer_type]
+        position_ids = self.adapter.layer_position_ids(layout.position_ids)
+        query_length = hidden.shape[1]
+        if query_length < layout.source.shape[1]:
+            # generate()'s prefill runs KV-shared layers on the last logits_to_keep tokens only (Gemma 4): the same
+            # query rows of the rebuilt mask, rotary tables and positions.
+            if mask is None and query_length > 1:  # sdpa's is_causal would align the shorter queries top-left
+                slots = torch.arange(
+                    layout.source.shape[1] - query_length, layout.source.shape[1], device=hidden.device
+                )
+                mask = self.adapter.allowed_keys(
+                    layer_type, layout.valid, layout.source, slots[None].expand(hidden.shape[0], -1), call.model_kwargs
+                )  # (B, 1, L_q, S) bool
+            mask, rotary, position_ids = _last_queries(mask, rotary, position_ids, query_length, self.adapter)
+        kwargs["attention_mask"] = mask
+        kwargs["position_embeddings"] = rotary
+        kwargs["position_ids"] = position_ids
+        args = self._gather_per_token_input(layout, args, kwargs, query_length)
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    def _layer_inputs(self, layout: _Layout, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The per-token argument of a decoder layer (``adapter.per_token_layer_input``) in ``layout`` (gathered
+        through its prompt slots), by keyword: what a method calling that layer alone must pass it."""
+        spec = self.adapter.per_token_layer_input
+        if spec is None:
+            return {}
+        position, keyword = spec
+        value = args[position] if len(args) > position else kwargs.get(keyword)
+        if not isinstance(value, torch.Tensor):
+            return {}
+        return {keyword: gather_sequence(value, layout.source.to(value.device).clamp(min=0), 0)}
+
+    def _gather_per_token_input(self, layout: _Layout, args: tuple, kwargs: dict, query_length: int) -> tuple:
+        """Gather a decoder layer's per-token argument (Gemma 4's ``per_layer_input``, ``(B, S_prompt, d)``) with the
+        kept tokens: slot j gets the row of its prompt slot ``layout.source[:, j]``. In a prefill sliced to its last
+        ``query_length`` tokens the model already took the prompt's last rows: they must be the kept sequence's."""
+        spec = self.adapter.per_token_layer_input
+        if spec is None:
+            return args
+        position, keyword = spec
+        in_args = len(args) > position
+        value = args[position] if in_args else kwargs.get(keyword)
+        if not isinstance(value, torch.Tensor):
+            return args
+        source = layout.source.to(value.device)
+        if query_length < source.shape[1]:
+            tail = source[:, -query_length:]
+            prompt_tail = torch.arange(value.shape[1], device=value.device) + self._prompt_len - value.shape[1]
+            if value.shape[1] != query_length or not bool((tail == prompt_tail[None]).all()):
+                raise ValueError(
+                    f"a prefill sliced to its last {query_length} tokens (logits_to_keep) reaches pruned visual "
+                    "tokens: "
+                    "use logits_to_keep no larger than the text after the last image, or logits_to_keep=0"
+                )
+            return args
+        value = gather_sequence(value, source.clamp(min=0), 0)
+        if in_args:
+            return (*args[:position], value, *args[position + 1 :])
+        kwargs[keyword] = value
+        return args
 
     def _budgets(self, stage: int, call: _Call, layout: _Layout) -> torch.Tensor:
         num_groups = call.original_counts.shape[1]
@@ -537,7 +594,9 @@ class PruningHandle:
         return budgets
 
     @torch.compiler.disable  # data-dependent set-up: run eagerly inside a compiled forward
-    def _prune(self, stage: int, index: int, call: _Call, hidden: torch.Tensor) -> tuple[torch.Tensor, _Layout]:
+    def _prune(
+        self, stage: int, index: int, call: _Call, hidden: torch.Tensor, layer_inputs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, _Layout]:
         layout = call.layout
         budgets = self._budgets(stage, call, layout)
         adapter = self.adapter
@@ -571,6 +630,7 @@ class PruningHandle:
             masks=dict(layout.masks),
             rotary=dict(layout.rotary),
             key_mask=key_mask,
+            layer_inputs=layer_inputs or {},
         )
         self._selecting = True
         try:
@@ -684,6 +744,12 @@ class PruningHandle:
         if key not in call.decode_cache:
             call.decode_cache[key] = self._decode_inputs(key[0], index, call, args, kwargs)
         mask, position_embeddings, position_ids = call.decode_cache[key]
+        query_length = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2] > query_length:
+            # a multi-token continuation whose KV-shared layers run on its last logits_to_keep tokens (Gemma 4)
+            mask, position_embeddings, position_ids = _last_queries(
+                mask, position_embeddings, position_ids, query_length, self.adapter
+            )
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = mask
         if position_embeddings is not None:
@@ -698,7 +764,8 @@ class PruningHandle:
         hidden = args[0] if args else kwargs["hidden_states"]
         query_length = hidden.shape[1]
         cache = transformers_compat.cache_from_kwargs(kwargs)
-        cached = cache.get_seq_length(index) if cache is not None else segment.valid.shape[1]
+        kv_index = self.adapter.kv_layer(index)  # a KV-shared layer attends to an earlier layer's cache
+        cached = cache.get_seq_length(kv_index) if cache is not None else segment.valid.shape[1]
         if call.static_length is not None:
             mask = self._segment_static_mask(segment, call, cache, index, query_length, hidden.dtype)
         else:
@@ -709,7 +776,7 @@ class PruningHandle:
                 new_valid = mask_2d[:, mask_2d.shape[1] - new_tokens :].to(device=hidden.device, dtype=torch.bool)
             key_valid = torch.cat([segment.valid, new_valid], dim=1)
             if cache is not None:  # a sliding-window layer presents only its last keys (counted in kept slots)
-                past = transformers_compat.visible_past_keys(cache, index, query_length)
+                past = transformers_compat.visible_past_keys(cache, kv_index, query_length)
                 key_valid = key_valid[:, key_valid.shape[1] - past - query_length :]
             mask = self.adapter.decode_mask(layer_type, key_valid, query_length, hidden.dtype)
         if not call.renumber:
@@ -720,6 +787,35 @@ class PruningHandle:
         position_ids = self.adapter.renumber_positions(position_ids, segment.shift[:, None])
         position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, position_ids, layer_type))
         return mask, position_embeddings, position_ids
+
+
+def _last_queries(
+    mask: Any,
+    rotary: tuple[torch.Tensor, ...] | None,
+    position_ids: torch.Tensor | None,
+    query_length: int,
+    adapter: ModelAdapter,
+) -> tuple[Any, tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
+    """The last ``query_length`` query rows of a layer's inputs: mask ``(B, 1, L_q, L_kv)`` rows, rotary tables
+    ``(B, L_q, hd)`` and position ids ``(..., L_q)`` (as ``Gemma4TextModel._maybe_slice_kv_shared_inputs`` slices)."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        mask = mask[:, :, -query_length:, :]
+    elif mask is None and query_length > 1:
+        raise ValueError(
+            f"cannot run the KV-shared layers on the last {query_length} queries of a continuation without a "
+            "materialised mask: use logits_to_keep=1 (as generate() does) or 0"
+        )
+    elif mask is not None:
+        raise ValueError(
+            f"cannot slice a {type(mask).__name__} attention mask to the last {query_length} queries "
+            "(KV-shared layers of a logits_to_keep prefill): use attn_implementation='sdpa' or 'eager'"
+        )
+    if rotary is not None:
+        dim = adapter.rotary_batch_dim + 1
+        rotary = tuple(t.narrow(dim, t.shape[dim] - query_length, query_length) for t in rotary)
+    if position_ids is not None:
+        position_ids = position_ids[..., -query_length:]
+    return mask, rotary, position_ids
 
 
 @torch.compiler.disable  # inductor's value-range analysis evaluates the wrapping products exactly: int64 overflow

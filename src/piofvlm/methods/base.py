@@ -166,6 +166,7 @@ class TokenPruner(Method):
             raise ValueError(f"positions='renumber' is not defined for {adapter.model_type} models; use 'keep'")
         for index in self.attention_layers():
             adapter.check_attention_map(index, self.name)
+        adapter.check_method(self)
 
     def attention_layers(self) -> list[int]:
         """Decoder layers whose attention map (queries and keys) this method reads; checked against the model (a
