@@ -18,9 +18,11 @@ from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.core import proxy_loss
-from piofvlm.toy_families import GEMMA4_COUNTS, GEMMA4_IMAGE_ID, GEMMA4_WINDOW
+from piofvlm.toy_families import GEMMA4_COUNTS, GEMMA4_IMAGE_ID, GEMMA4_WINDOW, UNAVAILABLE
 from test_pio import capture_context
 from test_qwen import make_inputs, model
+
+pytestmark = pytest.mark.skipif("gemma4" in UNAVAILABLE, reason=UNAVAILABLE.get("gemma4", ""))
 
 
 def _kept_sequence_reference(m, inputs, keep_slot: torch.Tensor, positions: str) -> torch.Tensor:
@@ -252,3 +254,13 @@ def test_cache_lengths_after_pruning():
         GEMMA4_WINDOW - 1,
         kept_length,
     ]
+
+
+def test_refused_on_a_transformers_release_it_is_not_tested_on(monkeypatch):
+    assert transformers_compat.gemma4_unsupported_reason("5.24.0") is None
+    reason = transformers_compat.gemma4_unsupported_reason("5.17.0")
+    assert reason is not None and ">= 5.24.0" in reason and "5.17.0" in reason
+    m = model("gemma4")
+    monkeypatch.setattr(transformers_compat, "TRANSFORMERS_VERSION", "5.17.0")
+    with pytest.raises(ValueError, match="gemma4 models on transformers >= 5.24.0"):
+        piofvlm.get_method("random", keep=0.5, layers=[1]).apply(m)

@@ -951,6 +951,9 @@ for _kind, _processor in (("smolvlm", SmolVLMImageProcessorPil), ("idefics3", Id
             "(not installable here), so its tiny inputs cannot be built"
         )
         FAMILIES.pop(_kind)
+if (_reason := transformers_compat.gemma4_unsupported_reason()) is not None:
+    UNAVAILABLE["gemma4"] = _reason
+    FAMILIES.pop("gemma4")
 
 
 def tiny_case(model_type: str) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -504,6 +504,25 @@ def serving() -> Any:
     )
 
 
+# ------------------------------------------------------------------------------------------------------- gemma4
+#: The first release whose Gemma 4 the ``gemma4`` adapter is tested on. 5.17's differs: ``get_per_layer_inputs``
+#: takes other arguments and ``generate()`` runs the KV-shared layers' prefill on every row (no
+#: ``_maybe_slice_kv_shared_inputs``); the releases between were not tested with it.
+GEMMA4_TESTED_FROM = "5.24.0"
+
+
+def gemma4_unsupported_reason(version: str | None = None) -> str | None:
+    """Why ``gemma4`` models are refused on transformers ``version`` (default: the installed one), or ``None``."""
+    installed = Version(version or TRANSFORMERS_VERSION)
+    if installed >= Version(GEMMA4_TESTED_FROM):
+        return None
+    return (
+        f"piofvlm supports gemma4 models on transformers >= {GEMMA4_TESTED_FROM} only (tested there); the Gemma 4 of "
+        f"transformers {installed} lays out its per-layer inputs and its KV-shared prefill differently. Install "
+        f"pip install 'transformers>={GEMMA4_TESTED_FROM},<{TESTED_RANGE[1]}'"
+    )
+
+
 # ------------------------------------------------------------------------------------------------- rotary tables
 def rotary_table_flops(head_dim: int, num_positions: int) -> int:
     """FLOPs of one Llama-style rotary-table computation over ``num_positions`` as ``FlopCounterMode`` counts them.

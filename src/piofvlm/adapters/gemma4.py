@@ -218,6 +218,9 @@ class Gemma4Adapter(Gemma3Adapter):
 
     def check_attention(self) -> None:
         ModelAdapter.check_attention(self)  # Gemma 3's check reads use_bidirectional_attention as a flag
+        reason = transformers_compat.gemma4_unsupported_reason()
+        if reason is not None:
+            raise ValueError(reason)
         if getattr(self.text_config, "use_bidirectional_attention", None) == "all":
             raise ValueError(
                 "gemma4 models with use_bidirectional_attention='all' (fully bidirectional text) are not supported: "
