@@ -116,21 +116,33 @@ class Gemma3Adapter(ModelAdapter):
     ) -> tuple[torch.Tensor, ...]:
         return self.language_model.rotary_emb(hidden_states, position_ids, layer_type)
 
-    def block_ids(self, source: torch.Tensor, model_kwargs: dict[str, Any]) -> torch.Tensor | None:
-        """``(B, S)`` image block of each slot of a layout (-1 for text and padding), gathered from the prompt's
-        ``token_type_ids`` through ``source`` (the prompt slot of each slot); None without ``token_type_ids`` (the
-        model then builds plain causal masks too)."""
+    def prompt_block_ids(self, model_kwargs: dict[str, Any]) -> tuple[str, torch.Tensor] | None:
+        """``(argument name, (B, S_prompt) block ids)`` of the prompt's image blocks (-1 outside them), from
+        ``token_type_ids``; None without it (the model then builds plain causal masks too)."""
         token_type_ids = model_kwargs.get("token_type_ids")
         if token_type_ids is None:
             return None
-        blocks = transformers_compat.image_block_ids(token_type_ids.to(source.device))  # (B, S_prompt)
+        return "token_type_ids", transformers_compat.image_block_ids(token_type_ids)
+
+    def has_blocks(self, layer_type: str) -> bool:
+        """Whether layers of ``layer_type`` let an image block attend to itself both ways (Gemma 3: every layer)."""
+        return True
+
+    def block_ids(self, source: torch.Tensor, model_kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """``(B, S)`` image block of each slot of a layout (-1 for text and padding), gathered from
+        :meth:`prompt_block_ids` through ``source`` (the prompt slot of each slot); None where there are none."""
+        prompt = self.prompt_block_ids(model_kwargs)
+        if prompt is None:
+            return None
+        name, blocks = prompt
+        blocks = blocks.to(source.device)  # (B, S_prompt)
         if blocks.shape[0] != source.shape[0]:
             raise ValueError(
-                f"token_type_ids has {blocks.shape[0]} rows for a batch of {source.shape[0]}: pass the processor's "
-                "token_type_ids with input_ids"
+                f"{name} has {blocks.shape[0]} rows for a batch of {source.shape[0]}: pass the processor's "
+                f"{name} with input_ids"
             )
         missing = int(source.max()) + 1 - blocks.shape[1]
-        if missing > 0:  # token_type_ids shorter than the prompt: text after them (as the model pads them, with -1)
+        if missing > 0:  # block ids shorter than the prompt: text after them (as the model pads them, with -1)
             blocks = torch.nn.functional.pad(blocks, (0, missing), value=-1)
         gathered = gather_sequence(blocks, source.clamp(min=0), 0)
         return torch.where(source >= 0, gathered, -1)
@@ -144,12 +156,19 @@ class Gemma3Adapter(ModelAdapter):
         model_kwargs: dict[str, Any],
     ) -> dict[str, Any]:
         if key_length is not None:  # unreachable: transformers_compat.static_cache_length refuses sliding layers
-            raise ValueError("piofvlm does not support a static KV cache for gemma3 models (sliding-window layers)")
+            raise ValueError(
+                f"piofvlm does not support a static KV cache for {self.model_type} models (sliding-window layers)"
+            )
         blocks = self.block_ids(source, model_kwargs)
         seq_len = valid.shape[1]
         return {
             kind: transformers_compat.layer_type_mask(
-                self.text_config, valid, seq_len, dtype, sliding_window=self.window(kind), block_ids=blocks
+                self.text_config,
+                valid,
+                seq_len,
+                dtype,
+                sliding_window=self.window(kind),
+                block_ids=blocks if self.has_blocks(kind) else None,
             )
             for kind in self.layer_types
         }
@@ -167,11 +186,12 @@ class Gemma3Adapter(ModelAdapter):
         query_slots: torch.Tensor,
         model_kwargs: dict[str, Any],
     ) -> torch.Tensor:
-        """Causal over real keys, OR the query's own image block; AND the window in local layers."""
+        """Causal over real keys, OR the query's own image block (where :meth:`has_blocks`); AND the window in local
+        layers."""
         key_index = torch.arange(valid.shape[1], device=valid.device)[None, None, :]  # (1, 1, S)
         query_index = query_slots[:, :, None]  # (B, n, 1)
         allowed = key_index <= query_index  # (B, n, S)
-        blocks = self.block_ids(source, model_kwargs)
+        blocks = self.block_ids(source, model_kwargs) if self.has_blocks(layer_type) else None
         if blocks is not None:
             query_block = blocks.gather(1, query_slots)[:, :, None]  # (B, n, 1)
             allowed = allowed | ((blocks[:, None, :] == query_block) & (query_block >= 0))

@@ -39,7 +39,6 @@ from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.boxes import TokenBoxes, raster_boxes, split_by_sample
 from piofvlm.adapters.gemma3 import SLIDING, Gemma3Adapter
 from piofvlm.adapters.registry import register_adapter
-from piofvlm.core.ops import gather_sequence
 
 #: Methods that recompute a decoder layer's attention (refused, see the module docstring).
 RECOMPUTING_METHODS = ("fastv", "pdrop", "sparsevlm", "dart")
@@ -119,69 +118,17 @@ class Gemma4Adapter(Gemma3Adapter):
         read = {self.kv_layer(i) for i in range(first_shared, config.num_hidden_layers)}
         return min(read, default=config.num_hidden_layers - 1)
 
-    def block_ids(self, source: torch.Tensor, model_kwargs: dict[str, Any]) -> torch.Tensor | None:
-        """``(B, S)`` image block of each slot (-1 for text and padding) from ``mm_token_type_ids``, gathered
-        through ``source``; None when the model builds no vision blocks (no ``mm_token_type_ids``, or
+    def prompt_block_ids(self, model_kwargs: dict[str, Any]) -> tuple[str, torch.Tensor] | None:
+        """Vision blocks from ``mm_token_type_ids``; None when the model builds none (no ``mm_token_type_ids``, or
         ``use_bidirectional_attention`` is not ``"vision"``)."""
         types = model_kwargs.get("mm_token_type_ids")
         if types is None or getattr(self.text_config, "use_bidirectional_attention", None) != "vision":
             return None
-        blocks = transformers_compat.vision_block_ids(types.to(source.device))  # (B, S_prompt)
-        if blocks.shape[0] != source.shape[0]:
-            raise ValueError(
-                f"mm_token_type_ids has {blocks.shape[0]} rows for a batch of {source.shape[0]}: pass the "
-                "processor's mm_token_type_ids with input_ids"
-            )
-        missing = int(source.max()) + 1 - blocks.shape[1]
-        if missing > 0:
-            blocks = torch.nn.functional.pad(blocks, (0, missing), value=-1)
-        gathered = gather_sequence(blocks, source.clamp(min=0), 0)
-        return torch.where(source >= 0, gathered, -1)
+        return "mm_token_type_ids", transformers_compat.vision_block_ids(types)
 
-    def prefill_masks(
-        self,
-        valid: torch.Tensor,
-        source: torch.Tensor,
-        dtype: torch.dtype,
-        key_length: int | None,
-        model_kwargs: dict[str, Any],
-    ) -> dict[str, Any]:
-        if key_length is not None:  # unreachable: transformers_compat.static_cache_length refuses sliding layers
-            raise ValueError("piofvlm does not support a static KV cache for gemma4 models (sliding-window layers)")
-        blocks = self.block_ids(source, model_kwargs)
-        seq_len = valid.shape[1]
-        return {
-            kind: transformers_compat.layer_type_mask(
-                self.text_config,
-                valid,
-                seq_len,
-                dtype,
-                sliding_window=self.window(kind),
-                block_ids=blocks if kind == SLIDING else None,  # Gemma 4: global layers stay causal
-            )
-            for kind in self.layer_types
-        }
-
-    def allowed_keys(
-        self,
-        layer_type: str,
-        valid: torch.Tensor,
-        source: torch.Tensor,
-        query_slots: torch.Tensor,
-        model_kwargs: dict[str, Any],
-    ) -> torch.Tensor:
-        """Causal over real keys; in local layers OR the query's own image block, AND the window."""
-        key_index = torch.arange(valid.shape[1], device=valid.device)[None, None, :]  # (1, 1, S)
-        query_index = query_slots[:, :, None]  # (B, n, 1)
-        allowed = key_index <= query_index  # (B, n, S)
-        window = self.window(layer_type)
-        if window is not None:
-            blocks = self.block_ids(source, model_kwargs)
-            if blocks is not None:
-                query_block = blocks.gather(1, query_slots)[:, :, None]  # (B, n, 1)
-                allowed = allowed | ((blocks[:, None, :] == query_block) & (query_block >= 0))
-            allowed = allowed & (key_index > query_index - window)
-        return (allowed & valid[:, None, :])[:, None]  # (B, 1, n, S)
+    def has_blocks(self, layer_type: str) -> bool:
+        """Gemma 4: only local layers are bidirectional over an image; global layers stay causal."""
+        return layer_type == SLIDING
 
     # ------------------------------------------------------------------------------------ fast proxy support
     def rotary_fn(self):  # noqa: D102 - documented in the base class
