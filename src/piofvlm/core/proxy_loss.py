@@ -186,10 +186,8 @@ class _Norm:
         if parts is not None:
             self.weight, eps = parts
             self.base = x.detach()
-            compute = torch.promote_types(x.dtype, torch.float32)
             with torch.no_grad():
-                norms = torch.linalg.vector_norm(self.base, dim=-1, keepdim=True, dtype=compute)
-                self.mean_square = norms.square_().div_(x.shape[-1])  # (..., 1)
+                self.mean_square = _row_norms(self.base)[..., None].square_().div_(x.shape[-1])  # (..., 1)
                 self.rstd: torch.Tensor | None = torch.rsqrt(self.mean_square + eps)
         else:
             self.weight = self.rstd = None
@@ -227,14 +225,14 @@ class _Norm:
         coefficient = (rstd.square() * self._mean_gx(scaled_grad, x)[..., None]).to(x.dtype)  # (..., 1)
         return torch.addcmul(scaled_grad, x, coefficient, value=-1)
 
-    def gradient_norms(self, scaled_grad: torch.Tensor) -> torch.Tensor:
+    def gradient_norms(self, scaled_grad: torch.Tensor, dot: torch.Tensor | None = None) -> torch.Tensor:
         """L2 norms ``(...)`` of the input gradient's rows (closed form only), in the compute dtype, without the
-        gradient: ``|g - c x|^2 = |g|^2 - 2 c (g x) + c^2 |x|^2`` with ``c = rstd^2 mean(g x)``."""
+        gradient: ``|g - c x|^2 = |g|^2 - 2 c (g x) + c^2 |x|^2`` with ``c = rstd^2 mean(g x)``. ``dot``: the rows'
+        ``g . x`` where the caller has them (in the compute dtype), else computed here."""
         x, rstd = self.base, self.rstd[..., 0]
-        compute = rstd.dtype
-        mean_gx = self._mean_gx(scaled_grad, x)
+        mean_gx = self._mean_gx(scaled_grad, x) if dot is None else dot / x.shape[-1]
         coefficient = rstd.square() * mean_gx
-        grad_square = torch.linalg.vector_norm(scaled_grad, dim=-1, dtype=compute).square_()
+        grad_square = _row_norms(scaled_grad).square_()
         size = x.shape[-1]
         square = grad_square - coefficient * size * (2 * mean_gx - coefficient * self.mean_square[..., 0])
         return square.clamp_(min=0).sqrt_()
@@ -291,14 +289,16 @@ def _is_rotate_half(rotary: Callable[..., Any], head_dim: int, table_dim: int) -
     return torch.allclose(_rotate(rotary, probe, cos, sin), _rotate_half(probe, cos, sin), rtol=1e-5, atol=1e-6)
 
 
-def _rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate_half(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """:func:`_rotate` for Llama's rotation, in three passes over ``t`` (the function's own takes about five: it
-    builds ``rotate_half(t)`` with a negation and a concatenation). Used where :func:`_is_rotate_half` holds."""
+    builds ``rotate_half(t)`` with a negation and a concatenation). Used where :func:`_is_rotate_half` holds.
+    ``inverse``: the transposed rotation (by ``-sin``) without negating the table."""
     cos, sin = cos.flatten(0, 1)[:, None], sin.flatten(0, 1)[:, None]  # (B m, 1, hd)
     half = t.shape[-1] // 2
+    sign = -1 if inverse else 1
     rotated = t * cos
-    rotated[..., :half].addcmul_(t[..., half:], sin[..., :half], value=-1)
-    rotated[..., half:].addcmul_(t[..., :half], sin[..., half:])
+    rotated[..., :half].addcmul_(t[..., half:], sin[..., :half], value=-sign)
+    rotated[..., half:].addcmul_(t[..., :half], sin[..., half:], value=sign)
     return rotated
 
 
@@ -380,11 +380,10 @@ def _closed_form_gradient(
         with torch.no_grad():
             k_weight = norm.fold_weight(attn.k_proj.weight)  # (kv, d)
             keys = F.linear(norm.base, k_weight)  # (B, S, kv)
-            # r_j scales row j: into the rotary tables when nothing comes between the projection and RoPE.
-            # (a partial rotation, GLM's, leaves the other dims out of the tables: scaled on the keys then)
+            # r_j scales row j: onto row j of k q^T (S x H n) when nothing comes between the projection and RoPE,
+            # else onto the keys (a bias, a per-head key norm, GLM's partial rotation).
             full_rotation = cos.shape[-1] == head_dim
             fold = full_rotation and attn.k_proj.bias is None and not has_k_norm
-            cos_k, sin_k = (norm.scale_rows(cos), norm.scale_rows(sin)) if fold else (cos, sin)
             if not fold:
                 keys = norm.scale_rows(keys)
                 if attn.k_proj.bias is not None:
@@ -393,10 +392,15 @@ def _closed_form_gradient(
         with torch.no_grad():
             if k_norm is not None:
                 keys = k_norm.output()
-            rotate_keys = (
-                _rotate_half if _is_rotate_half(rotary, head_dim, cos.shape[-1]) else partial(_rotate, rotary)
-            )
-            keys = rotate_keys(keys.reshape(batch_size * seq_len, -1, head_dim), cos_k, sin_k)
+            if _is_rotate_half(rotary, head_dim, cos.shape[-1]):
+                rotate_keys, rotate_back = _rotate_half, partial(_rotate_half, inverse=True)
+            else:
+                rotate_keys = partial(_rotate, rotary)
+
+                def rotate_back(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                    return _rotate(rotary, t, cos, -sin)
+
+            keys = rotate_keys(keys.reshape(batch_size * seq_len, -1, head_dim), cos, sin)
             keys = keys.view(batch_size, seq_len, -1)  # (B, S, H_kv hd)
         num_kv = keys.shape[-1] // head_dim
 
@@ -414,11 +418,13 @@ def _closed_form_gradient(
         q = q.view(batch_size, num_q, num_kv, group, head_dim).permute(0, 2, 3, 1, 4)  # (B, H_kv, G, n, hd)
         eye = torch.eye(num_kv, dtype=dtype, device=x.device)
         q_blocks = (q[:, :, :, :, None, :] * eye[:, None, None, :, None]).reshape(batch_size, num_heads * num_q, -1)
-        products = _RowsTimes.apply(q_blocks, keys)  # (B, S, H n): k_j . q
+        raw_products = _RowsTimes.apply(q_blocks, keys)  # (B, S, H n): k_j . q, without r_j when folded
+        compute = torch.promote_types(dtype, torch.float32)
+        products = raw_products.to(compute) * norm.rstd if fold and norm.rstd is not None else raw_products
         slots = torch.arange(window.start, window.stop, device=x.device)[None].expand(batch_size, -1)  # (B, n)
         allowed = ctx.allowed_keys(layer_index, slots)  # (B, 1, n, S): causal, plus image blocks / windows (Gemma 3)
         scores = products.transpose(1, 2).view(batch_size, num_heads, num_q, seq_len)
-        scores = scores.to(torch.promote_types(dtype, torch.float32)) * attn.scaling
+        scores = scores.to(compute) * attn.scaling
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(dtype)  # (B, H, n, S)
         # P n = ((P r) x) w: the row and column factors on the small operands.
         probs_scaled = norm.scale_columns(probs.reshape(batch_size, num_heads * num_q, seq_len))  # (B, H n, S)
@@ -435,33 +441,61 @@ def _closed_form_gradient(
         loss = _self_argmax_loss(_output_head(head)(adapter.final_norm(out)))
 
     with record_function("piofvlm.proxy.backward"):
-        d_products, d_mixed, d_normed_q, d_x_q = torch.autograd.grad(loss, (products, mixed, normed_q, x_q))
+        # d_raw: dL/d(k q^T), with r_j already in row j when folded (autograd through the row scaling)
+        d_raw, d_mixed, d_normed_q, d_x_q = torch.autograd.grad(loss, (raw_products, mixed, normed_q, x_q))
         with torch.no_grad():
-            d_keys = d_products @ q_blocks.detach()  # (B, S, H_kv hd), in rotated coordinates
-            # r R^T: r into the tables where they cover the whole head, else on the (S, kv) gradient
-            fold = full_rotation and k_norm is None
-            cos_k, sin_k = (norm.scale_rows(cos), norm.scale_rows(sin)) if fold else (cos, sin)
-            d_keys = rotate_keys(d_keys.view(batch_size * seq_len, -1, head_dim), cos_k, -sin_k)
+            d_keys = d_raw @ q_blocks.detach()  # (B, S, H_kv hd), in rotated coordinates
+            # r R^T: r is in d_raw when folded, else into the tables where they cover the whole head and no key norm
+            # comes between (a bias), else on the (S, kv) gradient
+            tables = not fold and full_rotation and k_norm is None
+            cos_k, sin_k = (norm.scale_rows(cos), norm.scale_rows(sin)) if tables else (cos, sin)
+            d_keys = rotate_back(d_keys.view(batch_size * seq_len, -1, head_dim), cos_k, sin_k)
             if k_norm is not None:
                 d_keys = d_keys.view(batch_size, seq_len, -1, head_dim)
                 d_keys = k_norm.backward(k_norm.scale_rows(k_norm.fold_weight(d_keys)))
-            if not fold:
+            if not fold and not tables:
                 d_keys = norm.scale_rows(d_keys.reshape(batch_size, seq_len, -1))
+            d_mixed = norm.fold_weight(d_mixed)  # (B, H n, d): w dL/d(P n)
             scaled = d_keys.view(batch_size, seq_len, -1) @ k_weight  # (B, S, d): r w W_k^T dk
-            scaled.baddbmm_(probs_scaled.transpose(1, 2), norm.fold_weight(d_mixed))  # + r w P^T dL/d(P n)
+            probs_rows = probs_scaled.transpose(1, 2)  # (B, S, H n)
+            scaled.baddbmm_(probs_rows, d_mixed)  # + r w P^T dL/d(P n)
+            if norms and fold and norm.rstd is not None:
+                # g_j . x_j without an S x d pass: (r R^T W_k^T dk_j) . (w x_j) = dL/d(k q^T)_j . (k q^T)_j (the
+                # rotation is orthogonal), and (P^T D)_j . x_j = P_j . (x_j D^T) with D^T only H n columns wide.
+                value_dot = _RowsTimes.apply(d_mixed, norm.base)  # (B, S, H n): x_j . D_i
+                dot = torch.linalg.vecdot(d_raw.to(compute), raw_products.detach().to(compute))
+                dot += torch.linalg.vecdot(probs_rows.to(compute), value_dot.to(compute))
+            else:
+                dot = None
             scaled[:, window] += norm.fold_weight(norm.scale_rows(d_normed_q, window))
             if not norms or norm.rstd is None:
                 grad = norm.backward(scaled)
                 grad[:, window] += d_x_q
                 return _row_norms(grad) if norms else grad
-            result = norm.gradient_norms(scaled)  # (B, S)
+            result = norm.gradient_norms(scaled, dot)  # (B, S)
             result[:, window] = _row_norms(norm.backward(scaled[:, window], window) + d_x_q)  # + the residual term
             return result
 
 
-def _row_norms(grad: torch.Tensor) -> torch.Tensor:
-    """``(B, S)`` L2 norms of the rows of ``grad``, accumulated in at least fp32 (fp64 stays fp64)."""
-    return torch.linalg.vector_norm(grad, dim=-1, dtype=torch.promote_types(grad.dtype, torch.float32))
+_CPU_UPCAST_ELEMENTS = 1 << 17
+
+
+def _row_norms(t: torch.Tensor) -> torch.Tensor:
+    """``(...)`` L2 norms of the rows (last axis) of ``t``, accumulated in at least fp32 (fp64 stays fp64).
+
+    A half-precision ``t`` is upcast for the reduction. On the CPU that runs a block of rows at a time (512 KiB of
+    fp32), so the upcast copy stays in cache: about half the time of one whole-tensor upcast at S x d = 3000 x 1024.
+    """
+    compute = torch.promote_types(t.dtype, torch.float32)
+    width = t.shape[-1]
+    if t.dtype == compute or t.device.type != "cpu" or t.numel() <= 2 * _CPU_UPCAST_ELEMENTS or width == 0:
+        return torch.linalg.vector_norm(t, dim=-1, dtype=compute)
+    rows = t.reshape(-1, width)
+    step = max(1, _CPU_UPCAST_ELEMENTS // width)
+    result = torch.empty(rows.shape[0], dtype=compute, device=t.device)
+    for start in range(0, rows.shape[0], step):
+        result[start : start + step] = torch.linalg.vector_norm(rows[start : start + step], dim=-1, dtype=compute)
+    return result.view(t.shape[:-1])
 
 
 def _fast_mixer_logits(
