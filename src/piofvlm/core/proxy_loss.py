@@ -255,7 +255,32 @@ class _LinearHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (weight,) = ctx.saved_tensors
-        return grad @ weight, None
+        rows = grad.reshape(-1, grad.shape[-1])  # (N, V)
+        return _few_rows_times(rows, weight).view(*grad.shape[:-1], weight.shape[1]), None
+
+
+_CPU_SPLIT_ROWS = 384
+
+
+def _few_rows_times(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``rows @ weight`` for a few ``rows`` ``(N, V)`` and a tall ``weight`` ``(V, d)``: the LM head's backward.
+
+    On the CPU, oneDNN streams the whole ``V x d`` matrix through its packing for such a product, about half the
+    speed of the forward ``weight @ h^T``. Split over ``V`` into blocks of 384 rows multiplied as one batch (each
+    block packed while it is in cache), the partial products summed in fp32 and rounded once: measured 6.8 against
+    9.9 ms at 4 x 32064 x 1024 in bf16, no extra memory, and no further from the fp32 product than the plain one.
+    """
+    count, vocab = rows.shape
+    blocks = vocab // _CPU_SPLIT_ROWS
+    if rows.device.type != "cpu" or count > 16 or blocks < 4:
+        return rows @ weight
+    main = blocks * _CPU_SPLIT_ROWS
+    split = rows[:, :main].reshape(count, blocks, _CPU_SPLIT_ROWS).transpose(0, 1)  # (blocks, N, 384)
+    compute = torch.promote_types(rows.dtype, torch.float32)
+    total = torch.bmm(split, weight[:main].view(blocks, _CPU_SPLIT_ROWS, -1)).sum(0, dtype=compute)  # (N, d)
+    if main < vocab:
+        total += rows[:, main:] @ weight[main:]
+    return total.to(rows.dtype)
 
 
 def _output_head(head: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
