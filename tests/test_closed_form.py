@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import conftest
 import test_qwen as tq
+from piofvlm.adapters.registry import get_adapter
 from piofvlm.core import proxy_loss
 from piofvlm.core.selection import cosine_neighbors
 from test_pio import capture_context
@@ -73,6 +74,56 @@ class _Fp64RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_closed_form_equals_the_reference_in_fp64_where_the_norm_is_fp64(kind, monkeypatch):
+    """fp64 with the decoder's input norms computed in fp64 (so the closed form's own RMSNorm arithmetic applies, not
+    the autograd fallback of transformers' fp32 norms): the closed form's norms and gradient equal the reference
+    path's to 1e-10, with every CPU shortcut forced on at tiny sizes: ``g . x`` from ``k q^T`` and ``P``, the LM
+    head's backward as summed blocks, the row norms upcast a block at a time."""
+    m, inputs = _model_and_inputs(kind, dtype=torch.float64)
+    for layer in get_adapter(m).layers:
+        fp64_norm = _Fp64RMSNorm(layer.input_layernorm.weight.shape[-1])
+        with torch.no_grad():
+            fp64_norm.weight.copy_(layer.input_layernorm.weight)
+        layer.input_layernorm = fp64_norm
+    monkeypatch.setattr(proxy_loss, "_CPU_SPLIT_ROWS", 8)
+    monkeypatch.setattr(proxy_loss, "_CPU_UPCAST_ELEMENTS", 64)
+    ctx = capture_context(m, inputs, layer=2)
+    valid = ctx.valid
+    assert proxy_loss.rms_norm_parts(get_adapter(m).layers[2].input_layernorm, ctx.hidden_states) is not None
+    for layer_index in (1, 2):
+        reference = proxy_loss.proxy_gradient(ctx, layer_index, fast=False)
+        with monkeypatch.context() as patch:
+            patch.setattr(proxy_loss, "_fast_logits", _no_autograd_fast_path)
+            closed = proxy_loss.proxy_gradient(ctx, layer_index)
+            norms = proxy_loss.proxy_gradient_norms(ctx, layer_index)
+        scale = reference[valid].abs().max()
+        assert ((closed - reference)[valid].abs().max() / scale).item() < 1e-10
+        expected = reference.norm(dim=-1)
+        assert ((norms - expected)[valid].abs().max() / expected[valid].max()).item() < 1e-10
+
+
+def test_few_rows_times_and_row_norms_equal_the_plain_products(monkeypatch):
+    """The LM head's split backward equals ``rows @ weight`` (fp64: to rounding; bf16: no further from the fp32
+    product than the plain bf16 one), with and without a remainder block; the blockwise row norms equal the
+    whole-tensor ones bit for bit in fp32 accumulation."""
+    torch.manual_seed(0)
+    for vocab in (48 * 8, 48 * 8 + 5):
+        rows, weight = torch.randn(4, vocab, dtype=torch.float64), torch.randn(vocab, 24, dtype=torch.float64)
+        monkeypatch.setattr(proxy_loss, "_CPU_SPLIT_ROWS", 8)
+        torch.testing.assert_close(proxy_loss._few_rows_times(rows, weight), rows @ weight, rtol=1e-12, atol=1e-12)
+        low_rows, low_weight = rows.to(torch.bfloat16), weight.to(torch.bfloat16)
+        exact = low_rows.double() @ low_weight.double()
+        split_error = (proxy_loss._few_rows_times(low_rows, low_weight).double() - exact).abs().max()
+        plain_error = ((low_rows @ low_weight).double() - exact).abs().max()
+        assert split_error <= 2 * plain_error
+    t = torch.randn(3, 50, 40, dtype=torch.bfloat16)
+    monkeypatch.setattr(proxy_loss, "_CPU_UPCAST_ELEMENTS", 64)
+    blocked = proxy_loss._row_norms(t)
+    assert blocked.dtype == torch.float32 and blocked.shape == (3, 50)
+    assert torch.equal(blocked, torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32))
 
 
 def test_rms_norm_closed_form_is_exact_and_recognised_only_where_it_applies():
