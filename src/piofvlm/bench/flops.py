@@ -107,7 +107,7 @@ def pio_proxy_flops(
     ``v_proj`` on those rows), output projection, MLP and LM head at the ``positions`` loss slots. Reference path: the
     full layer and the LM head everywhere. The backward computes input gradients only (no weight gradients): each
     product costs its forward again, twice where both operands need a gradient (scores, ``P normed``; attention twice
-    its forward in the reference path). NMS: the cosine-similarity
+    its forward in the reference path), plus one ``P normed``-sized product for the rows' ``g . x``. NMS: the cosine-similarity
     matrix over the first prefix the NMS always compares (``min(candidates, max(2 kept, 64))`` tokens), a lower
     bound: the prefix doubles when suppression leaves fewer than ``kept`` tokens (its fixed-point rounds are
     matrix-vector products, not counted).
@@ -126,7 +126,9 @@ def pio_proxy_flops(
     mixed = 2 * shape.num_heads * n * seq_len * d
     small = 2 * n * d * shape.q_dim * 3 + 3 * 2 * n * d * shape.intermediate_size + lm_head_flops(shape, n)  # q, v, o
     forward = keys + scores + mixed + small
-    return {"forward": forward, "backward": forward + scores + mixed, "nms": nms}
+    # + the rows' g . x from x (w dL/d(P n))^T (the closed form's norms on layers without a key bias or key norm, as
+    # every preset here; the others take an element-wise product instead, not counted)
+    return {"forward": forward, "backward": forward + scores + 2 * mixed, "nms": nms}
 
 
 def paper_layer_macs(shape: TextShape, n_visual: float) -> float:
