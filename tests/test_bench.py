@@ -75,16 +75,25 @@ def test_exact_flops_match_torch_flop_counter():
     model = build_model(shape, torch.float32, "eager", "cpu")
     inputs = build_inputs(model, shape)
     text = fl.TextShape.from_config(model.config.text_config)
-    for method in (piofvlm.get_method("none"), piofvlm.get_method("random", layers=[2], keep=10)):
+    prompt_len = inputs["input_ids"].shape[1]
+    methods = [piofvlm.get_method(name, layers=[layer], keep=10) for name, layer in (("random", 2), ("random", 0))]
+    for method in (piofvlm.get_method("none"), *methods, piofvlm.get_method("pool", keep=10)):
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), method(model), counter:
             out = model(**inputs, use_cache=True, logits_to_keep=1)
         counts = counter.get_flop_counts()
         counted = sum(counts["LlavaForConditionalGeneration.model.language_model"].values())
         counted += sum(counts["LlavaForConditionalGeneration.lm_head"].values())
-        lengths = fl.cache_layer_lengths(transformers_compat.output_cache(out))
+        cache = transformers_compat.output_cache(out)
+        lengths = fl.cache_layer_lengths(cache, computed=True)
         rotary = transformers_compat.rotary_table_flops(text.head_dim, inputs["input_ids"].shape[1])
         assert fl.prefill_flops(text, lengths) + rotary == counted
+        # Pruned before layer 0: its cache is padded to the prompt length (masked slots nobody computed).
+        held = fl.cache_layer_lengths(cache)
+        if method.name != "none" and method.layers == [0]:
+            assert held[0] == prompt_len and lengths[0] == lengths[1] < prompt_len
+        else:
+            assert held == lengths
 
 
 def test_paper_formula_reproduces_the_papers_baselines():

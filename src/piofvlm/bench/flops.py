@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from piofvlm.core.session import cache_padding
+
 
 @dataclass(frozen=True)
 class TextShape:
@@ -107,10 +109,10 @@ def pio_proxy_flops(
     ``v_proj`` on those rows), output projection, MLP and LM head at the ``positions`` loss slots. Reference path: the
     full layer and the LM head everywhere. The backward computes input gradients only (no weight gradients): each
     product costs its forward again, twice where both operands need a gradient (scores, ``P normed``; attention twice
-    its forward in the reference path), plus one ``P normed``-sized product for the rows' ``g . x``. NMS: the cosine-similarity
-    matrix over the first prefix the NMS always compares (``min(candidates, max(2 kept, 64))`` tokens), a lower
-    bound: the prefix doubles when suppression leaves fewer than ``kept`` tokens (its fixed-point rounds are
-    matrix-vector products, not counted).
+    its forward in the reference path), plus one ``P normed``-sized product for the rows' ``g . x``. NMS: the
+    cosine-similarity matrix over the first prefix the NMS always compares (``min(candidates, max(2 kept, 64))``
+    tokens), a lower bound: the prefix doubles when suppression leaves fewer than ``kept`` tokens (its fixed-point
+    rounds are matrix-vector products, not counted).
     """
     d = shape.hidden_size
     prefix = min(candidates, max(2 * kept, 64))
@@ -163,9 +165,15 @@ def paper_flops(
     return total
 
 
-def cache_layer_lengths(cache: Any) -> list[int]:
-    """Tokens held by each layer of a ``DynamicCache``-like object."""
-    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+def cache_layer_lengths(cache: Any, computed: bool = False) -> list[int]:
+    """Tokens held by each layer of a ``DynamicCache``-like object; with ``computed``, those its prefill computed:
+    without the masked slots the mechanism pads the cache-length layer with after a prune before it
+    (:func:`piofvlm.core.session.cache_padding`)."""
+    lengths = [int(layer.keys.shape[-2]) for layer in cache.layers]
+    if computed:
+        padding = cache_padding(cache)
+        lengths = [length - padding.get(index, 0) for index, length in enumerate(lengths)]
+    return lengths
 
 
 def kv_cache_bytes(cache: Any) -> int:

@@ -476,14 +476,14 @@ def _variant_result(
     model_info: dict[str, Any],
     selection_counted: int | None,
 ) -> dict[str, Any]:
-    lengths = fl.cache_layer_lengths(cache)
+    lengths = fl.cache_layer_lengths(cache, computed=True)  # the prefill's rows per layer
     new = generated.sequences.shape[1] - prompt_len
     if new != config.new_tokens:
         raise RuntimeError(f"{label}: generated {new} tokens, expected {config.new_tokens}")
     stage_lengths = [lengths[r["layer"] - 1] if r["layer"] > 0 else prompt_len for r in records]
     selection = None if selection_counted is None else {"counted": selection_counted}
     model_prefill = fl.prefill_flops(shape, lengths)
-    decode = fl.decode_flops(shape, lengths, config.new_tokens - 1)
+    decode = fl.decode_flops(shape, fl.cache_layer_lengths(cache), config.new_tokens - 1)  # padding attended (masked)
     stages = [(r["layer"], r["kept"]) for r in records]
     full_layers = model_info["full_layers"]
     paper_shape = dataclasses.replace(shape, num_layers=full_layers)

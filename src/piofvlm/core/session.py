@@ -76,9 +76,22 @@ class _CacheLayout:
     segments: list[_Segment]
     batch_size: int
     renumber: bool
+    padding: dict[int, int] = field(default_factory=dict)  # layer -> masked slots added after the prefill
 
 
 _LAYOUT_ATTR = "_piofvlm_layout"
+
+
+def cache_padding(cache: Any) -> dict[int, int]:
+    """Masked slots the mechanism added to layers of a dynamic KV cache it pruned (layer index -> count).
+
+    A prune point at or before the layer transformers reads the cache length from (layer 0; a hybrid stack's first
+    attention layer) leaves that layer's cache left-padded to the prompt length (see
+    ``PruningHandle._pad_first_layer_cache``): the slots hold memory and decoding attends over them (masked), but the
+    prefill never computed them. Empty for a cache the mechanism did not prune or pad.
+    """
+    layout = getattr(cache, _LAYOUT_ATTR, None)
+    return dict(layout.padding) if isinstance(layout, _CacheLayout) else {}
 
 
 @dataclass
@@ -316,12 +329,15 @@ class PruningHandle:
         cache = transformers_compat.output_cache(output)
         if cache is None or not transformers_compat.is_dynamic_cache(cache):
             return
+        padding = {}
         if self._segments[0].first_layer <= transformers_compat.cache_length_layer(cache):
-            self._pad_first_layer_cache(call, cache)
-        layout = _CacheLayout(list(self._segments), call.input_ids.shape[0], self.method.positions == "renumber")
+            padding = self._pad_first_layer_cache(call, cache)
+        layout = _CacheLayout(
+            list(self._segments), call.input_ids.shape[0], self.method.positions == "renumber", padding
+        )
         setattr(cache, _LAYOUT_ATTR, layout)
 
-    def _pad_first_layer_cache(self, call: _Call, cache: Any) -> None:
+    def _pad_first_layer_cache(self, call: _Call, cache: Any) -> dict[int, int]:
         """After a prefill pruned before layer L, the layer transformers reads the cache length from (layer 0; on a
         hybrid cache the first attention layer, :func:`transformers_compat.cache_length_layer`): left-pad layer L's
         KV cache to the unpruned prompt length.
@@ -336,13 +352,14 @@ class PruningHandle:
         segment = self._segments[position]
         missing = call.input_ids.shape[1] - segment.valid.shape[1]
         if missing <= 0:
-            return
+            return {}
         transformers_compat.pad_cache_layer(cache, index, missing)
         padding = torch.zeros(segment.valid.shape[0], missing, dtype=torch.bool, device=segment.valid.device)
         padded = _Segment(first_layer=index, valid=torch.cat([padding, segment.valid], 1), shift=segment.shift)
         kept = [segment] if segment.first_layer < index else []  # the (linear) layers before L keep their segment
         after = _Segment(first_layer=index + 1, valid=segment.valid, shift=segment.shift)
         self._segments[position : position + 1] = [*kept, padded, after]
+        return {index: missing}
 
     # ------------------------------------------------------------------------------------------------- labels
     def _take_labels(self, module: nn.Module, args: tuple, kwargs: dict):
