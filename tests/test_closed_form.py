@@ -208,6 +208,9 @@ def test_bf16_cosine_neighbors_decide_as_fp32():
     decided = cosine_neighbors(features, tau)
     clear = (cosines - tau).abs() > 1e-6  # fp32 rounding itself cannot tell these apart
     assert torch.equal(decided[clear], expected[clear])
+    # one block of rows against another (the NMS's grown prefix against its decided part): the same decisions
+    block = cosine_neighbors(features[:, 80:], tau, features[:, :80])  # (P, 121, 80)
+    assert torch.equal(block[clear[:, 80:, :80]], expected[:, 80:, :80][clear[:, 80:, :80]])
     near = ((cosines - tau).abs() < 1e-3).sum().item()
     assert near > 300  # the case is not vacuous: many pairs lie where a bf16 product would misjudge them
     rounded = torch.bmm(features, features.transpose(1, 2)).float()

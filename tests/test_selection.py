@@ -89,9 +89,11 @@ def test_nms_fill_prefix_search_equals_full_nms():
     feats[:, 40:] = feats[:, :50] + 0.1 * torch.randn(2, 50, 6, generator=generator)  # many near-duplicates
     scores = torch.rand(2, 90, generator=generator)
     groups = torch.tensor([[-1] * 5 + [0] * 40 + [1] * 45, [0] * 85 + [-1] * 5])
-    for tau in (0.2, 0.6, 0.95):
-        for budgets in (torch.tensor([[3, 20], [30, 0]]), torch.tensor([[40, 45], [85, 0]])):
-            full = nms_fill_per_group(scores, feats, groups, budgets, tau, initial_prefix=90)
-            for start in (1, 4, 17):
-                assert torch.equal(nms_fill_per_group(scores, feats, groups, budgets, tau, initial_prefix=start), full)
-            assert torch.equal(nms_fill_per_group(scores, feats, groups, budgets, tau), full)
+    for features in (feats, feats.to(torch.bfloat16)):  # bf16 on the CPU: the bf16 GEMM with fp32 decisions
+        for tau in (0.2, 0.6, 0.95):
+            for budgets in (torch.tensor([[3, 20], [30, 0]]), torch.tensor([[40, 45], [85, 0]])):
+                full = nms_fill_per_group(scores, features, groups, budgets, tau, initial_prefix=90)
+                for start in (1, 4, 17):
+                    grown = nms_fill_per_group(scores, features, groups, budgets, tau, initial_prefix=start)
+                    assert torch.equal(grown, full)
+                assert torch.equal(nms_fill_per_group(scores, features, groups, budgets, tau), full)

@@ -80,44 +80,50 @@ def _bf16_cosine_margin(size: int, tau: float) -> float:
     return 2 * (2.0**-9 * abs(tau) + size * 2.0**-24) / (1 - 2.0**-9)
 
 
-def cosine_neighbors(features: torch.Tensor, tau: float) -> torch.Tensor:
-    """``(P, L, L)`` bool: cosine similarity of features ``(P, L, d)`` at least ``tau``, decided in fp32 on the
-    normalised features (as ``F.normalize(features.float())`` products would, to fp32 rounding).
+def cosine_neighbors(features: torch.Tensor, tau: float, others: torch.Tensor | None = None) -> torch.Tensor:
+    """``(P, L, M)`` bool: cosine similarity of features ``(P, L, d)`` with ``others`` ``(P, M, d)`` (default: the
+    features themselves, ``M = L``) at least ``tau``, decided in fp32 on the normalised features (as
+    ``F.normalize(features.float())`` products would, to fp32 rounding).
 
-    bf16 features on a CPU: the ``L x L`` products come from one bf16 GEMM (~15x faster there than fp32), and the
+    bf16 features on a CPU: the ``L x M`` products come from one bf16 GEMM (~15x faster there than fp32), and the
     pairs whose cosine lies within :func:`_bf16_cosine_margin` of ``tau`` (well under 1%) are recomputed in fp32 from
     the exact bf16 values, so every decision is the fp32 one.
     """
     wide = features.float()
     norms = torch.linalg.vector_norm(wide, dim=-1).clamp(min=1e-12)  # (P, L), F.normalize's floor
+    if others is None:
+        others, wide_others, norms_others = features, wide, norms
+    else:
+        wide_others = others.float()
+        norms_others = torch.linalg.vector_norm(wide_others, dim=-1).clamp(min=1e-12)  # (P, M)
     if features.dtype != torch.bfloat16 or features.device.type != "cpu":
-        unit = wide / norms[..., None]  # (P, L, d)
-        return torch.bmm(unit, unit.transpose(1, 2)) >= tau
-    approx = torch.bmm(features, features.transpose(1, 2)).float() / (norms[:, :, None] * norms[:, None, :])
+        unit, unit_others = wide / norms[..., None], wide_others / norms_others[..., None]  # (P, L, d), (P, M, d)
+        return torch.bmm(unit, unit_others.transpose(1, 2)) >= tau
+    approx = torch.bmm(features, others.transpose(1, 2)).float() / (norms[:, :, None] * norms_others[:, None, :])
     neighbors = approx >= tau
     band = (approx - tau).abs() <= _bf16_cosine_margin(features.shape[-1], tau)
     rows, first, second = band.nonzero(as_tuple=True)  # row-major order, as a CSR pattern lists them
     if rows.numel():
-        neighbors[rows, first, second] = (
-            _sampled_dots(wide, rows, first, second) / (norms[rows, first] * norms[rows, second]) >= tau
-        )
+        dots = _sampled_dots(wide, wide_others, rows, first, second)
+        neighbors[rows, first, second] = dots / (norms[rows, first] * norms_others[rows, second]) >= tau
     return neighbors
 
 
 def _sampled_dots(
-    features: torch.Tensor, rows: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+    features: torch.Tensor, others: torch.Tensor, rows: torch.Tensor, first: torch.Tensor, second: torch.Tensor
 ) -> torch.Tensor:
-    """fp32 dot products ``features[rows, first] . features[rows, second]`` (``(P, L, d)`` features; pairs in
+    """fp32 dot products ``features[rows, first] . others[rows, second]`` (``(P, L, d)`` and ``(P, M, d)``; pairs in
     row-major order) from one sampled sparse product: ~25x faster on CPUs than gathering both rows of every pair."""
     batch, length, _ = features.shape
-    size = batch * length
-    flat = features.reshape(size, -1)
-    flat_first, flat_second = rows * length + first, rows * length + second
-    crow = F.pad(torch.bincount(flat_first, minlength=size).cumsum(0), (1, 0))
+    other_length = others.shape[1]
+    flat, flat_others = features.reshape(batch * length, -1), others.reshape(batch * other_length, -1)
+    flat_first, flat_second = rows * length + first, rows * other_length + second
+    crow = F.pad(torch.bincount(flat_first, minlength=batch * length).cumsum(0), (1, 0))
+    shape = (batch * length, batch * other_length)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch: "sparse CSR tensor support is in beta state"
-        pattern = torch.sparse_csr_tensor(crow, flat_second, flat.new_zeros(rows.numel()), (size, size))
-        return torch.sparse.sampled_addmm(pattern, flat, flat.T, beta=0.0).values()
+        pattern = torch.sparse_csr_tensor(crow, flat_second, flat.new_zeros(rows.numel()), shape)
+        return torch.sparse.sampled_addmm(pattern, flat, flat_others.T, beta=0.0).values()
 
 
 def greedy_nms(neighbors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -181,7 +187,8 @@ def nms_fill_per_group(
     prefix of the order (twice the largest budget at first) and doubles it until every group has its ``k``
     NMS-selected tokens inside the prefix, or the prefix is everything (a prefix past half of the tokens becomes all
     of them). The result is the same as over all tokens; the ``L x L`` similarity matrix is usually far smaller than
-    the ``N x N`` one.
+    the ``N x N`` one. A longer prefix keeps the decisions already made: its new tokens are compared with the
+    selected ones before them (an ``M x L`` block) and with each other (``M x M``), not the whole square again.
 
     Args:
         scores: ``(B, S)`` importance (higher first; ties by lower slot index).
@@ -203,10 +210,17 @@ def nms_fill_per_group(
     sample = torch.arange(batch_size, device=groups.device).repeat_interleave(num_groups)[:, None]  # (P, 1)
     prefix = initial_prefix if initial_prefix is not None else max(2 * int(budgets.max().item()), 64)
     prefix = _grow(max(prefix, 1), width)
+    done = 0
+    selected = valid[:, :0]  # (P, done): final decisions on the prefix compared so far
     while True:
-        cells = table[:, :prefix]
-        neighbors = cosine_neighbors(features[sample, cells.clamp(min=0)], tau)  # (P, L, L)
-        selected = greedy_nms(neighbors, valid[:, :prefix])
+        fresh = features[sample, table[:, done:prefix].clamp(min=0)]  # (P, M, d) the tokens new to this prefix
+        candidates = valid[:, done:prefix]
+        if done:  # a fresh token with a selected neighbour earlier in the order is suppressed already
+            earlier = features[sample, table[:, :done].clamp(min=0)]  # (P, L, d)
+            suppressed = (cosine_neighbors(fresh, tau, earlier) & selected[:, None, :]).any(-1)  # (P, M)
+            candidates = candidates & ~suppressed
+        selected = torch.cat([selected, greedy_nms(cosine_neighbors(fresh, tau), candidates)], 1)
+        done = prefix
         if prefix == width or bool((selected.sum(1, keepdim=True) >= row_budget).all()):
             break
         prefix = _grow(2 * prefix, width)
