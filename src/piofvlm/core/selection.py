@@ -164,10 +164,20 @@ def greedy_nms(neighbors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return selected
 
 
+def _next_prefix(prefix: int, counts: torch.Tensor, budgets: torch.Tensor) -> int:
+    """The next prefix length: long enough, at the selection rate seen so far (plus a quarter), for every group to
+    reach its budget; at least 64 tokens longer, at most twice as long. Any sequence of prefixes gives the same
+    result; a close guess saves comparing tokens the budgets never reach (at a prefix doubled to all of them the
+    last comparison is usually the largest)."""
+    short = counts < budgets  # (P, 1)
+    rates = counts[short].clamp(min=1).double() / prefix
+    needed = int(torch.ceil(1.25 * budgets[short].double() / rates).max().item())
+    return min(max(needed, prefix + 64), 2 * prefix)
+
+
 def _grow(prefix: int, width: int) -> int:
-    """A prefix past half the width costs nearly the full matrix anyway: take everything (at most 1.25x the
-    all-token cost overall)."""
-    return width if prefix > width // 2 else prefix
+    """A prefix within 1/8 of the width takes everything (the rest would cost little, another round more)."""
+    return width if 8 * prefix > 7 * width else min(prefix, width)
 
 
 def nms_fill_per_group(
@@ -184,11 +194,12 @@ def nms_fill_per_group(
     order], i.e. the authors' "stop at k" first pass plus their fill-up pass.
 
     Greedy decisions on the first ``L`` tokens of the score order depend on those tokens only, so the NMS runs on a
-    prefix of the order (twice the largest budget at first) and doubles it until every group has its ``k``
-    NMS-selected tokens inside the prefix, or the prefix is everything (a prefix past half of the tokens becomes all
-    of them). The result is the same as over all tokens; the ``L x L`` similarity matrix is usually far smaller than
-    the ``N x N`` one. A longer prefix keeps the decisions already made: its new tokens are compared with the
-    selected ones before them (an ``M x L`` block) and with each other (``M x M``), not the whole square again.
+    prefix of the order (twice the largest budget at first) and grows it (:func:`_next_prefix`: to the length the
+    selection rate so far says the budgets need, at most doubling) until every group has its ``k`` NMS-selected
+    tokens inside the prefix, or the prefix is everything. The result is the same as over all tokens; the ``L x L``
+    similarity matrix is usually far smaller than the ``N x N`` one. A longer prefix keeps the decisions already
+    made: its new tokens are compared with the selected ones before them (an ``M x L`` block) and with each other
+    (``M x M``), not the whole square again.
 
     Args:
         scores: ``(B, S)`` importance (higher first; ties by lower slot index).
@@ -221,9 +232,10 @@ def nms_fill_per_group(
             candidates = candidates & ~suppressed
         selected = torch.cat([selected, greedy_nms(cosine_neighbors(fresh, tau), candidates)], 1)
         done = prefix
-        if prefix == width or bool((selected.sum(1, keepdim=True) >= row_budget).all()):
+        counts = selected.sum(1, keepdim=True)  # (P, 1)
+        if prefix == width or bool((counts >= row_budget).all()):
             break
-        prefix = _grow(2 * prefix, width)
+        prefix = _grow(_next_prefix(prefix, counts, row_budget), width)
     selected = F.pad(selected, (0, width - prefix))  # cells past the prefix: not NMS-selected (fill pass only)
     position = torch.arange(width, device=groups.device)[None].expand_as(table)
     # Priority: NMS-selected tokens in score order, then the rest in score order, then empty cells.
