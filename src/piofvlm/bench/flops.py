@@ -111,7 +111,7 @@ def pio_proxy_flops(
     product costs its forward again, twice where both operands need a gradient (scores, ``P normed``; attention twice
     its forward in the reference path), plus one ``P normed``-sized product for the rows' ``g . x``. NMS: the
     cosine-similarity matrix over the first prefix the NMS always compares (``min(candidates, max(2 kept, 64))``
-    tokens), a lower bound: the prefix doubles when suppression leaves fewer than ``kept`` tokens (its fixed-point
+    tokens), a lower bound: the prefix grows when suppression leaves fewer than ``kept`` tokens (its fixed-point
     rounds are matrix-vector products, not counted).
     """
     d = shape.hidden_size
