@@ -101,7 +101,7 @@ def cosine_neighbors(features: torch.Tensor, tau: float, others: torch.Tensor | 
         return torch.bmm(unit, unit_others.transpose(1, 2)) >= tau
     approx = torch.bmm(features, others.transpose(1, 2)).float() / (norms[:, :, None] * norms_others[:, None, :])
     neighbors = approx >= tau
-    band = (approx - tau).abs() <= _bf16_cosine_margin(features.shape[-1], tau)
+    band = approx.sub_(tau).abs_() <= _bf16_cosine_margin(features.shape[-1], tau)  # in place: |cos - tau|
     rows, first, second = band.nonzero(as_tuple=True)  # row-major order, as a CSR pattern lists them
     if rows.numel():
         dots = _sampled_dots(wide, wide_others, rows, first, second)
@@ -145,8 +145,7 @@ def greedy_nms(neighbors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         ``(P, N)`` bool: selected positions.
     """
     num = neighbors.shape[-1]
-    earlier = torch.ones(num, num, dtype=torch.bool, device=neighbors.device).tril(-1)  # j < i
-    suppressors = (neighbors & earlier & valid[:, None, :]).to(torch.float32)  # (P, N, N)
+    suppressors = (neighbors.tril(-1) & valid[:, None, :]).to(torch.float32)  # (P, N, N): earlier j < i only
 
     def step(selected: torch.Tensor) -> torch.Tensor:
         hit = torch.bmm(suppressors, selected.to(torch.float32)[..., None])[..., 0] > 0  # (P, N)
@@ -198,8 +197,8 @@ def nms_fill_per_group(
     selection rate so far says the budgets need, at most doubling) until every group has its ``k`` NMS-selected
     tokens inside the prefix, or the prefix is everything. The result is the same as over all tokens; the ``L x L``
     similarity matrix is usually far smaller than the ``N x N`` one. A longer prefix keeps the decisions already
-    made: its new tokens are compared with the selected ones before them (an ``M x L`` block) and with each other
-    (``M x M``), not the whole square again.
+    made: its new tokens are compared with the ones selected before them (an ``M x K`` block, ``K`` at most the
+    selected count) and with each other (``M x M``), not the whole square again.
 
     Args:
         scores: ``(B, S)`` importance (higher first; ties by lower slot index).
@@ -223,12 +222,16 @@ def nms_fill_per_group(
     prefix = _grow(max(prefix, 1), width)
     done = 0
     selected = valid[:, :0]  # (P, done): final decisions on the prefix compared so far
+    counts = selected.sum(1, keepdim=True)  # (P, 1) selected so far
     while True:
         fresh = features[sample, table[:, done:prefix].clamp(min=0)]  # (P, M, d) the tokens new to this prefix
         candidates = valid[:, done:prefix]
-        if done:  # a fresh token with a selected neighbour earlier in the order is suppressed already
-            earlier = features[sample, table[:, :done].clamp(min=0)]  # (P, L, d)
-            suppressed = (cosine_neighbors(fresh, tau, earlier) & selected[:, None, :]).any(-1)  # (P, M)
+        most = int(counts.max().item()) if done else 0
+        if most:  # a fresh token with a selected neighbour earlier in the order is suppressed already
+            first = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :most]  # selected cells first
+            kept = torch.arange(most, device=groups.device)[None] < counts  # (P, K)
+            earlier = features[sample, table[:, :done].gather(1, first).clamp(min=0)]  # (P, K, d) the selected ones
+            suppressed = (cosine_neighbors(fresh, tau, earlier) & kept[:, None, :]).any(-1)  # (P, M)
             candidates = candidates & ~suppressed
         selected = torch.cat([selected, greedy_nms(cosine_neighbors(fresh, tau), candidates)], 1)
         done = prefix
