@@ -216,22 +216,3 @@ def test_bf16_cosine_neighbors_decide_as_fp32():
     rounded = torch.bmm(features, features.transpose(1, 2)).float()
     norms = torch.linalg.vector_norm(features.float(), dim=-1)
     assert not torch.equal((rounded / (norms[:, :, None] * norms[:, None, :]) >= tau)[clear], expected[clear])
-
-
-def test_folded_key_weight_follows_in_place_weight_updates():
-    """The closed form keeps ``W_k diag(w)`` between calls; an in-place change of either weight (a fine-tuning step,
-    ``load_state_dict``) gives the gradient of the changed model, equal to one computed with nothing kept."""
-    m, inputs = _model_and_inputs("llava")
-    ctx = capture_context(m, inputs, layer=2)
-    layer = get_adapter(m).layers[2]
-    first = proxy_loss.proxy_gradient_norms(ctx, 2)
-    assert layer.self_attn.k_proj.weight in proxy_loss._FOLDED  # kept
-    torch.testing.assert_close(proxy_loss.proxy_gradient_norms(ctx, 2), first, rtol=0, atol=0)
-    for tensor in (layer.self_attn.k_proj.weight, layer.input_layernorm.weight):
-        with torch.no_grad():
-            tensor.mul_(1.5)
-        kept = proxy_loss.proxy_gradient_norms(ctx, 2)
-        proxy_loss._FOLDED.clear()
-        fresh = proxy_loss.proxy_gradient_norms(ctx, 2)
-        torch.testing.assert_close(kept, fresh, rtol=0, atol=0)
-        assert not torch.allclose(kept, first)

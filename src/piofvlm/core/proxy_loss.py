@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
-from torch.utils.weak import WeakIdKeyDictionary
 
 from piofvlm import transformers_compat
 from piofvlm.core.context import StageContext
@@ -243,26 +242,6 @@ class _Norm:
         return torch.linalg.vecdot(scaled_grad, x, dim=-1).to(self.rstd.dtype).div_(x.shape[-1])
 
 
-_FOLDED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # W_k -> (versions and storage, W_k diag(w))
-
-
-def _folded_key_weight(weight: torch.Tensor, norm: _Norm) -> torch.Tensor:
-    """``W_k diag(w)`` (the key projection with the input norm's weight folded in), kept between calls while neither
-    tensor changes (keyed weakly on ``W_k``: it goes with the model; versions and storage checked), so a
-    prune does not re-scale the whole key projection each time (a pass over ``kv x d``: ~1 ms at 1024x1024 on CPU,
-    more at 7B widths)."""
-    if norm.weight is None or (weight.requires_grad and torch.is_grad_enabled()):
-        return norm.fold_weight(weight)
-    key = (weight._version, weight.data_ptr(), norm.weight._version, norm.weight.data_ptr(), id(norm.weight))
-    cached = _FOLDED.get(weight)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    with torch.no_grad():
-        folded = norm.fold_weight(weight)
-    _FOLDED[weight] = (key, folded)
-    return folded
-
-
 class _LinearHead(torch.autograd.Function):
     """``hidden @ weight^T`` for a few rows, with a constant ``weight`` ``(V, d)``, computed as ``(weight @
     hidden^T)^T``: with a handful of rows CPU GEMM streams the vocabulary matrix about twice as fast that way round."""
@@ -425,7 +404,7 @@ def _closed_form_gradient(
     with record_function("piofvlm.proxy.forward"):
         norm = _Norm(layer.input_layernorm, x)
         with torch.no_grad():
-            k_weight = _folded_key_weight(attn.k_proj.weight, norm)  # (kv, d)
+            k_weight = norm.fold_weight(attn.k_proj.weight)  # (kv, d)
             keys = F.linear(norm.base, k_weight)  # (B, S, kv)
             # r_j scales row j: onto row j of k q^T (S x H n) when nothing comes between the projection and RoPE,
             # else onto the keys (a bias, a per-head key norm, GLM's partial rotation).
