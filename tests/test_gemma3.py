@@ -112,20 +112,12 @@ def test_bidirectional_text_config_is_refused():
 def test_second_turn_on_the_returned_cache_equals_no_cache_reference(positions):
     """A 4-token follow-up on the pruned cache (pruned before layer 0 and at layer 2): its queries see, in local
     layers, the window of kept slots behind each of them (multi-token decode masks), as a no-cache forward does."""
-    from test_reliability import reference_logits, second_turn
+    from test_reliability import pruned_conversation, reference_logits
 
     m = model("gemma3")
     inputs = make_inputs("gemma3", indices=(0, 2))
     layers, keep = [0, 2], [0.6, 0.3]
     method = piofvlm.get_method("random", layers=layers, keep=keep, positions=positions)
-    with torch.no_grad(), method(m):
-        first = m.generate(
-            **inputs, max_new_tokens=3, do_sample=False, suppress_tokens=[4], return_dict_in_generate=True
-        )
-        cache = transformers_compat.output_cache(first)
-        assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2  # layer 0 padded to the unpruned length
-        records = method.last_selection
-        ids, logits = second_turn(m, inputs, cache, first.sequences)
-    assert method.last_selection is records  # no new prefill
+    records, ids, logits = pruned_conversation(m, inputs, method)  # layer 0 padded to the unpruned length
     expected = reference_logits(m, inputs, ids, records, layers, keep, positions)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

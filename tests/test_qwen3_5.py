@@ -258,19 +258,13 @@ def test_static_cache_is_refused():
 def test_second_turn_on_the_returned_cache_equals_no_cache_reference(layers):
     """A follow-up (several tokens: the linear layers continue their states, the attention layers their pruned KV)
     on the cache of a pruned generation == a no-cache forward of the whole conversation keeping the same tokens."""
-    from test_reliability import GREEDY, extended_mask, second_turn
+    from test_reliability import extended_mask, pruned_conversation
 
     m = model("3:1")
     inputs = qwen3_5_inputs((0, 2))
     keep = [0.4] * len(layers)
     method = piofvlm.get_method("random", layers=layers, keep=keep)
-    with torch.no_grad(), method(m):
-        first = m.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
-        cache = transformers_compat.output_cache(first)
-        assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2
-        records = method.last_selection
-        ids, logits = second_turn(m, inputs, cache, first.sequences)
-    assert method.last_selection is records  # no new prefill
+    records, ids, logits = pruned_conversation(m, inputs, method)
     chosen = [[k.tolist() for k in record.kept] for record in records]
     added = ids.shape[1] - inputs["input_ids"].shape[1]
     rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}

@@ -57,6 +57,21 @@ def second_turn(m, inputs, cache, sequences, follow_up=FOLLOW_UP, greedy=GREEDY)
     return ids, out.logits[0]
 
 
+def pruned_conversation(m, inputs, method, follow_up=FOLLOW_UP, greedy=GREEDY, **first_turn):
+    """Under ``method``: a 3-token generation, then :func:`second_turn` on the cache it returned. Checks that the
+    cache reports the unpruned length (prompt + the 2 tokens fed back; transformers reads it from layer 0) and that
+    the second turn ran no new prefill. Returns the first turn's selection records, the second turn's ids and logits.
+    """
+    with torch.no_grad(), method(m):
+        first = m.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **first_turn, **greedy)
+        cache = transformers_compat.output_cache(first)
+        assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2
+        records = method.last_selection
+        ids, logits = second_turn(m, inputs, cache, first.sequences, follow_up, greedy)
+    assert method.last_selection is records  # the second turn was no new prefill
+    return records, ids, logits
+
+
 # ------------------------------------------------------------------------------------------------ 1. multi-turn
 @pytest.mark.parametrize("layers", [[0], [1], [0, 2]])
 @pytest.mark.parametrize("keep", [45, 0.3])
@@ -66,14 +81,7 @@ def test_second_turn_on_the_returned_cache_equals_no_cache_reference(layers, kee
     inputs = make_inputs("llava", indices=(0, 2))
     keep = [keep] * len(layers) if len(layers) > 1 else keep
     method = piofvlm.get_method("random", layers=layers, keep=keep, positions=positions)
-    with torch.no_grad(), method(m):
-        first = m.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True, **GREEDY)
-        cache = transformers_compat.output_cache(first)
-        # transformers reads the cache length from layer 0: it must be the unpruned length (prompt + 2 fed tokens).
-        assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2
-        records = method.last_selection
-        ids, logits = second_turn(m, inputs, cache, first.sequences)
-    assert method.last_selection is records  # the second turn was no new prefill
+    records, ids, logits = pruned_conversation(m, inputs, method)
     expected = reference_logits(m, inputs, ids, records, layers, keep, positions)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -146,13 +154,7 @@ def test_second_turn_on_every_family_equals_no_cache_reference(kind, layers, pos
     keep = [0.4, 0.2][: len(layers)]
     greedy = {"do_sample": False, "suppress_tokens": tq.SUPPRESS}
     method = piofvlm.get_method("pio", layers=layers, keep=keep, positions=positions)
-    with torch.no_grad(), method(m):
-        first = m.generate(**inputs, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True, **greedy)
-        cache = transformers_compat.output_cache(first)
-        assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 2
-        records = method.last_selection
-        ids, logits = second_turn(m, inputs, cache, first.sequences, follow_up_ids(kind), greedy)
-    assert method.last_selection is records  # the second turn was no new prefill
+    records, ids, logits = pruned_conversation(m, inputs, method, follow_up_ids(kind), greedy, min_new_tokens=3)
     expected = reference_logits(m, inputs, ids, records, layers, keep, positions)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -173,9 +175,14 @@ def video_only(kind):
 @pytest.mark.parametrize("kind", [*QWEN_KINDS, tq.ONEVISION])
 @pytest.mark.parametrize("name", ["visionzip", "vscan", "pool"])
 def test_reused_handle_equals_fresh_handle_across_image_and_video_prompts(kind, name):
-    m = tq.model(kind)
-    calls = [image_only(kind), video_only(kind), image_only(kind)]
-    method = build(name, 4)
+    assert_reused_handle_equals_fresh(
+        tq.model(kind), [image_only(kind), video_only(kind), image_only(kind)], build(name, 4)
+    )
+
+
+def assert_reused_handle_equals_fresh(m, calls, method) -> None:
+    """``calls`` generated one after another under one application of ``method`` == each under a fresh one: the same
+    tokens and the same kept tokens."""
     with torch.no_grad():
         reused = []
         with method(m):
@@ -212,19 +219,7 @@ def _newer_family_reuse_cases() -> list:
 
 @pytest.mark.parametrize(("kind", "name"), _newer_family_reuse_cases())
 def test_reused_handle_equals_fresh_handle_on_the_newer_families(kind, name):
-    m = tq.model(kind)
-    calls = mixed_prompts(kind)
-    method = build(name, 4)
-    with torch.no_grad():
-        reused = []
-        with method(m):
-            for inputs in calls:
-                tokens = m.generate(**inputs, **tq.GREEDY)
-                reused.append((tokens, [r.kept[0].tolist() for r in method.last_selection]))
-        for inputs, (tokens, kept) in zip(calls, reused, strict=True):
-            with method(m):
-                assert torch.equal(m.generate(**inputs, **tq.GREEDY), tokens)
-                assert [r.kept[0].tolist() for r in method.last_selection] == kept
+    assert_reused_handle_equals_fresh(tq.model(kind), mixed_prompts(kind), build(name, 4))
 
 
 # ---------------------------------------------------------------------------------------------- 4. copies, saving

@@ -36,6 +36,18 @@ def assert_same_generation(static, dynamic) -> None:
     torch.testing.assert_close(static[1], dynamic[1], rtol=0, atol=1e-5)
 
 
+def assert_static_equals_dynamic(m, inputs, method, same_kept: bool = False) -> None:
+    """Under ``method``: a static-cache generation equals the dynamic one (:func:`assert_same_generation`); with
+    ``same_kept``, both prefills kept the same tokens."""
+    with method(m):
+        dynamic = generate(m, inputs)
+        kept = [k.tolist() for r in method.last_selection for k in r.kept] if same_kept else None
+        static = generate(m, inputs, cache_implementation="static")
+    if same_kept:
+        assert [k.tolist() for r in method.last_selection for k in r.kept] == kept
+    assert_same_generation(static, dynamic)
+
+
 def family(kind: str, attn: str = "sdpa"):
     if kind in ("llava", "llava_next"):
         return model(kind, attn), make_inputs(kind)
@@ -82,32 +94,21 @@ def test_keep_all_static_is_identical_to_unhooked_static(kind, attn):
 def test_pruned_static_equals_pruned_dynamic(kind, attn, name):
     m, inputs = family(kind, attn)
     method = piofvlm.get_method(name, layers=[1, 3], keep=[0.5, 0.25])
-    with method(m):
-        dynamic = generate(m, inputs)
-        kept = [k.tolist() for r in method.last_selection for k in r.kept]
-        static = generate(m, inputs, cache_implementation="static")
-    assert [k.tolist() for r in method.last_selection for k in r.kept] == kept
-    assert_same_generation(static, dynamic)
+    assert_static_equals_dynamic(m, inputs, method, same_kept=True)
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_every_method_static_equals_dynamic(name):
     m, inputs = family("llava")
     method = build(name, 0.3)
-    with method(m):
-        dynamic = generate(m, inputs)
-        static = generate(m, inputs, cache_implementation="static")
-    assert_same_generation(static, dynamic)
+    assert_static_equals_dynamic(m, inputs, method)
 
 
 @pytest.mark.parametrize("kind", quick(RENUMBER_KINDS, "llava", "llava_next_video", "mistral3"))
 def test_renumbered_positions_static_equals_dynamic(kind):
     m, inputs = family(kind)
     method = piofvlm.get_method("pio", layers=[2], keep=0.3, positions="renumber")
-    with method(m):
-        dynamic = generate(m, inputs)
-        static = generate(m, inputs, cache_implementation="static")
-    assert_same_generation(static, dynamic)
+    assert_static_equals_dynamic(m, inputs, method)
 
 
 def test_static_from_generation_config():
@@ -162,10 +163,7 @@ def test_every_method_static_equals_dynamic_on_every_family(name, kind):
     design on these prompts, ``test_methods_matrix.REFUSED``, are tested to refuse there)."""
     m, inputs = family(kind)
     method = build(name, 0.3)
-    with method(m):
-        dynamic = generate(m, inputs)
-        static = generate(m, inputs, cache_implementation="static")
-    assert_same_generation(static, dynamic)
+    assert_static_equals_dynamic(m, inputs, method)
 
 
 @pytest.mark.parametrize("kind", [kind for kind in ("internvl", "smolvlm") if kind in TINY_CASES])
@@ -176,12 +174,7 @@ def test_encoder_side_method_on_a_static_cache_prefill(kind):
     'bool'``; a size mismatch). Found by extending the static-cache tests to every family."""
     m, inputs = family(kind)
     method = build("pool", 0.3)
-    with method(m):
-        dynamic = generate(m, inputs)
-        kept = [k.tolist() for r in method.last_selection for k in r.kept]
-        static = generate(m, inputs, cache_implementation="static")
-    assert [k.tolist() for r in method.last_selection for k in r.kept] == kept
-    assert_same_generation(static, dynamic)
+    assert_static_equals_dynamic(m, inputs, method, same_kept=True)
 
 
 def test_custom_4d_mask_is_still_refused():
