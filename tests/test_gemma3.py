@@ -38,6 +38,15 @@ def _kept_sequence_reference(m, inputs, keep_slot: torch.Tensor, positions: str)
         return m.lm_head(out.last_hidden_state)
 
 
+def every_third_image_token(ids: torch.Tensor, image_id: int) -> tuple[list[int], torch.Tensor]:
+    """For one sample's ``ids`` ``(S,)``: every third image token over all images (indices among the image tokens)
+    and the ``(S,)`` bool mask of the slots kept with them (all text)."""
+    visual = ids == image_id
+    chosen = list(range(0, int(visual.sum()), 3))
+    visual_index = visual.long().cumsum(0) - 1
+    return chosen, ~visual | (visual & torch.isin(visual_index, torch.tensor(chosen)))
+
+
 @pytest.mark.parametrize("positions", ["keep", pytest.param("renumber", marks=pytest.mark.slow)])
 def test_pruned_before_layer_0_equals_the_model_on_the_kept_tokens(positions):
     """Pruned before layer 0, every layer must compute what the stock model computes on the kept tokens alone: local
@@ -46,10 +55,7 @@ def test_pruned_before_layer_0_equals_the_model_on_the_kept_tokens(positions):
     m = model("gemma3")
     inputs = make_inputs("gemma3", indices=(2,))  # two images, one sample: no padding
     ids = inputs["input_ids"][0]
-    visual = ids == GEMMA3_IMAGE_ID
-    chosen = list(range(0, int(visual.sum()), 3))  # every third image token, over both images
-    visual_index = visual.long().cumsum(0) - 1
-    keep_slot = ~visual | (visual & torch.isin(visual_index, torch.tensor(chosen)))
+    chosen, keep_slot = every_third_image_token(ids, GEMMA3_IMAGE_ID)  # over both images
     # The test can tell the two window rules apart: at the last token, the last 16 kept slots reach further back
     # than the last 16 original positions.
     last = ids.shape[0] - 1

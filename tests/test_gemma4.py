@@ -19,6 +19,7 @@ from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.core import proxy_loss
 from piofvlm.toy_families import GEMMA4_COUNTS, GEMMA4_IMAGE_ID, GEMMA4_WINDOW, UNAVAILABLE
+from test_gemma3 import every_third_image_token
 from test_pio import capture_context
 from test_qwen import make_inputs, model
 
@@ -59,10 +60,7 @@ def test_pruned_before_layer_0_equals_the_model_on_the_kept_tokens(positions):
     m = model("gemma4")
     inputs = make_inputs("gemma4", indices=(2,))  # two images, one sample: no padding
     ids = inputs["input_ids"][0]
-    visual = ids == GEMMA4_IMAGE_ID
-    chosen = list(range(0, int(visual.sum()), 3))  # every third image token, over both images
-    visual_index = visual.long().cumsum(0) - 1
-    keep_slot = ~visual | (visual & torch.isin(visual_index, torch.tensor(chosen)))
+    chosen, keep_slot = every_third_image_token(ids, GEMMA4_IMAGE_ID)  # over both images
     kept_positions = torch.arange(ids.shape[0])[keep_slot]
     assert int(kept_positions[-GEMMA4_WINDOW]) < ids.shape[0] - GEMMA4_WINDOW  # the window rules differ here
     fixed = FixedSelection(layers=[0], keep=len(chosen), budget_scope="sample", chosen=[[chosen]], positions=positions)
