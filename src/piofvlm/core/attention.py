@@ -4,6 +4,10 @@ Attention-based methods (FastV, PyramidDrop, SparseVLM, DART's key norms) need a
 map. Asking the model for ``output_attentions`` would force eager attention on every layer; instead we recompute the
 one layer's projections (input norm, q/k projections, optional per-head q/k norms, the family's RoPE) from the hidden
 states entering it. The result does not depend on the attention implementation the model runs with.
+
+Under tensor parallelism (``from_pretrained(..., tp_plan="auto")``) ``q_proj`` / ``k_proj`` are column-sharded and
+each rank computes only its own heads; :func:`_all_heads` gathers every head over the tensor-parallel group, so every
+rank scores with all heads, as one process does (``docs/scaling.md``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,38 @@ import torch
 
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.core.ops import gather_sequence
+
+
+def _all_heads(adapter: ModelAdapter, states: torch.Tensor, proj: torch.nn.Module, kind: str) -> torch.Tensor:
+    """``states`` ``(B, n, h, hd)`` with every head of the layer: as they are in one process; under tensor parallelism
+    (``proj.weight`` a DTensor sharded by rows, this rank's ``h`` heads) gathered over the tensor-parallel group.
+
+    Raises:
+        ValueError: a sharding that does not give each rank whole heads, evenly (naming tensor parallelism).
+    """
+    if not torch.distributed.is_available():
+        return states
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(states, DTensor):
+        return states.full_tensor()
+    weight = getattr(proj, "weight", None)
+    if not isinstance(weight, DTensor):
+        return states
+    config = adapter.text_config
+    total = config.num_attention_heads if kind == "query" else getattr(config, "num_key_value_heads", None)
+    total = total or config.num_attention_heads
+    mesh = weight.device_mesh
+    if states.shape[2] == total and weight.placements == (Shard(0),) and weight.to_local().shape == weight.shape:
+        return states  # not actually split (a mesh of one)
+    if mesh.ndim != 1 or weight.placements != (Shard(0),) or states.shape[2] * mesh.size() != total:
+        raise ValueError(
+            f"explicit attention scores under tensor parallelism need each rank to hold whole {kind} heads of "
+            f"{type(proj).__name__} (row-sharded evenly over a 1-D mesh); got {states.shape[2]} of {total} heads on "
+            f"this rank, placements {weight.placements}, mesh {tuple(mesh.shape)}: load the model without tp_plan "
+            "or use a method that does not read attention (pio, divprune, cdpruner, random, pool, visionzip, vscan)"
+        )
+    return DTensor.from_local(states.contiguous(), mesh, [Shard(2)], run_check=False).full_tensor()
 
 
 def _rotary(adapter: ModelAdapter, reason: str):
@@ -37,7 +73,7 @@ def layer_keys(
     attn = adapter.layers[layer_index].self_attn
     batch_size, seq_len, _ = hidden.shape
     normed = adapter.layers[layer_index].input_layernorm(hidden)
-    k = attn.k_proj(normed).view(batch_size, seq_len, -1, attn.head_dim)
+    k = _all_heads(adapter, attn.k_proj(normed).view(batch_size, seq_len, -1, attn.head_dim), attn.k_proj, "key")
     if hasattr(attn, "k_norm"):  # Qwen3-style per-head norms
         k = attn.k_norm(k)
     k = k.transpose(1, 2)
@@ -77,6 +113,7 @@ def layer_attention(
     normed = layer.input_layernorm(hidden)
     normed_q = normed.gather(1, query_slots[..., None].expand(-1, -1, normed.shape[-1]))  # (B, n, d)
     q, _ = adapter.attention_queries(attn, normed_q)  # (B, n, H, hd); an output gate does not change the map
+    q = _all_heads(adapter, q, attn.q_proj, "query")
     if hasattr(attn, "q_norm"):
         q = attn.q_norm(q)
     q = q.transpose(1, 2)  # (B, H, n, hd)
