@@ -6,7 +6,14 @@ from pathlib import Path
 
 TASK = "piofvlm_testbed"
 
-UTILS = '''"""Prompt and scoring of the local testbed task: those of `piofvlm eval` (question, first-word match)."""
+UTILS = '''"""Prompt and scoring of the local testbed task: those of `piofvlm eval` (question, first-word match).
+
+With PIOFVLM_SHARD_LOG set, each process also appends the documents it scored (lmms-eval scores each document on
+the rank that answered it) to ``$PIOFVLM_SHARD_LOG/<pid>.jsonl``, with its rank and process id.
+"""
+
+import json
+import os
 
 from piofvlm.testbed.model import first_word
 
@@ -20,6 +27,10 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def process_results(doc, results):
+    if os.environ.get("PIOFVLM_SHARD_LOG"):
+        row = {"id": doc["id"], "rank": int(os.environ.get("RANK", "0")), "pid": os.getpid(), "answer": results[0]}
+        with open(os.path.join(os.environ["PIOFVLM_SHARD_LOG"], f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\\n")
     return {"exact_match": float(first_word(results[0]) == doc["answer"])}
 '''
 
@@ -55,9 +66,10 @@ def write_task(folder: Path, split: str, num_samples: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     samples = data.make_split(split, num_samples)
     columns = {key: [s[key] for s in samples] for key in ("image", "question", "answer", "task")}
+    columns["id"] = list(range(len(samples)))
     features = datasets.Features(
         image=datasets.Image(), question=datasets.Value("string"), answer=datasets.Value("string"),
-        task=datasets.Value("string"),
+        task=datasets.Value("string"), id=datasets.Value("int64"),
     )  # fmt: skip
     dataset = datasets.DatasetDict(test=datasets.Dataset.from_dict(columns, features=features))
     dataset.save_to_disk(str(folder / "data"))

@@ -1,8 +1,10 @@
 """End to end with the real lmms-eval: its CLI and evaluator, a local task of testbed samples, the shipped checkpoint.
 
 The score equals what ``piofvlm eval`` reports for the same samples and method, per sample too; batch 8 equals
-batch 1; and ``accelerate launch --cpu --num_processes 2`` (lmms-eval's data parallelism) equals one process.
-Nothing is downloaded: the task's YAML, utils.py and dataset are written here, and the hub is switched off.
+batch 1; and two processes (lmms-eval's data parallelism, ``ACCELERATE_USE_CPU=true torchrun --nproc-per-node 2``:
+two gloo ranks) answer disjoint shards whose gathered answers and score equal one process. (``accelerate launch
+--cpu --num_processes 2`` would start ONE process under accelerate 1.15: ``--cpu`` takes its single-process
+launcher.) Nothing is downloaded: the task's YAML, utils.py and dataset are written here, and the hub is switched off.
 """
 
 from __future__ import annotations
@@ -51,19 +53,28 @@ def setup(tmp_path_factory):
     return root, task_dir, ours
 
 
-def run_lmms_eval(root: Path, task_dir: Path, name: str, batch_size: int, processes: int = 1) -> tuple[float, list]:
-    """lmms-eval's CLI on the local task; its score and per-sample first words, in doc order."""
+def run_lmms_eval(
+    root: Path, task_dir: Path, name: str, batch_size: int, processes: int = 1, shard_log: Path | None = None
+) -> tuple[float, list]:
+    """lmms-eval's CLI on the local task; its score and per-sample first words, in doc order.
+
+    ``processes > 1``: ``torchrun`` starts that many ranks (gloo on the CPU); with ``shard_log`` each process writes
+    the documents it scored there (``lmms_task.UTILS``)."""
     out = root / name
     args = ["-m", "lmms_eval", "--model", "piofvlm", "--model_args", f"pretrained={CHECKPOINT_DIR},{METHOD_ARGS}"]
     args += ["--tasks", TASK, "--include_path", str(task_dir), "--batch_size", str(batch_size)]
     args += ["--output_path", str(out), "--log_samples"]
+    env = offline_env(root / "hf")
+    if shard_log is not None:
+        shard_log.mkdir(parents=True, exist_ok=True)
+        env["PIOFVLM_SHARD_LOG"] = str(shard_log)
     if processes == 1:
         cmd = [sys.executable, *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes)]
-        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        cmd += ["--main_process_port", str(free_port()), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=offline_env(root / "hf"), timeout=600)
+    else:  # the README's recipe: torchrun starts the ranks, accelerate (inside lmms-eval) joins them over gloo
+        env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+        cmd += ["--master-port", str(free_port()), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     results, samples = list(out.rglob("*_results.json")), list(out.rglob(f"*_samples_{TASK}.jsonl"))
     # lmms-eval can exit 0 after an error (e.g. an import failure inside its evaluator) without writing results:
     # show its own output, which names the cause, instead of failing later on a missing file.
@@ -111,6 +122,24 @@ def test_lmms_eval_batch_one_equals_batch_eight(setup, batch8):
     assert run_lmms_eval(root, task_dir, "batch1", batch_size=1) == batch8
 
 
-def test_accelerate_two_processes_equal_one(setup, batch8):
+def test_two_ranks_answer_disjoint_shards_and_equal_one_process(setup, batch8):
     root, task_dir, _ = setup
-    assert run_lmms_eval(root, task_dir, "dp2", batch_size=8, processes=2) == batch8
+    log = root / "dp2_shards"
+    score, answers = run_lmms_eval(root, task_dir, "dp2", batch_size=8, processes=2, shard_log=log)
+    rows = [json.loads(line) for path in sorted(log.glob("*.jsonl")) for line in path.read_text().splitlines()]
+    by_rank: dict[int, list[int]] = {}
+    for row in rows:
+        by_rank.setdefault(row["rank"], []).append(row["id"])
+    pids = {row["rank"]: {r["pid"] for r in rows if r["rank"] == row["rank"]} for row in rows}
+    # two distinct processes (one pid each), each answered a non-empty shard, the shards are disjoint and cover all
+    assert sorted(by_rank) == [0, 1]
+    assert all(len(p) == 1 for p in pids.values()) and pids[0] != pids[1]
+    shards = [set(by_rank[0]), set(by_rank[1])]
+    assert all(shards) and not shards[0] & shards[1]
+    assert len(rows) == NUM_SAMPLES and shards[0] | shards[1] == set(range(NUM_SAMPLES))
+    # each rank's own answers are the single process's answers for those documents
+    from piofvlm.testbed.model import first_word
+
+    assert all(first_word(row["answer"]) == batch8[1][row["id"]] for row in rows)
+    # the gathered per-document answers and the metric equal one process
+    assert (score, answers) == batch8
