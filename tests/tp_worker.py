@@ -46,6 +46,30 @@ def run(model, inputs: dict, name: str, fields: dict, new_tokens: int) -> dict:
     }
 
 
+def first_attention(model):
+    """The attention module of the first (full-)attention decoder layer."""
+    from piofvlm.adapters.registry import get_adapter
+
+    adapter = get_adapter(model)
+    index = next(i for i in range(len(adapter.layers)) if adapter.is_attention_layer(i))
+    return adapter.layers[index].self_attn
+
+
+def refusal(model) -> str | None:
+    """The error of the head gather for a shard that does not hold whole heads evenly (one head too many)."""
+    from piofvlm.adapters.registry import get_adapter
+    from piofvlm.core.attention import _all_heads
+
+    adapter = get_adapter(model)
+    attn = first_attention(model)
+    local = attn.q_proj.weight.to_local().shape[0] // attn.head_dim
+    try:
+        _all_heads(adapter, torch.zeros(1, 2, local + 1, attn.head_dim), attn.q_proj, "query")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def main(case: Path) -> None:
     from transformers import AutoModelForImageTextToText
 
@@ -59,17 +83,16 @@ def main(case: Path) -> None:
     sharded = AutoModelForImageTextToText.from_pretrained(case / "model", dtype=torch.float32, tp_plan="auto").eval()
     for m in (single, sharded):  # the toy checkpoints have no generation defaults of their own
         m.generation_config.pad_token_id = m.generation_config.pad_token_id or 0
-    q_proj = next(
-        mod for name, mod in sharded.named_modules() if name.endswith("language_model.layers.0.self_attn.q_proj")
-    )
-    local_rows = q_proj.weight.to_local().shape[0] if hasattr(q_proj.weight, "to_local") else q_proj.weight.shape[0]
+    attn = first_attention(sharded)
+    local_rows = attn.q_proj.weight.to_local().shape[0] if hasattr(attn.q_proj.weight, "to_local") else -1
     report = {
         "rank": rank,
         "world": world,
         "tp_size": getattr(sharded, "tp_size", None),
-        "q_proj_rows": [local_rows, q_proj.out_features],
+        "q_proj_rows": [local_rows, attn.q_proj.out_features],
         "methods": {},
     }
+    report["refusal"] = refusal(sharded)
     for label, name, fields in methods:
         alone = run(single, inputs, name, fields, new_tokens)
         tp = run(sharded, inputs, name, fields, new_tokens)
