@@ -54,14 +54,21 @@ def setup(tmp_path_factory):
 
 
 def run_lmms_eval(
-    root: Path, task_dir: Path, name: str, batch_size: int, processes: int = 1, shard_log: Path | None = None
+    root: Path,
+    task_dir: Path,
+    name: str,
+    batch_size: int,
+    processes: int = 1,
+    shard_log: Path | None = None,
+    model_args: str = "",
 ) -> tuple[float, list]:
     """lmms-eval's CLI on the local task; its score and per-sample first words, in doc order.
 
     ``processes > 1``: ``torchrun`` starts that many ranks (gloo on the CPU); with ``shard_log`` each process writes
     the documents it scored there (``lmms_task.UTILS``)."""
     out = root / name
-    args = ["-m", "lmms_eval", "--model", "piofvlm", "--model_args", f"pretrained={CHECKPOINT_DIR},{METHOD_ARGS}"]
+    args = ["-m", "lmms_eval", "--model", "piofvlm"]
+    args += ["--model_args", f"pretrained={CHECKPOINT_DIR},{METHOD_ARGS}{model_args}"]
     args += ["--tasks", TASK, "--include_path", str(task_dir), "--batch_size", str(batch_size)]
     args += ["--output_path", str(out), "--log_samples"]
     env = offline_env(root / "hf")
@@ -75,6 +82,7 @@ def run_lmms_eval(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
         cmd += ["--master-port", str(free_port()), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    (root / f"{name}.stderr").write_text(proc.stderr)
     results, samples = list(out.rglob("*_results.json")), list(out.rglob(f"*_samples_{TASK}.jsonl"))
     # lmms-eval can exit 0 after an error (e.g. an import failure inside its evaluator) without writing results:
     # show its own output, which names the cause, instead of failing later on a missing file.
@@ -143,3 +151,15 @@ def test_two_ranks_answer_disjoint_shards_and_equal_one_process(setup, batch8):
     assert all(first_word(row["answer"]) == batch8[1][row["id"]] for row in rows)
     # the gathered per-document answers and the metric equal one process
     assert (score, answers) == batch8
+
+
+def test_tensor_parallel_two_ranks_equal_one_process(setup, batch8):
+    """``tp_plan=auto`` under torchrun: both ranks hold half of the model and answer every request together; the
+    answers each rank returns for its shard, gathered, and the score equal one process."""
+    root, task_dir, _ = setup
+    log = root / "tp2_shards"
+    result = run_lmms_eval(root, task_dir, "tp2", 8, processes=2, shard_log=log, model_args=",tp_plan=auto")
+    rows = [json.loads(line) for path in sorted(log.glob("*.jsonl")) for line in path.read_text().splitlines()]
+    assert sorted({row["rank"] for row in rows}) == [0, 1] and len(rows) == NUM_SAMPLES
+    assert "piofvlm responding (tensor parallel)" in (root / "tp2.stderr").read_text()  # the plugin's TP path ran
+    assert result == batch8

@@ -166,3 +166,84 @@ def test_every_family_answers_with_batches_equal_to_batch_one(plugin, kind):
 
     three = make_model(plugin, kind, batch_size=3, method="pio", keep=0.3, layers=1)
     assert [r.text for r in three.generate_until(requests_for(three, 5))] == expected
+
+
+# ------------------------------------------------------------------------------- big models: device_map, tp_plan
+@pytest.mark.parametrize(
+    ("arg_string", "message"),
+    [
+        ("device_map=nowhere", "device_map='nowhere': expected one of auto, balanced, balanced_low_0, sequential"),
+        ('device_map={"":"gpu7"}', "device_map['']: 'gpu7' is not a device"),
+        ("device_map={bad", "cannot parse device_map='{bad' as a JSON object"),
+        ("device_map=auto,device=cpu", "give device_map or device, not both"),
+        ('max_memory={"cpu":"1GiB"}', "max_memory needs device_map"),
+        ("offload_folder=/tmp/x", "offload_folder needs device_map"),
+        ("device_map=auto,max_memory=1GiB", "max_memory='1GiB': expected a JSON object of device -> size"),
+        ('device_map=auto,max_memory={"cpu":1.5}', "max_memory['cpu']=1.5: expected bytes (int) or a size"),
+        ('device_map=auto,max_memory={"tpu9":"1GiB"}', "max_memory key 'tpu9': 'tpu9' is not a device"),
+        ("tp_plan=colwise", "tp_plan='colwise': only tp_plan=auto"),
+        ("tp_plan=auto", "tp_plan=auto shards the model over the ranks of torchrun: launch with torchrun"),
+    ],
+)
+def test_bad_big_model_args_fail_before_loading(plugin, arg_string, message):
+    with pytest.raises(ValueError) as info:
+        plugin.PiofvlmModel.create_from_arg_string(f"pretrained=/nonexistent,method=none,{arg_string}", {})
+    assert message in str(info.value)
+
+
+def test_big_model_args_reach_from_pretrained_typed(plugin):
+    from lmms_eval.utils import simple_parse_args_string
+
+    args = simple_parse_args_string('device_map=auto,max_memory={"0":"20GiB","cpu":2000000},offload_folder=/tmp/o')
+    kwargs = plugin.big_model_args(**args, tp_plan=None, device=None, world_size=1)
+    assert kwargs == {"device_map": "auto", "max_memory": {0: "20GiB", "cpu": 2000000}, "offload_folder": "/tmp/o"}
+    explicit = plugin.big_model_args('{"":"cpu"}', None, None, None, None, 1)
+    assert explicit == {"device_map": {"": "cpu"}}
+    assert plugin.big_model_args(0, None, None, None, None, 1) == {"device_map": 0}
+    assert plugin.big_model_args(None, None, None, "auto", None, 2) == {"tp_plan": "auto"}
+    with pytest.raises(ValueError, match="under 2 data-parallel processes would spread every process"):
+        plugin.big_model_args("auto", None, None, None, None, 2)
+
+
+def requests_on_testbed(model: Any, n: int) -> list[Any]:
+    from lmms_eval.api.instance import Instance
+
+    from piofvlm.testbed import data
+
+    model.task_dict = {"tb": {"test": data.make_split("test", n)}}
+
+    def doc_to_messages(doc: dict) -> list[dict]:
+        content = [{"type": "image", "url": doc["image"]}, {"type": "text", "text": doc["question"]}]
+        return [{"role": "user", "content": content}]
+
+    gen_kwargs = {"max_new_tokens": 3, "temperature": 0, "until": ["\n\n"]}
+    return [
+        Instance(
+            request_type="generate_until",
+            arguments=("", doc_to_messages, dict(gen_kwargs), i, "tb", "test"),
+            idx=0,
+            metadata={"task": "tb", "doc_id": i, "repeats": 1},
+        )
+        for i in range(n)
+    ]
+
+
+@SLOW
+@pytest.mark.parametrize("method", ["pio", "fastv"])
+def test_device_map_with_disk_offload_answers_as_the_model_in_memory(plugin, method, tmp_path):
+    from piofvlm.testbed.model import CHECKPOINT_DIR
+
+    if not (CHECKPOINT_DIR / "model.safetensors").is_file():
+        pytest.skip(f"the shipped testbed checkpoint is missing ({CHECKPOINT_DIR})")
+    args = f"pretrained={CHECKPOINT_DIR},method={method},keep=0.25,layers=2,batch_size=2"
+    in_memory = plugin.PiofvlmModel.create_from_arg_string(args, {})
+    expected = [r.text for r in in_memory.generate_until(requests_on_testbed(in_memory, 4))]
+    offload = f'device_map=auto,max_memory={{"cpu":"5MB"}},offload_folder={tmp_path / "offload"}'
+    offloaded = plugin.PiofvlmModel.create_from_arg_string(f"{args},{offload}", {})
+    placed = set(offloaded.model.hf_device_map.values())
+    assert placed == {"cpu", "disk"}, offloaded.model.hf_device_map  # some weights in memory, the rest on disk
+    # disk-offloaded weights stay on the meta device between calls (read from the safetensors file when used)
+    assert any(p.device.type == "meta" for p in offloaded.model.parameters())
+    assert any(p.device.type == "cpu" for p in offloaded.model.parameters())
+    assert [r.text for r in offloaded.generate_until(requests_on_testbed(offloaded, 4))] == expected
+    assert len(expected) == 4 and all(expected)

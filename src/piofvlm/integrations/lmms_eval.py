@@ -5,13 +5,20 @@ the install in the README section "Evaluate on standard benchmarks" (lmms-eval w
 ``piofvlm[eval]``; no torchvision)::
 
     python -m lmms_eval --model piofvlm --model_args pretrained=DIR,method=pio,keep=0.111 --tasks pope --batch_size 8
-    accelerate launch --num_processes 8 -m lmms_eval --model piofvlm --model_args ... --tasks pope --batch_size 8
+    torchrun --nproc-per-node 8 -m lmms_eval --model piofvlm --model_args ... --tasks pope --batch_size 8
+    ACCELERATE_USE_CPU=true torchrun --nproc-per-node 2 -m lmms_eval ...        # N ranks on CPUs (gloo)
 
 Model args: ``pretrained`` (a local checkpoint directory or hub id, loaded with ``AutoModelForImageTextToText``),
 ``method`` (any of :func:`piofvlm.available_methods`, default ``pio``), ``device``, ``dtype`` (``auto``: bfloat16
 on CUDA, float32 on CPU), ``attn_implementation``, ``batch_size``, and every field of the method (``keep``,
 ``layers``, ``tau``, ...), typed after the method's dataclass: a list is written ``layers=[2,8]``, ``None`` as
 ``none``. A keep ratio needs a decimal point (``keep=1.0``: all tokens; ``keep=1``: one token).
+
+Models bigger than one device (``docs/scaling.md``): ``device_map`` (``auto``, ``balanced``, ``balanced_low_0``,
+``sequential``, a device, or a JSON object of module -> device) with optional ``max_memory`` (a JSON object such
+as ``{"0":"70GiB","1":"70GiB","cpu":"200GiB"}``) and ``offload_folder`` (disk offload), in one process; or
+``tp_plan=auto`` under ``torchrun --nproc-per-node N``: the N ranks then form one tensor-parallel model and answer
+every request together (no data parallelism; each rank returns its own shard's answers to lmms-eval).
 
 lmms-eval's own ``huggingface`` / ``llava_hf`` wrappers are not subclassed: in lmms-eval 0.7.3 they bind every
 process to ``cuda:<rank>`` and assert a GPU backend (so ``accelerate launch --cpu`` fails), hard-code the dtype, pass
@@ -136,7 +143,113 @@ def method_from_model_args(name: str, fields: dict[str, Any]) -> Any:
     return get_method(name, **typed)
 
 
-MODEL_ARGS = ("pretrained", "method", "device", "dtype", "attn_implementation", "batch_size", "max_batch_size")
+MODEL_ARGS = (
+    "pretrained",
+    "method",
+    "device",
+    "dtype",
+    "attn_implementation",
+    "batch_size",
+    "max_batch_size",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "tp_plan",
+)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_name(value: Any, what: str) -> Any:
+    """A device of a ``device_map``: a GPU index (int >= 0), ``disk``, or a name ``torch.device`` accepts."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if value == "disk":
+        return value
+    if isinstance(value, str):
+        try:
+            torch.device(value)
+            return value
+        except RuntimeError:
+            pass
+    raise ValueError(f"{what}: {value!r} is not a device (a GPU index, cpu, cuda:N, mps, disk)")
+
+
+def big_model_args(
+    device_map: Any, max_memory: Any, offload_folder: Any, tp_plan: Any, device: Any, world_size: int
+) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for ``device_map`` / ``max_memory`` / ``offload_folder`` / ``tp_plan``.
+
+    Raises:
+        ValueError: a value of the wrong form, ``max_memory`` / ``offload_folder`` without ``device_map``,
+            ``device_map`` with ``tp_plan`` or with ``device`` or under several data-parallel processes, ``tp_plan``
+            without ``torchrun``, each saying what to write instead.
+    """
+    kwargs: dict[str, Any] = {}
+    if device_map is not None:
+        value = _parse_json_object(device_map, "device_map")
+        if isinstance(value, dict):
+            kwargs["device_map"] = {str(k): _device_name(v, f"device_map[{k!r}]") for k, v in value.items()}
+        elif value in DEVICE_MAP_STRATEGIES:
+            kwargs["device_map"] = value
+        else:
+            try:
+                kwargs["device_map"] = _device_name(value, "device_map")
+            except ValueError:
+                raise ValueError(
+                    f"device_map={device_map!r}: expected one of {', '.join(DEVICE_MAP_STRATEGIES)}, a device "
+                    '(0, cpu, cuda:1) or a JSON object of module -> device (device_map={"":"cpu"})'
+                ) from None
+        if device is not None:
+            raise ValueError(f"give device_map or device, not both (device_map={device_map!r}, device={device!r})")
+        if world_size > 1:
+            raise ValueError(
+                f"device_map={device_map!r} under {world_size} data-parallel processes would spread every process "
+                "over the same devices: run one process with device_map, or tp_plan=auto under torchrun "
+                "(docs/scaling.md)"
+            )
+    for name, value in (("max_memory", max_memory), ("offload_folder", offload_folder)):
+        if value is not None and device_map is None:
+            raise ValueError(f"{name} needs device_map (e.g. device_map=auto,{name}=...)")
+    if max_memory is not None:
+        memory = _parse_json_object(max_memory, "max_memory")
+        if not isinstance(memory, dict) or not memory:
+            raise ValueError(
+                f"max_memory={max_memory!r}: expected a JSON object of device -> size, "
+                'e.g. {"0":"20GiB","cpu":"64GiB"}'
+            )
+        parsed: dict[Any, Any] = {}
+        for key, size in memory.items():
+            device_key: Any = int(key) if str(key).isdigit() else _device_name(key, f"max_memory key {key!r}")
+            if isinstance(size, bool) or not isinstance(size, (int, str)):
+                raise ValueError(f"max_memory[{key!r}]={size!r}: expected bytes (int) or a size like '20GiB'")
+            parsed[device_key] = size
+        kwargs["max_memory"] = parsed
+    if offload_folder is not None:
+        if not isinstance(offload_folder, str) or not offload_folder:
+            raise ValueError(f"offload_folder={offload_folder!r}: expected a directory path")
+        kwargs["offload_folder"] = offload_folder
+    if tp_plan is not None:
+        if tp_plan != "auto":
+            raise ValueError(f"tp_plan={tp_plan!r}: only tp_plan=auto (the checkpoint's own plan) is supported")
+        if device_map is not None:
+            raise ValueError("give tp_plan or device_map, not both")
+        if world_size < 2:
+            raise ValueError(
+                "tp_plan=auto shards the model over the ranks of torchrun: launch with torchrun --nproc-per-node N "
+                "(on CPUs with ACCELERATE_USE_CPU=true); see docs/scaling.md"
+            )
+        kwargs["tp_plan"] = "auto"
+    return kwargs
+
+
+def _parse_json_object(value: Any, name: str) -> Any:
+    """``value`` itself, or the JSON object a string starting with ``{`` holds."""
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"cannot parse {name}={value!r} as a JSON object: {err}") from None
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -151,6 +264,12 @@ class PiofvlmModel(lmms):
         dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU) or one of float32, bfloat16, float16, float64.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``; some methods need eager or sdpa.
         batch_size: requests per ``generate`` call (left padding; results equal batch size 1).
+        device_map: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential``, a device, or a JSON object of
+            module -> device (transformers' ``from_pretrained(device_map=...)``), in one process.
+        max_memory: with ``device_map``: a JSON object of device -> size (``{"0":"70GiB","cpu":"200GiB"}``).
+        offload_folder: with ``device_map``: where weights that fit nowhere else are offloaded to disk.
+        tp_plan: ``auto``: tensor parallelism over the ranks of ``torchrun``; every rank answers every request
+            with its shard of the model (each generate is collective) and returns its own requests' answers.
         **method_fields: fields of the method, typed after its dataclass (``keep=0.111``, ``layers=[2,8]``).
     """
 
@@ -165,6 +284,10 @@ class PiofvlmModel(lmms):
         attn_implementation: str = "sdpa",
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
+        device_map: Any = None,
+        max_memory: Any = None,
+        offload_folder: str | None = None,
+        tp_plan: str | None = None,
         **method_fields: Any,
     ) -> None:
         super().__init__()
@@ -180,6 +303,8 @@ class PiofvlmModel(lmms):
         self.accelerator = Accelerator()
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
+        big = big_model_args(device_map, max_memory, offload_folder, tp_plan, device, self._world_size)
+        self._tensor_parallel = "tp_plan" in big
         if self._world_size > 1:  # one model per process: cuda:<local rank> when there is CUDA, else the CPU
             local = self.accelerator.local_process_index
             device = f"cuda:{local}" if torch.cuda.is_available() and device != "cpu" else "cpu"
@@ -188,8 +313,15 @@ class PiofvlmModel(lmms):
             dtype = "bfloat16" if self._device.type == "cuda" else "float32"
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-        model, self.processor = self.load(pretrained, DTYPES[dtype], attn_implementation)
-        self._model = model.to(self._device).eval()
+        if big:  # placed by transformers (device_map / tensor parallelism): never moved afterwards
+            model, self.processor = self.load(pretrained, DTYPES[dtype], attn_implementation, **big)
+            self._model = model.eval()
+            if "device_map" in big:  # inputs go where the first weights are (the CPU when they are on disk)
+                first = self._model.device
+                self._device = first if first.type != "meta" else torch.device("cpu")
+        else:
+            model, self.processor = self.load(pretrained, DTYPES[dtype], attn_implementation)
+            self._model = model.to(self._device).eval()
         self.processor.tokenizer.padding_side = "left"  # batched generation
         if not getattr(self.processor, "chat_template", None):
             image_token = getattr(self.processor, "image_token", None) or "<image>"
@@ -197,8 +329,12 @@ class PiofvlmModel(lmms):
         self.pretrained = pretrained
         logger.info("piofvlm lmms-eval model: %s on %s, method %s", pretrained, self._device, self.method.to_dict())
 
-    def load(self, pretrained: str, dtype: torch.dtype, attn_implementation: str) -> tuple[torch.nn.Module, Any]:
-        """``(model, processor)`` of ``pretrained``, refused before any weight is read if piofvlm cannot adapt it."""
+    def load(
+        self, pretrained: str, dtype: torch.dtype, attn_implementation: str, **placement: Any
+    ) -> tuple[torch.nn.Module, Any]:
+        """``(model, processor)`` of ``pretrained``, refused before any weight is read if piofvlm cannot adapt it.
+
+        ``placement``: ``device_map`` / ``max_memory`` / ``offload_folder`` / ``tp_plan`` for ``from_pretrained``."""
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         config = AutoConfig.from_pretrained(pretrained)
@@ -208,7 +344,7 @@ class PiofvlmModel(lmms):
                 f"supported: {', '.join(sorted(ADAPTERS))}"
             )
         model = AutoModelForImageTextToText.from_pretrained(
-            pretrained, dtype=dtype, attn_implementation=attn_implementation
+            pretrained, dtype=dtype, attn_implementation=attn_implementation, **placement
         )
         return model, AutoProcessor.from_pretrained(pretrained)
 
@@ -245,6 +381,8 @@ class PiofvlmModel(lmms):
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         """Greedy (or sampled, per the task's generation kwargs) answers, ``batch_size`` requests per call."""
+        if self._tensor_parallel:
+            return self._generate_until_tensor_parallel(requests)
         args = [request.args for request in requests]  # (context, doc_to_messages, gen_kwargs, doc_id, task, split)
         collator = lmms_utils.Collator(args, lambda a: (a[3], a[3]), group_fn=lambda a: a[2], grouping=True)
         results: list[GenerationResult] = []
@@ -263,6 +401,39 @@ class PiofvlmModel(lmms):
                 bar.update(len(chunk))
         bar.close()
         return collator.get_original(results)
+
+    def _generate_until_tensor_parallel(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Under ``tp_plan``: every rank answers the requests of all ranks, in the same batches (each ``generate`` is
+        a collective over the tensor-parallel group), and returns the answers to its own requests."""
+        import torch.distributed as dist
+
+        local = []
+        for request in requests:
+            _, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
+            doc = self.task_dict[task][split][doc_id]
+            local.append((ChatMessages(messages=doc_to_messages(doc)), dict(gen_kwargs), str(request.args[0])))
+        shards: list[Any] = [None] * self._world_size
+        dist.all_gather_object(shards, local)
+        everything = [item for shard in shards for item in shard]
+        groups: dict[str, list[int]] = {}  # same generation kwargs, in rank then request order
+        for i, (_, gen_kwargs, _) in enumerate(everything):
+            groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
+        answers: list[GenerationResult | None] = [None] * len(everything)
+        bar = tqdm(total=len(everything), disable=self.rank != 0, desc="piofvlm responding (tensor parallel)")
+        with torch.no_grad(), self.method(self._model):
+            for indices in groups.values():
+                for start in range(0, len(indices), self.batch_size):
+                    batch = indices[start : start + self.batch_size]
+                    texts, lengths = self._generate([everything[i][0] for i in batch], dict(everything[batch[0]][1]))
+                    for i, text, length in zip(batch, texts, lengths, strict=True):
+                        answers[i] = GenerationResult(text=text, token_counts=TokenCounts(output_tokens=length))
+                    bar.update(len(batch))
+        bar.close()
+        offset = sum(len(shard) for shard in shards[: self._rank])
+        mine = answers[offset : offset + len(local)]
+        for answer, (_, gen_kwargs, context) in zip(mine, local, strict=True):
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer.text)
+        return mine
 
     def _generate(self, messages: list[ChatMessages], gen_kwargs: dict[str, Any]) -> tuple[list[str], list[int]]:
         """One batched ``generate``: decoded answers (cut at the first ``until`` string) and their token counts."""
