@@ -19,6 +19,7 @@ import http.client
 import io
 import ipaddress
 import os
+import re
 import socket
 import ssl
 import stat
@@ -480,7 +481,7 @@ def load_image(url: str, limits: ServeLimits, what: str = "image") -> Image.Imag
         data = read_data_url(url, limits, what)
     elif url.startswith(("http://", "https://")):
         data = fetch(url, limits, what)
-    elif url.startswith("file://") or url.startswith("/") or "://" not in url:
+    elif url.startswith("file://") or not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", url):
         data = read_local_file(url, limits, what)
     else:
         raise ClientError(f"{what}: a URL scheme this server does not read ({quote(url.split(':', 1)[0], 16)})")
@@ -490,7 +491,7 @@ def load_image(url: str, limits: ServeLimits, what: str = "image") -> Image.Imag
 def video_path(url: str, limits: ServeLimits, what: str = "video") -> str:
     """The resolved path of a client's ``video_url``: videos are read from files under ``--image-dir`` only (their
     frames are decoded by transformers' video loader; their size is capped in bytes, not in pixels)."""
-    if url.startswith(("data:", "http://", "https://")) or ("://" in url and not url.startswith("file://")):
+    if not url.startswith("file://") and re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", url):
         raise ClientError(f"{what}: videos are read from files under --image-dir only", status=403)
     path = local_path(url, limits, what)
     if path.stat().st_size > limits.max_image_bytes:
