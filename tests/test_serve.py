@@ -163,6 +163,9 @@ def test_compiled_server_answers_like_the_eager_one(server):
         (["--host", "0.0.0.0"], "--allow-remote"),
         (["--keep", "2.5"], "keep"),
         (["--set", "nope=1"], "nope"),
+        (["--allow-private-fetch"], "needs --allow-fetch"),
+        (["--image-dir", "/nonexistent/images"], "is not a directory"),
+        (["--max-request-bytes", "0"], "max_request_bytes"),
     ],
 )
 def test_serve_cli_errors(argv, message, capsys):
