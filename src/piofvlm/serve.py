@@ -143,8 +143,8 @@ class _Slot:
         self.adapter = get_adapter(model)
         self.items: VisualItems | None = None
         self._recording = False
+        self.handle: Any = self.method.apply(model)  # first: a model the method refuses gets no hook at all
         self._capture = self.adapter.multimodal_model.register_forward_pre_hook(self._record, with_kwargs=True)
-        self.handle: Any = self.method.apply(model)
 
     def _record(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._recording:
