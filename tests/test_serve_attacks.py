@@ -178,11 +178,13 @@ class Listener:
 
     def __init__(self, image: bytes) -> None:
         self.paths: list[str] = []
+        self.hosts: list[str | None] = []
         listener = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 listener.paths.append(self.path)
+                listener.hosts.append(self.headers.get("Host"))
                 if self.path == "/hang":
                     time.sleep(30)
                 if self.path == "/redirect":
@@ -300,7 +302,7 @@ def test_private_fetch_when_allowed_is_bounded(servers, listener):
     fetched = server.chat(ask(listener.url("/img.png"), sample(0)["question"]))
     assert fetched.status == 200 and fetched.answer == reference.answer
     assert fetched.headers["x-piofvlm-kept-visual-tokens"] == "64/256"
-    assert listener.paths[-1] == "/img.png"
+    assert listener.paths[-1] == "/img.png" and listener.hosts[-1] == f"127.0.0.1:{listener.port}"
     reply = server.chat(ask(listener.url("/big"), "how many ?"))
     assert reply.status == 413 and "--max-image-bytes" in reply.error
     count = len(listener.paths)

@@ -445,7 +445,12 @@ def fetch(url: str, limits: ServeLimits, what: str) -> bytes:
         connection = http.client.HTTPConnection(parts.hostname, port, timeout=limits.fetch_timeout_s)
         connection.sock = sock  # the checked address: http.client never resolves the name again
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        connection.request("GET", target, headers={"Accept": "image/*", "User-Agent": "piofvlm-serve"})
+        default_port = 443 if parts.scheme == "https" else 80
+        host = parts.hostname if port == default_port else f"{parts.hostname}:{port}"
+        if ":" in parts.hostname:  # an IPv6 literal
+            host = f"[{parts.hostname}]" if port == default_port else f"[{parts.hostname}]:{port}"
+        headers = {"Host": host, "Accept": "image/*", "User-Agent": "piofvlm-serve"}
+        connection.request("GET", target, headers=headers)
         response = connection.getresponse()
         if response.status != 200:
             raise ClientError(
