@@ -91,8 +91,15 @@ def data_url(image) -> str:
 
 
 @pytest.fixture(scope="module")
-def server():
-    running = Server()
+def image_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("images")
+
+
+@pytest.fixture(scope="module")
+def server(image_dir):
+    from piofvlm.serve_limits import ServeLimits
+
+    running = Server(limits=ServeLimits(image_dirs=(image_dir,)))
     yield running
     running.stop()
 
@@ -126,9 +133,9 @@ def test_concurrent_answers_equal_sequential_answers_and_piofvlm_run(server, tmp
 
 
 @pytest.mark.slow
-def test_local_files_and_file_urls(server, tmp_path):
+def test_local_files_and_file_urls(server, image_dir):
     sample = samples()[0]
-    path = tmp_path / "image.png"
+    path = image_dir / "image.png"
     sample["image"].save(path)
     expected = server.ask(data_url(sample["image"]), sample["question"])[0]
     assert server.ask(str(path), sample["question"])[0] == expected
@@ -156,6 +163,9 @@ def test_compiled_server_answers_like_the_eager_one(server):
         (["--host", "0.0.0.0"], "--allow-remote"),
         (["--keep", "2.5"], "keep"),
         (["--set", "nope=1"], "nope"),
+        (["--allow-private-fetch"], "needs --allow-fetch"),
+        (["--image-dir", "/nonexistent/images"], "is not a directory"),
+        (["--max-request-bytes", "0"], "max_request_bytes"),
     ],
 )
 def test_serve_cli_errors(argv, message, capsys):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
+from piofvlm import serve_limits
 from piofvlm.adapters import get_adapter
 from piofvlm.loading import DTYPES, build_prompt, check_device, load_model
 from piofvlm.overlay import draw_overlay, overlay_panels, processor_view, save_overlay
@@ -118,6 +119,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote:
         raise ValueError(f"--host {args.host} exposes the server beyond this machine; add --allow-remote to do so")
+    from piofvlm.serve_limits import limits_from_args
+
+    limits = limits_from_args(args)
     method = method_from_args(args)
     print(f"piofvlm serve: {args.model} with {json.dumps(method.to_dict())} on http://{args.host}:{args.port}/v1")
     serve(
@@ -130,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         attn=args.attn,
         compile=args.compile,
         compile_backend=args.compile_backend,
+        limits=limits,
     )
     return 0
 
@@ -473,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, auto")
     srv.add_argument("--compile", action="store_true", help="static KV cache + torch.compile for decoding")
     srv.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
+    serve_limits.add_arguments(srv)
     srv.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser(
