@@ -148,3 +148,24 @@ def test_budget_counts_and_vscan_layer_check():
 
     with pytest.raises(ValueError, match="local_layer=5 does not exist"):
         check_method(method, tower, num_text_layers=8, model_type="llava")
+
+
+def test_hf_overrides_names_the_plugin_class_and_refuses_what_it_cannot_run(tmp_path):
+    from piofvlm.integrations.vllm import hf_overrides
+    from piofvlm.testbed.model import CHECKPOINT_DIR
+
+    assert hf_overrides(str(CHECKPOINT_DIR), "divprune", keep=64) == {
+        "architectures": ["PiofvlmLlavaForConditionalGeneration"],
+        "piofvlm": {"method": "divprune", "keep": 64},
+    }
+    assert hf_overrides("LlavaForConditionalGeneration", "none")["architectures"] == [
+        "PiofvlmLlavaForConditionalGeneration"
+    ]
+    with pytest.raises(ValueError, match="M-RoPE"):
+        hf_overrides("Qwen2_5_VLForConditionalGeneration", "divprune", keep=64)
+    with pytest.raises(ValueError, match="does not run GemmaForCausalLM"):
+        hf_overrides("GemmaForCausalLM", "divprune", keep=64)
+    with pytest.raises(ValueError, match="cannot run in vLLM"):
+        hf_overrides(str(CHECKPOINT_DIR), "fastv")
+    with pytest.raises(ValueError, match="does not exist"):
+        hf_overrides(str(tmp_path / "missing"), "divprune", keep=64)
