@@ -1,7 +1,7 @@
 """Runs the testbed through vLLM with the piofvlm plugin and writes the answers (and what each image kept) as JSON.
 
 Used by ``test_vllm_plugin.py`` in a subprocess per configuration (each vLLM engine is its own set of processes):
-``python tests/vllm/runner.py --spec '{"method": "divprune", "keep": 64}' --n 200 --tp 1 --out result.json``.
+``python tests/vllm_plugin/runner.py --spec '{"method": "divprune", "keep": 64}' --n 200 --tp 1 --out result.json``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,16 @@ def main() -> None:
     record = out.with_suffix(".kept.jsonl")
     record.unlink(missing_ok=True)
     os.environ["PIOFVLM_VLLM_RECORD"] = str(record)  # before the engine's processes start
+    if args.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vLLM's CPU backend binds each worker's threads to its own NUMA node and refuses more workers than nodes;
+        # on a one-node machine the cores are split between the ranks by hand ("0|1" on 2 cores).
+        cores = sorted(os.sched_getaffinity(0))
+        share = max(1, len(cores) // args.tp)
+        parts = [
+            cores[min(r * share, len(cores) - 1) : max(r * share + share, 1 + min(r * share, len(cores) - 1))]
+            for r in range(args.tp)
+        ]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, part)) for part in parts)
 
     from piofvlm.testbed import data
     from piofvlm.testbed import model as testbed_model
