@@ -65,7 +65,7 @@ format: install-dev
 	$(BIN)/ruff format src tests
 
 clean:
-	rm -rf $(VENV) .venv-lock .venv-tf-* build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-lock .venv-tf-* .venv-vllm build dist src/*.egg-info .pytest_cache .ruff_cache
 
 # The vLLM plugin (docs/vllm.md): a separate venv with the CPU build of vLLM, pinned by requirements-vllm.lock (not the
 # main lock), and its end-to-end tests (tests/vllm_plugin: 200 test samples per method, the OpenAI server, tensor parallelism
