@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev install-eval install-production demo test test-slow test-all test-floor test-newest lock doctor lint format clean
+.PHONY: install install-dev install-eval install-production demo test test-slow test-all test-floor test-newest lock doctor lint format clean vllm-env test-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,4 +65,19 @@ format: install-dev
 	$(BIN)/ruff format src tests
 
 clean:
-	rm -rf $(VENV) .venv-lock .venv-tf-* build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-lock .venv-tf-* .venv-vllm build dist src/*.egg-info .pytest_cache .ruff_cache
+
+# The vLLM plugin (docs/vllm.md): a separate venv with the CPU build of vLLM, pinned by requirements-vllm.lock (not the
+# main lock), and its end-to-end tests (tests/vllm_plugin: 200 test samples per method, the OpenAI server, tensor parallelism
+# 2; about 25 minutes on the 2-core CPU). VLLM_SAMPLES=20 for a quicker run; VLLM_RESULTS keeps the JSON results.
+VLLM_VENV ?= .venv-vllm
+VLLM_SAMPLES ?= 200
+VLLM_RESULTS ?= outputs/vllm
+
+vllm-env:
+	scripts/vllm_env.sh $(VLLM_VENV)
+
+test-vllm: vllm-env
+	mkdir -p $(VLLM_RESULTS)
+	PIOFVLM_VLLM_SAMPLES=$(VLLM_SAMPLES) PIOFVLM_VLLM_RESULTS=$(abspath $(VLLM_RESULTS)) \
+		$(VLLM_VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/vllm_plugin tests/test_vllm_selection.py

@@ -1,0 +1,254 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``) in vLLM with a piofvlm method before the language model.
+
+Imports vLLM: loaded by vLLM's ``ModelRegistry`` when a model is configured with the architecture
+``PiofvlmLlavaForConditionalGeneration`` (see :mod:`piofvlm.integrations.vllm`).
+
+* Processing: each image gets the method's budget of placeholder tokens (``get_num_image_tokens``), so the prompt
+  is shorter before the engine schedules it. For ``random`` the processor also hands each image the fingerprint of
+  its prompt (piofvlm's seed, with every image counted at its full size), and the prompt joins the image in the
+  items' cache identity, so vLLM's processor, encoder and prefix caches never reuse one prompt's draw for another.
+* Encoding: ``embed_multimodal`` encodes the images as vLLM does, captures the inputs of the vision blocks the method
+  reads (forward pre-hooks on this instance's vision tower), and returns the selected (and, for VisionZip / VScan /
+  pool, merged) embeddings: piofvlm's own ``select`` (:mod:`piofvlm.integrations.vllm.selection`).
+* Weights: a checkpoint whose vision tower is saved without the ``vision_model.`` level (what transformers 5 writes
+  for the testbed) is loaded by renaming its keys here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from vllm.distributed import tensor_model_parallel_all_gather
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaImageEmbeddingInputs,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+
+from piofvlm.core.session import _sample_keys
+from piofvlm.integrations.vllm.selection import (
+    CONFIG_KEY,
+    VisionTower,
+    check_method,
+    method_from_config,
+    select_image_tokens,
+    tokens_per_image,
+    vision_layers_needed,
+)
+
+KEY_FIELD = "piofvlm_key"
+#: If set, a file each rank appends one JSON line per encoded image to: what it kept (tests, inspection).
+RECORD_ENV = "PIOFVLM_VLLM_RECORD"
+
+
+@functools.lru_cache(maxsize=32)
+def _method_cached(spec_json: str) -> Any:
+    import json
+
+    return method_from_config(json.loads(spec_json))
+
+
+def _method_of(config: Any) -> Any:
+    """The configured method of a model config (``None``: nothing pruned), validated."""
+    import json
+
+    spec = getattr(config, CONFIG_KEY, None)
+    if spec is None:
+        raise ValueError(
+            f"PiofvlmLlavaForConditionalGeneration needs a {CONFIG_KEY!r} entry in the model config: pass "
+            f'hf_overrides={{"architectures": ["PiofvlmLlavaForConditionalGeneration"], "{CONFIG_KEY}": '
+            '{"method": "divprune", "keep": 64}} (or "method": "none")'
+        )
+    return _method_cached(json.dumps(spec, sort_keys=True))
+
+
+class PiofvlmLlavaProcessingInfo(LlavaProcessingInfo):
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        full = self.get_full_image_tokens(image_width=image_width, image_height=image_height)
+        method = _method_of(self.get_hf_config())
+        return full if method is None else tokens_per_image(method, full)
+
+    def get_full_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        """Tokens the image has unpruned (vLLM's LLaVA count)."""
+        return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+
+
+class PiofvlmLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+    """LLaVA's processor; for prompt-seeded methods (``random``) it passes each image its prompt's fingerprint."""
+
+    _prompt_key: int = 0
+
+    def _prompt_seeded(self) -> bool:
+        method = _method_of(self.info.get_hf_config())
+        return method is not None and method.name == "random"
+
+    def _full_prompt_key(self, prompt: list[int]) -> int:
+        """piofvlm's seed of ``prompt`` (``core.session._sample_keys``) with each image token expanded to the image's
+        full count, as the prompt transformers sees."""
+        config = self.info.get_hf_config()
+        vision = config.vision_config
+        full = self.info.get_full_image_tokens(image_width=vision.image_size, image_height=vision.image_size)
+        ids: list[int] = []
+        for token in prompt:
+            ids.extend([token] * (full if token == config.image_token_index else 1))
+        tensor = torch.tensor([ids], dtype=torch.long)
+        return int(_sample_keys(tensor, torch.ones_like(tensor, dtype=torch.bool))[0])
+
+    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
+        self._prompt_key = self._full_prompt_key(list(inputs.prompt)) if self._prompt_seeded() else 0
+        return super().apply(inputs, timing_ctx)
+
+    def _get_mm_hashes(self, inputs: Any) -> Any:
+        hashes = super()._get_mm_hashes(inputs)
+        if not self._prompt_seeded():
+            return hashes
+        return {modality: [f"{h}-piofvlm-{self._prompt_key}" for h in items] for modality, items in hashes.items()}
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
+        processed = super()._call_hf_processor(hf_data, hf_kwargs)
+        if self._prompt_seeded() and "pixel_values" in processed:
+            processed[KEY_FIELD] = torch.full((len(processed["pixel_values"]),), self._prompt_key, dtype=torch.long)
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[KEY_FIELD] = MultiModalFieldConfig.batched("image")
+        return fields
+
+
+def _vision_tower_keys(name: str) -> str:
+    """``vision_tower.encoder...`` -> ``vision_tower.vision_model.encoder...`` (also under ``model.``)."""
+    for prefix in ("model.vision_tower.", "vision_tower."):
+        if name.startswith(prefix) and not name[len(prefix) :].startswith("vision_model."):
+            return prefix + "vision_model." + name[len(prefix) :]
+    return name
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PiofvlmLlavaMultiModalProcessor, info=PiofvlmLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class PiofvlmLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """vLLM's LLaVA with a piofvlm input/encoder-side method in ``embed_multimodal``."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = self.config
+        self.piofvlm_method = _method_of(config)
+        vision = config.vision_config
+        blocks = self._vision_blocks()
+        layer = config.vision_feature_layer
+        feature_index = -1
+        if isinstance(layer, int):
+            feature_index = layer % (vision.num_hidden_layers + 1) - 1
+        strategy = config.vision_feature_select_strategy
+        self.piofvlm_tower = VisionTower(
+            num_layers=len(blocks),
+            feature_layer_index=feature_index,
+            has_cls=strategy == "default" and vision.model_type == "clip_vision_model",
+            side=vision.image_size // vision.patch_size,
+            attention=self._vision_attention,
+        )
+        self._captured: dict[int, torch.Tensor] = {}
+        if self.piofvlm_method is None:
+            return
+        method = self.piofvlm_method
+        if method.name in ("visionzip", "vscan"):
+            if not isinstance(layer, int) or feature_index < 0:
+                raise ValueError(
+                    f"{method.name} needs a single vision feature layer (a block's output); this model has "
+                    f"vision_feature_layer={layer!r}"
+                )
+            if vision.model_type != "clip_vision_model" or strategy != "default":
+                raise ValueError(
+                    f"{method.name} in vLLM supports CLIP vision towers with the 'default' feature strategy; this "
+                    f"model has {vision.model_type} / {strategy!r} (use divprune, pool or random)"
+                )
+        check_method(method, self.piofvlm_tower, config.text_config.num_hidden_layers, "llava")
+        for index in vision_layers_needed(method, self.piofvlm_tower):
+            blocks[index].register_forward_pre_hook(functools.partial(self._capture, index))
+
+    def _vision_blocks(self) -> torch.nn.ModuleList:
+        tower = self.vision_tower
+        model = getattr(tower, "vision_model", tower)
+        return model.encoder.layers
+
+    def _capture(self, index: int, module: torch.nn.Module, args: tuple) -> None:
+        self._captured[index] = args[0]
+
+    def _vision_attention(self, layer_index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities ``(N, H, T, T)`` (fp32, every head) and keys ``(N, T, hd)`` (mean over heads) of vision
+        block ``layer_index``, as piofvlm's LLaVA adapter computes them; with tensor parallelism each rank holds
+        some heads and they are gathered (in head order)."""
+        block = self._vision_blocks()[layer_index]
+        attn = block.self_attn
+        num, length, _ = hidden.shape
+        qkv, _ = attn.qkv_proj(block.layer_norm1(hidden))
+        q, k, _ = qkv.chunk(3, dim=-1)
+        heads = attn.num_heads_per_partition
+        q = q.reshape(num, length, heads, attn.head_dim).transpose(1, 2)
+        k = k.reshape(num, length, heads, attn.head_dim).transpose(1, 2)
+        probs = (torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale).softmax(-1)
+        if attn.tp_size > 1:
+            probs = tensor_model_parallel_all_gather(probs.contiguous(), dim=1)
+            k = tensor_model_parallel_all_gather(k.contiguous(), dim=1)
+        return probs, k.mean(1)
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        keys = kwargs.pop(KEY_FIELD, None)
+        if self.piofvlm_method is None:
+            return super().embed_multimodal(**kwargs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if (
+            isinstance(image_input, dict)
+            and image_input.get("type") == "image_embeds"
+            or isinstance(image_input, LlavaImageEmbeddingInputs)
+        ):
+            raise ValueError("the piofvlm plugin selects among encoded images: send images, not image_embeds")
+        self._captured.clear()
+        try:
+            features = self._process_image_input(image_input)
+            if not isinstance(features, torch.Tensor):
+                features = torch.stack(list(features))
+            if keys is not None:
+                keys = torch.as_tensor(keys if isinstance(keys, torch.Tensor) else torch.stack(list(keys))).reshape(-1)
+            selection = select_image_tokens(
+                self.piofvlm_method,
+                features,
+                self.piofvlm_tower,
+                self._captured,
+                sample_keys=keys,
+                num_text_layers=self.config.text_config.num_hidden_layers,
+            )
+        finally:
+            self._captured.clear()
+        if os.environ.get(RECORD_ENV):
+            self._record(image_input["pixel_values"], selection.kept, keys)
+        return selection.embeddings
+
+    def _record(self, pixel_values: Any, kept: list[torch.Tensor], keys: torch.Tensor | None) -> None:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        rank = get_tensor_model_parallel_rank()
+        with open(os.environ[RECORD_ENV], "a") as file:
+            for b, index in enumerate(kept):
+                line = {
+                    "rank": rank,
+                    "pixel_sum": float(pixel_values[b].double().sum()),
+                    "key": None if keys is None else int(keys[b]),
+                    "kept": index.tolist(),
+                }
+                file.write(json.dumps(line) + "\n")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights((_vision_tower_keys(name), tensor) for name, tensor in weights)

@@ -1,0 +1,287 @@
+"""The selection step of the vLLM plugin, in plain torch (no vLLM import): piofvlm's own method code run on one
+batch of images' projected features, as vLLM's ``embed_multimodal`` hands them over.
+
+vLLM fixes the number of placeholder tokens of an image in its front-end processor, before the encoder runs, and the
+model's ``embed_multimodal`` returns exactly that many embeddings per image. So only methods that choose among an
+image's visual tokens from the image alone, with a count known from the image size, can run there: the
+input/encoder-side methods at prune point 0. Their ``select`` is called here on a :class:`StageContext` holding one
+image per row, so the kept tokens (and merged features) are those piofvlm computes on transformers with
+``positions="renumber"`` (vLLM numbers the shorter prompt's positions contiguously, which is what renumbering does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from piofvlm.adapters.base import ModelAdapter
+from piofvlm.budget import stage_budget
+from piofvlm.core.capture import VisualMap
+from piofvlm.core.context import StageContext
+from piofvlm.methods.base import TokenPruner
+from piofvlm.registry import get_method
+
+#: Methods the plugin runs (inside ``embed_multimodal``, before the language model).
+ENCODER_METHODS = ("pool", "random", "divprune", "visionzip", "vscan", "chain")
+#: Methods that prune inside the language model (at layer K > 0, or reading its attention / gradients).
+IN_LLM_METHODS = ("pio", "fastv", "pdrop", "sparsevlm", "dart")
+#: The key of the model config (``hf_overrides``) that carries the method and its hyperparameters.
+CONFIG_KEY = "piofvlm"
+
+_WHY_IN_LLM = (
+    "it prunes inside the language model (after decoder layer K), and vLLM builds one attention metadata and one "
+    "paged KV-cache layout per request for all layers (chunked prefill, prefix caching and CUDA graphs rely on it), "
+    "so a plugin cannot drop tokens between layers; see docs/vllm.md ('Layer-K pruning'). Use one of "
+)
+_WHY_CDPRUNER = (
+    "cdpruner needs the instruction's text, and vLLM's embed_multimodal sees only the image (its encoder outputs "
+    "are also cached per image, across prompts); use one of "
+)
+
+
+def method_from_config(spec: Mapping[str, Any] | None) -> TokenPruner | None:
+    """Build the method named by ``spec`` (``{"method": "divprune", "keep": 64, ...}``) for the vLLM plugin;
+    ``{"method": "none"}`` gives ``None`` (the plugin's model, nothing pruned: the baseline).
+
+    Defaults differ from piofvlm's in two places, both forced by vLLM: ``layers=[0]`` (also for ``random``, whose
+    piofvlm default is 2) and ``positions="renumber"``. ``chain`` runs its ``encoder`` part only and refuses an
+    ``llm`` part. Raises ``ValueError`` (saying what to do) for anything vLLM cannot run.
+    """
+    if not isinstance(spec, Mapping) or "method" not in spec:
+        raise ValueError(
+            f"the model config's {CONFIG_KEY!r} entry must be a dict with a 'method' key, e.g. "
+            f'hf_overrides={{"{CONFIG_KEY}": {{"method": "divprune", "keep": 64}}, "architectures": [...]}}; '
+            f"got {spec!r}"
+        )
+    fields = dict(spec)
+    name = fields.pop("method")
+    supported = ", ".join(m for m in ENCODER_METHODS)
+    if name == "none":
+        if fields:
+            raise ValueError(f"method 'none' takes no hyperparameters, got {sorted(fields)}")
+        return None
+    if name in IN_LLM_METHODS:
+        raise ValueError(f"method {name!r} cannot run in vLLM: {_WHY_IN_LLM}{supported}")
+    if name == "cdpruner":
+        raise ValueError(f"method 'cdpruner' cannot run in vLLM: {_WHY_CDPRUNER}{supported}")
+    if name == "chain":
+        if fields.pop("llm", None) is not None:
+            raise ValueError(
+                "chain: only the encoder part runs in vLLM; its llm part "
+                f"({spec['llm']!r}) cannot: {_WHY_IN_LLM}{supported} (or chain with 'encoder' only)"
+            )
+        encoder = fields.pop("encoder", None)
+        if not isinstance(encoder, Mapping):
+            raise ValueError(f"chain needs an 'encoder' dict with a 'method' key, got {encoder!r}")
+        if fields:
+            raise ValueError(f"chain in vLLM takes 'encoder' (and no 'llm') only, got extra keys {sorted(fields)}")
+        if encoder.get("method") in ("chain", "none"):
+            raise ValueError(f"chain: the encoder part cannot be {encoder.get('method')!r}")
+        return method_from_config(encoder)
+    if name not in ENCODER_METHODS:
+        raise ValueError(f"unknown method {name!r} for vLLM; the plugin runs: {supported}")
+    fields.setdefault("layers", [0])
+    fields.setdefault("positions", "renumber")
+    if fields["positions"] != "renumber":
+        raise ValueError(
+            f"positions={fields['positions']!r}: vLLM numbers the kept tokens contiguously (the prompt is shorter), "
+            "which is piofvlm's positions='renumber'; drop the key or use 'renumber'"
+        )
+    if fields.get("budget_scope", "image") != "image":
+        raise ValueError(
+            f"budget_scope={fields['budget_scope']!r}: vLLM needs each image's token count before encoding, so the "
+            "budget counts per image; use 'image' (the default)"
+        )
+    method = get_method(name, **fields)
+    if list(method.layers) != [0] or len(method.keep) != 1:
+        raise ValueError(
+            f"{name} with layers={method.layers!r}: in vLLM a method runs before the language model only, at "
+            "layers=[0] with one keep value"
+        )
+    return method
+
+
+def tokens_per_image(method: TokenPruner, num_tokens: int) -> int:
+    """Visual tokens an image of ``num_tokens`` keeps (a count, or a ratio rounded half up, as piofvlm counts)."""
+    return int(stage_budget(method.keep[0], torch.tensor([[num_tokens]]))[0, 0])
+
+
+class _Vision:
+    """Stands in for :class:`piofvlm.core.capture.VisionInputs`: the captured vision-layer inputs and the map."""
+
+    def __init__(self, vmap: VisualMap, hidden: Mapping[int, torch.Tensor], num_layers: int) -> None:
+        self._vmap, self._hidden, self._num_layers = vmap, dict(hidden), num_layers
+
+    def visual_map(self, ctx: StageContext) -> VisualMap:
+        return self._vmap
+
+    def layer_input(self, index: int, modality: str = "image") -> torch.Tensor:
+        index %= self._num_layers
+        if index not in self._hidden:
+            raise RuntimeError(f"vision layer {index} was not captured in this encoding")
+        return self._hidden[index]
+
+
+@dataclass
+class VisionTower:
+    """What the encoder-side methods read from a vLLM model's vision tower (LLaVA-style: one crop per image).
+
+    ``attention(layer, hidden)`` returns ``(probs (N, H, T, T) fp32, keys (N, T, hd) mean over heads)`` of vision
+    block ``layer`` from the hidden states entering it, every head included (as
+    :meth:`piofvlm.adapters.base.ModelAdapter.vision_attention`).
+    """
+
+    num_layers: int  # blocks the tower has
+    feature_layer_index: int  # the block whose output feeds the projector
+    has_cls: bool  # each crop starts with a [CLS] token that is not a visual token
+    side: int  # the crop's patch grid is side x side
+    attention: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    local_layer_index: int | None = None  # VScan's default local layer, if the family has one
+
+
+class _Adapter:
+    """Stands in for the model's :class:`~piofvlm.adapters.base.ModelAdapter` where a method reads it: the checks
+    of ``TokenPruner.check_model`` and the vision-attention scores (piofvlm's own formula)."""
+
+    attn_implementation = "sdpa"
+    supports_renumber = True
+    vision_token_scores = ModelAdapter.vision_token_scores
+
+    def __init__(self, tower: VisionTower, num_text_layers: int, model_type: str) -> None:
+        self.tower, self.num_layers, self.model_type = tower, num_text_layers, model_type
+
+    def check_attention(self) -> None:
+        pass
+
+    def check_attention_map(self, index: int, method: str) -> None:
+        pass
+
+    def check_method(self, method: Any) -> None:
+        pass
+
+    @property
+    def vision_layers(self) -> range:
+        return range(self.tower.num_layers)
+
+    @property
+    def vision_feature_layer_index(self) -> int:
+        return self.tower.feature_layer_index
+
+    @property
+    def vision_local_layer_index(self) -> int:
+        if self.tower.local_layer_index is None:
+            raise ValueError(
+                f"{self.model_type} has no default local layer for VScan (vision_local_layer_index); set local_layer"
+            )
+        return self.tower.local_layer_index
+
+    @property
+    def vision_has_cls(self) -> bool:
+        return self.tower.has_cls
+
+    def vision_attention(self, layer_index: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tower.attention is None:
+            raise ValueError(f"the vision attention of {self.model_type} is not available to the vLLM plugin")
+        return self.tower.attention(layer_index, hidden_states)
+
+
+def vision_layers_needed(method: TokenPruner, tower: VisionTower) -> list[int]:
+    """Vision blocks whose inputs ``method`` reads (their hidden states must be captured during encoding)."""
+    if method.name == "visionzip":
+        return [tower.feature_layer_index]
+    if method.name == "vscan":
+        local = tower.local_layer_index if method.local_layer is None else method.local_layer
+        deep = tower.feature_layer_index if method.global_layer is None else method.global_layer
+        return sorted({local % tower.num_layers, deep % tower.num_layers})
+    return []
+
+
+def check_method(method: TokenPruner, tower: VisionTower, num_text_layers: int, model_type: str) -> None:
+    """Run piofvlm's own checks of ``method`` against the vLLM model (e.g. VScan's layers exist)."""
+    method.check_model(_Adapter(tower, num_text_layers, model_type))
+
+
+def _bind(method: TokenPruner, vision: _Vision, tower: VisionTower) -> None:
+    """What each method's ``attach`` sets up on transformers, pointed at the vLLM captures."""
+    if method.name == "pool":
+        method._vision = vision
+    elif method.name == "visionzip":
+        method._layer = tower.feature_layer_index
+        method._vision = vision
+    elif method.name == "vscan":
+        local = tower.local_layer_index if method.local_layer is None else method.local_layer
+        deep = tower.feature_layer_index if method.global_layer is None else method.global_layer
+        method._local, method._global = local % tower.num_layers, deep % tower.num_layers
+        method._vision = vision
+
+
+@dataclass
+class ImageSelection:
+    """Per image of the batch: the kept token indices (sorted) and the ``(k, d)`` embeddings the LLM receives."""
+
+    kept: list[torch.Tensor]
+    embeddings: list[torch.Tensor]
+
+
+def select_image_tokens(
+    method: TokenPruner,
+    features: torch.Tensor,
+    tower: VisionTower,
+    vision_hidden: Mapping[int, torch.Tensor] | None = None,
+    sample_keys: torch.Tensor | None = None,
+    num_text_layers: int = 1,
+    model_type: str = "llava",
+) -> ImageSelection:
+    """Run ``method``'s selection on ``features`` ``(N_images, T, d)``: each image's projected visual tokens, one
+    ``side x side`` grid in raster order (LLaVA-1.5).
+
+    Args:
+        vision_hidden: ``{block: (N_images, T_v, d_v)}`` hidden states entering the vision blocks the method reads
+            (:func:`vision_layers_needed`).
+        sample_keys: ``(N_images,)`` int64 seeds of ``random`` (piofvlm uses a fingerprint of the prompt); default 0.
+    """
+    num, length, _ = features.shape
+    if length != tower.side * tower.side:
+        raise ValueError(f"an image of {length} tokens is not a {tower.side} x {tower.side} patch grid")
+    device = features.device
+    patch = torch.arange(length, device=device)
+    vmap = VisualMap(
+        image=torch.zeros(num, length, dtype=torch.long, device=device),
+        crop=torch.arange(num, device=device)[:, None].expand(num, length).contiguous(),
+        patch=patch[None].expand(num, length).contiguous(),
+        grid=torch.zeros(num, length, dtype=torch.long, device=device),
+        row=(patch // tower.side)[None].expand(num, length).contiguous(),
+        col=(patch % tower.side)[None].expand(num, length).contiguous(),
+    )
+    adapter = _Adapter(tower, num_text_layers, model_type)
+    vision = _Vision(vmap, vision_hidden or {}, tower.num_layers)
+    _bind(method, vision, tower)
+    budgets = stage_budget(method.keep[0], torch.full((num, 1), length)).to(device)
+    ctx = StageContext(
+        stage=0,
+        layer=0,
+        hidden_states=features,
+        valid=torch.ones(num, length, dtype=torch.bool, device=device),
+        groups=torch.zeros(num, length, dtype=torch.long, device=device),
+        visual_index=patch[None].expand(num, length).contiguous(),
+        budgets=budgets,
+        attention_mask=None,
+        position_embeddings=(),
+        position_ids=patch[None].expand(num, length).contiguous(),
+        sample_keys=torch.zeros(num, dtype=torch.long) if sample_keys is None else sample_keys.long().cpu(),
+        adapter=adapter,  # type: ignore[arg-type]
+        model=None,  # type: ignore[arg-type]
+    )
+    selection = method.select(ctx)
+    hidden = features if selection.hidden_states is None else selection.hidden_states
+    kept, embeddings = [], []
+    for b in range(num):
+        index = selection.keep[b].nonzero()[:, 0]
+        if len(index) != int(budgets[b, 0]):
+            raise RuntimeError(f"{method.name} kept {len(index)} tokens of image {b}, not {int(budgets[b, 0])}")
+        kept.append(index)
+        embeddings.append(hidden[b, index].to(features.dtype))
+    return ImageSelection(kept=kept, embeddings=embeddings)

@@ -1,0 +1,171 @@
+"""The vLLM plugin's selection step (piofvlm.integrations.vllm.selection, plain torch) against piofvlm on
+transformers: on the testbed, the tokens it keeps from the projected features and the vision tower's inputs are the
+ones piofvlm keeps with ``positions="renumber"``, and the embeddings it hands to vLLM are the ones the language model
+receives there. Needs no vLLM (the plugin's vLLM classes are tested in the vLLM venv: ``make test-vllm``)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from piofvlm.adapters import get_adapter
+from piofvlm.core.session import _sample_keys
+from piofvlm.integrations.vllm.selection import (
+    VisionTower,
+    method_from_config,
+    select_image_tokens,
+    tokens_per_image,
+    vision_layers_needed,
+)
+from piofvlm.testbed import data as testbed_data
+from piofvlm.testbed import model as testbed_model
+
+CONFIGS = [
+    {"method": "divprune", "keep": 64},
+    {"method": "pool", "keep": 0.25},
+    {"method": "random", "keep": 64, "seed": 3},
+    {"method": "visionzip", "keep": 64},
+    {"method": "vscan", "keep": 64, "local_layer": 1, "window": 4},
+    {"method": "chain", "encoder": {"method": "vscan", "keep": 48, "local_layer": 0, "window": 8}},
+]
+
+
+@functools.cache
+def _testbed():
+    return testbed_model.load_testbed()
+
+
+def _inputs(n: int = 3):
+    model, processor = _testbed()
+    samples = [testbed_data.make_sample("test", i) for i in range(n)]
+    inputs = processor(
+        images=[s["image"] for s in samples],
+        text=[testbed_model.prompt(s["question"]) for s in samples],
+        return_tensors="pt",
+        padding=True,
+    )
+    return model, inputs
+
+
+def _tower(model) -> VisionTower:
+    adapter = get_adapter(model)
+    return VisionTower(
+        num_layers=len(adapter.vision_layers),
+        feature_layer_index=adapter.vision_feature_layer_index,
+        has_cls=adapter.vision_has_cls,
+        side=16,
+        attention=adapter.vision_attention,
+    )
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c["method"])
+@torch.no_grad()
+def test_plugin_selection_equals_piofvlm_on_transformers(config):
+    model, inputs = _inputs()
+    method = method_from_config(config)
+    # piofvlm on transformers, positions="renumber": the kept indices and the embeddings entering decoder layer 0
+    reference = method_from_config(config)
+    entering = {}
+    with reference(model):
+
+        def store(module, args, kwargs) -> None:
+            entering.setdefault("hidden", args[0] if args else kwargs["hidden_states"])
+
+        hook = model.model.language_model.layers[0].register_forward_pre_hook(store, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            hook.remove()
+    kept_reference = reference.last_selection[0].kept
+    # the plugin's selection, from what vLLM's embed_multimodal has: projected features + vision-block inputs
+    adapter = get_adapter(model)
+    tower = _tower(model)
+    captured = {}
+    hooks = [
+        adapter.vision_layers[i].register_forward_pre_hook(
+            functools.partial(lambda i, module, args: captured.__setitem__(i, args[0]), i)
+        )
+        for i in vision_layers_needed(method, tower)
+    ]
+    try:
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+    valid = inputs["attention_mask"].bool()
+    keys = _sample_keys(inputs["input_ids"], valid)
+    got = select_image_tokens(method, features, tower, captured, sample_keys=keys)
+    k = tokens_per_image(method, 256)
+    first_image = (inputs["input_ids"] == testbed_model.IMAGE_TOKEN_ID).int().argmax(1)
+    for b in range(len(kept_reference)):
+        assert len(got.kept[b]) == k
+        assert torch.equal(got.kept[b].cpu(), kept_reference[b].cpu()), f"sample {b}"
+        start = int(first_image[b])
+        torch.testing.assert_close(got.embeddings[b], entering["hidden"][b, start : start + k], rtol=1e-5, atol=1e-6)
+
+
+def test_random_draw_depends_on_the_key_only():
+    """Same image features, different keys: different draws; same key: same draw, alone or in a batch."""
+    method = method_from_config({"method": "random", "keep": 16})
+    tower = VisionTower(num_layers=3, feature_layer_index=2, has_cls=True, side=16)
+    features = torch.randn(2, 256, 8)
+    both = select_image_tokens(method, features, tower, sample_keys=torch.tensor([5, 6]))
+    alone = select_image_tokens(method, features[1:], tower, sample_keys=torch.tensor([6]))
+    assert torch.equal(both.kept[1], alone.kept[0])
+    assert not torch.equal(both.kept[0], both.kept[1])
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"method": "pio", "layers": [2], "keep": 0.111}, "cannot run in vLLM"),
+        ({"method": "fastv"}, "prunes inside the language model"),
+        ({"method": "cdpruner", "keep": 64}, "needs the instruction's text"),
+        ({"method": "chain", "encoder": {"method": "vscan", "keep": 96}, "llm": {"method": "pio"}}, "llm part"),
+        ({"method": "divprune", "keep": 64, "positions": "keep"}, "renumber"),
+        ({"method": "divprune", "keep": 64, "budget_scope": "sample"}, "per image"),
+        ({"method": "random", "keep": 64, "layers": [2]}, r"at layers=\[0\]"),
+        ({"method": "nosuch"}, "nosuch"),
+        ({"keep": 64}, "'method' key"),
+        ({"method": "divprune", "keep": 64, "colour": 1}, "unknown hyperparameter"),
+    ],
+)
+def test_config_errors(config, message):
+    with pytest.raises(ValueError, match=message):
+        method_from_config(config)
+
+
+def test_budget_counts_and_vscan_layer_check():
+    assert tokens_per_image(method_from_config({"method": "pool", "keep": 0.111}), 576) == 64
+    assert tokens_per_image(method_from_config({"method": "divprune", "keep": 64}), 576) == 64
+    method = method_from_config({"method": "vscan", "keep": 64})  # local_layer=5 default; the testbed has 3 blocks
+    tower = VisionTower(num_layers=3, feature_layer_index=2, has_cls=True, side=16)
+    from piofvlm.integrations.vllm.selection import check_method
+
+    with pytest.raises(ValueError, match="local_layer=5 does not exist"):
+        check_method(method, tower, num_text_layers=8, model_type="llava")
+
+
+def test_hf_overrides_names_the_plugin_class_and_refuses_what_it_cannot_run(tmp_path):
+    from piofvlm.integrations.vllm import hf_overrides
+    from piofvlm.testbed.model import CHECKPOINT_DIR
+
+    assert hf_overrides(str(CHECKPOINT_DIR), "divprune", keep=64) == {
+        "architectures": ["PiofvlmLlavaForConditionalGeneration"],
+        "piofvlm": {"method": "divprune", "keep": 64},
+    }
+    assert hf_overrides("LlavaForConditionalGeneration", "none")["architectures"] == [
+        "PiofvlmLlavaForConditionalGeneration"
+    ]
+    with pytest.raises(ValueError, match="M-RoPE"):
+        hf_overrides("Qwen2_5_VLForConditionalGeneration", "divprune", keep=64)
+    with pytest.raises(ValueError, match="does not run GemmaForCausalLM"):
+        hf_overrides("GemmaForCausalLM", "divprune", keep=64)
+    with pytest.raises(ValueError, match="cannot run in vLLM"):
+        hf_overrides(str(CHECKPOINT_DIR), "fastv")
+    with pytest.raises(ValueError, match="does not exist"):
+        hf_overrides(str(tmp_path / "missing"), "divprune", keep=64)

@@ -1,0 +1,84 @@
+"""Runs the testbed through vLLM with the piofvlm plugin and writes the answers (and what each image kept) as JSON.
+
+Used by ``test_vllm_plugin.py`` in a subprocess per configuration (each vLLM engine is its own set of processes):
+``python tests/vllm_plugin/runner.py --spec '{"method": "divprune", "keep": 64}' --n 200 --tp 1 --out result.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def engine_kwargs(spec: dict, tp: int) -> dict:
+    from piofvlm.integrations.vllm import hf_overrides
+    from piofvlm.testbed.model import CHECKPOINT_DIR
+
+    return {
+        "model": str(CHECKPOINT_DIR),
+        "hf_overrides": hf_overrides(str(CHECKPOINT_DIR), **spec),
+        "max_model_len": 512,
+        "dtype": "float32",
+        "enforce_eager": True,
+        "gpu_memory_utilization": float(os.environ.get("PIOFVLM_VLLM_MEMORY", "0.04")),
+        "tensor_parallel_size": tp,
+        "limit_mm_per_prompt": {"image": 1},
+        "seed": 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    out = Path(args.out)
+    record = out.with_suffix(".kept.jsonl")
+    record.unlink(missing_ok=True)
+    os.environ["PIOFVLM_VLLM_RECORD"] = str(record)  # before the engine's processes start
+    if args.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vLLM's CPU backend binds each worker's threads to its own NUMA node and refuses more workers than nodes;
+        # on a one-node machine the cores are split between the ranks by hand ("0|1" on 2 cores).
+        cores = sorted(os.sched_getaffinity(0))
+        share = max(1, len(cores) // args.tp)
+        parts = [
+            cores[min(r * share, len(cores) - 1) : max(r * share + share, 1 + min(r * share, len(cores) - 1))]
+            for r in range(args.tp)
+        ]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, part)) for part in parts)
+
+    from vllm import LLM, SamplingParams
+
+    from piofvlm.testbed import data
+    from piofvlm.testbed import model as testbed_model
+
+    spec = json.loads(args.spec)
+    start = time.time()
+    llm = LLM(**engine_kwargs(spec, args.tp))
+    loaded = time.time() - start
+    samples = data.make_split("test", args.n)
+    requests = [
+        {"prompt": testbed_model.prompt(s["question"]), "multi_modal_data": {"image": s["image"]}} for s in samples
+    ]
+    start = time.time()
+    outputs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    generated = time.time() - start
+    kept = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    result = {
+        "spec": spec,
+        "tp": args.tp,
+        "answers": [testbed_model.first_word(o.outputs[0].text) for o in outputs],
+        "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
+        "kept": kept,
+        "seconds": {"load": round(loaded, 1), "generate": round(generated, 1)},
+    }
+    out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The vLLM plugin end to end on the shipped testbed, in the vLLM CPU venv (``make test-vllm``; skipped without vLLM).
+
+For each method: vLLM (``LLM.generate``, greedy) answers the test split as piofvlm on transformers does with
+``positions="renumber"`` on >= 99% of the samples, with the budget's prompt length; disagreements are reported with
+the overlap of the two kept sets (near-ties of float rounding between vLLM's and transformers' kernels). Also: vLLM's
+OpenAI server queried with the ``openai`` client, and tensor parallelism 2 (every rank keeps the same tokens).
+``PIOFVLM_VLLM_SAMPLES`` (default 200) sets the number of samples; results go to ``PIOFVLM_VLLM_RESULTS`` (a folder,
+default a temporary one) as JSON, which ``docs/vllm.md`` quotes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM plugin's tests run in the vLLM venv: make test-vllm")
+
+import torch  # noqa: E402
+
+from piofvlm.integrations.vllm.selection import method_from_config, tokens_per_image  # noqa: E402
+from piofvlm.testbed import data  # noqa: E402
+from piofvlm.testbed import model as testbed_model  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+N = int(os.environ.get("PIOFVLM_VLLM_SAMPLES", "200"))
+RUNNER = Path(__file__).with_name("runner.py")
+METHODS = {
+    "none": {"method": "none"},
+    "divprune": {"method": "divprune", "keep": 64},
+    "pool": {"method": "pool", "keep": 64},
+    "random": {"method": "random", "keep": 64},
+    "visionzip": {"method": "visionzip", "keep": 64},
+    "vscan": {"method": "vscan", "keep": 64, "local_layer": 1, "window": 4},
+    "chain": {"method": "chain", "encoder": {"method": "vscan", "keep": 96, "local_layer": 0, "window": 8}},
+}
+TIMEOUT = 1800
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    folder = os.environ.get("PIOFVLM_VLLM_RESULTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("vllm")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    return testbed_model.load_testbed()
+
+
+def reference(testbed, spec: dict, samples: list[dict], bos: bool = True) -> dict:
+    """piofvlm on transformers (``positions="renumber"``): answers, kept sets and pixel checksums per sample."""
+    model, processor = testbed
+    method = method_from_config(spec)
+    answers, kept, checksums, lengths = [], [], [], []
+    for i in range(0, len(samples), 16):
+        batch = samples[i : i + 16]
+        inputs = processor(
+            images=[s["image"] for s in batch],
+            text=[testbed_model.prompt(s["question"]) for s in batch],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=bos,
+        )
+        checksums += [float(p.double().sum()) for p in inputs["pixel_values"]]
+        lengths += inputs["attention_mask"].sum(1).tolist()
+        with torch.no_grad():
+            if method is None:
+                out = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=testbed_model.PAD_ID)
+            else:
+                with method(model):
+                    out = model.generate(
+                        **inputs, max_new_tokens=2, do_sample=False, pad_token_id=testbed_model.PAD_ID
+                    )
+                kept += [k.tolist() for k in method.last_selection[0].kept]
+        texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answers += [testbed_model.first_word(t) for t in texts]
+    return {"answers": answers, "kept": kept, "checksums": checksums, "prompt_tokens": lengths}
+
+
+def run_vllm(spec: dict, results_dir: Path, name: str, tp: int = 1) -> dict:
+    out = results_dir / f"vllm-{name}-tp{tp}.json"
+    command = [sys.executable, str(RUNNER), "--spec", json.dumps(spec), "--n", str(N), "--tp", str(tp)]
+    command += ["--out", str(out)]
+    log = results_dir / f"vllm-{name}-tp{tp}.log"
+    with open(log, "w") as file:
+        done = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, timeout=TIMEOUT, check=False)
+    assert done.returncode == 0, f"vLLM run failed ({log}):\n" + "\n".join(log.read_text().splitlines()[-30:])
+    return json.loads(out.read_text())
+
+
+def kept_by_sample(records: list[dict], checksums: list[float], rank: int = 0) -> list[list[int] | None]:
+    """vLLM's kept set of each sample, matched by the image's pixel checksum."""
+    mine = [r for r in records if r["rank"] == rank]
+    found: list[list[int] | None] = []
+    for checksum in checksums:
+        best = min(mine, key=lambda r: abs(r["pixel_sum"] - checksum), default=None)
+        close = best is not None and abs(best["pixel_sum"] - checksum) <= 1e-3 * max(1.0, abs(checksum))
+        found.append(best["kept"] if close else None)
+    return found
+
+
+def compare(name: str, spec: dict, got: dict, ref: dict, results_dir: Path) -> dict:
+    n = len(ref["answers"])
+    same = [a == b for a, b in zip(got["answers"], ref["answers"], strict=True)]
+    report = {"method": name, "spec": spec, "samples": n, "answers_equal": sum(same), "tp": got["tp"]}
+    if ref["kept"]:
+        kept = kept_by_sample(got["kept"], ref["checksums"])
+        assert all(k is not None for k in kept), "an image's kept set was not recorded by vLLM"
+        overlap = [len(set(a) & set(b)) for a, b in zip(kept, ref["kept"], strict=True)]
+        k = len(ref["kept"][0])
+        report["kept_identical"] = sum(o == k for o in overlap)
+        report["kept_tokens"] = k
+        report["disagreements"] = [
+            {"sample": i, "vllm": got["answers"][i], "transformers": ref["answers"][i], "overlap": overlap[i]}
+            for i in range(n)
+            if not same[i]
+        ]
+        different = sorted(o for o in overlap if o < k)
+        report["median_overlap_when_different"] = different[len(different) // 2] if different else None
+    report["seconds"] = got["seconds"]
+    (results_dir / f"compare-{name}-tp{got['tp']}.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "disagreements"}))
+    return report
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_vllm_answers_equal_piofvlm_on_transformers(name, testbed, results_dir):
+    spec = METHODS[name]
+    samples = data.make_split("test", N)
+    got = run_vllm(spec, results_dir, name)
+    ref = reference(testbed, spec, samples)
+    # the prompt is shorter by exactly the dropped tokens
+    method = method_from_config(spec)
+    budget = 256 if method is None else tokens_per_image(method, 256)
+    assert got["prompt_tokens"] == [length - 256 + budget for length in ref["prompt_tokens"]]
+    report = compare(name, spec, got, ref, results_dir)
+    assert report["answers_equal"] >= 0.99 * N, report
+
+
+def test_tensor_parallel_2_keeps_the_same_tokens_on_every_rank(testbed, results_dir):
+    spec = METHODS["visionzip"]
+    samples = data.make_split("test", N)
+    got = run_vllm(spec, results_dir, "visionzip", tp=2)
+    ref = reference(testbed, spec, samples)
+    ranks = [kept_by_sample(got["kept"], ref["checksums"], rank) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    report = compare("visionzip", spec, got, ref, results_dir)
+    assert report["answers_equal"] >= 0.99 * N, report
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_openai_server_with_the_openai_client(testbed, results_dir):
+    """``python -m vllm.entrypoints.openai.api_server --hf-overrides ...``; chat requests with the image as a data
+    URL. The chat endpoint adds no BOS and the testbed's template renders none: the reference drops it too."""
+    import openai
+
+    from piofvlm.integrations.vllm import hf_overrides
+    from piofvlm.testbed.model import CHECKPOINT_DIR
+
+    spec = METHODS["divprune"]
+    port = _free_port()
+    log = results_dir / "server.log"
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(CHECKPOINT_DIR),
+        "--hf-overrides", json.dumps(hf_overrides(str(CHECKPOINT_DIR), **spec)), "--host", "127.0.0.1",
+        "--port", str(port), "--max-model-len", "512", "--dtype", "float32", "--enforce-eager",
+        "--gpu-memory-utilization", os.environ.get("PIOFVLM_VLLM_MEMORY", "0.04"),
+        "--limit-mm-per-prompt", json.dumps({"image": 1}), "--served-model-name", "testbed",
+    ]  # fmt: skip
+    with open(log, "w") as file:
+        server = subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120)
+        deadline = time.time() + 600
+        while True:
+            assert server.poll() is None, "the server exited:\n" + "\n".join(log.read_text().splitlines()[-30:])
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline, "the server did not start in 600 s"
+                time.sleep(2)
+        samples = data.make_split("test", N)
+        answers = []
+        for sample in samples:
+            reply = client.chat.completions.create(
+                model="testbed",
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": _data_url(sample["image"])}},
+                            {"type": "text", "text": sample["question"]},
+                        ],
+                    }
+                ],
+                max_tokens=2,
+                temperature=0,
+            )
+            answers.append(testbed_model.first_word(reply.choices[0].message.content or ""))
+        # a request over the image limit is a client error (4xx), and the server goes on
+        image = {"type": "image_url", "image_url": {"url": _data_url(samples[0]["image"])}}
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(
+                model="testbed", messages=[{"role": "user", "content": [image, image]}], max_tokens=2
+            )
+        client.models.list()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    ref = reference(testbed, spec, samples, bos=False)
+    same = sum(a == b for a, b in zip(answers, ref["answers"], strict=True))
+    report = {"method": "divprune (OpenAI server, chat)", "samples": N, "answers_equal": same}
+    (results_dir / "compare-server.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    assert same >= 0.99 * N, report
