@@ -544,6 +544,10 @@ _ROTARY_MODULES = {
     "gemma3": "transformers.models.gemma3.modeling_gemma3",  # Llama's rotate_half; q/k normed before rotating
     # Qwen3.5 full-attention layers: Llama-style halves, only the first ``cos.shape[-1]`` dims rotated
     "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
+    # the MoE flagships: the same attention as their dense siblings (GLM-4.5V: Llama's halves, not GLM-4.1V's pairs)
+    "qwen3_vl_moe": "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+    "qwen3_5_moe": "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+    "glm4v_moe": "transformers.models.glm4v_moe.modeling_glm4v_moe",
 }
 
 
