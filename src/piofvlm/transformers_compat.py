@@ -636,3 +636,16 @@ def pil_image_processor_usable(cls: type) -> bool:
     except ImportError:
         return False
     return True
+
+
+def image_text_to_text_model_types() -> dict[str, str]:
+    """``config.model_type`` -> model class name of every entry of transformers' image-text-to-text auto-mapping
+    (what ``AutoModelForImageTextToText`` loads): the families ``piofvlm families`` reports on."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    except ImportError as error:
+        raise _broken(
+            "transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+            "image_text_to_text_model_types",
+        ) from error
+    return dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
