@@ -133,6 +133,8 @@ def test_fast_proxy_equals_reference_through_moe(kind, layer, experts):
     the reference (the layer's own forward on the whole sequence) under both expert kernels; no weight gradient is
     left behind."""
     m = tq.model(kind)
+    if not hasattr(m, "set_experts_implementation"):
+        pytest.skip("this transformers release has one expert kernel")
     m.set_experts_implementation(experts)
     try:
         ctx = capture_context(m, tq.make_inputs(kind), layer=layer)
