@@ -44,6 +44,8 @@ NOTES: dict[str, str] = {
     "qwen3_vl_moe": "Qwen3-VL-MoE (30B-A3B, 235B-A22B): Qwen3-VL's adapter, PIO's proxy through the MoE block exact",
     "qwen3_5_moe": "Qwen3.5-MoE: Qwen3.5's adapter, PIO's proxy through the MoE block (and shared expert) exact",
     "glm4v_moe": "GLM-4.5V: GLM-4.1V's multimodal adapter on a pre-norm MoE decoder (first layer dense)",
+    "vipllava": "ViP-LLaVA: LLaVA-1.5's layout, features of several vision layers (`visionzip`, `vscan` refuse)",
+    "idefics2": "Idefics2: perceiver latents, each run one item; encoder-side methods and `pool` refuse",
 }
 
 

@@ -972,7 +972,7 @@ def _decisive_routers(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Router weights at std 0.5 (the init's 0.02 leaves top-k margins near rounding on these 64-dim states, so a
     batch-vs-single or fast-vs-reference comparison could flip a routing decision by rounding alone). The experts
     run transformers' default ``grouped_mm`` kernel, ``eager`` in fp64 (``torch._grouped_mm`` takes no doubles)."""
-    if next(model.parameters()).dtype == torch.float64:
+    if next(model.parameters()).dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("eager")
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -1127,3 +1127,127 @@ for _kind, _class_name in (
         UNAVAILABLE[_kind] = f"transformers {transformers_compat.TRANSFORMERS_VERSION} has no {_class_name}"
     else:
         FAMILIES[_kind] = _MOE_FAMILIES[_kind]
+
+
+# ---------------------------------------------------------------------------------------------------- ViP-LLaVA
+def build_vipllava(
+    attn: str = "sdpa",
+    num_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    feature_layers: int | list[int] | None = None,
+) -> torch.nn.Module:
+    """ViP-LLaVA with the tiny LLaVA's CLIP tower (28 px, patch 4: 49 tokens an image, [CLS] dropped) and Llama text
+    model; features from vision layers ``feature_layers`` (default ``[-2, -1]``, concatenated; the checkpoints take
+    five)."""
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    from piofvlm import toy
+
+    config = VipLlavaConfig(
+        vision_config=toy.vision_config(),
+        text_config=toy.text_config(num_layers),
+        image_token_id=4,
+        vision_feature_layers=[-2, -1] if feature_layers is None else feature_layers,
+        projector_layernorm_eps=1e-5,
+    )
+    return _model(VipLlavaForConditionalGeneration, config, attn, seed, dtype)
+
+
+def vipllava_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``LlavaProcessor`` (ViP-LLaVA's; CLIP resize and 28 px center crop); no video:
+    sample 1's video is a second image."""
+    from piofvlm import toy
+
+    return toy.build_processor("llava")(
+        images=_images(indices, True), text=_prompts(indices, "<image>", None), return_tensors="pt", padding=True
+    )
+
+
+def build_vipllava_tokenizer() -> Any:
+    from piofvlm import toy
+
+    return toy.build_tokenizer()
+
+
+FAMILIES["vipllava"] = TinyFamily(
+    "vipllava",
+    build_vipllava,
+    vipllava_inputs,
+    build_vipllava_tokenizer,
+    has_video=False,
+    counts=[[49], [49, 49], [49, 49]],
+)
+
+
+# ----------------------------------------------------------------------------------------------------- Idefics2
+#: Perceiver latents per image of the tiny Idefics2 (64 in the checkpoints).
+IDEFICS2_LATENTS = 16
+
+
+def build_idefics2(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Idefics2 with :data:`PIXEL_SHUFFLE_TOWER` (32 px, patch 4), a one-block perceiver resampler to
+    :data:`IDEFICS2_LATENTS` latents and a Mistral text model (the toy Llama's sizes)."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    text = text_config(num_layers).to_dict()
+    text.update(model_type="mistral", sliding_window=None)
+    config = Idefics2Config(
+        vision_config=dict(PIXEL_SHUFFLE_TOWER),
+        perceiver_config={
+            "hidden_size": text["hidden_size"],
+            "resampler_n_latents": IDEFICS2_LATENTS,
+            "resampler_depth": 1,
+            "resampler_n_heads": 2,
+            "resampler_head_dim": 16,
+            "num_key_value_heads": 1,
+        },
+        text_config=text,
+        image_token_id=SMOLVLM_IMAGE_ID,
+    )
+    return _model(Idefics2ForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_idefics2_processor() -> Any:
+    """The stock ``Idefics2Processor`` (PIL image processor, 32 px images, no splitting: one run of latents an
+    image); it adds ``<end_of_utterance>`` to the tokenizer, so it owns its tokenizer (cached)."""
+    from transformers import Idefics2ImageProcessorPil, Idefics2Processor
+
+    image_processor = Idefics2ImageProcessorPil(
+        size={"longest_edge": 32, "shortest_edge": 32}, do_image_splitting=False
+    )
+    tokenizer = word_level_tokenizer([*SMOLVLM_TOKENS, *WORDS], SMOLVLM_TOKENS)
+    return Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=IDEFICS2_LATENTS)
+
+
+def idefics2_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``Idefics2Processor`` itself; sample 1's video slot is a second image (Idefics2
+    has no video input)."""
+    images = [[random_image(10 * i + j, s) for j, s in enumerate(SAMPLES[i][1])] for i in indices]
+    for sample, i in zip(images, indices, strict=True):
+        if SAMPLES[i][2]:
+            sample.append(random_image(10 * i + 9, (32, 32)))
+    return build_idefics2_processor()(
+        images=images, text=_prompts(indices, "<image>", None), return_tensors="pt", padding=True
+    )
+
+
+if _transformers_class("Idefics2ImageProcessorPil") is not None and transformers_compat.pil_image_processor_usable(
+    _transformers_class("Idefics2ImageProcessorPil")
+):
+    FAMILIES["idefics2"] = TinyFamily(
+        "idefics2",
+        build_idefics2,
+        idefics2_inputs,
+        lambda: build_idefics2_processor().tokenizer,
+        has_video=False,
+        counts=[[IDEFICS2_LATENTS], [IDEFICS2_LATENTS] * 2, [IDEFICS2_LATENTS] * 2],
+    )
+else:
+    UNAVAILABLE["idefics2"] = (
+        f"transformers {transformers_compat.TRANSFORMERS_VERSION}'s Idefics2ImageProcessorPil needs torchvision "
+        "(not installable here), so its tiny inputs cannot be built"
+    )
