@@ -11,6 +11,7 @@ through that independent block; the fast proxy equals the reference one under bo
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 import piofvlm
 import test_qwen as tq
 from piofvlm.core import proxy_loss
+from piofvlm.toy_families import FAMILIES
 from test_pio import capture_context, simple_nms
 
 #: (family, prune layer whose proxy layer is an MoE layer): Qwen3-VL-MoE after its deepstack layers (the recorded
@@ -26,6 +28,13 @@ from test_pio import capture_context, simple_nms
 #: after its dense first layer.
 CASES = [("qwen3_vl_moe", 3), ("qwen3_5_moe", 3), ("qwen3_5_moe", 2), ("glm4v_moe", 2)]
 KINDS = ["qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe"]
+
+
+@functools.cache
+def model(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """This module's own models: ``tests/test_closed_form.py`` swaps the input norms of ``test_qwen``'s cached fp64
+    models for plain RMSNorms (Qwen3.5's zero-centred norms then scale by 0)."""
+    return FAMILIES[kind].build(dtype=dtype)
 
 
 def _experts(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +94,7 @@ def test_independent_moe_equals_the_block(kind):
     """The written-out MoE block (above) equals transformers' block, forward and input gradient, with its default
     ``grouped_mm`` kernel (fp32) and ``eager`` (fp64); routing uses several experts."""
     for dtype in (torch.float32, torch.float64):
-        m = tq.model(kind, dtype=dtype)
+        m = model(kind, dtype=dtype)
         block = m.model.language_model.layers[2].mlp
         assert hasattr(block, "experts"), type(block).__name__
         generator = torch.Generator().manual_seed(0)
@@ -108,7 +117,7 @@ def test_independent_moe_equals_the_block(kind):
 def test_pio_through_an_moe_layer_matches_independent_autograd(kind, layer):
     """PIO's scores (fast proxy, closed form where the layer is attention) at a prune point whose proxy layer is an
     MoE layer == full-layer autograd through the independent MoE block; kept indices == plain NMS over them."""
-    m = tq.model(kind, dtype=torch.float64)
+    m = model(kind, dtype=torch.float64)
     assert hasattr(m.model.language_model.layers[layer].mlp, "experts")
     inputs = tq.make_inputs(kind, indices=(1,))
     for key in ("pixel_values", "pixel_values_videos"):
@@ -132,7 +141,7 @@ def test_fast_proxy_equals_reference_through_moe(kind, layer, experts):
     """fp32, left-padded batch of three: the fast proxy (closed form, and autograd through the fast forward) equals
     the reference (the layer's own forward on the whole sequence) under both expert kernels; no weight gradient is
     left behind."""
-    m = tq.model(kind)
+    m = model(kind)
     if not hasattr(m, "set_experts_implementation"):
         pytest.skip("this transformers release has one expert kernel")
     m.set_experts_implementation(experts)
