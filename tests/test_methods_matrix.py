@@ -255,6 +255,13 @@ REFUSED = {
     # Gemma 4: no vision-attention map; the methods recomputing a decoder layer's attention are refused
     **{(name, "gemma4"): "gemma4" for name in ("visionzip", "vscan", "chain", "fastv", "pdrop", "sparsevlm")},
     ("dart", "gemma4"): "gemma4",
+    # the MoE flagships refuse what their dense siblings refuse
+    **{(name, "glm4v_moe"): "glm4v_moe" for name in ("visionzip", "vscan", "chain")},
+    ("sparsevlm", "qwen3_5_moe"): "qwen3_5_moe",  # layer 2 is a linear-attention layer, as the tiny Qwen3.5's
+    # ViP-LLaVA: its visual tokens concatenate several vision layers (one feature layer is needed)
+    **{(name, "vipllava"): "vipllava" for name in ("visionzip", "vscan", "chain")},
+    # Idefics2: perceiver latents, no patch grid (pool) and no vision-attention map
+    **{(name, "idefics2"): "idefics2" for name in ENCODER_SIDE},
 }
 
 

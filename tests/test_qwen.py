@@ -35,7 +35,9 @@ from test_pio import capture_context, simple_nms
 NEW_KINDS = list(FAMILIES)
 KINDS = [*QWEN_KINDS, ONEVISION, *NEW_KINDS]
 #: Families with 3-D M-RoPE positions (``get_rope_index``): positions kept, ``renumber`` refused.
-MROPE_KINDS = (*QWEN_KINDS, "glm4v", "glm46v", "qwen3_5")
+MROPE_KINDS = (*QWEN_KINDS, "glm4v", "glm46v", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe")
+#: Families of ``toy_families`` laid out by Qwen3-VL's processor (a video written frame by frame: counted from grids).
+QWEN3_LAYOUT_KINDS = ("qwen3_5", "qwen3_vl_moe", "qwen3_5_moe")
 
 #: Per sample: prompt, image sizes and video grids. Qwen (dynamic resolution): images of 16, 18, 15 + 8 tokens, a
 #: video of 12. LLaVA-OneVision: anyres images of 112, 203 tokens, a 2-frame video of 33, two multi-image views of 50.
@@ -114,7 +116,7 @@ def visual_counts(kind: str, inputs) -> list[list[int]]:
     image_id, video_id = placeholder_ids(kind)
     # Items separated by text: one run of placeholders per item (Qwen3.5 writes a video frame by frame, as Qwen3-VL:
     # counted from the grids below)
-    if kind == ONEVISION or (kind in FAMILIES and kind != "qwen3_5"):
+    if kind == ONEVISION or (kind in FAMILIES and kind not in QWEN3_LAYOUT_KINDS):
         joiners = FAMILIES[kind].joiners if kind in FAMILIES else ()  # text inside an item (Mistral 3's row breaks)
         return [
             [
@@ -154,7 +156,7 @@ def test_toy_inputs_and_item_counts(kind):
     assert counts == EXPECTED_COUNTS[kind]
     got = get_adapter(model(kind)).image_token_counts(0, dict(inputs))
     # None: the family's items are its contiguous runs (InternVL, SmolVLM, Idefics3); test_exact_counts checks them
-    runs_are_items = ("internvl", "smolvlm", "idefics3")
+    runs_are_items = ("internvl", "smolvlm", "idefics3", "idefics2")
     assert got == [n for sample in counts for n in sample] or (got is None and kind in runs_are_items)
     if kind in QWEN_KINDS:
         assert set(inputs["mm_token_type_ids"][1].tolist()) == {0, 1, 2}

@@ -200,7 +200,7 @@ def mixed_prompts(kind: str) -> list[dict]:
     or frames written as images); the first again. GLM-4.xV takes a video only alone: its second prompt is a video;
     LLaVA-NeXT-Video's encoder-side methods refuse videos: its second prompt is two images."""
     second = tq.make_inputs(kind, indices=(2 if kind == "llava_next_video" else 1,))
-    if kind in ("glm4v", "glm46v"):
+    if kind in ("glm4v", "glm46v", "glm4v_moe"):
         second = glm4v_video_inputs((0,))
     return [tq.make_inputs(kind, indices=(0,)), second, tq.make_inputs(kind, indices=(0,))]
 

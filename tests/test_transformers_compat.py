@@ -632,3 +632,16 @@ def test_recurrent_padding_mask_and_hybrid_cache():
         "the conv / recurrent state layouts of LinearAttentionLayer",
         "linear_attention_states",
     )
+
+
+def test_image_text_to_text_model_types():
+    """The auto-mapping ``piofvlm families`` reads: model types to class names transformers exports."""
+    import transformers
+
+    mapping = transformers_compat.image_text_to_text_model_types()
+    contract(
+        mapping.get("llava") == "LlavaForConditionalGeneration"
+        and all(hasattr(transformers, name) for name in mapping.values()),
+        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES (model_type -> class name)",
+        "image_text_to_text_model_types",
+    )

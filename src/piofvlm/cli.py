@@ -451,6 +451,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.run(args.family)
 
 
+def cmd_families(args: argparse.Namespace) -> int:
+    from piofvlm import coverage
+
+    rows = coverage.coverage()
+    if args.json:
+        print(coverage.render_json(rows))
+    else:
+        print(coverage.render_markdown(rows) if args.markdown else coverage.render_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="piofvlm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is pruned (DEBUG)")
@@ -538,6 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--family", action="append", help="self-test only this config.model_type (repeatable)")
     doctor.set_defaults(func=cmd_doctor)
+
+    families = sub.add_parser(
+        "families", help="status of each image-text-to-text model type of the installed transformers"
+    )
+    families_format = families.add_mutually_exclusive_group()
+    families_format.add_argument("--json", action="store_true", help="machine-readable output")
+    families_format.add_argument("--markdown", action="store_true", help="docs/families.md")
+    families.set_defaults(func=cmd_families)
 
     show = sub.add_parser("show", help="PNG of the tokens a method kept, per stage, over the images (any family)")
     show.add_argument("--model", help="testbed checkpoint directory (default: the shipped one); with --image: any")

@@ -961,3 +961,293 @@ def tiny_case(model_type: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     standard samples 0 and 1 (one image; an image and a video, or a second image), left-padded."""
     family = FAMILIES[model_type]
     return family.build(num_layers=3), dict(family.inputs((0, 1)))
+
+
+# ------------------------------------------------------------------------------ MoE flagships (issue 24)
+#: The tiny MoE feed-forward of the MoE flagships: 4 experts of 32 dims, top-2 routing (every layer MoE unless said).
+MOE_EXPERTS, MOE_TOP_K, MOE_DIM = 4, 2, 32
+
+
+def _decisive_routers(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Router weights at std 0.5 (the init's 0.02 leaves top-k margins near rounding on these 64-dim states, so a
+    batch-vs-single or fast-vs-reference comparison could flip a routing decision by rounding alone). The experts
+    run transformers' default ``grouped_mm`` kernel, ``eager`` in fp64 (``torch._grouped_mm`` takes no doubles)."""
+    if next(model.parameters()).dtype == torch.float64 and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and not isinstance(gate, torch.nn.Linear):
+                gate.weight.copy_(torch.randn(gate.weight.shape, generator=generator) * 0.5)
+    return model
+
+
+def _transformers_class(name: str) -> Any:
+    """``transformers.<name>``, or ``None`` where the installed release has no such class."""
+    import transformers
+
+    return getattr(transformers, name, None)
+
+
+def build_qwen3_vl_moe(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Qwen3-VL-MoE: the tiny Qwen3-VL of ``toy_qwen`` (interleaved M-RoPE, head_dim 16, deepstack after layers 0
+    and 1) with an MoE block of :data:`MOE_EXPERTS` experts, top-:data:`MOE_TOP_K`, in every layer (as the
+    checkpoints: ``mlp_only_layers=[]``, ``decoder_sparse_step=1``)."""
+    text = toy_qwen._text_config("qwen3_vl", num_layers, vocab_size=64)
+    text.update(
+        num_experts=MOE_EXPERTS, num_experts_per_tok=MOE_TOP_K, moe_intermediate_size=MOE_DIM, decoder_sparse_step=1
+    )
+    config = _transformers_class("Qwen3VLMoeConfig")(
+        text_config=text,
+        vision_config=toy_qwen._vision_config("qwen3_vl"),
+        image_token_id=toy_qwen.IMAGE_TOKEN_ID,
+        video_token_id=toy_qwen.VIDEO_TOKEN_ID,
+        vision_start_token_id=toy_qwen.VISION_START_ID,
+        vision_end_token_id=toy_qwen.VISION_END_ID,
+    )
+    model = _model(_transformers_class("Qwen3VLMoeForConditionalGeneration"), config, attn, seed, dtype)
+    return _decisive_routers(model, seed)
+
+
+def build_qwen3_5_moe(
+    attn: str = "sdpa",
+    num_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    layer_types: list[str] | None = None,
+) -> torch.nn.Module:
+    """Qwen3.5-MoE: the tiny Qwen3.5 of :func:`build_qwen3_5` (linear and gated full attention alternating, slow
+    DeltaNet decays) with an MoE block of :data:`MOE_EXPERTS` experts, top-:data:`MOE_TOP_K`, and a sigmoid-gated
+    shared expert of 32 dims in every layer."""
+    dense = build_qwen3_5(attn, num_layers, seed, dtype, layer_types)  # its config, as a dict
+    text = dense.config.text_config.to_dict()
+    for key in ("model_type", "intermediate_size", "architectures", "dtype", "transformers_version"):
+        text.pop(key, None)
+    text.update(
+        num_experts=MOE_EXPERTS,
+        num_experts_per_tok=MOE_TOP_K,
+        moe_intermediate_size=MOE_DIM,
+        shared_expert_intermediate_size=MOE_DIM,
+    )
+    vision = dense.config.vision_config.to_dict()
+    vision.pop("model_type", None)
+    config = _transformers_class("Qwen3_5MoeConfig")(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=toy_qwen.IMAGE_TOKEN_ID,
+        video_token_id=toy_qwen.VIDEO_TOKEN_ID,
+        vision_start_token_id=toy_qwen.VISION_START_ID,
+        vision_end_token_id=toy_qwen.VISION_END_ID,
+    )
+    model = _model(_transformers_class("Qwen3_5MoeForConditionalGeneration"), config, attn, seed, dtype)
+    generator = torch.Generator().manual_seed(seed)  # slow decays, as build_qwen3_5 (see there)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            if hasattr(layer, "linear_attn"):
+                rates = torch.empty(layer.linear_attn.A_log.shape).uniform_(0.01, 0.1, generator=generator)
+                layer.linear_attn.A_log.copy_(rates.log().to(layer.linear_attn.A_log.dtype))
+    return _decisive_routers(model, seed)
+
+
+def build_glm4v_moe(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """GLM-4.5V: the tiny GLM-4.1V of :func:`build_glm4v` (its vision tower, token ids, M-RoPE sections and partial
+    rotary) on a pre-norm decoder whose first layer is dense and the others MoE (``first_k_dense_replace=1``, as
+    the checkpoint): :data:`MOE_EXPERTS` routed experts in 2 groups of which each token's best group is taken
+    (``n_group=2``, ``topk_group=1``: the group-limited routing GLM's router implements), top-:data:`MOE_TOP_K`
+    within it, sigmoid scores, one shared expert; attention biases on q/k/v as the checkpoint."""
+    dense = build_glm4v(attn, num_layers, seed, dtype)
+    text = dense.config.text_config.to_dict()
+    for key in ("model_type", "architectures", "dtype", "transformers_version"):
+        text.pop(key, None)
+    text.update(
+        n_routed_experts=MOE_EXPERTS,
+        num_experts_per_tok=MOE_TOP_K,
+        moe_intermediate_size=MOE_DIM,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        attention_bias=True,
+    )
+    vision = dense.config.vision_config.to_dict()
+    vision.pop("model_type", None)
+    ids = {
+        key: getattr(dense.config, key)
+        for key in (
+            "image_token_id",
+            "video_token_id",
+            "image_start_token_id",
+            "image_end_token_id",
+            "video_start_token_id",
+            "video_end_token_id",
+        )
+    }
+    config = _transformers_class("Glm4vMoeConfig")(text_config=text, vision_config=vision, **ids)
+    model = _model(_transformers_class("Glm4vMoeForConditionalGeneration"), config, attn, seed, dtype)
+    return _decisive_routers(model, seed)
+
+
+_MOE_FAMILIES: dict[str, TinyFamily] = {
+    "qwen3_vl_moe": TinyFamily(
+        "qwen3_vl_moe",
+        build_qwen3_vl_moe,
+        qwen3_5_inputs,  # Qwen3-VL's processor layout, as Qwen3.5's
+        toy_qwen.build_qwen_tokenizer,
+        has_video=True,
+        counts=QWEN3_5_COUNTS,
+    ),
+    "qwen3_5_moe": TinyFamily(
+        "qwen3_5_moe",
+        build_qwen3_5_moe,
+        qwen3_5_inputs,
+        toy_qwen.build_qwen_tokenizer,
+        has_video=True,
+        counts=QWEN3_5_COUNTS,
+    ),
+    "glm4v_moe": TinyFamily(
+        "glm4v_moe",
+        build_glm4v_moe,
+        glm4v_inputs,
+        lambda: build_glm4v_processor().tokenizer,
+        has_video=False,  # videos come alone: glm4v_video_inputs
+        counts=GLM_COUNTS,
+    ),
+}
+for _kind, _class_name in (
+    ("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration"),
+    ("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration"),
+    ("glm4v_moe", "Glm4vMoeForConditionalGeneration"),
+):
+    if _transformers_class(_class_name) is None:
+        UNAVAILABLE[_kind] = f"transformers {transformers_compat.TRANSFORMERS_VERSION} has no {_class_name}"
+    else:
+        FAMILIES[_kind] = _MOE_FAMILIES[_kind]
+
+
+# ---------------------------------------------------------------------------------------------------- ViP-LLaVA
+def build_vipllava(
+    attn: str = "sdpa",
+    num_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    feature_layers: int | list[int] | None = None,
+) -> torch.nn.Module:
+    """ViP-LLaVA with the tiny LLaVA's CLIP tower (28 px, patch 4: 49 tokens an image, [CLS] dropped) and Llama text
+    model; features from vision layers ``feature_layers`` (default ``[-2, -1]``, concatenated; the checkpoints take
+    five)."""
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    from piofvlm import toy
+
+    config = VipLlavaConfig(
+        vision_config=toy.vision_config(),
+        text_config=toy.text_config(num_layers),
+        image_token_id=4,
+        vision_feature_layers=[-2, -1] if feature_layers is None else feature_layers,
+        projector_layernorm_eps=1e-5,
+    )
+    return _model(VipLlavaForConditionalGeneration, config, attn, seed, dtype)
+
+
+def vipllava_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``LlavaProcessor`` (ViP-LLaVA's; CLIP resize and 28 px center crop); no video:
+    sample 1's video is a second image."""
+    from piofvlm import toy
+
+    return toy.build_processor("llava")(
+        images=_images(indices, True), text=_prompts(indices, "<image>", None), return_tensors="pt", padding=True
+    )
+
+
+def build_vipllava_tokenizer() -> Any:
+    from piofvlm import toy
+
+    return toy.build_tokenizer()
+
+
+FAMILIES["vipllava"] = TinyFamily(
+    "vipllava",
+    build_vipllava,
+    vipllava_inputs,
+    build_vipllava_tokenizer,
+    has_video=False,
+    counts=[[49], [49, 49], [49, 49]],
+)
+
+
+# ----------------------------------------------------------------------------------------------------- Idefics2
+#: Perceiver latents per image of the tiny Idefics2 (64 in the checkpoints).
+IDEFICS2_LATENTS = 16
+
+
+def build_idefics2(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Idefics2 with :data:`PIXEL_SHUFFLE_TOWER` (32 px, patch 4), a one-block perceiver resampler to
+    :data:`IDEFICS2_LATENTS` latents and a Mistral text model (the toy Llama's sizes)."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    text = text_config(num_layers).to_dict()
+    text.update(model_type="mistral", sliding_window=None)
+    config = Idefics2Config(
+        vision_config=dict(PIXEL_SHUFFLE_TOWER),
+        perceiver_config={
+            "hidden_size": text["hidden_size"],
+            "resampler_n_latents": IDEFICS2_LATENTS,
+            "resampler_depth": 1,
+            "resampler_n_heads": 2,
+            "resampler_head_dim": 16,
+            "num_key_value_heads": 1,
+        },
+        text_config=text,
+        image_token_id=SMOLVLM_IMAGE_ID,
+    )
+    return _model(Idefics2ForConditionalGeneration, config, attn, seed, dtype)
+
+
+@functools.cache
+def build_idefics2_processor() -> Any:
+    """The stock ``Idefics2Processor`` (PIL image processor, 32 px images, no splitting: one run of latents an
+    image); it adds ``<end_of_utterance>`` to the tokenizer, so it owns its tokenizer (cached)."""
+    from transformers import Idefics2ImageProcessorPil, Idefics2Processor
+
+    image_processor = Idefics2ImageProcessorPil(
+        size={"longest_edge": 32, "shortest_edge": 32}, do_image_splitting=False
+    )
+    tokenizer = word_level_tokenizer([*SMOLVLM_TOKENS, *WORDS], SMOLVLM_TOKENS)
+    return Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=IDEFICS2_LATENTS)
+
+
+def idefics2_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``Idefics2Processor`` itself; sample 1's video slot is a second image (Idefics2
+    has no video input)."""
+    images = [[random_image(10 * i + j, s) for j, s in enumerate(SAMPLES[i][1])] for i in indices]
+    for sample, i in zip(images, indices, strict=True):
+        if SAMPLES[i][2]:
+            sample.append(random_image(10 * i + 9, (32, 32)))
+    return build_idefics2_processor()(
+        images=images, text=_prompts(indices, "<image>", None), return_tensors="pt", padding=True
+    )
+
+
+if _transformers_class("Idefics2ImageProcessorPil") is not None and transformers_compat.pil_image_processor_usable(
+    _transformers_class("Idefics2ImageProcessorPil")
+):
+    FAMILIES["idefics2"] = TinyFamily(
+        "idefics2",
+        build_idefics2,
+        idefics2_inputs,
+        lambda: build_idefics2_processor().tokenizer,
+        has_video=False,
+        counts=[[IDEFICS2_LATENTS], [IDEFICS2_LATENTS] * 2, [IDEFICS2_LATENTS] * 2],
+    )
+else:
+    UNAVAILABLE["idefics2"] = (
+        f"transformers {transformers_compat.TRANSFORMERS_VERSION}'s Idefics2ImageProcessorPil needs torchvision "
+        "(not installable here), so its tiny inputs cannot be built"
+    )

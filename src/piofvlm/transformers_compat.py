@@ -544,6 +544,10 @@ _ROTARY_MODULES = {
     "gemma3": "transformers.models.gemma3.modeling_gemma3",  # Llama's rotate_half; q/k normed before rotating
     # Qwen3.5 full-attention layers: Llama-style halves, only the first ``cos.shape[-1]`` dims rotated
     "qwen3_5": "transformers.models.qwen3_5.modeling_qwen3_5",
+    # the MoE flagships: the same attention as their dense siblings (GLM-4.5V: Llama's halves, not GLM-4.1V's pairs)
+    "qwen3_vl_moe": "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+    "qwen3_5_moe": "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+    "glm4v_moe": "transformers.models.glm4v_moe.modeling_glm4v_moe",
 }
 
 
@@ -632,3 +636,16 @@ def pil_image_processor_usable(cls: type) -> bool:
     except ImportError:
         return False
     return True
+
+
+def image_text_to_text_model_types() -> dict[str, str]:
+    """``config.model_type`` -> model class name of every entry of transformers' image-text-to-text auto-mapping
+    (what ``AutoModelForImageTextToText`` loads): the families ``piofvlm families`` reports on."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    except ImportError as error:
+        raise _broken(
+            "transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+            "image_text_to_text_model_types",
+        ) from error
+    return dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)

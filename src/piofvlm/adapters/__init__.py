@@ -5,6 +5,9 @@ from piofvlm.adapters import glm4v, internvl, llava, llava_next, llava_next_vide
 from piofvlm.adapters import gemma3, mistral3, qwen_vl, smolvlm  # noqa: F401,I001
 from piofvlm.adapters import qwen3_5  # noqa: F401,I001
 from piofvlm.adapters import gemma4  # noqa: F401,I001
+from piofvlm.adapters import moe  # noqa: F401,I001
+from piofvlm.adapters import vipllava  # noqa: F401,I001
+from piofvlm.adapters import idefics2  # noqa: F401,I001
 from piofvlm.adapters.base import SUPPORTED_ATTENTION, ModelAdapter
 from piofvlm.adapters.registry import ADAPTERS, get_adapter, register_adapter
 
