@@ -69,12 +69,10 @@ def _load_all() -> None:
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'piofvlm' has no attribute {name!r}")
+    if _LAZY[name] == f"piofvlm.{name}":  # a submodule: ``from piofvlm import transformers_compat`` inside the
+        return importlib.import_module(_LAZY[name])  # package lands here too, so nothing else loads (no cycle)
     _load_all()
-    value = (
-        getattr(importlib.import_module(_LAZY[name]), name)
-        if _LAZY[name] != f"piofvlm.{name}"
-        else (importlib.import_module(_LAZY[name]))
-    )
+    value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
 

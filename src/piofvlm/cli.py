@@ -160,7 +160,8 @@ def prepare_runtime(args: argparse.Namespace) -> tuple[str, str]:
 
     threads = set_threads(getattr(args, "threads", None))
     dtype, why = choose_dtype(getattr(args, "dtype", None), getattr(args, "device", "cpu"))
-    return dtype, f"{describe(getattr(args, 'device', 'cpu'), dtype, threads.count)} ({threads.how}; dtype {why})"
+    notes = threads.how if why == "as asked" else f"{threads.how}; dtype {why}"
+    return dtype, f"{describe(getattr(args, 'device', 'cpu'), dtype, threads.count)} ({notes})"
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -97,7 +97,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_x(r['paper_formula_ratio_full_depth'])} / "
             f"{_x(r['paper_formula_ratio_full_depth_with_proxy_layer'])} | "
             f"{v['kv_cache_bytes']['after_prefill'] / 2**20:.1f} | {_x(r['kv_ratio'])} | "
-            f"{mem['peak_bytes'] / 2**20:.0f} ({mem['peak_above_start_bytes'] / 2**20:.0f}) | "
+            f"{mem['peak_bytes'] / 2**20:.0f} ({max(mem['peak_above_start_bytes'], 0) / 2**20:.0f}) | "
             f"{_x(r.get('prefill_speedup_full_depth_extrapolated'))} |"
         )
     lines.append("")
