@@ -75,7 +75,7 @@ def test_run_prints_a_count_as_tokens_and_percent_and_says_what_it_ran_on(saved_
     out = capsys.readouterr().out
     assert "visual tokens: 49 -> 5 tokens (10.2%)" in out
     timed_on = next(line for line in out.splitlines() if line.startswith("timed on: "))
-    assert timed_on.startswith("timed on: cpu (") and ", float32, 1 CPU thread (--threads;" in timed_on
+    assert timed_on.startswith("timed on: cpu (") and ", float32, 1 CPU thread (--threads)" in timed_on
     assert cli.main([*argv, "--keep", "20%", "--layers", "1", "--max-new-tokens", "2"]) == 0
     assert "visual tokens: 49 -> 10 tokens (20.4%)" in capsys.readouterr().out  # 20% of 49, rounded half up
     assert cli.main([*argv, "--keep", "11.1", "--max-new-tokens", "2"]) == 2
@@ -276,3 +276,21 @@ def test_eval_plot_title_names_split_samples_and_layer():
     assert plot_title(rows, {"split": "test", "num_samples": 40}) == (
         "testbed, test split, 40 samples, pruned after layer(s) [2]"
     )
+
+
+def test_hub_id_offline_runs_from_the_hub_cache(saved_llava, image, tmp_path):
+    """A hub id already in the cache runs with HF_HUB_OFFLINE=1 (the cache layout huggingface_hub writes)."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-llava" / "snapshots" / "0123abc"
+    shutil.copytree(saved_llava, snapshot)
+    (tmp_path / "hub" / "models--someone--tiny-llava" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-llava" / "refs" / "main").write_text("0123abc")
+    code = (
+        "import sys; from piofvlm import cli; sys.exit(cli.main(['run', '--model', 'someone/tiny-llava', '--image', "
+        f"{str(image)!r}, '--prompt', 'how many ?', '--keep', '5', '--layers', '1', '--max-new-tokens', '2', "
+        "'--threads', '1', '--json']))"
+    )
+    done = _python(code, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["kept_per_stage"] == [5]
