@@ -555,6 +555,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.preset or args.model:
         data["preset"], data["model_path"] = args.preset, args.model
+    if data.get("model_path"):
+        from piofvlm.loading import resolve_checkpoint
+
+        data["model_path"] = str(resolve_checkpoint(data["model_path"]))  # the family check, before any weights
     names = _bench_method_names(args.method, args.methods)
     if names:
         variants = []
