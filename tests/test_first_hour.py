@@ -234,6 +234,13 @@ def test_lazy_names_resolve_and_register_every_method():
     done = _python("import piofvlm; print(piofvlm.get_method('pio', keep=0.5).keep, len(piofvlm.ADAPTERS) > 10)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[0.5]", "True"]
+    done = _python(
+        "import piofvlm; print(piofvlm.methods.VisionZip.name, piofvlm.presets.get_preset('pio-llava15-64').keep)"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["visionzip", "[92,", "54,", "22]"]
+    done = _python("from piofvlm.registry import available_methods; print(len(available_methods()))")
+    assert done.stdout.strip() == str(len(cli.METHOD_NAMES))  # the registry loads the built-in methods itself
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         piofvlm.nope  # noqa: B018
 

@@ -61,12 +61,21 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    from piofvlm import adapters, methods, transformers_compat  # noqa: F401 - importing registers them
+    # What ``import piofvlm`` imported when it was eager (importing registers the methods and adapters).
+    from piofvlm import adapters, budget, methods, presets, registry, transformers_compat  # noqa: F401
+    from piofvlm.core import context, session  # noqa: F401
 
     transformers_compat.check_version()  # warns once if the installed transformers is outside the tested range
 
 
+#: Subpackages reachable as attributes (``piofvlm.methods.VisionZip``) before anything imported them.
+_SUBMODULES = ("adapters", "bench", "budget", "core", "evaluation", "loading", "methods", "overlay", "presets",
+               "registry", "runtime", "toy")  # fmt: skip
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"piofvlm.{name}")
     if name not in _LAZY:
         raise AttributeError(f"module 'piofvlm' has no attribute {name!r}")
     if _LAZY[name] == f"piofvlm.{name}":  # a submodule: ``from piofvlm import transformers_compat`` inside the
