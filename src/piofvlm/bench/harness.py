@@ -172,7 +172,10 @@ def variant_label(entry: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------- running
 def load(config: BenchConfig) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
-    dtype = DTYPES[config.dtype]
+    from piofvlm.runtime import choose_dtype
+
+    dtype_name = choose_dtype(config.dtype, config.device)[0]  # "auto" resolved as run_benchmark resolves it
+    dtype = DTYPES[dtype_name]
     if config.preset is not None:
         shape = get_shape(config.preset, config.num_layers)
         model = build_model(shape, dtype, config.attn, config.device, seed=config.seed)
@@ -182,7 +185,7 @@ def load(config: BenchConfig) -> tuple[nn.Module, dict[str, torch.Tensor], dict[
         return model, inputs, info
     from piofvlm.loading import load_model
 
-    model, processor = load_model(config.model_path, dtype=config.dtype, attn=config.attn, device=config.device)
+    model, processor = load_model(config.model_path, dtype=dtype_name, attn=config.attn, device=config.device)
     if config.num_layers is not None:
         raise ValueError("num_layers applies to presets only; a checkpoint runs at its own depth")
     inputs = checkpoint_inputs(processor, model, tuple(config.image_size), config.question, seed=config.seed)
