@@ -110,7 +110,7 @@ def generate_timed(
         model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up
         for _ in range(repeats):
             start = time.perf_counter()
-            model(**inputs, use_cache=True)
+            model(**inputs, use_cache=True, logits_to_keep=1)  # the first token's logits, as generate() computes
             prefills.append(time.perf_counter() - start)
         kept = [[len(k) for k in record.kept] for record in method.last_selection]
         for _ in range(repeats):
