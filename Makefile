@@ -20,7 +20,7 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install -q -c requirements.lock -e ".[dev]"
 
 # lmms-eval without its declared dependencies (they include torchvision, which must not be installed here), then
-# the package with the `eval` extra: what lmms-eval needs to run (see the README, "Evaluate on standard benchmarks").
+# the package with the `eval` extra: what lmms-eval needs to run (see docs/evaluation.md).
 install-eval: $(BIN)/python
 	$(BIN)/pip install -q --no-deps lmms-eval==0.7.3
 	$(BIN)/pip install -q -c requirements.lock -e ".[dev,eval]"

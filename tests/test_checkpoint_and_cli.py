@@ -55,7 +55,7 @@ def test_cli_run_prints_answer_counts_and_times(saved_llava, tmp_path, capsys):
     assert cli.main([*argv, "--method", "none", "--max-new-tokens", "3"]) == 0
     assert "visual tokens: 49 -> (no pruning)" in capsys.readouterr().out
     assert cli.main([*argv, "--method", "pio", "--set", "tau=0.5", "--keep", "5,2", "--layers", "1,2"]) == 0
-    assert "visual tokens: 49 -> 5 -> 2" in capsys.readouterr().out
+    assert "visual tokens: 49 -> 5 tokens (10.2%) -> 2 tokens (4.1%)" in capsys.readouterr().out
 
 
 def test_cli_errors_are_reported_not_raised(saved_llava, tmp_path, capsys):

@@ -291,8 +291,10 @@ def test_show_draws_a_tiny_family(kind, tmp_path, capsys):
     out = tmp_path / "overlay.png"
     assert cli.main(["show", "--family", kind, "--method", "random", "--keep", "0.5", "--out", str(out)]) == 0
     image = Image.open(out)
-    assert image.text["legend"].startswith("method: random  keep=[0.5]  layers=[2]")
-    assert image.text["legend"].splitlines()[1].startswith("stage 1 (after 2 decoder layers): sample 0: ")
+    legend = image.text["legend"].splitlines()
+    assert legend[0] == cli.RANDOM_WEIGHTS_NOTE  # the picture says its model is untrained
+    assert legend[1].startswith("method: random  keep=[0.5]  layers=[2]")
+    assert legend[2].startswith("stage 1 (after 2 decoder layers): sample 0: ")
     assert "RANDOM weights" in capsys.readouterr().out
 
 

@@ -143,8 +143,25 @@ def markdown_table(rows: Sequence[dict[str, Any]], chance: dict[str, float]) -> 
     return header + "\n".join(lines) + "\n"
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
-    """Accuracy vs kept fraction per method (needs matplotlib: ``pip install piofvlm[plot]``)."""
+def plot_title(rows: Sequence[dict[str, Any]], config: dict[str, Any] | None) -> str:
+    """What an accuracy plot was measured on: samples, split, prune layer(s) (from the rows' methods)."""
+    layers = sorted({str(row["method"].get("layers")) for row in rows if row["label"] != "none"})
+    parts = ["testbed"]
+    if config is not None:
+        parts.append(f"{config.get('split', '?')} split, {config.get('num_samples', '?')} samples")
+    if layers:
+        parts.append(f"pruned after layer(s) {', '.join(layers)}")
+    return ", ".join(parts)
+
+
+def plot(
+    rows: Sequence[dict[str, Any]],
+    path: Path,
+    chance: dict[str, float] | None = None,
+    config: dict[str, Any] | None = None,
+) -> bool:
+    """Accuracy vs kept fraction per method (needs matplotlib: ``pip install piofvlm[plot]``), titled with the
+    sample count, split and prune layer(s), with the chance line when ``chance`` is given."""
     try:
         import matplotlib
 
@@ -163,6 +180,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     for name, points in sorted(by_method.items()):
         points.sort()
         ax.plot([100 * p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    if chance is not None and "all" in chance:
+        ax.axhline(100 * chance["all"], color="grey", linestyle=":", label=f"chance ({100 * chance['all']:.1f}%)")
+    ax.set_title(plot_title(rows, config), fontsize=9)
     ax.set_xlabel("visual tokens kept per stage (%)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
@@ -181,6 +201,6 @@ def write_results(out: Path, config: dict[str, Any], rows: list[dict[str, Any]],
     payload = {"config": config, "run": run_info(), "chance": chance, "rows": rows}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     paths = {"json": out / "results.json", "table": out / "results.md"}
-    if plot(rows, out / "accuracy.png"):
+    if plot(rows, out / "accuracy.png", chance=chance, config=config):
         paths["plot"] = out / "accuracy.png"
     return paths

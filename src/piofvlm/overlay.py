@@ -112,6 +112,7 @@ def draw_overlay(
     panel_height: int = 160,
     max_frames: int = 4,
     outline: bool = True,
+    note: str | None = None,
 ) -> Image.Image:
     """The tokens ``records`` kept, drawn over the pictures of a call (any family with token boxes).
 
@@ -130,6 +131,7 @@ def draw_overlay(
         max_frames: a video shows its first ``max_frames`` frames (views); each token frame is drawn over the first
             source frame it covers.
         outline: outline kept tokens.
+        note: a first legend line, drawn in red (e.g. that the model has random weights).
 
     Returns:
         The canvas; ``canvas.info["legend"]`` holds the legend's text (save it with :func:`save_overlay` to keep it
@@ -167,6 +169,8 @@ def draw_overlay(
         rows.append(item_panels(item, frames, records, item_marks, panel_height, max_frames, outline))
         labels.append(_item_label(item, index, records))
     legend = overlay_legend(records, method, items, samples)
+    if note:
+        legend.insert(0, note)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     columns = [
         [max(panel.width, math.ceil(measure.textlength(caption)) + 4) for panel, caption in row] for row in rows
@@ -177,7 +181,7 @@ def draw_overlay(
     canvas = Image.new("RGB", (width, LINE * len(legend) + 6 + row_height * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(legend):
-        draw.text((4, 2 + LINE * i), line, fill=(0, 0, 0))
+        draw.text((4, 2 + LINE * i), line, fill=(200, 0, 0) if note and i == 0 else (0, 0, 0))
     top = LINE * len(legend) + 6
     for row, widths, label in zip(rows, columns, labels, strict=True):
         draw.text((4, top + 1), label, fill=(0, 0, 160))

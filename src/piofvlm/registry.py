@@ -21,8 +21,14 @@ def register_method(cls: M) -> M:
     return cls
 
 
+def _load_builtin_methods() -> None:
+    """Import :mod:`piofvlm.methods` (registers the built-in methods): ``import piofvlm`` no longer does it eagerly."""
+    import piofvlm.methods  # noqa: F401
+
+
 def available_methods() -> list[str]:
     """Registered method names, sorted."""
+    _load_builtin_methods()
     return sorted(METHODS)
 
 
@@ -32,6 +38,7 @@ def method_class(name: str) -> type:
     Raises:
         ValueError: unknown name (the message lists the valid ones).
     """
+    _load_builtin_methods()
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(available_methods())}")
     return METHODS[name]

@@ -27,9 +27,10 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
+if TYPE_CHECKING:  # PIL loads on use: building the CLI's parser imports this module
+    from PIL import Image
 
 MIB = 1024 * 1024
 #: Image formats the server decodes (PIL's parsers for anything else are never reached).
@@ -297,6 +298,8 @@ def validate_chat_body(body: Any, limits: ServeLimits, pinned_model: str) -> lis
 # ------------------------------------------------------------------------------------------------- images
 def decode_image(data: bytes, limits: ServeLimits, what: str) -> Image.Image:
     """An RGB image from encoded bytes; size, pixel count and aspect ratio are checked from the header first."""
+    from PIL import Image
+
     if len(data) > limits.max_image_bytes:
         raise ClientError(f"{what}: {len(data)} bytes, over --max-image-bytes {limits.max_image_bytes}", status=413)
     try:

@@ -23,6 +23,10 @@ def _pct(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def _decode(value: float | None) -> str:
+    return "n/a (below noise)" if value is None or value <= 0 else f"{value:.1f}"
+
+
 def header(result: dict[str, Any]) -> str:
     """One paragraph: model, shape, device, versions, load average."""
     cfg, model, env = result["config"], result["model"], result["environment"]
@@ -35,11 +39,21 @@ def header(result: dict[str, Any]) -> str:
         f"{shape['num_heads']}/{shape['num_kv_heads']} heads, vocab {shape['vocab_size']}), "
         f"{model['visual_tokens']} visual tokens in a {result['prompt_tokens']}-token prompt, "
         f"{cfg['dtype']}, attn {cfg['attn']}, {cfg['new_tokens']} new tokens, {cfg['repeats']} repeats "
-        f"(+{cfg['warmup']} warm-up). Device: {env['device']} ({env['torch_threads']} threads); torch "
+        f"(+{cfg['warmup']} warm-up). Device: {env['device']}, {cfg['dtype']}, {_threads(env['torch_threads'])}"
+        f"{_choices(env)}; torch "
         f"{env['torch']}, transformers {env['transformers']}, piofvlm {env['piofvlm']} @ "
         f"{(env['git_commit'] or '?')[:8]}{' (dirty)' if env['git_dirty'] else ''}. Load average (1/5/15 min) at "
         f"start {load['start']}, end {load['end']}.\n"
     )
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread{'s' if count != 1 else ''}"
+
+
+def _choices(env: dict[str, Any]) -> str:
+    notes = [env[key] for key in ("dtype_choice", "threads_choice") if env.get(key) and env[key] != "as asked"]
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -55,7 +69,7 @@ def markdown(result: dict[str, Any]) -> str:
         r, s = v["ratios"], v["selection_ms"]
         split = "-"
         if "select" in s:
-            parts = " / ".join(f"{s.get(k, 0):.1f}" for k in ("proxy_forward", "proxy_backward", "nms"))
+            parts = " / ".join(f"{s[k]:.1f}" if k in s else "-" for k in ("proxy_forward", "proxy_backward", "nms"))
             split = f"{s['select']:.1f} ({parts})"
         overhead = r.get("selection_overhead_of_unpruned_prefill")
         overhead_full = r.get("selection_overhead_of_unpruned_prefill_full_depth")
@@ -65,7 +79,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_x(r['prefill_speedup'])} | {_x(r.get('prefill_ideal'))} / {_x(r.get('prefill_ideal_causal'))} | "
             f"{_pct(r.get('prefill_measured_over_ideal'), 0)} / "
             f"{_pct(r.get('prefill_measured_over_ideal_causal'), 0)} | "
-            f"{_ms(v['e2e_s'])} | {_x(r['e2e_speedup'])} | {v['decode_ms_per_token']:.1f} | {split} | {over} |"
+            f"{_ms(v['e2e_s'])} | {_x(r['e2e_speedup'])} | {_decode(v.get('decode_ms_per_token'))} | {split} | "
+            f"{over} |"
         )
     lines += ["", "| variant | exact prefill TFLOP (model + selection, counted) | exact ratio | paper formula ratio "
               "(this depth / full depth / + proxy layer) | KV after prefill MB | KV ratio | peak mem MB "
@@ -82,7 +97,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_x(r['paper_formula_ratio_full_depth'])} / "
             f"{_x(r['paper_formula_ratio_full_depth_with_proxy_layer'])} | "
             f"{v['kv_cache_bytes']['after_prefill'] / 2**20:.1f} | {_x(r['kv_ratio'])} | "
-            f"{mem['peak_bytes'] / 2**20:.0f} ({mem['peak_above_start_bytes'] / 2**20:.0f}) | "
+            f"{mem['peak_bytes'] / 2**20:.0f} ({max(mem['peak_above_start_bytes'], 0) / 2**20:.0f}) | "
             f"{_x(r.get('prefill_speedup_full_depth_extrapolated'))} |"
         )
     lines.append("")
@@ -137,7 +152,8 @@ def plot(result: dict[str, Any], path: str | Path) -> bool:
     cfg, model = result["config"], result["model"]
     ax.set_title(
         f"{cfg['preset'] or 'checkpoint'}: {model['text_shape']['num_layers']} layers, {model['visual_tokens']} "
-        f"visual, {cfg['dtype']}, {result['environment']['device'][:28]}",
+        f"visual, {cfg['dtype']}, {result['environment']['device'][:28]}, "
+        f"{result['environment']['torch_threads']} threads",
         fontsize=8,
     )
     ax.legend(fontsize=7)

@@ -120,6 +120,20 @@ SHAPES: dict[str, ModelShape] = {
         text_tokens=28,
         description="CPU stand-in: LLaVA, 1024x24 LM, 54x54 = 2916 tokens (the prototype's shape)",
     ),
+    # `piofvlm bench --quick` (cut to 4 layers there): the stand-in's LM with LLaVA-1.5's 576 visual tokens.
+    "quick-1024x24": ModelShape(
+        "quick-1024x24",
+        "llava",
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_layers=24,
+        num_heads=8,
+        num_kv_heads=8,
+        vocab_size=32064,
+        patch_grid=24,
+        text_tokens=28,
+        description="CPU stand-in for `bench --quick`: LLaVA, 1024x24 LM, 24x24 = 576 tokens (LLaVA-1.5's count)",
+    ),
     "next-1024x24": ModelShape(
         "next-1024x24",
         "llava_next",
