@@ -147,15 +147,20 @@ def check_family(config: dict[str, Any], name: str | Path) -> None:
     """``ValueError`` naming the supported families unless ``config`` (a config.json) is a vision-language model of
     a family piofvlm adapts."""
     from piofvlm.adapters import ADAPTERS
-    from piofvlm.adapters.registry import NOT_SUPPORTED
+    from piofvlm.adapters.registry import NOT_SUPPORTED, is_image_text_to_text
 
     model_type = config.get("model_type")
     if model_type in ADAPTERS:
         return
     supported = ", ".join(sorted(ADAPTERS))
     if model_type in NOT_SUPPORTED:
-        raise ValueError(f"{name}: model type {model_type!r} is not supported yet ({NOT_SUPPORTED[model_type]}); "
+        raise ValueError(f"{name}: model type {model_type!r} is refused by design ({NOT_SUPPORTED[model_type]}); "
                          f"supported: {supported}")  # fmt: skip
+    if isinstance(model_type, str) and is_image_text_to_text(model_type):
+        raise ValueError(
+            f"{name}: model type {model_type!r} is not supported yet: piofvlm has no adapter for this family "
+            f"(`piofvlm families` lists every family's status); supported: {supported}"
+        )
     if "vision_config" not in config and "vision_tower" not in json.dumps(config):
         raise ValueError(
             f"{name}: model type {model_type!r} is a text-only model (no vision_config): piofvlm prunes the visual "

@@ -55,7 +55,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             f"model type {model_type!r} ({type(model).__name__}) is refused by design: {NOT_SUPPORTED[model_type]}. "
             f"Supported model types: {', '.join(sorted(ADAPTERS))}."
         )
-    if model_type not in ADAPTERS and isinstance(model_type, str) and _is_image_text_to_text(model_type):
+    if model_type not in ADAPTERS and isinstance(model_type, str) and is_image_text_to_text(model_type):
         raise ValueError(
             f"model type {model_type!r} ({type(model).__name__}) is not supported yet: piofvlm has no adapter for "
             "this family of transformers' image-text-to-text models (`piofvlm families` lists every family's status; "
@@ -69,7 +69,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return ADAPTERS[model_type](model)
 
 
-def _is_image_text_to_text(model_type: str) -> bool:
+def is_image_text_to_text(model_type: str) -> bool:
     """Whether the installed transformers maps ``model_type`` to an image-text-to-text model."""
     from piofvlm import transformers_compat
 
