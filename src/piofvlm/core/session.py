@@ -339,8 +339,8 @@ class PruningHandle:
 
     def _pad_first_layer_cache(self, call: _Call, cache: Any) -> dict[int, int]:
         """After a prefill pruned before layer L, the layer transformers reads the cache length from (layer 0; on a
-        hybrid cache the first attention layer, :func:`transformers_compat.cache_length_layer`): left-pad layer L's
-        KV cache to the unpruned prompt length.
+        hybrid cache of 5.17-5.24 the first attention layer, :func:`transformers_compat.cache_length_layer`): left-pad
+        layer L's KV cache to the unpruned prompt length (a linear-attention layer L, 5.25+: raise its token count).
 
         transformers reads the length of the whole cache from layer L (``generate()`` slices the next turn's
         ``input_ids`` with it, the model derives positions from it). Pruned before it, it would report the pruned
@@ -354,6 +354,8 @@ class PruningHandle:
         if missing <= 0:
             return {}
         transformers_compat.pad_cache_layer(cache, index, missing)
+        if not self.adapter.is_attention_layer(index):
+            return {}  # a linear-attention layer (5.25+ counts its tokens): its count grew, it holds no slot to mask
         padding = torch.zeros(segment.valid.shape[0], missing, dtype=torch.bool, device=segment.valid.device)
         padded = _Segment(first_layer=index, valid=torch.cat([padding, segment.valid], 1), shift=segment.shift)
         kept = [segment] if segment.first_layer < index else []  # the (linear) layers before L keep their segment
