@@ -545,3 +545,32 @@ def test_pio_runs_on_fp64_models():
     for b, record_scores in enumerate(method.last_selection[0].scores):  # records hold fp32 copies
         torch.testing.assert_close(record_scores, expected[b][ctx.groups[b] >= 0].float())
     assert [len(k) for k in method.last_selection[0].kept] == [15, 15]
+
+
+# ------------------------------------------------------------------- issue 23: a pruned cache after the removal
+QUICK_REMOVED = ("llava", "gemma4", "qwen3_5")
+
+
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=[] if k in QUICK_REMOVED else pytest.mark.slow) for k in TINY_CASES]
+)
+def test_a_pruned_cache_continued_after_the_method_is_removed_is_refused(kind):
+    """Its layers hold fewer slots than the prompt; without the hooks the model decoded it silently with other
+    tokens on some families (Gemma 4, LLaVA with one unpadded sample under sdpa). Refused with what to do; under any
+    method applied again it continues (and equals the continuation under the original method)."""
+    m, inputs = TINY_CASES[kind]()
+    greedy = {"do_sample": False, "suppress_tokens": tq.SUPPRESS}
+    with torch.no_grad():
+        method = piofvlm.get_method("random", layers=[0], keep=0.5)
+        with method(m):
+            first = m.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, **greedy)
+        cache = transformers_compat.output_cache(first)
+        follow_up = first.sequences[:, -1:].expand(-1, 2)
+        length = cache.get_seq_length()
+        with pytest.raises(RuntimeError, match="pruned by piofvlm and is continued with no method applied"):
+            second_turn(m, inputs, cache, first.sequences, follow_up, greedy)
+        assert cache.get_seq_length() == length  # refused before any layer wrote into it
+        with piofvlm.get_method("pio", layers=[1], keep=0.3)(m):  # another method: the cache's own layout decodes
+            ids, logits = second_turn(m, inputs, cache, first.sequences, follow_up, greedy)
+    expected = reference_logits(m, inputs, ids, method.last_selection, [0], 0.5)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
