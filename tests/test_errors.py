@@ -135,3 +135,34 @@ def test_image_tokens_on_a_filled_cache_are_refused():
     with pytest.raises(ValueError, match="image tokens arrived on a non-empty KV cache"):
         with torch.no_grad(), piofvlm.get_method("random", keep=0.5)(m):
             m.generate(**inputs, max_new_tokens=3, prefill_chunk_size=20)
+
+
+# --------------------------------------------------------------------------- issue 23: five CLI cases, bench --config
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["show", "--out", "/"], "Is a directory: '/'"),
+        (["eval", "--model", "/nonexistent"], "--model /nonexistent: no such directory"),
+        (["serve", "--model", "/nonexistent"], "--model /nonexistent: no such directory"),
+        (["serve", "--port", "99999", "--model", "."], "--port 99999: a port is 0-65535"),
+        (["bench", "--threads", "0"], "--threads 0: give at least 1"),
+    ],
+)
+def test_cli_bad_paths_ports_and_threads_are_usage_errors(argv, said, capsys):
+    from piofvlm.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("piofvlm: error: ") and said in err and "Traceback" not in err
+
+
+def test_cli_bench_config_that_is_not_json_names_the_file(tmp_path, capsys):
+    from PIL import Image
+
+    from piofvlm.cli import main
+
+    picture = tmp_path / "notimage.png"
+    Image.new("RGB", (4, 4)).save(picture)
+    assert main(["bench", "--config", str(picture)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("piofvlm: error: ") and f"--config {picture} is not a JSON experiment file" in err

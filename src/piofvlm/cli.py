@@ -388,7 +388,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.device is not None:
         check_device(args.device)
-    data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    data: dict[str, Any] = _read_bench_config(args.config) if args.config else {}
     if args.preset or args.model:
         data["preset"], data["model_path"] = args.preset, args.model
     names = _bench_method_names(args.method, args.methods)
@@ -546,13 +546,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_bench_config(path: str) -> dict[str, Any]:
+    """The JSON experiment file of ``bench --config``; a ``ValueError`` naming the file if it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config {path} is not a JSON experiment file ({error}); see benchmarks/*.json") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a JSON object (see benchmarks/*.json), not {type(data).__name__}")
+    return data
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse values every command would only fail on later (with a traceback): a --model path that does not
+    exist, a --port outside 0-65535, --threads below 1."""
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and (model.startswith((".", "/", "~")) or Path(model).is_absolute()):
+        if not Path(model).expanduser().exists():
+            raise ValueError(f"--model {model}: no such directory (give a local checkpoint directory)")
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a port is 0-65535")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads {threads}: give at least 1 (or leave it out for torch's default)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     transformers_logging.disable_progress_bar()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
+        _check_arguments(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"piofvlm: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path the user gave that cannot be written or read (a directory, no permission)
         print(f"piofvlm: error: {error}", file=sys.stderr)
         return 2
 
