@@ -166,3 +166,24 @@ def test_cli_bench_config_that_is_not_json_names_the_file(tmp_path, capsys):
     assert main(["bench", "--config", str(picture)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("piofvlm: error: ") and f"--config {picture} is not a JSON experiment file" in err
+
+
+# ------------------------------------------------------------------ issue 23: fields read-only while applied
+def test_method_fields_are_read_only_while_applied_and_free_after():
+    """``method.layers = ...`` inside the ``with`` block was silently ignored while ``to_dict()`` reported it."""
+    import piofvlm
+    from conftest import make_inputs, model
+
+    m, inputs = model("llava"), make_inputs("llava", indices=(0,))
+    method = piofvlm.get_method("random", layers=[1], keep=0.5)
+    with torch.no_grad(), method(m):
+        for name, value in (("layers", [2]), ("keep", 0.25), ("seed", 3)):
+            with pytest.raises(AttributeError, match=f"RandomPrune.{name} cannot change while the method is applied"):
+                setattr(method, name, value)
+        assert method.to_dict()["layers"] == [1] and method.to_dict()["keep"] == [0.5]
+        m(**inputs)
+        assert [record.layer for record in method.last_selection] == [1]
+    method.layers = [2]  # removed: free to change, and honoured at the next apply
+    with torch.no_grad(), method(m):
+        m(**inputs)
+    assert [record.layer for record in method.last_selection] == [2]
