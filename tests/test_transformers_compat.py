@@ -681,3 +681,35 @@ def test_norm_epsilon_of_every_rms_norm_the_proxy_reads(kind):
         f"the epsilon attribute of {sorted({type(n).__name__ for n in norms})} (found {found})",
         "norm_epsilon",
     )
+
+
+@pytest.mark.parametrize("family", sorted(transformers_compat._ROTARY_MODULES))
+def test_owned_rotary_formula_equals_the_familys_and_refuses_a_changed_one(family, monkeypatch):
+    """piofvlm applies its own rotary formula, checked bit for bit against the family's ``apply_rotary_pos_emb``: a
+    wrapper that behaves the same (5.25's kernels ``Func`` module, ``(*args, **kwargs)``) is accepted, a function
+    computing something else is refused."""
+    import importlib
+
+    module = importlib.import_module(transformers_compat._ROTARY_MODULES[family])
+    original = module.apply_rotary_pos_emb
+    transformers_compat.rotary_function.cache_clear()
+    ours = transformers_compat.rotary_function(family)
+    q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
+    cos, sin = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    assert all(torch.equal(a, b) for a, b in zip(ours(q, k, cos, sin), original(q, k, cos, sin), strict=True))
+
+    class Wrapped(torch.nn.Module):  # what kernels' use_kernel_forward_from_hub makes of a function
+        def forward(self, *args, **kwargs):
+            return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", Wrapped())
+    transformers_compat.rotary_function.cache_clear()
+    assert transformers_compat.rotary_function(family) is ours
+    other = transformers_compat.apply_rotary_halves if ours is transformers_compat.apply_rotary_pairs else None
+    changed = other or (lambda q, k, cos, sin, unsqueeze_dim=1: original(q, k, cos, -sin, unsqueeze_dim))
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", changed)
+    transformers_compat.rotary_function.cache_clear()
+    with pytest.raises(transformers_compat.TransformersInternalsError, match="rotary_function must learn it"):
+        transformers_compat.rotary_function(family)
+    monkeypatch.undo()
+    transformers_compat.rotary_function.cache_clear()

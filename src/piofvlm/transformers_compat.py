@@ -6,8 +6,27 @@ this module for anything that changed (or may change) between releases. ``tests/
 one contract test per function that fails with a message naming the internal and the installed version, so the next
 release that moves something is diagnosed in seconds.
 
-Versions run with the whole fast suite are listed in the README ("Tested transformers versions");
-:data:`TESTED_RANGE` is the declared range (``pyproject.toml``), checked at import by :func:`check_version`.
+Versions run with the whole fast suite are listed in ``docs/versions.md``; :data:`TESTED_RANGE` is the declared range
+(``pyproject.toml``), checked at import by :func:`check_version`.
+
+**Formulas piofvlm owns** (it only needs the arithmetic, so a release that wraps or moves the function cannot break
+it): the rotary application (:func:`apply_rotary_halves`, :func:`apply_rotary_pairs`; :func:`rotary_function` still
+checks them bit for bit against the family's ``apply_rotary_pos_emb``, so a model whose attention computes something
+else is refused rather than approximated) and the RMS norm of the closed-form proxy (``core/proxy_loss.
+_rms_norm_formula``, recognised per module on a probe; only its epsilon is read, :func:`norm_epsilon`).
+
+**Internals that remain, and why** (each behind one function here, with a contract test):
+
+* keyword and field names the hooks see (``cache`` / ``past_key_values``, output cache fields): the hooks receive
+  what the model passes, piofvlm cannot choose the names;
+* ``Cache`` layouts (dynamic, sliding, static, linear-attention layers, Gemma 4's ``DummyLayer``; which layer
+  ``get_seq_length`` reads, how a layer is padded): a pruned cache must stay a stock cache object that ``generate()``
+  and the model keep using between calls;
+* mask functions (``masking_utils``) and the Gemma block-id helpers: the rebuilt masks must equal the model's own bit
+  for bit (keep-all identity), including its sdpa / eager / flash formats;
+* the recurrent padding mask, the Qwen vision rotary and window index, the image-processor tiling, pre-encoded
+  features (``mm_encoder_outputs``), ``CompileConfig``, the serving classes: piofvlm reuses what the model or
+  ``generate()`` computes or expects, so owning a copy would let the two drift apart silently.
 """
 
 from __future__ import annotations
@@ -29,7 +48,7 @@ logger = logging.getLogger(__name__)
 TESTED_RANGE: tuple[str, str] = ("5.17.0", "5.26")
 TRANSFORMERS_VERSION: str = transformers.__version__
 #: Releases on which the whole fast suite passed (the README's table); the last one is the lock's.
-KNOWN_GOOD_TRANSFORMERS: tuple[str, ...] = ("5.17.0", "5.24.0")
+KNOWN_GOOD_TRANSFORMERS: tuple[str, ...] = ("5.17.0", "5.24.0", "5.25.0")
 
 
 class TransformersInternalsError(RuntimeError):
