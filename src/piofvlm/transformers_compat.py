@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 #: The declared, tested range of transformers versions: ``floor <= version < ceiling`` (same as pyproject.toml).
 TESTED_RANGE: tuple[str, str] = ("5.17.0", "5.26")
 TRANSFORMERS_VERSION: str = transformers.__version__
-#: Releases on which the whole fast suite passed (the README's table); the last one is the lock's.
+#: Releases on which the whole fast suite passed (docs/versions.md); the last one is what doctor recommends pinning.
 KNOWN_GOOD_TRANSFORMERS: tuple[str, ...] = ("5.17.0", "5.24.0", "5.25.0")
 
 
