@@ -90,3 +90,12 @@ def test_the_report_self_tests_every_family_and_names_the_unavailable_ones(monke
         assert any(line.split()[:2] == [model_type, "ok"] for line in lines), model_type
     for model_type, reason in UNAVAILABLE.items():
         assert f"{model_type:<18} not tested here: {reason}" in out.getvalue()
+
+
+def test_a_pruned_cache_that_misreports_its_length_is_reported(monkeypatch):
+    """transformers 5.25 started counting linear-attention layers in ``Cache.get_seq_length``: a cache pruned before
+    layer 0 whose length layer is left unpadded reports the pruned length. The self-test must fail then (it once said
+    ok and only a property test caught it): here the first turn's second step already trips over it."""
+    monkeypatch.setattr(transformers_compat, "pad_cache_layer", lambda cache, layer, count: None)
+    result = doctor.check_family("llava")
+    assert not result.ok and result.detail != "ok"

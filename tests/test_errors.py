@@ -135,3 +135,55 @@ def test_image_tokens_on_a_filled_cache_are_refused():
     with pytest.raises(ValueError, match="image tokens arrived on a non-empty KV cache"):
         with torch.no_grad(), piofvlm.get_method("random", keep=0.5)(m):
             m.generate(**inputs, max_new_tokens=3, prefill_chunk_size=20)
+
+
+# --------------------------------------------------------------------------- issue 23: five CLI cases, bench --config
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["show", "--out", "/"], "Is a directory: '/'"),
+        (["eval", "--model", "/nonexistent"], "--model /nonexistent: no such directory"),
+        (["serve", "--model", "/nonexistent"], "--model /nonexistent: no such directory"),
+        (["serve", "--port", "99999", "--model", "."], "--port 99999: a port is 0-65535"),
+        (["bench", "--threads", "0"], "--threads 0: give at least 1"),
+    ],
+)
+def test_cli_bad_paths_ports_and_threads_are_usage_errors(argv, said, capsys):
+    from piofvlm.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("piofvlm: error: ") and said in err and "Traceback" not in err
+
+
+def test_cli_bench_config_that_is_not_json_names_the_file(tmp_path, capsys):
+    from PIL import Image
+
+    from piofvlm.cli import main
+
+    picture = tmp_path / "notimage.png"
+    Image.new("RGB", (4, 4)).save(picture)
+    assert main(["bench", "--config", str(picture)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("piofvlm: error: ") and f"--config {picture} is not a JSON experiment file" in err
+
+
+# ------------------------------------------------------------------ issue 23: fields read-only while applied
+def test_method_fields_are_read_only_while_applied_and_free_after():
+    """``method.layers = ...`` inside the ``with`` block was silently ignored while ``to_dict()`` reported it."""
+    import piofvlm
+    from conftest import make_inputs, model
+
+    m, inputs = model("llava"), make_inputs("llava", indices=(0,))
+    method = piofvlm.get_method("random", layers=[1], keep=0.5)
+    with torch.no_grad(), method(m):
+        for name, value in (("layers", [2]), ("keep", 0.25), ("seed", 3)):
+            with pytest.raises(AttributeError, match=f"RandomPrune.{name} cannot change while the method is applied"):
+                setattr(method, name, value)
+        assert method.to_dict()["layers"] == [1] and method.to_dict()["keep"] == [0.5]
+        m(**inputs)
+        assert [record.layer for record in method.last_selection] == [1]
+    method.layers = [2]  # removed: free to change, and honoured at the next apply
+    with torch.no_grad(), method(m):
+        m(**inputs)
+    assert [record.layer for record in method.last_selection] == [2]

@@ -127,3 +127,40 @@ def test_second_turn_on_the_returned_cache_equals_no_cache_reference(positions):
     records, ids, logits = pruned_conversation(m, inputs, method)  # layer 0 padded to the unpruned length
     expected = reference_logits(m, inputs, ids, records, layers, keep, positions)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------- issue 23: text longer than the window
+def _longer_than_the_window(kind: str):
+    """The tiny model and one prompt whose text after the image is longer than the 16-slot window."""
+    import piofvlm.toy_families as tf
+
+    if kind == "gemma3":
+        processor = tf.build_gemma3_processor()
+        text = " ".join(["what is the colour of the circle ?"] * 3)
+        image = tf.random_image(1, (32, 32))
+        return tf.build_gemma3(), processor(
+            images=[[image]], text=[f"USER : <start_of_image> {text} ASSISTANT :"], return_tensors="pt"
+        )
+    inputs = dict(tf.gemma4_inputs((0,)))
+    extra = inputs["input_ids"][:, -8:].repeat(1, 3)  # 24 more text tokens at the end
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
+    for name in ("attention_mask", "mm_token_type_ids"):
+        fill = torch.ones_like(extra) if name == "attention_mask" else torch.zeros_like(extra)
+        inputs[name] = torch.cat([inputs[name], fill], 1)
+    return tf.build_gemma4(), inputs
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gemma4"])
+def test_pio_with_a_local_proxy_out_of_reach_of_the_image_is_refused_with_the_reason(kind):
+    """Before: a RuntimeError telling the user to load weight-only quantized weights (the all-zero gradient check).
+    A global proxy layer on the same prompt runs."""
+    m, inputs = _longer_than_the_window(kind)
+    with pytest.raises(
+        ValueError, match=r"proxy layer 2 is a sliding-window layer \(window 16 slots\).*sample\(s\) \[0\]"
+    ):
+        with torch.no_grad(), piofvlm.get_method("pio", layers=[2], keep=0.5)(m):
+            m(**inputs)
+    method = piofvlm.get_method("pio", layers=[1], keep=0.5)  # layer 1 is global in both tiny models
+    with torch.no_grad(), method(m):
+        m(**inputs)
+    assert bool(method.last_selection[0].scores[0].any())

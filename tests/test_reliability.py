@@ -545,3 +545,76 @@ def test_pio_runs_on_fp64_models():
     for b, record_scores in enumerate(method.last_selection[0].scores):  # records hold fp32 copies
         torch.testing.assert_close(record_scores, expected[b][ctx.groups[b] >= 0].float())
     assert [len(k) for k in method.last_selection[0].kept] == [15, 15]
+
+
+# ------------------------------------------------------------------- issue 23: a pruned cache after the removal
+QUICK_REMOVED = ("llava", "gemma4", "qwen3_5")
+
+
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=[] if k in QUICK_REMOVED else pytest.mark.slow) for k in TINY_CASES]
+)
+def test_a_pruned_cache_continued_after_the_method_is_removed_is_refused(kind):
+    """Its layers hold fewer slots than the prompt; without the hooks the model decoded it silently with other
+    tokens on some families (Gemma 4, LLaVA with one unpadded sample under sdpa). Refused with what to do; under any
+    method applied again it continues (and equals the continuation under the original method)."""
+    m, inputs = TINY_CASES[kind]()
+    greedy = {"do_sample": False, "suppress_tokens": tq.SUPPRESS}
+    with torch.no_grad():
+        method = piofvlm.get_method("random", layers=[0], keep=0.5)
+        with method(m):
+            first = m.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, **greedy)
+        cache = transformers_compat.output_cache(first)
+        follow_up = first.sequences[:, -1:].expand(-1, 2)
+        length = cache.get_seq_length()
+        with pytest.raises(RuntimeError, match="pruned by piofvlm and is continued with no method applied"):
+            second_turn(m, inputs, cache, first.sequences, follow_up, greedy)
+        assert cache.get_seq_length() == length  # refused before any layer wrote into it
+        with piofvlm.get_method("pio", layers=[1], keep=0.3)(m):  # another method: the cache's own layout decodes
+            ids, logits = second_turn(m, inputs, cache, first.sequences, follow_up, greedy)
+    expected = reference_logits(m, inputs, ids, method.last_selection, [0], 0.5)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------- issue 23: generate(use_cache=False) under encoder-side methods
+QUICK_NO_CACHE = {"llava", "qwen2_5_vl", "gemma4", "qwen3_5"}
+
+
+def no_cache_cases() -> list:
+    from test_methods_matrix import ENCODER_SIDE, REFUSED
+
+    return [
+        pytest.param(kind, name, marks=[] if kind in QUICK_NO_CACHE else pytest.mark.slow, id=f"{kind}-{name}")
+        for kind in TINY_CASES
+        for name in ENCODER_SIDE
+        if (name, kind) not in REFUSED
+    ]
+
+
+@pytest.mark.parametrize(("kind", "name"), no_cache_cases())
+def test_generate_without_cache_equals_cached_decoding(kind, name):
+    """``generate(use_cache=False)`` runs the whole sequence at every step with the features it encoded once: the
+    encoder-side captures of that encoding must serve every step (they were dropped after the first: a crash). The
+    encoder-side selection does not depend on the text after the prompt, so every step equals cached decoding
+    (``chain``'s decoder stage selects again at each no-cache step, over the longer text: its first step, the
+    same prompt, equals the cached one)."""
+    from test_methods_matrix import build
+
+    m, inputs = TINY_CASES[kind]()
+    greedy = {"do_sample": False, "max_new_tokens": 3, "min_new_tokens": 3, "suppress_tokens": tq.SUPPRESS}
+    runs = {}
+    with torch.no_grad():
+        for use_cache in (True, False):
+            method = build(name, 0.5)
+            with method(m):
+                out = m.generate(
+                    **inputs, use_cache=use_cache, output_logits=True, return_dict_in_generate=True, **greedy
+                )
+            runs[use_cache] = (out, [[k.tolist() for k in r.kept] for r in method.last_selection])
+    (cached, cached_kept), (uncached, uncached_kept) = runs[True], runs[False]
+    steps = 1 if name == "chain" else 3
+    for step in range(steps):
+        torch.testing.assert_close(uncached.logits[step], cached.logits[step], rtol=1e-4, atol=1e-4)
+    if name != "chain":
+        assert torch.equal(uncached.sequences, cached.sequences)
+        assert uncached_kept == cached_kept  # the last no-cache step kept what the cached prefill kept

@@ -271,7 +271,7 @@ def test_version_range_matches_pyproject():
 
 
 @pytest.mark.parametrize(
-    ("version", "status"), [("5.16.2", "older"), ("5.17.0", "tested"), ("5.24.9", "tested"), ("5.25.0", "newer")]
+    ("version", "status"), [("5.16.2", "older"), ("5.17.0", "tested"), ("5.25.0", "tested"), ("5.26.0", "newer")]
 )
 def test_version_status_and_warning(version, status, monkeypatch):
     assert transformers_compat.version_status(version) == status
@@ -620,8 +620,9 @@ def test_recurrent_padding_mask_and_hybrid_cache():
     contract(transformers_compat.is_dynamic_cache(cache), "the hybrid cache's layer classes", "is_dynamic_cache")
     index = transformers_compat.cache_length_layer(cache)
     contract(
-        index == 1 and cache.get_seq_length() == cache.get_seq_length(1) == valid.shape[1],
-        "Cache.get_seq_length on a hybrid cache (the first attention layer's length)",
+        index in (0, 1) and cache.get_seq_length() == cache.get_seq_length(index) == valid.shape[1],
+        "Cache.get_seq_length on a hybrid cache (5.17-5.24: the first attention layer's length; 5.25+: layer 0's, "
+        "linear-attention layers count their tokens)",
         "cache_length_layer",
     )
     conv, recurrent = transformers_compat.linear_attention_states(cache, 0)
@@ -645,3 +646,83 @@ def test_image_text_to_text_model_types():
         "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES (model_type -> class name)",
         "image_text_to_text_model_types",
     )
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen3_5", "gemma3"])
+def test_a_cache_pruned_before_layer_0_reports_the_prompt_length_and_continues(kind):
+    """What the hooks rely on, exercised as they use it: after a prefill pruned before layer 0 every layer holds
+    fewer slots than the prompt, and the layer the cache reads its length from (``cache_length_layer``: layer 0, or
+    5.17-5.24's first attention layer of a hybrid cache) is padded back (``pad_cache_layer``: zero slots, a sliding
+    window's count, 5.25's linear-attention token count). ``Cache.get_seq_length()`` must then report the unpruned
+    length, and a follow-up turn must equal a no-cache forward of the kept conversation (the self-test of ``piofvlm
+    doctor`` runs the same check on every family)."""
+    import piofvlm
+    from piofvlm import doctor
+    from piofvlm.toy_cases import TINY_CASES
+
+    model, inputs = TINY_CASES[kind]()
+    adapter = get_adapter(model)
+    greedy = {"do_sample": False, "suppress_tokens": [adapter.image_token_id]}
+    with torch.no_grad(), piofvlm.get_method("random", layers=[0], keep=0.5)(model):
+        out = model(**inputs, use_cache=True)
+    cache, prompt = transformers_compat.output_cache(out), inputs["input_ids"].shape[1]
+    index = transformers_compat.cache_length_layer(cache)
+    contract(
+        int(cache.get_seq_length()) == prompt and int(cache.get_seq_length(index)) == prompt,
+        f"Cache.get_seq_length of a cache pruned before layer 0 (reads layer {index}: {cache.get_seq_length()} "
+        f"tokens, expected the prompt's {prompt})",
+        "cache_length_layer",
+    )
+    with torch.no_grad():
+        problem = doctor.pruned_continuation_error(model, inputs, greedy)
+    contract(problem is None, f"the continuation of a pruned cache ({problem})", "pad_cache_layer")
+
+
+@pytest.mark.parametrize("kind", ["llava", "gemma3", "gemma4", "qwen3_5"])
+def test_norm_epsilon_of_every_rms_norm_the_proxy_reads(kind):
+    """``norm_epsilon`` finds the epsilon under either name (Gemma 4's ``eps`` became ``variance_epsilon`` in 5.25)
+    on the decoder norms and the final norm, equal to the config's ``rms_norm_eps``."""
+    from piofvlm.toy_cases import TINY_CASES
+
+    model, _ = TINY_CASES[kind]()
+    adapter = get_adapter(model)
+    layer = adapter.layers[0]
+    norms = [layer.input_layernorm, layer.post_attention_layernorm, adapter.language_model.norm]
+    found = [transformers_compat.norm_epsilon(norm) for norm in norms]
+    contract(
+        found == [adapter.text_config.rms_norm_eps] * len(norms),
+        f"the epsilon attribute of {sorted({type(n).__name__ for n in norms})} (found {found})",
+        "norm_epsilon",
+    )
+
+
+@pytest.mark.parametrize("family", sorted(transformers_compat._ROTARY_MODULES))
+def test_owned_rotary_formula_equals_the_familys_and_refuses_a_changed_one(family, monkeypatch):
+    """piofvlm applies its own rotary formula, checked bit for bit against the family's ``apply_rotary_pos_emb``: a
+    wrapper that behaves the same (5.25's kernels ``Func`` module, ``(*args, **kwargs)``) is accepted, a function
+    computing something else is refused."""
+    import importlib
+
+    module = importlib.import_module(transformers_compat._ROTARY_MODULES[family])
+    original = module.apply_rotary_pos_emb
+    transformers_compat.rotary_function.cache_clear()
+    ours = transformers_compat.rotary_function(family)
+    q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
+    cos, sin = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    assert all(torch.equal(a, b) for a, b in zip(ours(q, k, cos, sin), original(q, k, cos, sin), strict=True))
+
+    class Wrapped(torch.nn.Module):  # what kernels' use_kernel_forward_from_hub makes of a function
+        def forward(self, *args, **kwargs):
+            return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", Wrapped())
+    transformers_compat.rotary_function.cache_clear()
+    assert transformers_compat.rotary_function(family) is ours
+    other = transformers_compat.apply_rotary_halves if ours is transformers_compat.apply_rotary_pairs else None
+    changed = other or (lambda q, k, cos, sin, unsqueeze_dim=1: original(q, k, cos, -sin, unsqueeze_dim))
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", changed)
+    transformers_compat.rotary_function.cache_clear()
+    with pytest.raises(transformers_compat.TransformersInternalsError, match="rotary_function must learn it"):
+        transformers_compat.rotary_function(family)
+    monkeypatch.undo()
+    transformers_compat.rotary_function.cache_clear()

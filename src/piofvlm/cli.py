@@ -555,9 +555,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from piofvlm.loading import check_device
 
         check_device(args.device)
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
+    data: dict[str, Any] = _read_bench_config(args.config) if args.config else {}
     if args.preset or args.model:
         data["preset"], data["model_path"] = args.preset, args.model
     if data.get("model_path"):
@@ -821,6 +819,32 @@ def silence_third_party() -> None:
         warnings.filterwarnings("ignore", module=module)
 
 
+def _read_bench_config(path: str) -> dict[str, Any]:
+    """The JSON experiment file of ``bench --config``; a ``ValueError`` naming the file if it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config {path} is not a JSON experiment file ({error}); see benchmarks/*.json") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a JSON object (see benchmarks/*.json), not {type(data).__name__}")
+    return data
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse values every command would only fail on later (with a traceback): a --model path that does not
+    exist, a --port outside 0-65535, --threads below 1."""
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and (model.startswith((".", "/", "~")) or Path(model).is_absolute()):
+        if not Path(model).expanduser().exists():
+            raise ValueError(f"--model {model}: no such directory (neither a local checkpoint directory nor a hub id)")
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a port is 0-65535")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads {threads}: give at least 1 (or leave it out for the default)")
+
+
 def main(argv: list[str] | None = None) -> int:
     silence_third_party()
     args = build_parser().parse_args(argv)
@@ -828,11 +852,15 @@ def main(argv: list[str] | None = None) -> int:
     torch = sys.modules.get("torch")  # called in-process (tests, notebooks): give back the caller's thread count
     threads_before = torch.get_num_threads() if torch is not None else None
     try:
+        _check_arguments(args)
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"piofvlm: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path the user gave that cannot be written or read (a directory, no permission)
         print(f"piofvlm: error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -1,11 +1,13 @@
 """``piofvlm doctor``: what is installed, whether it is inside the tested range, and a self-test of every family.
 
 The self-test builds one tiny random model per supported family (:data:`piofvlm.toy_cases.TINY_CASES`; nothing is
-downloaded) and checks, in a few seconds, the three things a broken transformers release breaks first:
+downloaded) and checks, in a few seconds, the four things a broken transformers release breaks first:
 
 * keep-all: a method that keeps every visual token gives logits bit-identical to the unhooked model;
 * decode: a pruned, cached ``generate()`` equals a no-cache forward of the same kept sequence (greedy tokens and
   logits), i.e. the shorter KV caches are masked and positioned right;
+* continuation: a cache pruned before layer 0 reports the unpruned length and a follow-up turn on it equals the
+  no-cache forward of the same kept conversation (:func:`pruned_continuation_error`);
 * hooks: after the ``with`` block no hook is left and the model's logits are the unhooked ones again.
 """
 
@@ -134,10 +136,56 @@ def _check(model_type: str) -> str | None:
                     f"(max |diff| {_max_diff(cached_step, uncached_step)})"
                 )
 
+        problem = pruned_continuation_error(model, inputs, greedy)
+        if problem is not None:
+            return problem
+
         if _hook_count(model) != hooks_before:
             return f"{_hook_count(model) - hooks_before} hooks left on the model after the method was removed"
         if not torch.equal(model(**inputs).logits, reference):
             return "the model's logits changed after the method was removed"
+    return None
+
+
+def pruned_continuation_error(model: torch.nn.Module, inputs: dict[str, Any], greedy: dict[str, Any]) -> str | None:
+    """A cache pruned before layer 0 (every layer holds fewer slots than the prompt) must report the unpruned length
+    (transformers reads it to place the next tokens: ``transformers_compat.cache_length_layer`` / ``pad_cache_layer``)
+    and a follow-up turn on it must equal a no-cache forward over the whole conversation keeping the same tokens.
+    ``None`` if both hold, else what differs."""
+    greedy = {k: v for k, v in greedy.items() if k not in ("max_new_tokens", "min_new_tokens")}
+    method = get_method("random", layers=[0], keep=0.5)
+    prompt = inputs["input_ids"].shape[1]
+    with method(model):
+        first = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, **greedy)
+        cache = transformers_compat.output_cache(first)
+        length = int(cache.get_seq_length())
+        if length != prompt + 1:
+            return (
+                f"a cache pruned before layer 0 reports {length} tokens, not the {prompt + 1} it stands for "
+                "(transformers_compat.cache_length_layer / pad_cache_layer must learn this release's Cache)"
+            )
+        kept = [[k.tolist() for k in record.kept] for record in method.last_selection]
+        ids = torch.cat([first.sequences, first.sequences[:, -1:].expand(-1, 2)], 1)  # a 2-token text follow-up
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids[:, prompt:])], 1)
+        second = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            **{transformers_compat.cache_kwarg_name(model): cache},
+            max_new_tokens=1,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **greedy,
+        )
+    others = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    if "mm_token_type_ids" in others:
+        others["mm_token_type_ids"] = torch.nn.functional.pad(others["mm_token_type_ids"], (0, ids.shape[1] - prompt))
+    with ReplaySelection(layers=[0], keep=0.5, chosen=kept)(model):
+        expected = model(input_ids=ids, attention_mask=mask, use_cache=False, **others).logits[:, -1]
+    if not torch.allclose(second.logits[0], expected, rtol=1e-4, atol=1e-4):
+        return (
+            "a follow-up turn on a cache pruned before layer 0 differs from the no-cache forward of the same kept "
+            f"conversation (max |diff| {_max_diff(second.logits[0], expected)})"
+        )
     return None
 
 

@@ -6,8 +6,27 @@ this module for anything that changed (or may change) between releases. ``tests/
 one contract test per function that fails with a message naming the internal and the installed version, so the next
 release that moves something is diagnosed in seconds.
 
-Versions run with the whole fast suite are listed in the README ("Tested transformers versions");
-:data:`TESTED_RANGE` is the declared range (``pyproject.toml``), checked at import by :func:`check_version`.
+Versions run with the whole fast suite are listed in ``docs/versions.md``; :data:`TESTED_RANGE` is the declared range
+(``pyproject.toml``), checked at import by :func:`check_version`.
+
+**Formulas piofvlm owns** (it only needs the arithmetic, so a release that wraps or moves the function cannot break
+it): the rotary application (:func:`apply_rotary_halves`, :func:`apply_rotary_pairs`; :func:`rotary_function` still
+checks them bit for bit against the family's ``apply_rotary_pos_emb``, so a model whose attention computes something
+else is refused rather than approximated) and the RMS norm of the closed-form proxy (``core/proxy_loss.
+_rms_norm_formula``, recognised per module on a probe; only its epsilon is read, :func:`norm_epsilon`).
+
+**Internals that remain, and why** (each behind one function here, with a contract test):
+
+* keyword and field names the hooks see (``cache`` / ``past_key_values``, output cache fields): the hooks receive
+  what the model passes, piofvlm cannot choose the names;
+* ``Cache`` layouts (dynamic, sliding, static, linear-attention layers, Gemma 4's ``DummyLayer``; which layer
+  ``get_seq_length`` reads, how a layer is padded): a pruned cache must stay a stock cache object that ``generate()``
+  and the model keep using between calls;
+* mask functions (``masking_utils``) and the Gemma block-id helpers: the rebuilt masks must equal the model's own bit
+  for bit (keep-all identity), including its sdpa / eager / flash formats;
+* the recurrent padding mask, the Qwen vision rotary and window index, the image-processor tiling, pre-encoded
+  features (``mm_encoder_outputs``), ``CompileConfig``, the serving classes: piofvlm reuses what the model or
+  ``generate()`` computes or expects, so owning a copy would let the two drift apart silently.
 """
 
 from __future__ import annotations
@@ -26,10 +45,10 @@ from packaging.version import Version
 logger = logging.getLogger(__name__)
 
 #: The declared, tested range of transformers versions: ``floor <= version < ceiling`` (same as pyproject.toml).
-TESTED_RANGE: tuple[str, str] = ("5.17.0", "5.25")
+TESTED_RANGE: tuple[str, str] = ("5.17.0", "5.26")
 TRANSFORMERS_VERSION: str = transformers.__version__
-#: Releases on which the whole fast suite passed (the README's table); the last one is the lock's.
-KNOWN_GOOD_TRANSFORMERS: tuple[str, ...] = ("5.17.0", "5.24.0")
+#: Releases on which the whole fast suite passed (docs/versions.md); the last one is what doctor recommends pinning.
+KNOWN_GOOD_TRANSFORMERS: tuple[str, ...] = ("5.17.0", "5.24.0", "5.25.0")
 
 
 class TransformersInternalsError(RuntimeError):
@@ -158,14 +177,21 @@ def _linear_attention_layer_class() -> type | None:
 
 def cache_length_layer(cache: Any) -> int:
     """The layer whose length ``cache.get_seq_length()`` reports (``generate()`` and the model read the prompt length
-    there): layer 0, or on a hybrid cache the first layer that is not a linear-attention layer (``Cache.
-    get_seq_length`` skips them, 5.x)."""
+    there): layer 0, unless layer 0 is a linear-attention layer that does not count its tokens (5.17-5.24: ``Cache.
+    get_seq_length`` skips such layers and reads the first attention layer). From 5.25 a ``LinearAttentionLayer``
+    counts the tokens it saw (``cumulative_length_linear``, its own ``get_seq_length``) and the cache reads layer 0
+    whatever its kind."""
     linear = _linear_attention_layer_class()
     layers = getattr(cache, "layers", None) or []
     for index, layer in enumerate(layers):
-        if linear is None or not isinstance(layer, linear):
+        if linear is None or not isinstance(layer, linear) or _counts_tokens(layer):
             return index
     return 0
+
+
+def _counts_tokens(layer: Any) -> bool:
+    """Whether a linear-attention cache layer reports a sequence length (5.25+: ``cumulative_length_linear``)."""
+    return callable(getattr(layer, "get_seq_length", None)) and hasattr(layer, "cumulative_length_linear")
 
 
 def linear_attention_states(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +230,14 @@ def pad_cache_layer(cache: Any, layer_idx: int, count: int) -> None:
     if not is_dynamic_cache(cache):
         raise _broken(f"the layers of {type(cache).__name__} (expected DynamicLayer)", "pad_cache_layer")
     layer = cache.layers[layer_idx]
+    linear = _linear_attention_layer_class()
+    if linear is not None and isinstance(layer, linear):
+        # A linear-attention layer holds fixed-size states, no slots: only its token count (5.25+) grows.
+        counter = getattr(layer, "cumulative_length_linear", None)
+        if not isinstance(counter, torch.Tensor) or not _counts_tokens(layer):
+            raise _broken("LinearAttentionLayer.cumulative_length_linear (a tensor count)", "pad_cache_layer")
+        counter.add_(count)  # in place: the layer may have marked it as a static address
+        return
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or not isinstance(values, torch.Tensor):
         raise _broken("DynamicLayer.keys/values (expected (B, H, S, D) tensors)", "pad_cache_layer")
@@ -226,6 +260,17 @@ def visible_past_keys(cache: Any, layer_idx: int, query_length: int) -> int:
     except TypeError as error:
         raise _broken("Cache.get_mask_sizes(query_length, layer_idx)", "visible_past_keys") from error
     return int(kv_length) - query_length
+
+
+# ---------------------------------------------------------------------------------------------------------- norms
+def norm_epsilon(norm: torch.nn.Module) -> float | None:
+    """The epsilon of an RMS norm module: ``variance_epsilon`` (Llama's, and Gemma 4's from 5.25) or ``eps`` (Gemma
+    4's up to 5.24, Gemma 3's); ``None`` when it has neither (not an RMS norm piofvlm can write in closed form)."""
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(norm, name, None)
+        if isinstance(value, float):
+            return value
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------- masks
@@ -549,21 +594,98 @@ _ROTARY_MODULES = {
     "qwen3_5_moe": "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
     "glm4v_moe": "transformers.models.glm4v_moe.modeling_glm4v_moe",
 }
+#: Families whose attention rotates interleaved pairs ``(x0, x1), (x2, x3), ...`` instead of halves.
+_PAIRWISE_ROTARY = frozenset({"glm4v"})
+#: Families whose tables may cover only the first dims of a head (``partial_rotary_factor``).
+_PARTIAL_ROTARY = frozenset({"glm4v", "qwen3_5"})
 
 
+def _rotate_halves(x: torch.Tensor) -> torch.Tensor:
+    """``(-x2, x1)`` for the halves ``(x1, x2)`` of the last dim (Llama's ``rotate_half``)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``(-x1, x0, -x3, x2, ...)`` for interleaved pairs (GLM's ``rotate_half_llm``)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def _apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int,
+    rotate: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == q.shape[-1]:
+        return (q * cos) + (rotate(q) * sin), (k * cos) + (rotate(k) * sin)
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    q_embed = (q_rot * cos) + (rotate(q_rot) * sin)
+    k_embed = (k_rot * cos) + (rotate(k_rot) * sin)
+    return torch.cat([q_embed, q_pass], dim=-1), torch.cat([k_embed, k_pass], dim=-1)
+
+
+def apply_rotary_halves(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's rotary application ``t cos + rotate_half(t) sin`` with ``(..., S, r)`` tables unsqueezed at
+    ``unsqueeze_dim``; a table narrower than the head (``r < head_dim``) rotates the first ``r`` dims and passes the
+    rest (Qwen3.5). The same operations in the same order as transformers' ``apply_rotary_pos_emb`` (bit-equal)."""
+    return _apply_rotary(q, k, cos, sin, unsqueeze_dim, _rotate_halves)
+
+
+def apply_rotary_pairs(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM-4.xV's rotary application: as :func:`apply_rotary_halves` with interleaved pairs (``rotate_half_llm``)."""
+    return _apply_rotary(q, k, cos, sin, unsqueeze_dim, _rotate_pairs)
+
+
+@functools.cache
 def rotary_function(family: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The family's ``apply_rotary_pos_emb(q, k, cos, sin)`` taking ``(B, S, head_dim)`` tables.
+    """The rotary application of ``family``'s attention, ``(q, k, cos, sin, unsqueeze_dim=1)`` with ``(B, S, r)``
+    tables: piofvlm's own formula (:func:`apply_rotary_halves` or :func:`apply_rotary_pairs`), returned only after
+    it was checked bit for bit against the family's ``apply_rotary_pos_emb`` on probes.
 
-    Qwen2-VL/2.5-VL before 5.17 returned ``(3, B, S, head_dim)`` tables and applied them with
-    ``apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section)``; from 5.17 the sections are merged in the
-    rotary module and attention applies them Llama-style, which is what the fast proxy relies on.
+    piofvlm owns the formula (it only needs the arithmetic, not transformers' function object), and the probe tells
+    whether the model still computes it: a wrapped function that behaves the same is accepted (5.25 decorates it with
+    kernels' ``use_kernel_forward_from_hub("rotary_pos_emb")``, a module with a ``(*args, **kwargs)`` signature), a
+    function that cannot be called as ``(q, k, cos, sin)`` or gives other values is refused
+    (:class:`TransformersInternalsError`). Qwen2-VL/2.5-VL before 5.17 returned ``(3, B, S, head_dim)`` tables and
+    applied them with ``apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section)``; from 5.17 the sections are
+    merged in the rotary module and attention applies them Llama-style, which is what the fast proxy relies on.
     """
-    module = importlib.import_module(_ROTARY_MODULES[family])
-    function = getattr(module, "apply_rotary_pos_emb", None)
-    parameters = list(inspect.signature(function).parameters) if function is not None else []
-    if parameters[:4] != ["q", "k", "cos", "sin"]:
-        raise _broken(f"{_ROTARY_MODULES[family]}.apply_rotary_pos_emb (expected (q, k, cos, sin))", "rotary_function")
-    return function
+    name = f"{_ROTARY_MODULES[family]}.apply_rotary_pos_emb"
+    theirs = getattr(importlib.import_module(_ROTARY_MODULES[family]), "apply_rotary_pos_emb", None)
+    ours = apply_rotary_pairs if family in _PAIRWISE_ROTARY else apply_rotary_halves
+    if not callable(theirs):
+        raise _broken(f"{name} (missing)", "rotary_function")
+    generator = torch.Generator().manual_seed(0)
+    head_dim = 8
+    for rotary_dim in (head_dim, head_dim // 2) if family in _PARTIAL_ROTARY else (head_dim,):
+        q, k = (torch.randn(2, 3, 5, head_dim, generator=generator) for _ in range(2))  # (B, H, S, hd)
+        cos, sin = (torch.randn(2, 5, rotary_dim, generator=generator) for _ in range(2))  # (B, S, r)
+        try:
+            with torch.no_grad():
+                got = theirs(q, k, cos, sin)
+        except Exception as error:
+            raise _broken(f"{name} (expected to be called as (q, k, cos, sin): {error})", "rotary_function") from error
+        expected = ours(q, k, cos, sin)
+        same = (
+            isinstance(got, tuple)
+            and len(got) == 2
+            and all(isinstance(t, torch.Tensor) and torch.equal(t, e) for t, e in zip(got, expected, strict=True))
+        )
+        if not same:
+            raise _broken(
+                f"{name} (it no longer computes {ours.__name__} on (B, S, {rotary_dim}) tables)", "rotary_function"
+            )
+    return ours
 
 
 def qwen_vision_rotary_function() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:

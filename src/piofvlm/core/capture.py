@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,7 @@ class VisionInputs:
         #: Whether an encoding ran since the last multimodal call began. ``generate()`` encodes every image and video
         #: of a prompt just before the prefill; the next encoding after a model call belongs to a new prompt.
         self._fresh = False
+        self._features: tuple[Any, ...] = ()  # the pre-encoded features (mm_encoder_outputs) of that encoding
         multimodal = self.adapter.multimodal_model
         hook = multimodal.register_forward_pre_hook(guarded(self._on_multimodal), with_kwargs=True)
         handle.add_hook(hook)
@@ -111,16 +113,27 @@ class VisionInputs:
 
     def _on_multimodal(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         pixels = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
-        if pixels or not self._fresh:
+        features = tuple((kwargs.get("mm_encoder_outputs") or {}).values())
+        # generate(use_cache=False) runs the whole sequence again at every step with the features it encoded once:
+        # the same objects as at the first step, whose encoding's captures still hold.
+        same = (
+            bool(features)
+            and len(features) == len(self._features)
+            and all(map(operator.is_, features, self._features))
+        )
+        if pixels or not (self._fresh or same):
             # This call encodes its own images / videos, or nothing was encoded for it: forget earlier encodings (a
             # prompt with only images must not see the video of an earlier prompt, and the other way round).
             self._clear()
+        if self._fresh:
+            self._features = features  # what generate() pre-encoded in the encoding that just ran
         self._fresh = False
         if pixels or transformers_compat.has_encoded_features(kwargs):
             self.kwargs = dict(kwargs)
             self.input_ids = kwargs.get("input_ids", args[0] if args else None)
 
     def _clear(self) -> None:
+        self._features: tuple[Any, ...] = ()
         self._encoded = {}
         self.hidden = {}
         self.layer_kwargs = {}

@@ -157,7 +157,7 @@ def rms_norm_parts(norm: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Ten
     which compute in fp32 (a closed-form backward in fp64 would be more precise than the module and not equal it).
     """
     weight = getattr(norm, "weight", None)
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    eps = transformers_compat.norm_epsilon(norm)
     size = like.shape[-1]
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (size,) or not isinstance(eps, float):
         return None

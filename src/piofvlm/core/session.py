@@ -77,9 +77,66 @@ class _CacheLayout:
     batch_size: int
     renumber: bool
     padding: dict[int, int] = field(default_factory=dict)  # layer -> masked slots added after the prefill
+    model_id: int | None = None  # id() of the model whose hooks pruned it (see _PrunedDynamicCache)
 
 
 _LAYOUT_ATTR = "_piofvlm_layout"
+
+
+def _pruned_cache_class(base: type) -> type | None:
+    """The class a pruned ``DynamicCache`` is switched to: the same cache whose writes refuse to run while no
+    method is applied to the model that pruned it (its layers hold fewer slots than the prompt: without the hooks the
+    model would decode it with wrong masks, silently on some families). Only plain ``DynamicCache`` objects are
+    switched (a subclass keeps its class)."""
+    from transformers.cache_utils import DynamicCache
+
+    return _PrunedDynamicCache if base is DynamicCache else None
+
+
+def _make_pruned_dynamic_cache() -> type:
+    from transformers.cache_utils import DynamicCache
+
+    def refuse_without_hooks(cache: Any) -> None:
+        layout = getattr(cache, _LAYOUT_ATTR, None)
+        if (
+            isinstance(layout, _CacheLayout)
+            and layout.model_id is not None
+            and not any(id(model) == layout.model_id for model in list(_ACTIVE.keys()))
+            and cache.get_seq_length() > 0
+        ):
+            raise RuntimeError(
+                "this KV cache was pruned by piofvlm and is continued with no method applied: its layers hold fewer "
+                "tokens than the prompt and only piofvlm's hooks mask them right. Keep a method applied (any method, "
+                "e.g. `with piofvlm.get_method(...)(model):`) while the cache is in use, or start the conversation "
+                "again without a cache"
+            )
+
+    def guarded_write(name: str) -> Any:
+        def write(self: Any, *args: Any, **kwargs: Any) -> Any:
+            refuse_without_hooks(self)
+            return getattr(super(PrunedDynamicCache, self), name)(*args, **kwargs)
+
+        write.__name__ = name
+        return write
+
+    # What writes into a cache (attention keys; linear-attention states where this release has them): a refused call
+    # leaves the cache unchanged.
+    names = ("update", "update_conv_state", "update_recurrent_state")
+    writes = [name for name in names if hasattr(DynamicCache, name)]
+    PrunedDynamicCache = type(
+        "PrunedDynamicCache",
+        (DynamicCache,),
+        {
+            "__doc__": "A ``DynamicCache`` piofvlm pruned: written only while a method is applied to its model.",
+            **{name: guarded_write(name) for name in writes},
+        },
+    )
+    PrunedDynamicCache.__module__ = __name__
+    PrunedDynamicCache.__qualname__ = "_PrunedDynamicCache"
+    return PrunedDynamicCache
+
+
+_PrunedDynamicCache = _make_pruned_dynamic_cache()
 
 
 def cache_padding(cache: Any) -> dict[int, int]:
@@ -333,14 +390,17 @@ class PruningHandle:
         if self._segments[0].first_layer <= transformers_compat.cache_length_layer(cache):
             padding = self._pad_first_layer_cache(call, cache)
         layout = _CacheLayout(
-            list(self._segments), call.input_ids.shape[0], self.method.positions == "renumber", padding
+            list(self._segments), call.input_ids.shape[0], self.method.positions == "renumber", padding, id(self.model)
         )
         setattr(cache, _LAYOUT_ATTR, layout)
+        pruned_class = _pruned_cache_class(type(cache))
+        if pruned_class is not None:
+            cache.__class__ = pruned_class  # refuses to be continued once the method is removed
 
     def _pad_first_layer_cache(self, call: _Call, cache: Any) -> dict[int, int]:
         """After a prefill pruned before layer L, the layer transformers reads the cache length from (layer 0; on a
-        hybrid cache the first attention layer, :func:`transformers_compat.cache_length_layer`): left-pad layer L's
-        KV cache to the unpruned prompt length.
+        hybrid cache of 5.17-5.24 the first attention layer, :func:`transformers_compat.cache_length_layer`): left-pad
+        layer L's KV cache to the unpruned prompt length (a linear-attention layer L, 5.25+: raise its token count).
 
         transformers reads the length of the whole cache from layer L (``generate()`` slices the next turn's
         ``input_ids`` with it, the model derives positions from it). Pruned before it, it would report the pruned
@@ -354,6 +414,8 @@ class PruningHandle:
         if missing <= 0:
             return {}
         transformers_compat.pad_cache_layer(cache, index, missing)
+        if not self.adapter.is_attention_layer(index):
+            return {}  # a linear-attention layer (5.25+ counts its tokens): its count grew, it holds no slot to mask
         padding = torch.zeros(segment.valid.shape[0], missing, dtype=torch.bool, device=segment.valid.device)
         padded = _Segment(first_layer=index, valid=torch.cat([padding, segment.valid], 1), shift=segment.shift)
         kept = [segment] if segment.first_layer < index else []  # the (linear) layers before L keep their segment

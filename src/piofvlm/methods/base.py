@@ -78,6 +78,22 @@ class Method:
         """Per stage, what the last prefill kept (see :class:`~piofvlm.core.context.StageRecord`)."""
         return getattr(self, "_last_selection", [])
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Hyperparameters (the dataclass fields) are read-only while the method is applied to a model: the hooks
+        were set up from them (a new ``layers`` would be silently ignored while ``to_dict()`` reported it)."""
+        if not name.startswith("_") and name in getattr(self, "__dataclass_fields__", {}) and self._is_applied():
+            raise AttributeError(
+                f"{type(self).__name__}.{name} cannot change while the method is applied to a model: remove it "
+                f"(leave the `with` block or call handle.remove()), then change it and apply again, or apply "
+                f"dataclasses.replace(method, {name}=...)"
+            )
+        super().__setattr__(name, value)
+
+    def _is_applied(self) -> bool:
+        from piofvlm.core.session import _ACTIVE
+
+        return any(handle.method is self for handle in list(_ACTIVE.values()))
+
     def to_dict(self) -> dict[str, Any]:
         """Hyperparameters (and the method name) as plain data."""
         return {"method": self.name, **dataclasses.asdict(self)}  # type: ignore[call-overload]

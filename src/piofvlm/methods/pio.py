@@ -9,6 +9,7 @@ Needs no attention maps, so it works with SDPA and FlashAttention.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,6 +23,8 @@ from piofvlm.core.proxy_loss import proxy_gradient_norms
 from piofvlm.core.selection import nms_fill_per_group, topk_per_group
 from piofvlm.methods.base import TokenPruner
 from piofvlm.registry import register_method
+
+logger = logging.getLogger(__name__)
 
 PROXY_LAYERS = ("next", "previous", "next_attention")
 OUTPUT_HEADS = ("lm_head", "input_embeddings")
@@ -113,6 +116,7 @@ class PIO(TokenPruner):
             fast=self.fast_proxy and _dense_weights(ctx, layer_index),
             head=self._head(ctx),
         )
+        _check_window_reach(scores, ctx, layer_index)
         _check_gradient_flows(scores, ctx)
         return scores
 
@@ -134,6 +138,34 @@ def _dense_weights(ctx: StageContext, layer_index: int) -> bool:
         if type(parameter) not in (torch.Tensor, torch.nn.Parameter) or parameter.device.type == "meta":
             return False
     return True
+
+
+def _check_window_reach(scores: torch.Tensor, ctx: StageContext, layer_index: int) -> None:
+    """A sliding-window proxy layer (Gemma 3/4 local layers) lets the loss positions (the last prompt tokens) see only
+    the last ``window`` slots: visual tokens further back get a zero gradient. All of a sample's visual tokens out of
+    reach is refused (``ValueError``, with the real reason); some of them is logged as a warning (they are ranked
+    last)."""
+    window_of = getattr(ctx.adapter, "window", None)
+    window = window_of(ctx.adapter.layer_type(layer_index)) if callable(window_of) else None
+    if window is None:
+        return
+    visual = ctx.groups >= 0
+    zero = visual & (scores == 0)
+    blind = [b for b in range(scores.shape[0]) if bool(visual[b].any()) and bool(zero[b][visual[b]].all())]
+    where = (
+        f"PIO's proxy layer {layer_index} is a sliding-window layer (window {window} slots): its loss positions, the "
+        "last prompt tokens, see only the visual tokens within that window"
+    )
+    fix = (
+        "prune at a layer whose proxy layer is a full-attention one (layer_types[k] == 'full_attention'), or put "
+        "less text after the image"
+    )
+    if blind:
+        raise ValueError(f"{where}, and the text after the image of sample(s) {blind} is longer than that: {fix}")
+    partial = [(b, int(zero[b].sum()), int(visual[b].sum())) for b in range(scores.shape[0]) if bool(zero[b].any())]
+    if partial:
+        counts = ", ".join(f"sample {b}: {n} of {total}" for b, n, total in partial)
+        logger.warning("%s; visual tokens out of reach score 0 and are ranked last (%s): %s", where, counts, fix)
 
 
 def _check_gradient_flows(scores: torch.Tensor, ctx: StageContext) -> None:
