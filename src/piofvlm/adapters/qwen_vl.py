@@ -29,6 +29,7 @@ from piofvlm.adapters.base import ModelAdapter, items_in_prompt_order, prompt_it
 from piofvlm.adapters.boxes import TokenBoxes, frame_names, raster_boxes, split_by_sample
 from piofvlm.adapters.registry import register_adapter
 from piofvlm.core.guard import guarded
+from piofvlm.core.threads import PerThread, new_state
 
 if TYPE_CHECKING:
     from piofvlm.core.session import PruningHandle
@@ -311,10 +312,13 @@ class Qwen3VLAdapter(QwenVLAdapter):
 class _DeepstackState:
     """The deepstack features of the current prefill, injected after their layers into the current layout."""
 
+    # The calling thread's prefill (core/threads.py).
+    features: PerThread[list[torch.Tensor] | None] = PerThread(lambda: None)
+    row_of_slot: PerThread[torch.Tensor | None] = PerThread(lambda: None)  # (B, S_prompt) row of each visual slot
+
     def __init__(self, handle: PruningHandle) -> None:
+        self._per_thread = new_state()
         self.handle = handle
-        self.features: list[torch.Tensor] | None = None
-        self.row_of_slot: torch.Tensor | None = None  # (B, S_prompt) row of each visual slot in the features
 
     def take(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         features = kwargs.get("deepstack_visual_embeds")

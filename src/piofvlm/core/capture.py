@@ -6,7 +6,7 @@
   to its image, its vision-encoder crop and patch, and its place in the image's grid(s).
 
 Every hook is owned by the pruning handle, so it is removed with it. Captures made while a method is selecting (e.g.
-PIO's proxy re-running a layer) are ignored.
+PIO's proxy re-running a layer) are ignored. What is captured belongs to the calling thread (``core/threads.py``).
 """
 
 from __future__ import annotations
@@ -24,13 +24,16 @@ from piofvlm import transformers_compat
 from piofvlm.core.context import StageContext
 from piofvlm.core.guard import guarded
 from piofvlm.core.session import PruningHandle
+from piofvlm.core.threads import PerThread, new_state
 
 
 class LayerInputs:
     """Hidden states entering decoder layers ``indices`` in the latest forward: ``self.hidden[i]``, ``(B, S, d)``."""
 
+    hidden: PerThread[dict[int, torch.Tensor]] = PerThread(dict)
+
     def __init__(self, handle: PruningHandle, indices: list[int]) -> None:
-        self.hidden: dict[int, torch.Tensor] = {}
+        self._per_thread = new_state()
         for index in sorted(set(indices)):
             hook = handle.adapter.layers[index].register_forward_pre_hook(
                 guarded(self._store(handle, index)), with_kwargs=True
@@ -76,21 +79,25 @@ class VisualMap:
 class VisionInputs:
     """Captures the image inputs of the multimodal call and the inputs of vision-encoder layers ``layers``."""
 
+    # Everything captured is the calling thread's.
+    kwargs: PerThread[dict[str, Any]] = PerThread(dict)
+    input_ids: PerThread[torch.Tensor | None] = PerThread(lambda: None)
+    #: ``(modality, layer) ->`` hidden states entering that vision layer in the latest encoding of that modality
+    #: (images and videos go through the vision tower in separate calls).
+    hidden: PerThread[dict[tuple[str, int], torch.Tensor]] = PerThread(dict)
+    #: ``(modality, layer) ->`` the keyword arguments of that call of the layer (Qwen: ``cu_seqlens``, rotary).
+    layer_kwargs: PerThread[dict[tuple[str, int], dict[str, Any]]] = PerThread(dict)
+    _encoded: PerThread[dict[str, dict[str, Any]]] = PerThread(dict)
+    _modality: PerThread[str | None] = PerThread(lambda: None)  # the modality being encoded, if any
+    #: Whether an encoding ran since the last multimodal call began. ``generate()`` encodes every image and video
+    #: of a prompt just before the prefill; the next encoding after a model call belongs to a new prompt.
+    _fresh: PerThread[bool] = PerThread(bool)
+    #: The pre-encoded features (``mm_encoder_outputs``) of that encoding.
+    _features: PerThread[tuple[Any, ...]] = PerThread(tuple)
+
     def __init__(self, handle: PruningHandle, layers: list[int]) -> None:
+        self._per_thread = new_state()
         self.adapter = handle.adapter
-        self.kwargs: dict[str, Any] = {}
-        self.input_ids: torch.Tensor | None = None
-        #: ``(modality, layer) ->`` hidden states entering that vision layer in the latest encoding of that modality
-        #: (images and videos go through the vision tower in separate calls).
-        self.hidden: dict[tuple[str, int], torch.Tensor] = {}
-        #: ``(modality, layer) ->`` the keyword arguments of that call of the layer (Qwen: ``cu_seqlens``, rotary).
-        self.layer_kwargs: dict[tuple[str, int], dict[str, Any]] = {}
-        self._encoded: dict[str, dict[str, Any]] = {}
-        self._modality: str | None = None  # the modality being encoded, if any
-        #: Whether an encoding ran since the last multimodal call began. ``generate()`` encodes every image and video
-        #: of a prompt just before the prefill; the next encoding after a model call belongs to a new prompt.
-        self._fresh = False
-        self._features: tuple[Any, ...] = ()  # the pre-encoded features (mm_encoder_outputs) of that encoding
         multimodal = self.adapter.multimodal_model
         hook = multimodal.register_forward_pre_hook(guarded(self._on_multimodal), with_kwargs=True)
         handle.add_hook(hook)
@@ -133,7 +140,7 @@ class VisionInputs:
             self.input_ids = kwargs.get("input_ids", args[0] if args else None)
 
     def _clear(self) -> None:
-        self._features: tuple[Any, ...] = ()
+        self._features = ()
         self._encoded = {}
         self.hidden = {}
         self.layer_kwargs = {}

@@ -16,6 +16,7 @@ layer saw, so layers after a prune point cache only the kept tokens.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from piofvlm.core.context import StageContext, StageRecord
 from piofvlm.core.guard import guarded
 from piofvlm.core.masks import causal_padding_mask
 from piofvlm.core.ops import gather_sequence
+from piofvlm.core.threads import PerThread, new_state
 
 if TYPE_CHECKING:
     from piofvlm.methods.base import TokenPruner
@@ -81,6 +83,11 @@ class _CacheLayout:
 
 
 _LAYOUT_ATTR = "_piofvlm_layout"
+#: On a KV cache during a language-model forward under a method: the id of the thread running it (two threads
+#: writing one cache at once would corrupt it). On a static cache after its prefill: the thread that prefilled it.
+_BUSY_ATTR = "_piofvlm_busy"
+_STATIC_OWNER_ATTR = "_piofvlm_static_thread"
+_BUSY_LOCK = threading.Lock()
 
 
 def _pruned_cache_class(base: type) -> type | None:
@@ -172,7 +179,24 @@ class _Call:
 
 
 class PruningHandle:
-    """Hooks of one method on one model instance. Use :meth:`remove` (or the method's context manager) to undo."""
+    """Hooks of one method on one model instance. Use :meth:`remove` (or the method's context manager) to undo.
+
+    Any number of threads may call the model at once: what a call owns is per thread (``PerThread``), see
+    ``docs/threads.md``.
+    """
+
+    #: Per stage, what the last prefill of the calling thread kept.
+    records: PerThread[list[StageRecord]] = PerThread(list)
+    # The layout of the calling thread's last prefill (a static cache is decoded with it).
+    _segments: PerThread[list[_Segment]] = PerThread(list)
+    _prompt_batch: PerThread[int | None] = PerThread(lambda: None)
+    _prompt_len: PerThread[int] = PerThread(int)  # padded prompt length (static caches map decode keys with it)
+    _pending: PerThread[tuple[torch.Tensor | None, dict[str, Any]] | None] = PerThread(lambda: None)
+    _call: PerThread[_Call | None] = PerThread(lambda: None)
+    _selecting: PerThread[bool] = PerThread(bool)
+    _labels: PerThread[tuple[torch.Tensor, torch.Tensor, Any] | None] = PerThread(lambda: None)  # labels, ids, items
+    _final_source: PerThread[torch.Tensor | None] = PerThread(lambda: None)  # (B, S') prompt slot after last stage
+    _busy_cache: PerThread[Any] = PerThread(lambda: None)  # the cache this thread's language-model call holds
 
     def __init__(self, method: TokenPruner, model: nn.Module, adapter: ModelAdapter) -> None:
         if model in _ACTIVE:
@@ -180,19 +204,11 @@ class PruningHandle:
                 "a piofvlm method is already applied to this model; remove its handle (or leave its `with` block) "
                 "before applying another"
             )
+        self._per_thread = new_state()  # the state below marked PerThread: one copy per calling thread
         self.method = method
         self.model = model
         self.adapter = adapter
-        self.records: list[StageRecord] = []
         self._stage_at_layer = {layer: stage for stage, layer in enumerate(method.layers)}
-        self._segments: list[_Segment] = []
-        self._prompt_batch: int | None = None
-        self._prompt_len = 0  # padded prompt length of the last prefill (static caches map decode keys with it)
-        self._pending: tuple[torch.Tensor | None, dict[str, Any]] | None = None
-        self._call: _Call | None = None
-        self._selecting = False
-        self._labels: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (labels, input_ids, num_items_in_batch)
-        self._final_source: torch.Tensor | None = None  # (B, S') prompt slot of each slot after the last stage
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         try:
             # Every hook is guarded: a model carrying them refuses copy.deepcopy and pickling (core/guard.py).
@@ -205,6 +221,9 @@ class PruningHandle:
                 adapter.language_model.register_forward_pre_hook(guarded(self._on_language_model), with_kwargs=True)
             )
             self._hooks.append(adapter.language_model.register_forward_hook(guarded(self._after_language_model)))
+            self._hooks.append(
+                adapter.language_model.register_forward_hook(guarded(self._release_cache), always_call=True)
+            )
             # Every layer: a cache pruned under another handle (or another schedule) may be continued under this one.
             for index in range(adapter.num_layers):
                 hook = adapter.layers[index].register_forward_pre_hook(
@@ -269,6 +288,7 @@ class PruningHandle:
         if embeds is None:
             raise ValueError("piofvlm expects the language model to receive inputs_embeds from the multimodal model")
         cache = transformers_compat.cache_from_kwargs(kwargs)
+        self._hold_cache(cache)
         static_length = transformers_compat.static_cache_length(cache)
         if static_length is not None and self.adapter.text_config._attn_implementation not in ("sdpa", "eager"):
             raise ValueError(
@@ -294,6 +314,8 @@ class PruningHandle:
         if prefill:
             self._call = self._start_prefill(embeds, attention_mask, kwargs.get("position_ids"), pending)
             self._call.static_length = static_length
+            if static_length is not None and not torch.compiler.is_compiling():
+                setattr(cache, _STATIC_OWNER_ATTR, threading.get_ident())
             return
         self._call = None
         input_ids = pending[0] if pending is not None else None
@@ -305,7 +327,17 @@ class PruningHandle:
                 "prompt, so chunked prefill or adding images to an existing cache is not supported"
             )
         layout: _CacheLayout | None = getattr(cache, _LAYOUT_ATTR, None) if static_length is None else None
-        if layout is None and static_length is not None and self._segments:  # a static cache: this handle's layout
+        owner = None
+        if static_length is not None and not torch.compiler.is_compiling():
+            owner = getattr(cache, _STATIC_OWNER_ATTR, None)
+        if owner is not None and owner != threading.get_ident():
+            raise RuntimeError(
+                f"a static KV cache prefilled in thread {owner} is continued in thread {threading.get_ident()}: "
+                "under a piofvlm method a static cache is decoded with the layout of the prefill made in the "
+                "same thread; continue it in the thread that prefilled it, or use the default dynamic cache "
+                "(it carries its own layout)"
+            )
+        if layout is None and static_length is not None and self._segments:  # a static cache: this thread's layout
             layout = _CacheLayout(self._segments, self._prompt_batch, self.method.positions == "renumber")
         if layout is None:
             return  # a cache no piofvlm prefill pruned: nothing to adjust
@@ -323,6 +355,29 @@ class PruningHandle:
             segments=layout.segments,
             renumber=layout.renumber,
         )
+
+    def _hold_cache(self, cache: Any) -> None:
+        """Mark ``cache`` as written by this thread until the language model returns (:meth:`_release_cache`); a
+        cache another thread is writing at this moment is refused (its layers would interleave two calls)."""
+        if cache is None or torch.compiler.is_compiling():
+            return
+        me = threading.get_ident()
+        with _BUSY_LOCK:
+            owner = getattr(cache, _BUSY_ATTR, None)
+            if owner is not None and owner != me:
+                raise RuntimeError(
+                    f"this KV cache is in use by another thread ({owner}) at the same time: two threads cannot "
+                    "continue one cache concurrently; give each thread (each conversation) its own cache"
+                )
+            setattr(cache, _BUSY_ATTR, me)
+        self._busy_cache = cache
+
+    def _release_cache(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Runs after every language-model forward, also when it raised: the cache is free again."""
+        cache, self._busy_cache = self._busy_cache, None
+        if cache is not None and getattr(cache, _BUSY_ATTR, None) == threading.get_ident():
+            with _BUSY_LOCK:
+                setattr(cache, _BUSY_ATTR, None)
 
     # ------------------------------------------------------------------------------------------- static caches
     @staticmethod
@@ -544,7 +599,7 @@ class PruningHandle:
         self._prompt_batch = batch_size
         self._prompt_len = seq_len
         self.records = []
-        self.method._last_selection = self.records
+        self.method.remember_selection(self.records)
         return _Call(
             prefill=True,
             hidden_dtype=embeds.dtype,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ BUDGET_SCOPES = ("image", "sample", "modality")
 POSITION_MODES = ("keep", "renumber")
 #: Field annotations checked (and numpy scalars converted) for every method, before its own ``__post_init__`` checks.
 _SIMPLE_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+_SELECTIONS_LOCK = threading.Lock()  # guards every method's per-thread record of its last selection
 
 
 def plain_number(value: Any) -> Any:
@@ -75,8 +77,20 @@ class Method:
 
     @property
     def last_selection(self) -> list[StageRecord]:
-        """Per stage, what the last prefill kept (see :class:`~piofvlm.core.context.StageRecord`)."""
-        return getattr(self, "_last_selection", [])
+        """Per stage, what the last prefill made by the calling thread kept (see
+        :class:`~piofvlm.core.context.StageRecord`); each thread sees its own last call (``docs/threads.md``)."""
+        return self.__dict__.get("_selections", {}).get(threading.get_ident(), [])
+
+    def remember_selection(self, records: list[StageRecord]) -> None:
+        """Make ``records`` the calling thread's :attr:`last_selection` (called by the pruning handle at each
+        prefill; the list is filled as the stages run). Entries of threads that have ended are dropped."""
+        with _SELECTIONS_LOCK:
+            selections = dict(self.__dict__.get("_selections", {}))
+            if len(selections) > 8:
+                alive = {thread.ident for thread in threading.enumerate()}
+                selections = {ident: value for ident, value in selections.items() if ident in alive}
+            selections[threading.get_ident()] = records
+            self.__dict__["_selections"] = selections  # replaced, not mutated: readers never see it change
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Hyperparameters (the dataclass fields) are read-only while the method is applied to a model: the hooks
@@ -210,7 +224,7 @@ class NoReduction(Method):
 
     def apply(self, model: nn.Module) -> _NullHandle:
         get_adapter(model)  # same model-type check as real methods
-        self._last_selection = []
+        self.remember_selection([])
         return _NullHandle()
 
 
