@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import conftest
 import test_qwen as tq
 from piofvlm.adapters.registry import get_adapter
-from piofvlm.core import proxy_loss
-from piofvlm.core.selection import cosine_neighbors
+from piofvlm.methods.pio import proxy_loss
+from piofvlm.methods.shared.selection import cosine_neighbors
 from test_pio import capture_context
 
 KINDS = ["llava", "llava_next", *(kind for kind in tq.KINDS if kind not in tq.REFERENCE_PROXY_KINDS)]  # no fast proxy

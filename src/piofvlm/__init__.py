@@ -9,7 +9,7 @@ from piofvlm import transformers_compat
 from piofvlm.adapters import ADAPTERS, ModelAdapter, get_adapter, register_adapter
 from piofvlm.budget import average_retention, schedule_for_average_retention
 from piofvlm.core.context import Selection, StageContext, StageRecord
-from piofvlm.core.session import PruningHandle
+from piofvlm.core.handle import PruningHandle
 from piofvlm.methods import PIO, Method, NoReduction, RandomPrune, TokenPruner
 from piofvlm.presets import PRESETS, available_presets, get_preset
 from piofvlm.registry import METHODS, available_methods, get_method, register_method
