@@ -35,7 +35,7 @@ from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.core.context import StageContext
-from piofvlm.core.proxy_loss import proxy_gradient
+from piofvlm.methods.pio.proxy_loss import proxy_gradient
 
 #: Stand-in for a Qwen3.5 text model at 1/8 of the 9B widths (hidden 4096 -> 512, head_dim 256 -> 64 with a quarter
 #: rotated, Gated DeltaNet 16 key / 32 value heads of 128 -> 4 / 8 heads of 64), vocabulary 248k -> 16k.

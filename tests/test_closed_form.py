@@ -1,4 +1,4 @@
-"""PIO's closed-form proxy gradient (``core/proxy_loss._closed_form_gradient``) and the bf16 NMS similarities.
+"""PIO's closed-form proxy gradient (``methods/pio/proxy_loss._closed_form_gradient``) and the bf16 NMS similarities.
 
 ``test_pio`` / ``test_qwen`` compare the default fast proxy (the closed form where it fits) with the reference path
 on every family in fp64 and fp32. Here: that every family really takes the closed form, that it equals the autograd
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import conftest
 import test_qwen as tq
 from piofvlm.adapters.registry import get_adapter
-from piofvlm.core import proxy_loss
-from piofvlm.core.selection import cosine_neighbors
+from piofvlm.methods.pio import proxy_loss
+from piofvlm.methods.shared.selection import cosine_neighbors
 from test_pio import capture_context
 
 KINDS = ["llava", "llava_next", *(kind for kind in tq.KINDS if kind not in tq.REFERENCE_PROXY_KINDS)]  # no fast proxy

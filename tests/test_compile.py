@@ -11,7 +11,7 @@ import piofvlm
 import test_qwen
 from conftest import make_inputs
 from piofvlm import toy
-from piofvlm.core.session import _sample_keys
+from piofvlm.core.prefill import _sample_keys
 from piofvlm.toy_cases import TINY_CASES
 from piofvlm.transformers_compat import compile_config
 

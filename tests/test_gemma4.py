@@ -17,7 +17,7 @@ import piofvlm
 from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
-from piofvlm.core import proxy_loss
+from piofvlm.methods.pio import proxy_loss
 from piofvlm.toy_families import GEMMA4_COUNTS, GEMMA4_IMAGE_ID, GEMMA4_WINDOW, UNAVAILABLE
 from test_gemma3 import every_third_image_token
 from test_pio import capture_context

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import piofvlm
 import test_qwen as tq
-from piofvlm.core import proxy_loss
+from piofvlm.methods.pio import proxy_loss
 from piofvlm.toy_families import FAMILIES
 from test_pio import capture_context, simple_nms
 

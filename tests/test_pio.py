@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import piofvlm
 from conftest import make_inputs, model
-from piofvlm.core import proxy_loss
+from piofvlm.methods.pio import proxy_loss
 
 
 def simple_nms(scores: torch.Tensor, feats: torch.Tensor, k: int, tau: float) -> list[int]:

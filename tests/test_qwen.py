@@ -14,7 +14,7 @@ import piofvlm
 from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
-from piofvlm.core import proxy_loss
+from piofvlm.methods.pio import proxy_loss
 from piofvlm.toy_families import FAMILIES
 from piofvlm.toy_qwen import (
     IMAGE,

@@ -13,8 +13,8 @@ import piofvlm
 from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
-from piofvlm.core import proxy_loss
-from piofvlm.core.attention import layer_attention
+from piofvlm.methods.pio import proxy_loss
+from piofvlm.methods.shared.attention import layer_attention
 from piofvlm.toy_families import build_qwen3_5, qwen3_5_inputs
 from test_pio import capture_context
 from test_qwen import SUPPRESS, expected_kept, visual_counts

@@ -530,7 +530,7 @@ def test_merging_methods_keep_fp64_precision(name, kind):
 
 def test_pio_runs_on_fp64_models():
     """``vector_norm(..., dtype=float32)`` refuses fp64 input: PIO crashed on fp64 models (found by the deep suite)."""
-    from piofvlm.core import proxy_loss
+    from piofvlm.methods.pio import proxy_loss
     from test_pio import capture_context
 
     m = model("llava", dtype=torch.float64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from piofvlm.core.selection import greedy_nms, nms_fill_per_group, topk_per_group
+from piofvlm.methods.shared.selection import greedy_nms, nms_fill_per_group, topk_per_group
 
 
 def loop_nms(neighbors: torch.Tensor) -> list[bool]:

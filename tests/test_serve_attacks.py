@@ -495,7 +495,7 @@ def test_reset_removes_the_method_and_drops_the_model():
     (a weak reference to every model the server loaded is dead after each reset)."""
     import uvicorn
 
-    from piofvlm.core import session
+    from piofvlm.core.handle import _ACTIVE
     from piofvlm.serve import build_app
 
     app, manager = build_app(MODEL, piofvlm.get_method("pio", keep=KEEP))
@@ -516,10 +516,10 @@ def test_reset_removes_the_method_and_drops_the_model():
             reply = client.chat(request)
             assert reply.status == 200 and reply.headers["x-piofvlm-kept-visual-tokens"] == "64/256"
             model = next(iter(manager.loaded_models.values())).model
-            assert model in session._ACTIVE and piofvlm_hooks(model)
+            assert model in _ACTIVE and piofvlm_hooks(model)
             loaded.append(weakref.ref(model))
             assert client.request("POST", "/reset").status == 200
-            assert model not in session._ACTIVE and not piofvlm_hooks(model)  # the method is off the old model
+            assert model not in _ACTIVE and not piofvlm_hooks(model)  # the method is off the old model
             assert not manager.slots and not manager.loaded_models
             del model
             gc.collect()

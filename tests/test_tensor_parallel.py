@@ -7,8 +7,8 @@ reference proxy) to both, and reports kept sets, selection scores, logits and th
 the checkpoint really is sharded (each rank holds half of ``q_proj``); per method, the kept sets are identical on
 both ranks and to the unsharded model, scores and logits agree within fp32 tolerance, the tokens are the same; a
 method the family refuses is refused with the same error under tensor parallelism. Before the fix in
-``core/attention.py`` fastv / pdrop / sparsevlm / dart scored with each rank's own heads (logits off by up to 19.9 on
-the testbed).
+``methods/shared/attention.py`` fastv / pdrop / sparsevlm / dart scored with each rank's own heads (logits off by up
+to 19.9 on the testbed).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from piofvlm.adapters import get_adapter
-from piofvlm.core.session import _sample_keys
+from piofvlm.core.prefill import _sample_keys
 from piofvlm.integrations.vllm.selection import (
     VisionTower,
     method_from_config,

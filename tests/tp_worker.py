@@ -58,7 +58,7 @@ def first_attention(model):
 def refusal(model) -> str | None:
     """The error of the head gather for a shard that does not hold whole heads evenly (one head too many)."""
     from piofvlm.adapters.registry import get_adapter
-    from piofvlm.core.attention import _all_heads
+    from piofvlm.methods.shared.attention import _all_heads
 
     adapter = get_adapter(model)
     attn = first_attention(model)

@@ -27,7 +27,7 @@ _LAZY = {
     "Selection": "piofvlm.core.context",
     "StageContext": "piofvlm.core.context",
     "StageRecord": "piofvlm.core.context",
-    "PruningHandle": "piofvlm.core.session",
+    "PruningHandle": "piofvlm.core.handle",
     "PIO": "piofvlm.methods",
     "Method": "piofvlm.methods",
     "NoReduction": "piofvlm.methods",
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from piofvlm.adapters import ADAPTERS, ModelAdapter, get_adapter, register_adapter
     from piofvlm.budget import average_retention, schedule_for_average_retention
     from piofvlm.core.context import Selection, StageContext, StageRecord
-    from piofvlm.core.session import PruningHandle
+    from piofvlm.core.handle import PruningHandle
     from piofvlm.methods import PIO, Method, NoReduction, RandomPrune, TokenPruner
     from piofvlm.presets import PRESETS, available_presets, get_preset
     from piofvlm.registry import METHODS, available_methods, get_method, register_method
@@ -63,7 +63,7 @@ def _load_all() -> None:
     _loaded = True
     # What ``import piofvlm`` imported when it was eager (importing registers the methods and adapters).
     from piofvlm import adapters, budget, methods, presets, registry, transformers_compat  # noqa: F401
-    from piofvlm.core import context, session  # noqa: F401
+    from piofvlm.core import context, handle  # noqa: F401
 
     transformers_compat.check_version()  # warns once if the installed transformers is outside the tested range
 

@@ -12,7 +12,7 @@ Versions run with the whole fast suite are listed in ``docs/versions.md``; :data
 **Formulas piofvlm owns** (it only needs the arithmetic, so a release that wraps or moves the function cannot break
 it): the rotary application (:func:`apply_rotary_halves`, :func:`apply_rotary_pairs`; :func:`rotary_function` still
 checks them bit for bit against the family's ``apply_rotary_pos_emb``, so a model whose attention computes something
-else is refused rather than approximated) and the RMS norm of the closed-form proxy (``core/proxy_loss.
+else is refused rather than approximated) and the RMS norm of the closed-form proxy (``methods/pio/proxy_loss.
 _rms_norm_formula``, recognised per module on a probe; only its epsilon is read, :func:`norm_epsilon`).
 
 **Internals that remain, and why** (each behind one function here, with a contract test):

@@ -17,7 +17,7 @@ from piofvlm import transformers_compat
 
 if TYPE_CHECKING:
     from piofvlm.adapters.boxes import TokenBoxes
-    from piofvlm.core.session import PruningHandle
+    from piofvlm.core.handle import PruningHandle
 
 #: Attention implementations whose masks the mechanism can rebuild after tokens are dropped.
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -363,7 +363,7 @@ class ModelAdapter:
 
         Args:
             layer_index: index in :attr:`vision_layers`.
-            vision: the :class:`~piofvlm.core.capture.VisionInputs` of the current call.
+            vision: the :class:`~piofvlm.methods.shared.capture.VisionInputs` of the current call.
             mode: ``"cls"`` (attention from the [CLS] token) or ``"mean"`` (attention received, mean over queries);
                 heads are averaged.
 

@@ -40,9 +40,6 @@ from piofvlm.adapters.boxes import TokenBoxes, raster_boxes, split_by_sample
 from piofvlm.adapters.gemma3 import SLIDING, Gemma3Adapter
 from piofvlm.adapters.registry import register_adapter
 
-#: Methods that recompute a decoder layer's attention (refused, see the module docstring).
-RECOMPUTING_METHODS = ("fastv", "pdrop", "sparsevlm", "dart")
-
 
 @register_adapter
 class Gemma4Adapter(Gemma3Adapter):
@@ -143,16 +140,17 @@ class Gemma4Adapter(Gemma3Adapter):
     # ---------------------------------------------------------------------------------------------- checks
     def check_method(self, method: Any) -> None:
         name = getattr(method, "name", type(method).__name__)
-        if name in RECOMPUTING_METHODS:
+        if getattr(method, "reads_attention", False):
             raise ValueError(
                 f"{name} is not supported on gemma4 models: it recomputes a decoder layer's attention, and Gemma 4's "
                 "(value norms, unit scaling, per-layer inputs, KV-shared layers) is not modelled yet; use a method "
                 "that reads the hidden states only (random, divprune, cdpruner, pool)"
             )
-        if name == "pio" and getattr(method, "proxy_layer", "next") == "previous":
+        if getattr(method, "runs_previous_layer", False):
             raise ValueError(
-                "pio with proxy_layer='previous' is not supported on gemma4 models (the previous layer's per-layer "
-                "inputs are gone at the prune point); use proxy_layer='next'"
+                f"{name} running a decoder layer before its prune point (pio: proxy_layer='previous') is not "
+                "supported on gemma4 models (the previous layer's per-layer inputs are gone at the prune point); use "
+                "proxy_layer='next'"
             )
         last = self.last_prune_point()
         late = [layer for layer in getattr(method, "layers", ()) if layer > last]

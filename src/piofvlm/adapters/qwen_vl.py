@@ -32,7 +32,7 @@ from piofvlm.core.guard import guarded
 from piofvlm.core.threads import PerThread, new_state
 
 if TYPE_CHECKING:
-    from piofvlm.core.session import PruningHandle
+    from piofvlm.core.handle import PruningHandle
 
 
 @register_adapter

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from piofvlm.core.session import cache_padding
+from piofvlm.core.cache import cache_padding
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def pio_proxy_flops(
 ) -> dict[str, int]:
     """One PIO stage's proxy on ``seq_len`` tokens: ``{"forward", "backward", "nms"}`` FLOPs.
 
-    Fast path (``core/proxy_loss.py``, its closed form): keys over the sequence; queries, scores (block-diagonal
+    Fast path (``methods/pio/proxy_loss.py``, its closed form): keys over the sequence; queries, scores (block-diagonal
     queries against all key heads), the attention weights applied to the normed hidden states (``P normed``, then
     ``v_proj`` on those rows), output projection, MLP and LM head at the ``positions`` loss slots. Reference path: the
     full layer and the LM head everywhere. The backward computes input gradients only (no weight gradients): each
@@ -168,7 +168,7 @@ def paper_flops(
 def cache_layer_lengths(cache: Any, computed: bool = False) -> list[int]:
     """Tokens held by each layer of a ``DynamicCache``-like object; with ``computed``, those its prefill computed:
     without the masked slots the mechanism pads the cache-length layer with after a prune before it
-    (:func:`piofvlm.core.session.cache_padding`)."""
+    (:func:`piofvlm.core.cache.cache_padding`)."""
     lengths = [int(layer.keys.shape[-2]) for layer in cache.layers]
     if computed:
         padding = cache_padding(cache)

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-#: Profiler labels put by the library around the parts of a selection (see ``core/session.py``, ``methods/pio.py``
-#: and ``core/proxy_loss.py``).
+#: Profiler labels put by the library around the parts of a selection (see ``core/prefill.py``,
+#: ``methods/pio/__init__.py`` and ``methods/pio/proxy_loss.py``).
 SELECTION_LABELS = {
     "select": "piofvlm.select",
     "proxy_forward": "piofvlm.proxy.forward",

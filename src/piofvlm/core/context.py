@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from piofvlm.adapters.base import ModelAdapter
+if TYPE_CHECKING:
+    from piofvlm.adapters.base import ModelAdapter
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from piofvlm.core.capture import VisionInputs, VisualMap
 from piofvlm.core.context import StageContext
+from piofvlm.methods.shared.capture import VisionInputs, VisualMap
 
 ATTENTION_MODES = ("auto", "cls", "mean")
 

@@ -16,8 +16,8 @@ from torch import nn
 from piofvlm.adapters import get_adapter
 from piofvlm.budget import Keep, stage_budget, validate_schedule
 from piofvlm.core.context import Selection, StageContext, StageRecord
-from piofvlm.core.selection import topk_per_group
-from piofvlm.core.session import PruningHandle
+from piofvlm.core.handle import PruningHandle
+from piofvlm.methods.shared.selection import topk_per_group
 
 BUDGET_SCOPES = ("image", "sample", "modality")
 POSITION_MODES = ("keep", "renumber")
@@ -104,7 +104,7 @@ class Method:
         super().__setattr__(name, value)
 
     def _is_applied(self) -> bool:
-        from piofvlm.core.session import _ACTIVE
+        from piofvlm.core.handle import _ACTIVE
 
         return any(handle.method is self for handle in list(_ACTIVE.values()))
 
@@ -203,6 +203,19 @@ class TokenPruner(Method):
         hybrid stack's linear-attention layers have none). Default: none."""
         return []
 
+    # Capabilities: what an adapter may ask of a method instead of naming it (``ModelAdapter.check_method``).
+    @property
+    def reads_attention(self) -> bool:
+        """Whether this method recomputes a decoder layer's attention (queries x keys) from the layer's weights
+        (``attention_layers()`` is not empty): a family whose attention is not modelled refuses it."""
+        return bool(self.attention_layers())
+
+    @property
+    def runs_previous_layer(self) -> bool:
+        """Whether this method runs, on its own, a decoder layer before its prune point (e.g. PIO's
+        ``proxy_layer="previous"``): a family whose layers take per-layer inputs gone by then refuses it."""
+        return False
+
     def attach(self, handle: PruningHandle) -> None:
         """Called once the mechanism's hooks are in place; register extra hooks with ``handle.add_hook``.
 
@@ -213,7 +226,7 @@ class TokenPruner(Method):
         """Put this method's hooks on ``model`` (this instance only). Call ``.remove()`` on the handle to undo."""
         adapter = get_adapter(model)
         self.check_model(adapter)
-        return PruningHandle(self, model, adapter)
+        return PruningHandle(self, model, adapter, on_prefill=self.remember_selection)
 
 
 @dataclass

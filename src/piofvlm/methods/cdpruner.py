@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from piofvlm.core.context import Selection, StageContext
-from piofvlm.core.selection import group_rows, rows_to_mask
 from piofvlm.methods.base import TokenPruner
+from piofvlm.methods.shared.selection import group_rows, rows_to_mask
 from piofvlm.registry import register_method
 
 #: Relative size (to a row's largest kernel diagonal) under which a marginal gain is treated as zero.

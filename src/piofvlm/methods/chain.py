@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from piofvlm.budget import Keep
 from piofvlm.core.context import Selection, StageContext
-from piofvlm.core.session import PruningHandle
+from piofvlm.core.handle import PruningHandle
 from piofvlm.methods.base import TokenPruner
 from piofvlm.registry import register_method
 

@@ -12,11 +12,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from piofvlm.core.attention import layer_keys
-from piofvlm.core.capture import LayerInputs
 from piofvlm.core.context import Selection, StageContext
-from piofvlm.core.session import PruningHandle
+from piofvlm.core.handle import PruningHandle
 from piofvlm.methods.base import TokenPruner
+from piofvlm.methods.shared.attention import layer_keys
+from piofvlm.methods.shared.capture import LayerInputs
 from piofvlm.registry import register_method
 
 KEY_LAYERS = ("previous", "next")

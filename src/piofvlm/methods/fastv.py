@@ -10,11 +10,11 @@ from typing import ClassVar
 
 import torch
 
-from piofvlm.core.attention import attention_received
-from piofvlm.core.capture import LayerInputs
 from piofvlm.core.context import StageContext
-from piofvlm.core.session import PruningHandle
+from piofvlm.core.handle import PruningHandle
 from piofvlm.methods.base import TokenPruner
+from piofvlm.methods.shared.attention import attention_received
+from piofvlm.methods.shared.capture import LayerInputs
 from piofvlm.registry import register_method
 
 QUERIES = ("last", "mean")

@@ -13,9 +13,9 @@ from typing import ClassVar
 import torch
 
 from piofvlm.budget import Keep
-from piofvlm.core.attention import attention_received
 from piofvlm.core.context import StageContext
 from piofvlm.methods.base import TokenPruner
+from piofvlm.methods.shared.attention import attention_received
 from piofvlm.registry import register_method
 
 

@@ -11,10 +11,10 @@ from typing import ClassVar
 
 import torch
 
-from piofvlm.core.capture import VisionInputs
 from piofvlm.core.context import Selection, StageContext
-from piofvlm.core.session import PruningHandle
+from piofvlm.core.handle import PruningHandle
 from piofvlm.methods.base import TokenPruner
+from piofvlm.methods.shared.capture import VisionInputs
 from piofvlm.registry import register_method
 
 

@@ -13,10 +13,10 @@ from typing import ClassVar
 
 import torch
 
-from piofvlm.core.attention import layer_attention
 from piofvlm.core.context import Selection, StageContext
 from piofvlm.methods._vision import merge_into, top
 from piofvlm.methods.base import TokenPruner
+from piofvlm.methods.shared.attention import layer_attention
 from piofvlm.registry import register_method
 
 

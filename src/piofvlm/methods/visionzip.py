@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from piofvlm.core.capture import VisionInputs
 from piofvlm.core.context import Selection, StageContext
-from piofvlm.core.session import PruningHandle
+from piofvlm.core.handle import PruningHandle
 from piofvlm.methods._vision import ATTENTION_MODES, check_encoder_side, merge_into, slot_scores, top
 from piofvlm.methods.base import TokenPruner
+from piofvlm.methods.shared.capture import VisionInputs
 from piofvlm.registry import register_method
 
 

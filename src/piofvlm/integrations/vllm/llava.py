@@ -34,7 +34,7 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from piofvlm.core.session import _sample_keys
+from piofvlm.core.prefill import _sample_keys
 from piofvlm.integrations.vllm.selection import (
     CONFIG_KEY,
     VisionTower,
@@ -92,7 +92,7 @@ class PiofvlmLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         return method is not None and method.name == "random"
 
     def _full_prompt_key(self, prompt: list[int]) -> int:
-        """piofvlm's seed of ``prompt`` (``core.session._sample_keys``) with each image token expanded to the image's
+        """piofvlm's seed of ``prompt`` (``core.prefill._sample_keys``) with each image token expanded to the image's
         full count, as the prompt transformers sees."""
         config = self.info.get_hf_config()
         vision = config.vision_config

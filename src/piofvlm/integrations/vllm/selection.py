@@ -19,9 +19,9 @@ import torch
 
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.budget import stage_budget
-from piofvlm.core.capture import VisualMap
 from piofvlm.core.context import StageContext
 from piofvlm.methods.base import TokenPruner
+from piofvlm.methods.shared.capture import VisualMap
 from piofvlm.registry import get_method
 
 #: Methods the plugin runs (inside ``embed_multimodal``, before the language model).
@@ -110,7 +110,8 @@ def tokens_per_image(method: TokenPruner, num_tokens: int) -> int:
 
 
 class _Vision:
-    """Stands in for :class:`piofvlm.core.capture.VisionInputs`: the captured vision-layer inputs and the map."""
+    """Stands in for :class:`piofvlm.methods.shared.capture.VisionInputs`: the captured vision-layer inputs and the
+    map."""
 
     def __init__(self, vmap: VisualMap, hidden: Mapping[int, torch.Tensor], num_layers: int) -> None:
         self._vmap, self._hidden, self._num_layers = vmap, dict(hidden), num_layers

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from piofvlm.core.context import Selection, StageContext
-from piofvlm.core.proxy_loss import proxy_gradient_norms
-from piofvlm.core.selection import nms_fill_per_group, topk_per_group
 from piofvlm.methods.base import TokenPruner
+from piofvlm.methods.pio.proxy_loss import proxy_gradient_norms
+from piofvlm.methods.shared.selection import nms_fill_per_group, topk_per_group
 from piofvlm.registry import register_method
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,10 @@ class PIO(TokenPruner):
             raise ValueError(f"num_loss_positions must be >= 1, got {self.num_loss_positions!r}")
         if self.output_head not in OUTPUT_HEADS:
             raise ValueError(f"output_head must be one of {OUTPUT_HEADS}, got {self.output_head!r}")
+
+    @property
+    def runs_previous_layer(self) -> bool:  # noqa: D102 - documented in the base class
+        return self.proxy_layer == "previous"
 
     def proxy_layer_index(self, layer: int, adapter: Any = None) -> int:
         if self.proxy_layer == "previous":

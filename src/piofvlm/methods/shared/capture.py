@@ -23,7 +23,7 @@ import torch
 from piofvlm import transformers_compat
 from piofvlm.core.context import StageContext
 from piofvlm.core.guard import guarded
-from piofvlm.core.session import PruningHandle
+from piofvlm.core.handle import PruningHandle
 from piofvlm.core.threads import PerThread, new_state
 
 
