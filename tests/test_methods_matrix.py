@@ -255,6 +255,8 @@ REFUSED = {
     # Gemma 4: no vision-attention map; the methods recomputing a decoder layer's attention are refused
     **{(name, "gemma4"): "gemma4" for name in ("visionzip", "vscan", "chain", "fastv", "pdrop", "sparsevlm")},
     ("dart", "gemma4"): "gemma4",
+    # VipLLaVA (a data entry, adapters/facts.py): no single vision feature layer, no vision parts declared
+    **{(name, "vipllava"): "vipllava" for name in ENCODER_SIDE},
 }
 
 

@@ -53,7 +53,15 @@ from transformers import (
 )
 
 from piofvlm import toy_qwen, transformers_compat
-from piofvlm.toy import WORDS, random_image, text_config, word_level_tokenizer
+from piofvlm.toy import (
+    WORDS,
+    build_processor,
+    build_tokenizer,
+    random_image,
+    text_config,
+    vision_config,
+    word_level_tokenizer,
+)
 
 #: Placeholder of an image / a video in the standard prompts; replaced by each family's own placeholder.
 IMAGE, VIDEO = "{image}", "{video}"
@@ -939,6 +947,40 @@ FAMILIES: dict[str, TinyFamily] = {
         counts=QWEN3_5_COUNTS,
     ),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------- VipLLaVA
+# A common-layout family (adapters/facts.py): the tiny model is LLaVA's with VipLLaVA's multi-layer projector, the
+# inputs LLaVA's processor (49 tokens per image; sample 1's video slot is a second image).
+def build_vipllava(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    config = VipLlavaConfig(
+        vision_config=vision_config(),
+        text_config=text_config(num_layers),
+        image_token_id=4,
+        vision_feature_layers=[-2, -1],
+        image_seq_length=49,
+    )
+    return _model(VipLlavaForConditionalGeneration, config, attn, seed, dtype)
+
+
+def vipllava_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    processor = build_processor("llava")
+    images = _images(indices, as_video_image=True)
+    return processor(images=images, text=_prompts(indices, "<image>", None), return_tensors="pt", padding=True)
+
+
+FAMILIES["vipllava"] = TinyFamily(
+    "vipllava",
+    build_vipllava,
+    vipllava_inputs,
+    build_tokenizer,
+    has_video=False,
+    counts=[[49], [49, 49], [49, 49]],
+)
 
 
 #: Families whose tiny inputs cannot be built offline with the installed transformers, with the reason; they are left

@@ -5,6 +5,7 @@ from piofvlm.adapters import glm4v, internvl, llava, llava_next, llava_next_vide
 from piofvlm.adapters import gemma3, mistral3, qwen_vl, smolvlm  # noqa: F401,I001
 from piofvlm.adapters import qwen3_5  # noqa: F401,I001
 from piofvlm.adapters import gemma4  # noqa: F401,I001
+from piofvlm.adapters import facts  # noqa: F401,I001  (the common-layout families, declared as data)
 from piofvlm.adapters.base import SUPPORTED_ATTENTION, ModelAdapter
 from piofvlm.adapters.registry import ADAPTERS, get_adapter, register_adapter
 
