@@ -726,3 +726,27 @@ def test_owned_rotary_formula_equals_the_familys_and_refuses_a_changed_one(famil
         transformers_compat.rotary_function(family)
     monkeypatch.undo()
     transformers_compat.rotary_function.cache_clear()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_attn_implementation_of_a_text_config(attn):
+    """The implementation ``set_attn_implementation`` selects is what the adapter (and the mechanism) read."""
+    model = toy.build_llava(num_layers=2, attn=attn)
+    assert transformers_compat.attn_implementation(get_adapter(model).text_config) == attn
+    assert get_adapter(model).attn_implementation == attn
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_helpers(family):
+    """LLaVA-NeXT's anyres arithmetic: the tile grid of a 40x60 (h x w) picture is the best pinpoint (transformers'
+    public ``select_best_resolution``) cut into 32-px tiles, its crops those tiles + the base view; unpadding a
+    4x8 grid back to the picture's 2:3 aspect keeps 4x6."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    helpers = transformers_compat.anyres_helpers(family)
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    best = select_best_resolution((40, 60), pinpoints)
+    rows, cols = best[0] // 32, best[1] // 32
+    assert helpers.get_anyres_image_grid_shape((40, 60), pinpoints, 32) == (rows, cols)
+    assert helpers.image_size_to_num_patches((40, 60), pinpoints, 32) == rows * cols + 1
+    assert tuple(helpers.unpad_image(torch.empty(0, 4, 8), torch.tensor([40, 60])).shape) == (0, 4, 6)

@@ -771,3 +771,28 @@ def image_text_to_text_model_types() -> dict[str, str]:
             "image_text_to_text_model_types",
         ) from error
     return dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+# ------------------------------------------------------------------------------------------- config and anyres
+def attn_implementation(config: Any) -> str:
+    """The attention implementation a (text) config selects: ``config._attn_implementation`` (set by
+    ``from_pretrained(attn_implementation=...)`` and ``set_attn_implementation``)."""
+    try:
+        return config._attn_implementation
+    except AttributeError as error:
+        raise _broken("PretrainedConfig._attn_implementation", "attn_implementation") from error
+
+
+@functools.cache
+def anyres_helpers(family: str) -> Any:
+    """The anyres helpers of ``transformers.models.<family>.modeling_<family>`` (``llava_next``,
+    ``llava_onevision``): ``image_size_to_num_patches``, ``get_anyres_image_grid_shape`` and ``unpad_image``, as
+    attributes of the returned namespace."""
+    from types import SimpleNamespace
+
+    names = ("image_size_to_num_patches", "get_anyres_image_grid_shape", "unpad_image")
+    try:
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        return SimpleNamespace(**{name: getattr(module, name) for name in names})
+    except (ImportError, AttributeError) as error:
+        raise _broken(f"the anyres helpers of modeling_{family} ({', '.join(names)})", "anyres_helpers") from error

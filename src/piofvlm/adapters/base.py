@@ -89,7 +89,7 @@ class ModelAdapter:
 
     @property
     def attn_implementation(self) -> str:
-        return self.text_config._attn_implementation
+        return transformers_compat.attn_implementation(self.text_config)
 
     @property
     def image_token_id(self) -> int:

@@ -10,28 +10,15 @@ from torch import nn
 
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, no_place, raster_boxes, split_by_sample
+from piofvlm.adapters.parts import EqualTokensPerImage
 from piofvlm.adapters.registry import register_adapter
 
 
 @register_adapter
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(EqualTokensPerImage, ModelAdapter):
     """Every image expands to the same number of placeholder tokens (576 for LLaVA-1.5 at 336 px)."""
 
     model_types = ("llava",)
-
-    def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
-        from_encoder = self.counts_from_encoder_outputs(model_kwargs)
-        if from_encoder is not None:
-            return from_encoder
-        pixel_values = model_kwargs.get("pixel_values")
-        if pixel_values is None:
-            return None
-        num_images = int(pixel_values.shape[0])
-        if num_images == 0 or num_image_tokens % num_images:
-            raise ValueError(
-                f"{num_image_tokens} image tokens in input_ids cannot be split evenly over {num_images} images"
-            )
-        return [num_image_tokens // num_images] * num_images
 
     def token_boxes(
         self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None

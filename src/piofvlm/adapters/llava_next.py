@@ -6,11 +6,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers.models.llava_next import modeling_llava_next as mln
 
+from piofvlm import transformers_compat
 from piofvlm.adapters.boxes import TokenBoxes, split_by_sample
 from piofvlm.adapters.llava import LlavaAdapter, anyres_view_boxes
 from piofvlm.adapters.registry import register_adapter
+
+
+def _anyres():
+    """``modeling_llava_next``'s anyres helpers (through the compat module)."""
+    return transformers_compat.anyres_helpers("llava_next")
 
 
 @register_adapter
@@ -40,17 +45,17 @@ class LlavaNextAdapter(LlavaAdapter):
         base = side * side + (1 if strategy == "full" else 0)
         counts = []
         for size in torch.as_tensor(image_sizes).tolist():
-            num_tiles = mln.image_size_to_num_patches(
+            num_tiles = _anyres().image_size_to_num_patches(
                 size, config.image_grid_pinpoints, config.vision_config.image_size
             )
             if num_tiles <= 1:
                 counts.append(base + 1)  # base view + one newline
                 continue
-            rows, cols = mln.get_anyres_image_grid_shape(
+            rows, cols = _anyres().get_anyres_image_grid_shape(
                 size, config.image_grid_pinpoints, config.vision_config.image_size
             )
             # Same unpadding as the model, applied to an empty tensor to read off the shape only.
-            grid = mln.unpad_image(torch.empty(0, rows * side, cols * side), torch.as_tensor(size))
+            grid = _anyres().unpad_image(torch.empty(0, rows * side, cols * side), torch.as_tensor(size))
             height, width = grid.shape[1], grid.shape[2]
             counts.append(base + height * (width + 1))
         return counts
@@ -80,7 +85,7 @@ class LlavaNextAdapter(LlavaAdapter):
         image_sizes = torch.as_tensor(model_kwargs["image_sizes"])
         labels, start = [], 0
         for size in image_sizes.tolist():
-            num_crops = mln.image_size_to_num_patches(
+            num_crops = _anyres().image_size_to_num_patches(
                 size, config.image_grid_pinpoints, config.vision_config.image_size
             )
             crop = torch.arange(start, start + num_crops)[:, None].expand(-1, side * side)

@@ -14,13 +14,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers.models.llava_onevision import modeling_llava_onevision as mlo
 
 from piofvlm import transformers_compat
 from piofvlm.adapters.base import items_in_prompt_order, prompt_items
 from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, frame_names, no_place, split_by_sample
 from piofvlm.adapters.llava import LlavaAdapter, anyres_view_boxes
 from piofvlm.adapters.registry import register_adapter
+
+
+def _anyres():
+    """``modeling_llava_onevision``'s anyres helpers (through the compat module)."""
+    return transformers_compat.anyres_helpers("llava_onevision")
 
 
 @register_adapter
@@ -62,7 +66,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             else [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
         )
         return [
-            mlo.image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            _anyres().image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
             if p
             else 1
             for size, p in zip(sizes, patched, strict=True)
@@ -204,17 +208,17 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         counts = []
         for size, should_patch in zip(torch.as_tensor(image_sizes).tolist(), patched, strict=True):
             tiles = (
-                mlo.image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                _anyres().image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
                 if should_patch
                 else 1
             )
             if tiles <= 1:
                 counts.append(side_tokens + 1)  # one view + one newline
                 continue
-            rows, cols = mlo.get_anyres_image_grid_shape(
+            rows, cols = _anyres().get_anyres_image_grid_shape(
                 size, config.image_grid_pinpoints, config.vision_config.image_size
             )
-            grid = mlo.unpad_image(torch.empty(0, rows * side, cols * side), torch.as_tensor(size))
+            grid = _anyres().unpad_image(torch.empty(0, rows * side, cols * side), torch.as_tensor(size))
             height, width = grid.shape[1], grid.shape[2]
             ratio = math.sqrt(height * width / (max_num_patches * side**2))
             if ratio > 1.1:
