@@ -34,7 +34,7 @@ echo "== fast suite on transformers $version ($status; declared range: $(grep -o
 code=$?
 rm -rf "$venv"
 if [ "$status" != tested ]; then
-  if [ $code -eq 0 ]; then verdict="passes: the declared range can be extended to it (add it to the README's table)"
+  if [ $code -eq 0 ]; then verdict="passes: the declared range can be extended to it (add it to the table of docs/versions.md)"
   else verdict="FAILS: teach piofvlm.transformers_compat what moved before extending the range"; fi
   echo "== transformers $version is outside the declared range and the fast suite $verdict"
   exit 0

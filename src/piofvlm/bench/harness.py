@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import piofvlm
-from piofvlm import transformers_compat
+from piofvlm import runtime, transformers_compat
 from piofvlm.bench import flops as fl
 from piofvlm.bench.measure import PeakMemory, Timer, load_average, profile_labels, summary
 from piofvlm.bench.shapes import build_inputs, build_model, checkpoint_inputs, get_shape
@@ -344,7 +344,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
         env["device"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     else:
-        env["device"] = _cpu_name()
+        env["device"] = runtime.cpu_name()
     return env
 
 
@@ -356,17 +356,6 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip()
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def run_benchmark(
