@@ -56,17 +56,19 @@ def test_encoder_decoder_refusals_agree_with_transformers():
     """A model type refused as encoder-decoder has an encoder-decoder config in transformers, and every mapped model
     type whose config is encoder-decoder is refused as such."""
     mapping = transformers_compat.image_text_to_text_model_types()
-    encoder_decoder = set()
+    encoder_decoder, unbuildable = set(), set()
     for model_type in mapping:
         try:
             config = AutoConfig.for_model(model_type)
         except (ValueError, ImportError, TypeError):
+            unbuildable.add(model_type)  # e.g. vision-encoder-decoder on 5.17: no default config without its parts
             continue
         if getattr(config, "is_encoder_decoder", False):
             encoder_decoder.add(model_type)
     assert encoder_decoder  # florence2, pix2struct, ... on 5.24
     refused = {model_type for model_type, reason in NOT_SUPPORTED.items() if reason.startswith(_ENCODER_DECODER)}
-    assert refused == encoder_decoder & set(mapping)
+    assert encoder_decoder <= refused, encoder_decoder - refused
+    assert refused - encoder_decoder <= unbuildable, refused - encoder_decoder - unbuildable
 
 
 def _model_of_type(model_type: str) -> torch.nn.Module:
