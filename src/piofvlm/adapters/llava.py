@@ -58,18 +58,22 @@ class LlavaAdapter(EqualTokensPerImage, ModelAdapter):
     def _select_strategy(self) -> str:
         return self.model.config.vision_feature_select_strategy
 
+    #: The config field naming the vision layer(s) whose output becomes the visual tokens.
+    feature_layer_field = "vision_feature_layer"
+
     @property
     def vision_feature_layer_index(self) -> int:
-        layer = self.model.config.vision_feature_layer
+        field = self.feature_layer_field
+        layer = getattr(self.model.config, field)
         if not isinstance(layer, int):
             raise ValueError(
-                f"vision_feature_layer={layer!r} concatenates several vision layers; encoder-side methods need a "
-                "single feature layer"
+                f"{field}={layer!r} concatenates several vision layers ({self.model.config.model_type}); encoder-side "
+                "methods need a single feature layer"
             )
         num_layers = len(self.vision_layers)
         index = layer % (num_layers + 1) - 1  # hidden_states[layer] is the output of block (layer mod (n+1)) - 1
         if index < 0:
-            raise ValueError(f"vision_feature_layer={layer} selects the embeddings, not a vision block")
+            raise ValueError(f"{field}={layer} selects the embeddings, not a vision block")
         return index
 
     @property

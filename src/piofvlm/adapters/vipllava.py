@@ -24,6 +24,7 @@ class VipLlavaAdapter(LlavaAdapter):
     """ViP-LLaVA: LLaVA-1.5's adapter; image features from several vision layers (see the module doc)."""
 
     model_types = ("vipllava",)
+    feature_layer_field = "vision_feature_layers"
 
     def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
         """``(image_size / patch_size)**2`` tokens per image of ``pixel_values`` ([CLS] always dropped)."""
@@ -38,17 +39,3 @@ class VipLlavaAdapter(LlavaAdapter):
 
     def _select_strategy(self) -> str:
         return "default"  # the [CLS] token is always dropped
-
-    @property
-    def vision_feature_layer_index(self) -> int:
-        layer = self.model.config.vision_feature_layers
-        if not isinstance(layer, int):
-            raise ValueError(
-                f"vision_feature_layers={layer!r} concatenates several vision layers (vipllava); encoder-side methods "
-                "need a single feature layer"
-            )
-        num_layers = len(self.vision_layers)
-        index = layer % (num_layers + 1) - 1  # hidden_states[layer] is the output of block (layer mod (n+1)) - 1
-        if index < 0:
-            raise ValueError(f"vision_feature_layers={layer} selects the embeddings, not a vision block")
-        return index
