@@ -8,8 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from piofvlm import toy as tiny_models  # noqa: E402
 from piofvlm.doctor import ReplaySelection  # noqa: E402
+from piofvlm.tiny import llava as tiny_models  # noqa: E402
 
 PROMPTS = [
     "USER : <image> what is the colour of the circle ? ASSISTANT :",

@@ -7,8 +7,9 @@ import torch
 
 import piofvlm
 from conftest import PROMPTS, make_inputs, model
-from piofvlm import cli, toy
+from piofvlm import cli
 from piofvlm.loading import build_prompt, load_model
+from piofvlm.tiny import llava as toy
 
 
 @pytest.fixture(scope="module")

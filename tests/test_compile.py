@@ -10,9 +10,9 @@ import conftest
 import piofvlm
 import test_qwen
 from conftest import make_inputs
-from piofvlm import toy
 from piofvlm.core.prefill import _sample_keys
-from piofvlm.toy_cases import TINY_CASES
+from piofvlm.tiny import llava as toy
+from piofvlm.tiny.cases import TINY_CASES
 from piofvlm.transformers_compat import compile_config
 
 pytestmark = pytest.mark.slow

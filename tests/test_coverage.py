@@ -15,7 +15,7 @@ from piofvlm import coverage, transformers_compat
 from piofvlm.adapters import ADAPTERS, get_adapter
 from piofvlm.adapters.registry import _CROSS_ATTENTION, _ENCODER_DECODER, NOT_SUPPORTED
 from piofvlm.cli import main
-from piofvlm.toy_cases import TINY_CASES
+from piofvlm.tiny.cases import TINY_CASES
 
 DOC = Path(__file__).parent.parent / "docs" / "families.md"
 

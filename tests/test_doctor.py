@@ -10,7 +10,7 @@ import pytest
 
 from piofvlm import doctor, transformers_compat
 from piofvlm.cli import main
-from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
+from piofvlm.tiny.cases import TINY_CASES, UNAVAILABLE
 
 
 def test_every_family_of_the_registry_has_a_self_test():

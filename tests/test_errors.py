@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM
 
 import piofvlm
 from conftest import make_inputs, model, processor
-from piofvlm import toy
+from piofvlm.tiny import llava as toy
 
 
 def test_unknown_method_lists_the_valid_ones():

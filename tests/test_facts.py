@@ -13,7 +13,7 @@ from piofvlm.adapters import ADAPTERS, get_adapter, registry
 from piofvlm.adapters.facts import COMMON_FAMILIES, LLAVA_AS_DATA, FactsAdapter, Family, declare
 from piofvlm.adapters.llava import LlavaAdapter
 from piofvlm.adapters.parts import EqualTokensPerImage
-from piofvlm.toy_cases import TINY_CASES
+from piofvlm.tiny.cases import TINY_CASES
 
 DataLlava = declare(LLAVA_AS_DATA, register=False)
 

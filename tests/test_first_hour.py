@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 import piofvlm
-from piofvlm import cli, loading, runtime, toy
+from piofvlm import cli, loading, runtime
 from piofvlm.bench import harness, report
+from piofvlm.tiny import llava as toy
 
 SRC = str(Path(piofvlm.__file__).resolve().parents[1])
 

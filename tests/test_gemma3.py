@@ -13,7 +13,7 @@ import torch
 import piofvlm
 from conftest import FixedSelection
 from piofvlm import transformers_compat
-from piofvlm.toy_families import GEMMA3_IMAGE_ID, GEMMA3_WINDOW
+from piofvlm.tiny.families import GEMMA3_IMAGE_ID, GEMMA3_WINDOW
 from test_qwen import make_inputs, model
 
 
@@ -132,7 +132,7 @@ def test_second_turn_on_the_returned_cache_equals_no_cache_reference(positions):
 # ------------------------------------------------------------------------- issue 23: text longer than the window
 def _longer_than_the_window(kind: str):
     """The tiny model and one prompt whose text after the image is longer than the 16-slot window."""
-    import piofvlm.toy_families as tf
+    import piofvlm.tiny.families as tf
 
     if kind == "gemma3":
         processor = tf.build_gemma3_processor()
@@ -154,7 +154,7 @@ def _longer_than_the_window(kind: str):
 def test_pio_with_a_local_proxy_out_of_reach_of_the_image_is_refused_with_the_reason(kind):
     """Before: a RuntimeError telling the user to load weight-only quantized weights (the all-zero gradient check).
     A global proxy layer on the same prompt runs."""
-    from piofvlm.toy_families import UNAVAILABLE
+    from piofvlm.tiny.families import UNAVAILABLE
 
     if kind in UNAVAILABLE:
         pytest.skip(UNAVAILABLE[kind])

@@ -3,7 +3,7 @@ standard invariants run in the parametrized matrices of ``test_qwen.py`` / ``tes
 identity, exact counts, cached decode == no-cache forward, batch == single, generate == forward); here, what is
 particular to the family.
 
-The tiny model (``toy_families.build_gemma4``): 4 computing layers (local, global, local, global; a 16-slot window)
+The tiny model (``tiny.families.build_gemma4``): 4 computing layers (local, global, local, global; a 16-slot window)
 and one KV-shared global layer that attends with layer 3's keys; per-layer inputs of 8 dims; images of 16, 24 and 32
 tokens (variable counts, as Gemma 4's processor gives).
 """
@@ -18,7 +18,7 @@ from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.methods.pio import proxy_loss
-from piofvlm.toy_families import GEMMA4_COUNTS, GEMMA4_IMAGE_ID, GEMMA4_WINDOW, UNAVAILABLE
+from piofvlm.tiny.families import GEMMA4_COUNTS, GEMMA4_IMAGE_ID, GEMMA4_WINDOW, UNAVAILABLE
 from test_gemma3 import every_third_image_token
 from test_pio import capture_context
 from test_qwen import make_inputs, model

@@ -13,7 +13,7 @@ import piofvlm
 from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
-from piofvlm.toy_families import GLM_IMAGE_ID, GLM_VIDEOS, glm4v_video_inputs
+from piofvlm.tiny.families import GLM_IMAGE_ID, GLM_VIDEOS, glm4v_video_inputs
 from test_qwen import GREEDY, SUPPRESS, expected_kept, model
 
 #: Tokens of each video: frames * h * w / 4, from the grids alone.

@@ -128,7 +128,7 @@ def test_several_images_per_prompt_budget_per_image():
         "USER : <image> how many ? ASSISTANT :",
     ]
     from conftest import processor
-    from piofvlm.toy import random_image
+    from piofvlm.tiny.llava import random_image
 
     inputs = processor("llava")(
         images=[random_image(0), random_image(1), random_image(2)], text=prompts, return_tensors="pt", padding=True
@@ -214,7 +214,7 @@ def test_adjacent_images_get_their_own_budgets(kind, call):
     """Two images with no text between them form one run of image tokens; each still keeps its own budget,
     in a plain forward (pixel inputs) and under generate() (which passes precomputed encoder outputs)."""
     from conftest import processor
-    from piofvlm.toy import random_image
+    from piofvlm.tiny.llava import random_image
 
     m = model(kind)
     images = [random_image(0, (28, 28)), random_image(1, (40, 60))]

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from piofvlm import toy, toy_qwen
+from piofvlm.tiny import llava as toy
+from piofvlm.tiny import qwen as toy_qwen
 
 
 def test_importing_piofvlm_does_not_import_lmms_eval():

@@ -238,7 +238,7 @@ def test_new_families_generate_prefill_matches_forward(kind, name):
     torch.testing.assert_close(out.logits[0], forward, rtol=1e-4, atol=1e-5)
 
 
-# ------------------------------------------------------------------------ families of piofvlm.toy_families
+# ------------------------------------------------------------------------ families of piofvlm.tiny.families
 #: (method, family) pairs that refuse, by design: the family's adapter has no vision-tower map for that method.
 #: Anything else must run. InternVL (pixel shuffle), Mistral 3 (Pixtral + patch merger), SmolVLM / Idefics3 (pixel
 #: shuffle), GLM-4.xV (its Qwen-like tower is not wired yet) and Gemma 3 (SigLIP + pooling, not wired yet) have no
@@ -266,7 +266,7 @@ REFUSED = {
 
 
 def _family_method_cases() -> list:
-    from piofvlm.toy_families import FAMILIES
+    from piofvlm.tiny.families import FAMILIES
 
     names = ["pio", *MATRIX]
     return [pytest.param(name, kind, id=f"{name}-{kind}") for kind in FAMILIES for name in names]

@@ -2,7 +2,7 @@
 loss rows) is exact.
 
 The general invariants of the three families (keep-all identity, counts, KV lengths, cached decode, batch == single,
-kept indices, fast == reference) run in the shared matrices (``tests/test_qwen.py`` etc., via ``toy_families``). Here:
+kept indices, fast == reference) run in the shared matrices (``tests/test_qwen.py`` etc., via ``tiny.families``). Here:
 an MoE block written out independently (every expert on every token, combined by the router's top-k weights) equals
 transformers' block, and PIO's scores at a prune point whose proxy layer is an MoE layer equal full-layer autograd
 through that independent block; the fast proxy equals the reference one under both of transformers' expert kernels.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import piofvlm
 import test_qwen as tq
 from piofvlm.methods.pio import proxy_loss
-from piofvlm.toy_families import FAMILIES
+from piofvlm.tiny.families import FAMILIES
 from test_pio import capture_context, simple_nms
 
 #: (family, prune layer whose proxy layer is an MoE layer): Qwen3-VL-MoE after its deepstack layers (the recorded

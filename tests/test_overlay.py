@@ -9,14 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from piofvlm import cli, toy, toy_families, toy_qwen
+from piofvlm import cli
 from piofvlm.adapters import ModelAdapter, get_adapter
 from piofvlm.adapters.boxes import TokenBoxes, closest_grid, raster_boxes, split_by_sample
 from piofvlm.core.context import StageRecord
 from piofvlm.doctor import ReplaySelection
 from piofvlm.overlay import DIM, draw_overlay, item_panels, overlay_legend, processor_view, stage_panel
-from piofvlm.toy_cases import TINY_CASES
-from piofvlm.toy_pictures import source_sizes, tiny_pictures
+from piofvlm.tiny import families as toy_families
+from piofvlm.tiny import llava as toy
+from piofvlm.tiny import qwen as toy_qwen
+from piofvlm.tiny.cases import TINY_CASES
+from piofvlm.tiny.pictures import source_sizes, tiny_pictures
 
 
 @functools.cache

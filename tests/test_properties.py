@@ -1,7 +1,7 @@
 """Property-based invariants (Hypothesis): drawn family x method x budget x prune points x batch / padding x images
 and videos per sample x positions mode x dtype x handle reuse, checked against what must always hold.
 
-Every family with a tiny case (``piofvlm.toy_cases.TINY_CASES``) is drawn; what differs between families comes from
+Every family with a tiny case (``piofvlm.tiny.cases.TINY_CASES``) is drawn; what differs between families comes from
 the family itself: its adapter (``supports_renumber``) and the methods it refuses by design
 (``test_methods_matrix.REFUSED``, never drawn here). Two profiles of the same properties: ``FAST`` (a few examples per
 family, in the default suite) and ``DEEP`` (many more, marked ``slow``). Both are derandomized, so a run is
@@ -26,11 +26,11 @@ import test_qwen as tq
 from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import ADAPTERS, get_adapter
-from piofvlm.toy_cases import TINY_CASES
-from piofvlm.toy_qwen import random_image
+from piofvlm.tiny.cases import TINY_CASES
+from piofvlm.tiny.qwen import random_image
 from test_methods_matrix import REFUSED
 
-#: Every family with a tiny case on the installed transformers (the others are in ``toy_cases.UNAVAILABLE``).
+#: Every family with a tiny case on the installed transformers (the others are in ``tiny.cases.UNAVAILABLE``).
 FAMILIES = list(TINY_CASES)
 LLAVA_FAMILIES = ("llava", "llava_next")
 #: Families whose norms compute in fp32 whatever the model dtype (``Gemma3RMSNorm``; Gemma 4's vision pooler too, its

@@ -1,5 +1,5 @@
 """Mechanism invariants on every family with per-item layouts: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (M-RoPE, deepstack),
-LLaVA-OneVision, and the families of ``piofvlm.toy_families`` (InternVL, LLaVA-NeXT-Video, Mistral 3, SmolVLM):
+LLaVA-OneVision, and the families of ``piofvlm.tiny.families`` (InternVL, LLaVA-NeXT-Video, Mistral 3, SmolVLM):
 video, dynamic resolution, several images per prompt, padding."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from conftest import FixedSelection, assert_decode_equals_uncached
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.methods.pio import proxy_loss
-from piofvlm.toy_families import FAMILIES
-from piofvlm.toy_qwen import (
+from piofvlm.tiny.families import FAMILIES
+from piofvlm.tiny.qwen import (
     IMAGE,
     ONEVISION,
     OV_IMAGE,
@@ -36,7 +36,7 @@ NEW_KINDS = list(FAMILIES)
 KINDS = [*QWEN_KINDS, ONEVISION, *NEW_KINDS]
 #: Families with 3-D M-RoPE positions (``get_rope_index``): positions kept, ``renumber`` refused.
 MROPE_KINDS = (*QWEN_KINDS, "glm4v", "glm46v", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe")
-#: Families of ``toy_families`` laid out by Qwen3-VL's processor (a video written frame by frame: counted from grids).
+#: Families of ``tiny.families`` laid out by Qwen3-VL's processor (a video written frame by frame: counted from grids).
 QWEN3_LAYOUT_KINDS = ("qwen3_5", "qwen3_vl_moe", "qwen3_5_moe")
 
 #: Per sample: prompt, image sizes and video grids. Qwen (dynamic resolution): images of 16, 18, 15 + 8 tokens, a
@@ -86,7 +86,7 @@ def model(kind: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
 @functools.cache
 def processor(kind: str):
     if kind in FAMILIES:
-        return None  # some processors need torchvision: toy_families lays their inputs out
+        return None  # some processors need torchvision: tiny.families lays their inputs out
     return build_onevision_processor() if kind == ONEVISION else build_qwen_processor(kind)
 
 

@@ -15,7 +15,7 @@ from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.methods.pio import proxy_loss
 from piofvlm.methods.shared.attention import layer_attention
-from piofvlm.toy_families import build_qwen3_5, qwen3_5_inputs
+from piofvlm.tiny.families import build_qwen3_5, qwen3_5_inputs
 from test_pio import capture_context
 from test_qwen import SUPPRESS, expected_kept, visual_counts
 

@@ -10,11 +10,12 @@ import torch
 import piofvlm
 import test_qwen as tq
 from conftest import FixedSelection, make_inputs, model
-from piofvlm import cli, toy, transformers_compat
+from piofvlm import cli, transformers_compat
 from piofvlm.adapters import ADAPTERS
-from piofvlm.toy_cases import TINY_CASES
-from piofvlm.toy_families import FAMILIES, glm4v_video_inputs
-from piofvlm.toy_qwen import IMAGE, OV_IMAGE, OV_VIDEO, QWEN_KINDS, VIDEO, add_videos, build_qwen, random_image
+from piofvlm.tiny import llava as toy
+from piofvlm.tiny.cases import TINY_CASES
+from piofvlm.tiny.families import FAMILIES, glm4v_video_inputs
+from piofvlm.tiny.qwen import IMAGE, OV_IMAGE, OV_VIDEO, QWEN_KINDS, VIDEO, add_videos, build_qwen, random_image
 from test_methods_matrix import build
 from test_properties import refuses
 
@@ -196,7 +197,7 @@ def assert_reused_handle_equals_fresh(m, calls, method) -> None:
 
 
 def mixed_prompts(kind: str) -> list[dict]:
-    """Three prompts of a ``toy_families`` family, each alone: one image; an image and a video (or a second image,
+    """Three prompts of a ``tiny.families`` family, each alone: one image; an image and a video (or a second image,
     or frames written as images); the first again. GLM-4.xV takes a video only alone: its second prompt is a video;
     LLaVA-NeXT-Video's encoder-side methods refuse videos: its second prompt is two images."""
     second = tq.make_inputs(kind, indices=(2 if kind == "llava_next_video" else 1,))

@@ -17,7 +17,7 @@ import test_qwen
 from conftest import make_inputs, model
 from piofvlm import transformers_compat
 from piofvlm.adapters import ADAPTERS
-from piofvlm.toy_cases import TINY_CASES
+from piofvlm.tiny.cases import TINY_CASES
 from test_methods_matrix import MATRIX, REFUSED, build
 
 GREEDY = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "output_logits": True}
@@ -63,7 +63,7 @@ FAMILIES = [
     ("llava_next", "sdpa"),
     *[(k, "sdpa") for k in test_qwen.KINDS if k not in SLIDING_KINDS],
 ]
-#: Every family with a tiny case on this transformers (``piofvlm.toy_cases``) but the sliding ones; ``renumber``
+#: Every family with a tiny case on this transformers (``piofvlm.tiny.cases``) but the sliding ones; ``renumber``
 #: where its adapter has it.
 KINDS = [kind for kind in TINY_CASES if kind not in SLIDING_KINDS]
 RENUMBER_KINDS = [kind for kind in KINDS if ADAPTERS[kind].supports_renumber]

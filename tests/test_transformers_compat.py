@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from piofvlm import toy, toy_qwen, transformers_compat
+from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
+from piofvlm.tiny import llava as toy
+from piofvlm.tiny import qwen as toy_qwen
 
 VERSION = transformers_compat.TRANSFORMERS_VERSION
 
@@ -169,7 +171,7 @@ def _rotary_transpose_and_flat_layout(rotary, cos, sin, head_dim: int, name: str
 def test_glm4v_partial_interleaved_rotary():
     """GLM-4.xV: ``(B, S, head_dim * partial_rotary_factor)`` tables; ``apply_rotary_pos_emb`` rotates interleaved
     pairs of the first ``rotary_dim`` dims and leaves the rest: the fast proxy applies it as the attention does."""
-    from piofvlm.toy_families import build_glm4v
+    from piofvlm.tiny.families import build_glm4v
 
     adapter, hidden, position_ids = _rotary_case(build_glm4v(num_layers=1))
     cos, sin = adapter.language_model.rotary_emb(hidden, position_ids=position_ids + 3)
@@ -302,7 +304,7 @@ def test_tiled_canvas_is_the_internvl_processors_grid():
     import numpy as np
     from PIL import Image
 
-    from piofvlm import toy_families
+    from piofvlm.tiny import families as toy_families
 
     processor = toy_families.build_internvl_processor().image_processor
     for width, height in ((64, 32), (32, 64), (96, 32)):
@@ -407,7 +409,7 @@ def test_dynamic_cache_layers_can_be_left_padded():
 # ---------------------------------------------------------------------------------------------------------- Gemma 3
 @functools.cache
 def gemma3():
-    from piofvlm.toy_families import build_gemma3, gemma3_inputs
+    from piofvlm.tiny.families import build_gemma3, gemma3_inputs
 
     return build_gemma3(num_layers=2), gemma3_inputs((0, 2))
 
@@ -465,7 +467,7 @@ def test_gemma4_masks_equal_the_models(attn):
     from transformers.models.gemma4 import modeling_gemma4
 
     from piofvlm.adapters import get_adapter
-    from piofvlm.toy_families import build_gemma4, gemma4_inputs
+    from piofvlm.tiny.families import build_gemma4, gemma4_inputs
 
     model, inputs = build_gemma4(attn=attn), gemma4_inputs()
     config = model.config.get_text_config()
@@ -560,7 +562,7 @@ def test_sliding_cache_layers():
 @functools.cache
 def qwen3_5():
     """The tiny Qwen3.5 (linear, full, linear, full attention) and a left-padded batch of two."""
-    from piofvlm.toy_families import build_qwen3_5, qwen3_5_inputs
+    from piofvlm.tiny.families import build_qwen3_5, qwen3_5_inputs
 
     return build_qwen3_5(), qwen3_5_inputs((0, 1))
 
@@ -658,7 +660,7 @@ def test_a_cache_pruned_before_layer_0_reports_the_prompt_length_and_continues(k
     doctor`` runs the same check on every family)."""
     import piofvlm
     from piofvlm import doctor
-    from piofvlm.toy_cases import TINY_CASES
+    from piofvlm.tiny.cases import TINY_CASES
 
     model, inputs = TINY_CASES[kind]()
     adapter = get_adapter(model)
@@ -682,7 +684,7 @@ def test_a_cache_pruned_before_layer_0_reports_the_prompt_length_and_continues(k
 def test_norm_epsilon_of_every_rms_norm_the_proxy_reads(kind):
     """``norm_epsilon`` finds the epsilon under either name (Gemma 4's ``eps`` became ``variance_epsilon`` in 5.25)
     on the decoder norms and the final norm, equal to the config's ``rms_norm_eps``."""
-    from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
+    from piofvlm.tiny.cases import TINY_CASES, UNAVAILABLE
 
     if kind in UNAVAILABLE:
         pytest.skip(UNAVAILABLE[kind])

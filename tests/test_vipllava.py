@@ -1,4 +1,4 @@
-"""ViP-LLaVA: what differs from LLaVA-1.5 (the shared matrices run the rest through ``toy_families``): its image
+"""ViP-LLaVA: what differs from LLaVA-1.5 (the shared matrices run the rest through ``tiny.families``): its image
 features concatenate several vision layers, so the encoder-side methods that read one layer's attention refuse a list
 and run with a single ``vision_feature_layers``."""
 
@@ -9,7 +9,7 @@ import torch
 
 import piofvlm
 from piofvlm.adapters import get_adapter
-from piofvlm.toy_families import build_vipllava, vipllava_inputs
+from piofvlm.tiny.families import build_vipllava, vipllava_inputs
 
 
 def test_several_feature_layers_refuse_encoder_side_methods():

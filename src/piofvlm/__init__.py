@@ -70,7 +70,7 @@ def _load_all() -> None:
 
 #: Subpackages reachable as attributes (``piofvlm.methods.VisionZip``) before anything imported them.
 _SUBMODULES = ("adapters", "bench", "budget", "core", "evaluation", "loading", "methods", "overlay", "presets",
-               "registry", "runtime", "toy")  # fmt: skip
+               "registry", "runtime", "tiny")  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

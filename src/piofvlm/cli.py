@@ -264,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if testbed_available():
         return _demo_testbed(args, workdir)
-    from piofvlm import toy
+    from piofvlm.tiny import llava as toy
 
     model_dir = workdir / "toy-llava"
     # Without the trained testbed checkpoint the demo runs a tiny LLaVA with RANDOM weights: its answers are noise;
@@ -437,8 +437,8 @@ def _show_tiny(args: argparse.Namespace, method: Any) -> int:
 
     from piofvlm.adapters import get_adapter
     from piofvlm.overlay import draw_overlay, save_overlay
-    from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
-    from piofvlm.toy_pictures import source_sizes, tiny_pictures
+    from piofvlm.tiny.cases import TINY_CASES, UNAVAILABLE
+    from piofvlm.tiny.pictures import source_sizes, tiny_pictures
 
     if args.model is not None or args.image is not None:
         raise ValueError("--family draws a tiny random model on its own inputs: drop --model / --image")
@@ -607,7 +607,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from piofvlm import doctor
-    from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
+    from piofvlm.tiny.cases import TINY_CASES, UNAVAILABLE
 
     unavailable = [f"{name} ({UNAVAILABLE[name]})" for name in args.family or () if name in UNAVAILABLE]
     if unavailable:

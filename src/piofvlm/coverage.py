@@ -5,7 +5,8 @@ Every ``model_type`` of transformers' image-text-to-text auto-mapping (what ``Au
 one of three statuses, the same ones :func:`piofvlm.adapters.get_adapter`'s error names:
 
 * ``supported``: an adapter is registered (:data:`piofvlm.adapters.ADAPTERS`); ``tested`` says whether its tiny model
-  runs here (``piofvlm doctor``'s self-test and the test matrices, :data:`piofvlm.toy_cases.TINY_CASES`), else why not;
+  runs here (``piofvlm doctor``'s self-test and the test matrices,
+  :data:`piofvlm.tiny.cases.TINY_CASES`), else why not;
 * ``refused``: refused by design, with the reason (:data:`piofvlm.adapters.registry.NOT_SUPPORTED`: encoder-decoder
   models, visual features through cross-attention, ...);
 * ``not yet``: a family piofvlm has no adapter for yet.
@@ -66,7 +67,7 @@ def coverage() -> list[FamilyStatus]:
     sorted by model type, with its status."""
     from piofvlm.adapters import ADAPTERS
     from piofvlm.adapters.registry import NOT_SUPPORTED
-    from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
+    from piofvlm.tiny.cases import TINY_CASES, UNAVAILABLE
 
     mapping = transformers_compat.image_text_to_text_model_types()
     rows = []

@@ -1,6 +1,6 @@
 """``piofvlm doctor``: what is installed, whether it is inside the tested range, and a self-test of every family.
 
-The self-test builds one tiny random model per supported family (:data:`piofvlm.toy_cases.TINY_CASES`; nothing is
+The self-test builds one tiny random model per supported family (:data:`piofvlm.tiny.cases.TINY_CASES`; nothing is
 downloaded) and checks, in a few seconds, the four things a broken transformers release breaks first:
 
 * keep-all: a method that keeps every visual token gives logits bit-identical to the unhooked model;
@@ -28,7 +28,7 @@ from piofvlm.adapters import get_adapter
 from piofvlm.core.context import Selection, StageContext
 from piofvlm.methods.base import TokenPruner
 from piofvlm.registry import get_method
-from piofvlm.toy_cases import TINY_CASES, UNAVAILABLE
+from piofvlm.tiny.cases import TINY_CASES, UNAVAILABLE
 
 NEW_TOKENS = 3
 

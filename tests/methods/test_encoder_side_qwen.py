@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import piofvlm  # noqa: E402
 import test_qwen as tq  # noqa: E402
-from piofvlm.toy_qwen import IMAGE, OV_IMAGE, random_image  # noqa: E402
+from piofvlm.tiny.qwen import IMAGE, OV_IMAGE, random_image  # noqa: E402
 
 PROMPT = "USER : {} what is the colour of the circle ? ASSISTANT :"
 

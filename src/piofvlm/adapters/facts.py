@@ -10,7 +10,7 @@ adapter (by ``model_type``, as ``@register_adapter`` does for the code adapters)
 Families that truly differ (M-RoPE, windows, per-layer inputs, hybrid stacks, image blocks) keep a module of code.
 
 Adding a common-layout family: one :class:`Family` in :data:`COMMON_FAMILIES`, its tiny model in
-``toy_families.FAMILIES``, and its tests (see ``tests/test_facts.py``, which checks :data:`LLAVA_AS_DATA` against
+``tiny.families.FAMILIES``, and its tests (see ``tests/test_facts.py``, which checks :data:`LLAVA_AS_DATA` against
 LLaVA's code adapter, and DEVELOPERS.md).
 """
 

@@ -1,4 +1,4 @@
-"""The pictures behind the tiny cases' inputs (:data:`piofvlm.toy_cases.TINY_CASES`), for overlays and their tests.
+"""The pictures behind the tiny cases' inputs (:data:`piofvlm.tiny.cases.TINY_CASES`), for overlays and their tests.
 
 :func:`tiny_pictures` gives, per image or video of a family's tiny case in flat prompt order, the picture its
 processor was given: a PIL image, or a video's frames (a list of PIL images). The tiny videos are random inputs in
@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from piofvlm import toy, toy_families, toy_qwen
+from piofvlm.tiny import families as toy_families
+from piofvlm.tiny import llava as toy
+from piofvlm.tiny import qwen as toy_qwen
 
 #: A picture of an item: an image, or a video's frames.
 Picture = Image.Image | list[Image.Image]

@@ -4,7 +4,7 @@ Each family has a :class:`TinyFamily`: a builder (random weights from a config),
 built without torchvision (video processors need it, SmolVLM's processor needs ``num2words``: those inputs are
 written here in the processor's layout), and three standard samples mirroring ``tests/test_qwen.py``: one image; an
 image and a video (a second image where the family has no video); two images of different sizes. :func:`tiny_case`
-gives ``(model, inputs)`` for ``piofvlm.toy_cases.TINY_CASES`` (``piofvlm doctor``).
+gives ``(model, inputs)`` for ``piofvlm.tiny.cases.TINY_CASES`` (``piofvlm doctor``).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ from transformers import (
     SmolVLMImageProcessorPil,
 )
 
-from piofvlm import toy_qwen, transformers_compat
-from piofvlm.toy import WORDS, random_image, text_config, word_level_tokenizer
+from piofvlm import transformers_compat
+from piofvlm.tiny import qwen as toy_qwen
+from piofvlm.tiny.llava import WORDS, random_image, text_config, word_level_tokenizer
 
 #: Placeholder of an image / a video in the standard prompts; replaced by each family's own placeholder.
 IMAGE, VIDEO = "{image}", "{video}"
@@ -957,7 +958,7 @@ if (_reason := transformers_compat.gemma4_unsupported_reason()) is not None:
 
 
 def tiny_case(model_type: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``(model, inputs)`` for ``piofvlm.toy_cases.TINY_CASES``: the family's tiny model (3 decoder layers) and its
+    """``(model, inputs)`` for ``piofvlm.tiny.cases.TINY_CASES``: the family's tiny model (3 decoder layers) and its
     standard samples 0 and 1 (one image; an image and a video, or a second image), left-padded."""
     family = FAMILIES[model_type]
     return family.build(num_layers=3), dict(family.inputs((0, 1)))
@@ -993,7 +994,7 @@ def _transformers_class(name: str) -> Any:
 def build_qwen3_vl_moe(
     attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> torch.nn.Module:
-    """Qwen3-VL-MoE: the tiny Qwen3-VL of ``toy_qwen`` (interleaved M-RoPE, head_dim 16, deepstack after layers 0
+    """Qwen3-VL-MoE: the tiny Qwen3-VL of ``tiny.qwen`` (interleaved M-RoPE, head_dim 16, deepstack after layers 0
     and 1) with an MoE block of :data:`MOE_EXPERTS` experts, top-:data:`MOE_TOP_K`, in every layer (as the
     checkpoints: ``mlp_only_layers=[]``, ``decoder_sparse_step=1``)."""
     text = toy_qwen._text_config("qwen3_vl", num_layers, vocab_size=64)
@@ -1142,7 +1143,7 @@ def build_vipllava(
     five)."""
     from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
 
-    from piofvlm import toy
+    from piofvlm.tiny import llava as toy
 
     config = VipLlavaConfig(
         vision_config=toy.vision_config(),
@@ -1157,7 +1158,7 @@ def build_vipllava(
 def vipllava_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
     """The standard samples through ``LlavaProcessor`` (ViP-LLaVA's; CLIP resize and 28 px center crop); no video:
     sample 1's video is a second image."""
-    from piofvlm import toy
+    from piofvlm.tiny import llava as toy
 
     return toy.build_processor("llava")(
         images=_images(indices, True), text=_prompts(indices, "<image>", None), return_tensors="pt", padding=True
@@ -1165,7 +1166,7 @@ def vipllava_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
 
 
 def build_vipllava_tokenizer() -> Any:
-    from piofvlm import toy
+    from piofvlm.tiny import llava as toy
 
     return toy.build_tokenizer()
 

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-from piofvlm import toy, toy_families, toy_qwen
+from piofvlm.tiny import families as toy_families
+from piofvlm.tiny import llava as toy
+from piofvlm.tiny import qwen as toy_qwen
 
 #: ``(model, inputs)``: an eval-mode fp32 model (sdpa) and processor outputs for a batch of two prompts.
 TinyCase = tuple[torch.nn.Module, dict[str, Any]]

@@ -29,7 +29,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from piofvlm.toy import WORDS, random_image, text_config, word_level_tokenizer
+from piofvlm.tiny.llava import WORDS, random_image, text_config, word_level_tokenizer
 
 ONEVISION = "llava_onevision"
 #: Placeholders of the LLaVA-OneVision toy prompts (one token each; the processor expands images).
