@@ -83,6 +83,7 @@ def test_closed_form_equals_the_reference_in_fp64_where_the_norm_is_fp64(kind, m
     path's to 1e-10, with every CPU shortcut forced on at tiny sizes: ``g . x`` from ``k q^T`` and ``P``, the LM
     head's backward as summed blocks, the row norms upcast a block at a time."""
     m, inputs = _model_and_inputs(kind, dtype=torch.float64)
+    m = copy.deepcopy(m)  # the cached model is shared with later tests: its norms are replaced on a copy only
     for layer in get_adapter(m).layers:
         fp64_norm = _Fp64RMSNorm(layer.input_layernorm.weight.shape[-1])
         with torch.no_grad():
