@@ -202,7 +202,8 @@ def test_big_model_args_reach_from_pretrained_typed(plugin):
     explicit = plugin.big_model_args('{"":"cpu"}', None, None, None, None, 1)
     assert explicit == {"device_map": {"": "cpu"}}
     assert plugin.big_model_args(0, None, None, None, None, 1) == {"device_map": 0}
-    assert plugin.big_model_args(None, None, None, "auto", None, 2) == {"tp_plan": "auto"}
+    sharded = plugin.big_model_args(None, None, None, "auto", None, 2)
+    assert list(sharded) == ["distributed_config"] and sharded["distributed_config"].tp_plan == "auto"
     with pytest.raises(ValueError, match="under 2 data-parallel processes would spread every process"):
         plugin.big_model_args("auto", None, None, None, None, 2)
 

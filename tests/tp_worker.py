@@ -73,6 +73,8 @@ def refusal(model) -> str | None:
 def main(case: Path) -> None:
     from transformers import AutoModelForImageTextToText
 
+    from piofvlm import transformers_compat
+
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -80,7 +82,9 @@ def main(case: Path) -> None:
     methods = json.loads((case / "methods.json").read_text())
     new_tokens = 3
     single = AutoModelForImageTextToText.from_pretrained(case / "model", dtype=torch.float32).eval()
-    sharded = AutoModelForImageTextToText.from_pretrained(case / "model", dtype=torch.float32, tp_plan="auto").eval()
+    sharded = AutoModelForImageTextToText.from_pretrained(
+        case / "model", dtype=torch.float32, **transformers_compat.tensor_parallel_kwargs("auto")
+    ).eval()
     for m in (single, sharded):  # the toy checkpoints have no generation defaults of their own
         m.generation_config.pad_token_id = m.generation_config.pad_token_id or 0
     attn = first_attention(sharded)

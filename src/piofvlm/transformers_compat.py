@@ -796,3 +796,15 @@ def anyres_helpers(family: str) -> Any:
         return SimpleNamespace(**{name: getattr(module, name) for name in names})
     except (ImportError, AttributeError) as error:
         raise _broken(f"the anyres helpers of modeling_{family} ({', '.join(names)})", "anyres_helpers") from error
+
+
+# ------------------------------------------------------------------------------------------- tensor parallelism
+def tensor_parallel_kwargs(plan: str = "auto") -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments that shard a model over the ranks of ``torchrun`` with the checkpoint's
+    own plan: ``distributed_config=DistributedConfig(tp_plan=plan)`` (every release of the range has it; the older
+    ``tp_plan=`` keyword warns that it is deprecated since 5.17)."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError as error:
+        raise _broken("transformers.distributed.DistributedConfig", "tensor_parallel_kwargs") from error
+    return {"distributed_config": DistributedConfig(tp_plan=plan)}

@@ -44,6 +44,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.protocol import ChatMessages
 from tqdm.auto import tqdm
 
+from piofvlm import transformers_compat
 from piofvlm.adapters import ADAPTERS
 from piofvlm.loading import DTYPES
 from piofvlm.registry import get_method, method_class, method_fields
@@ -238,7 +239,7 @@ def big_model_args(
                 "tp_plan=auto shards the model over the ranks of torchrun: launch with torchrun --nproc-per-node N "
                 "(on CPUs with ACCELERATE_USE_CPU=true); see docs/scaling.md"
             )
-        kwargs["tp_plan"] = "auto"
+        kwargs.update(transformers_compat.tensor_parallel_kwargs("auto"))
     return kwargs
 
 
@@ -304,7 +305,7 @@ class PiofvlmModel(lmms):
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         big = big_model_args(device_map, max_memory, offload_folder, tp_plan, device, self._world_size)
-        self._tensor_parallel = "tp_plan" in big
+        self._tensor_parallel = "distributed_config" in big
         if self._world_size > 1:  # one model per process: cuda:<local rank> when there is CUDA, else the CPU
             local = self.accelerator.local_process_index
             device = f"cuda:{local}" if torch.cuda.is_available() and device != "cpu" else "cpu"
