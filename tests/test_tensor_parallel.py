@@ -1,4 +1,4 @@
-"""Tensor parallelism: every registered method under ``from_pretrained(path, tp_plan="auto")`` equals one process.
+"""Tensor parallelism: every registered method under ``DistributedConfig(tp_plan="auto")`` equals one process.
 
 ``torchrun --nproc-per-node 2`` (gloo, CPU) runs ``tests/tp_worker.py`` once per model (the testbed, tiny LLaVA-NeXT,
 Qwen2.5-VL and Qwen3.5, whose ``q_proj`` packs queries and gates): each rank loads the saved

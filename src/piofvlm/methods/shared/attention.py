@@ -5,7 +5,7 @@ map. Asking the model for ``output_attentions`` would force eager attention on e
 one layer's projections (input norm, q/k projections, optional per-head q/k norms, the family's RoPE) from the hidden
 states entering it. The result does not depend on the attention implementation the model runs with.
 
-Under tensor parallelism (``from_pretrained(..., tp_plan="auto")``) ``q_proj`` / ``k_proj`` are column-sharded and
+Under tensor parallelism (``DistributedConfig(tp_plan="auto")``) ``q_proj`` / ``k_proj`` are column-sharded and
 each rank computes only its own heads; :func:`_all_heads` gathers every head over the tensor-parallel group, so every
 rank scores with all heads, as one process does (``docs/scaling.md``).
 """
