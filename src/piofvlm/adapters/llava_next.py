@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from piofvlm import transformers_compat
+from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.boxes import TokenBoxes, split_by_sample
-from piofvlm.adapters.llava import LlavaAdapter, anyres_view_boxes
+from piofvlm.adapters.llava import anyres_view_boxes
+from piofvlm.adapters.parts import ClipVisionTower
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -19,7 +21,7 @@ def _anyres():
 
 
 @register_adapter
-class LlavaNextAdapter(LlavaAdapter):
+class LlavaNextAdapter(ClipVisionTower, ModelAdapter):
     """Per image: the base view, then the unpadded high-resolution grid with one ``image_newline`` token per row.
 
     All of these are placeholder tokens of the image, so all of them are visual tokens and count towards a budget.

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from piofvlm import transformers_compat
-from piofvlm.adapters.base import items_in_prompt_order, prompt_items
+from piofvlm.adapters.base import ModelAdapter, items_in_prompt_order, prompt_items
 from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, frame_names, no_place, split_by_sample
-from piofvlm.adapters.llava import LlavaAdapter, anyres_view_boxes
+from piofvlm.adapters.llava import anyres_view_boxes
+from piofvlm.adapters.parts import ClipVisionTower
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -28,7 +29,7 @@ def _anyres():
 
 
 @register_adapter
-class LlavaOnevisionAdapter(LlavaAdapter):
+class LlavaOnevisionAdapter(ClipVisionTower, ModelAdapter):
     """Images and videos in any order; each image and each video is one budget group (``budget_scope="image"``)."""
 
     model_types = ("llava_onevision",)
