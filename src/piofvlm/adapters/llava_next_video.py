@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from piofvlm.adapters.base import ModelAdapter, prompt_items
+from piofvlm.adapters.base import prompt_items
 from piofvlm.adapters.boxes import TokenBoxes, frame_names, raster_boxes, split_by_sample
+from piofvlm.adapters.contract.tokens import VisualTokens
 from piofvlm.adapters.llava import anyres_view_boxes
 from piofvlm.adapters.llava_next import LlavaNextAdapter
 from piofvlm.adapters.registry import register_adapter
@@ -27,7 +28,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     model_types = ("llava_next_video",)
 
     # Images and videos mixed: place the per-item counts in prompt order (the model passes input_ids by keyword).
-    image_token_counts = ModelAdapter.image_token_counts
+    image_token_counts = VisualTokens.image_token_counts
 
     def item_token_counts(self, model_kwargs: dict[str, Any], modality: str) -> list[int] | None:
         if modality == "image":

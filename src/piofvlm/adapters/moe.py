@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from piofvlm import transformers_compat
-from piofvlm.adapters.base import ModelAdapter
+from piofvlm.adapters.base import llama_layer_output
 from piofvlm.adapters.glm4v import Glm4vAdapter
 from piofvlm.adapters.qwen3_5 import Qwen3_5Adapter
 from piofvlm.adapters.qwen_vl import Qwen3VLAdapter
@@ -70,4 +70,4 @@ class Glm4vMoeAdapter(Glm4vAdapter):
 
     def decoder_layer_output(self, layer: nn.Module, hidden: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
         """``Glm4vMoeTextDecoderLayer`` is Llama's pre-norm block (no sandwich norms)."""
-        return ModelAdapter.decoder_layer_output(self, layer, hidden, attn_output)
+        return llama_layer_output(layer, hidden, attn_output)
