@@ -1,4 +1,9 @@
-"""LLaVA-NeXT (1.6) models: anyres tiling, so each image has its own number of visual tokens."""
+"""LLaVA-NeXT (1.6) models: anyres tiling, so each image has its own number of visual tokens.
+
+It stays code (not a data entry of ``adapters/facts.py``): an image's count and token sources come from the model's
+own anyres packing (``pack_image_features`` run on (crop, patch) labels). Its vision tower is LLaVA's, composed from
+:class:`~piofvlm.adapters.parts.ClipVisionTower`.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ Images are laid out as in LLaVA-NeXT (base view, unpadded anyres grid, one ``ima
 one run of ``video_token_id`` placeholders: every frame's patch grid average-pooled by ``spatial_pool_stride``
 (``frames * (side // stride)**2`` tokens, no newline). Images and videos may come in any order in a prompt; each is
 one item (budget group under ``budget_scope="image"``). 1-D RoPE: ``positions="renumber"`` works as for LLaVA.
+
+It stays code (not a data entry): its image counts and sources run LLaVA-NeXT's anyres packing, and images and
+videos are placed in prompt order from two kinds of counts (pooled frames for videos).
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ tokens keep their positions (or are renumbered, ``positions="renumber"``). Visua
 *and* the video placeholders; an image's count includes its base view, its unpadded (possibly downscaled,
 ``anyres_max_N``) high-resolution grid and its ``image_newline`` tokens; a video's count is
 ``frames * ceil(side / 2)**2 + 1`` (pooled frames, then one newline).
+
+It stays code (not a data entry of ``adapters/facts.py``): counts, sources and vision scores follow the model's own
+anyres packing and video pooling. Its vision tower is LLaVA's, composed from
+:class:`~piofvlm.adapters.parts.ClipVisionTower`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ a sparse MoE block (a router picking ``num_experts_per_tok`` experts per token, 
 subclasses its sibling's and names the MoE modeling module's own rotary function. What the MoE block means for
 pruning:
 
+These stay code, not data entries of ``adapters/facts.py``: their siblings are not the common layout (M-RoPE, hybrid
+stacks, sandwich norms), and each one differs from its sibling only by the module its rotary function comes from
+(and GLM-4.5V's Llama layer tail, ``llama_layer_output``), a three-line subclass.
+
 * **Routing is per token.** Router and experts act on each row alone (no capacity limit, no token dropping in
   transformers' implementations), so a kept token is routed exactly as it would be in a no-cache forward of the kept
   sequence: cached decode == no-cache forward, batch == single hold as for the dense siblings.
