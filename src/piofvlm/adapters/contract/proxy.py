@@ -18,7 +18,8 @@ LLAMA_STYLE_TEXT_MODELS = ("llama", "mistral", "ministral", "qwen2", "qwen3")
 def llama_layer_output(layer: nn.Module, hidden: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
     """Llama's pre-norm block tail at some slots: ``hidden + attn``, then ``+ mlp(post_attention_layernorm(.))``."""
     residual = hidden + attn_output
-    return residual + layer.mlp(layer.post_attention_layernorm(residual))
+    norm, mlp = transformers_compat.layer_post_attention_norm(layer), transformers_compat.layer_mlp(layer)
+    return residual + mlp(norm(residual))
 
 
 class FastProxySupport:
@@ -46,7 +47,8 @@ class FastProxySupport:
         """Query states ``(B, n, H, hd)`` of attention module ``attn`` (before per-head norms and RoPE) at normed
         inputs ``(B, n, d)``, and the output gate ``(B, n, H * hd)`` the attention output is multiplied by (after a
         sigmoid) before ``o_proj``, or None. Default: ``q_proj`` alone, no gate."""
-        return attn.q_proj(normed).view(*normed.shape[:2], -1, attn.head_dim), None
+        parts = transformers_compat.attention_parts(attn)
+        return parts.q_proj(normed).view(*normed.shape[:2], -1, parts.head_dim), None
 
     def decoder_layer_output(self, layer: nn.Module, hidden: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
         """What decoder ``layer`` outputs at some slots, from its input there and its attention output (after
