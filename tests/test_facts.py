@@ -114,6 +114,15 @@ def test_the_data_entry_reads_what_the_code_adapter_read(model_type):
     for name in ("vision_feature_layer_index", "vision_has_cls", "vision_local_layer_index"):
         _same(lambda: getattr(old, name), lambda: getattr(new, name))  # noqa: B023
     _same(old.check_attention, new.check_attention)
+    if model_type == "mistral3":  # a text model with a sliding window: the same refusal
+        new.text_config.sliding_window = 8
+        try:
+            with pytest.raises(ValueError, match="sliding window") as caught:
+                old.check_attention()
+            _same(old.check_attention, new.check_attention)
+            assert "Mistral Small 3.x" in str(caught.value)
+        finally:
+            new.text_config.sliding_window = None
 
 
 def _run(m, inputs, method):

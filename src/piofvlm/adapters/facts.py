@@ -163,6 +163,7 @@ COMMON_FAMILIES: tuple[Family, ...] = (
         "Mistral 3 (Pixtral vision tower): ``[IMG]`` tokens are visual; ``[IMG_BREAK]`` / ``[IMG_END]`` are text; "
         "counts from ``image_sizes`` (``adapters/mistral3.py``).",
         parts=(NoSlidingWindow, PixtralImageGrid),
+        settings={"sliding_window_note": "the released Mistral Small 3.x checkpoints have none"},
         class_name="Mistral3Adapter",
     ),
 )

@@ -202,6 +202,9 @@ class NoSlidingWindow:
     """Refuses a text model with a sliding window (``text_config.sliding_window``): after tokens are dropped the
     mechanism rebuilds full causal masks (Mistral 3's text model may declare one)."""
 
+    #: What the error adds about the family's released checkpoints.
+    sliding_window_note: ClassVar[str] = "the released checkpoints have none"
+
     def check_attention(self) -> None:
         super().check_attention()  # type: ignore[misc]
         window = getattr(self.text_config, "sliding_window", None)  # type: ignore[attr-defined]
@@ -209,6 +212,5 @@ class NoSlidingWindow:
             raise ValueError(
                 f"this {self.model_type} model's text model uses a sliding window ({window} tokens); "  # type: ignore[attr-defined]
                 "after tokens are dropped the mechanism rebuilds full causal masks, which differ once a prompt is "
-                "longer than the window. Load it with text_config.sliding_window=None (the released checkpoints "
-                "have none)."
+                f"longer than the window. Load it with text_config.sliding_window=None ({self.sliding_window_note})."
             )
