@@ -123,6 +123,9 @@ LLAVA = Family(
     parts=(EqualTokensPerImage, SquarePatchGrid, ClipVisionTower),
 )
 
+#: The earlier name of the example entry (kept for code written against it).
+LLAVA_AS_DATA = LLAVA
+
 #: The common-layout families, registered as data (``tests/test_facts.py`` checks each against the code adapter it
 #: replaced: same logits, kept sets, KV lengths, token sources and boxes).
 COMMON_FAMILIES: tuple[Family, ...] = (
