@@ -754,3 +754,54 @@ def test_anyres_helpers(family):
     assert helpers.get_anyres_image_grid_shape((40, 60), pinpoints, 32) == (rows, cols)
     assert helpers.image_size_to_num_patches((40, 60), pinpoints, 32) == rows * cols + 1
     assert tuple(helpers.unpad_image(torch.empty(0, 4, 8), torch.tensor([40, 60])).shape) == (0, 4, 6)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen3_vl", "gemma3", "glm4v", "qwen3_5", "qwen3_vl_moe"])
+def test_decoder_layer_parts_are_the_modules_the_layer_runs(kind):
+    """``layer_attention_parts`` / ``layer_input_norm`` / ``layer_post_attention_norm`` / ``layer_mlp`` (what the fast
+    proxy and the explicit-attention methods recompute with) name modules that the stock forward of that layer
+    actually runs, with a head size that divides the projections; a layer without them is diagnosed."""
+    from piofvlm.tiny.cases import TINY_CASES, UNAVAILABLE
+
+    if kind in UNAVAILABLE:
+        pytest.skip(UNAVAILABLE[kind])
+    model, inputs = TINY_CASES[kind]()
+    adapter = get_adapter(model)
+    index = next(i for i in range(adapter.num_layers) if adapter.is_attention_layer(i))
+    layer = adapter.layers[index]
+    attn = transformers_compat.layer_attention_parts(layer)
+    named = {
+        "input_norm": transformers_compat.layer_input_norm(layer),
+        "mlp": transformers_compat.layer_mlp(layer),
+        **{name: getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")},
+    }
+    from piofvlm.adapters.contract.proxy import FastProxySupport
+
+    if type(adapter).decoder_layer_output is FastProxySupport.decoder_layer_output:  # Llama's tail
+        named["post_attention_norm"] = transformers_compat.layer_post_attention_norm(layer)
+    named = {name: module for name, module in named.items() if module is not None}
+    calls = dict.fromkeys(named, 0)
+    hooks = [
+        module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, module in named.items()
+    ]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    contract(
+        all(count >= 1 for count in calls.values()) and attn.module is layer.self_attn,
+        f"{type(layer).__name__}'s modules (calls in one forward: {calls})",
+        "layer_attention_parts",
+    )
+    contract(
+        attn.q_proj.out_features % attn.head_dim == 0 and attn.k_proj.out_features % attn.head_dim == 0,
+        f"{type(layer.self_attn).__name__}.head_dim ({attn.head_dim})",
+        "attention_parts",
+    )
+    with pytest.raises(transformers_compat.TransformersInternalsError, match="layer_attention_parts must learn it"):
+        transformers_compat.layer_attention_parts(torch.nn.Linear(2, 2))
+    with pytest.raises(transformers_compat.TransformersInternalsError, match="attention_parts must learn it"):
+        transformers_compat.attention_parts(torch.nn.Linear(2, 2))

@@ -24,6 +24,9 @@ _rms_norm_formula``, recognised per module on a probe; only its epsilon is read,
   and the model keep using between calls;
 * mask functions (``masking_utils``) and the Gemma block-id helpers: the rebuilt masks must equal the model's own bit
   for bit (keep-all identity), including its sdpa / eager / flash formats;
+* the decoder layers' module names (``self_attn`` with ``q/k/v/o_proj``, ``head_dim``, ``scaling``, per-head
+  norms; ``input_layernorm``, ``post_attention_layernorm``, ``mlp``): the fast PIO proxy and the explicit-attention
+  methods recompute parts of a stock layer with its own modules (:func:`layer_attention_parts`, ...);
 * the recurrent padding mask, the Qwen vision rotary and window index, the image-processor tiling, pre-encoded
   features (``mm_encoder_outputs``), ``CompileConfig``, the serving classes: piofvlm reuses what the model or
   ``generate()`` computes or expects, so owning a copy would let the two drift apart silently.
@@ -36,6 +39,7 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -271,6 +275,73 @@ def norm_epsilon(norm: torch.nn.Module) -> float | None:
         if isinstance(value, float):
             return value
     return None
+
+
+# ----------------------------------------------------------------------------------------- decoder-layer parts
+@dataclass(frozen=True)
+class AttentionParts:
+    """The pieces of a Llama-style self-attention module that the fast PIO proxy and the explicit-attention methods
+    recompute with (:func:`attention_parts`): projections, optional per-head norms (Qwen3), head size, scaling."""
+
+    module: torch.nn.Module
+    q_proj: torch.nn.Module
+    k_proj: torch.nn.Module
+    v_proj: torch.nn.Module
+    o_proj: torch.nn.Module
+    #: Per-head RMS norms on queries / keys before the rotation (Qwen3, Gemma 3), or None.
+    q_norm: torch.nn.Module | None
+    k_norm: torch.nn.Module | None
+    head_dim: int
+    #: The factor on ``q k^T`` (``head_dim ** -0.5`` for Llama, ``query_pre_attn_scalar ** -0.5`` for Gemma 3).
+    scaling: float
+
+
+def attention_parts(attn: torch.nn.Module) -> AttentionParts:
+    """The :class:`AttentionParts` of a Llama-style attention module (``q/k/v/o_proj``, ``head_dim``, ``scaling``,
+    optional ``q_norm`` / ``k_norm``): what the decoder layers of every family with a fast proxy carry in 5.17-5.25."""
+    try:
+        return AttentionParts(
+            attn,
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            getattr(attn, "q_norm", None),
+            getattr(attn, "k_norm", None),
+            int(attn.head_dim),
+            attn.scaling,
+        )
+    except AttributeError as error:
+        raise _broken(
+            f"{type(attn).__name__}'s layout (q_proj / k_proj / v_proj / o_proj, head_dim, scaling)", "attention_parts"
+        ) from error
+
+
+def _layer_module(layer: torch.nn.Module, name: str, fix: str) -> torch.nn.Module:
+    module = getattr(layer, name, None)
+    if module is None:
+        raise _broken(f"{type(layer).__name__}'s layout (no {name})", fix)
+    return module
+
+
+def layer_attention_parts(layer: torch.nn.Module) -> AttentionParts:
+    """:func:`attention_parts` of decoder layer ``layer``'s self-attention (``layer.self_attn``)."""
+    return attention_parts(_layer_module(layer, "self_attn", "layer_attention_parts"))
+
+
+def layer_input_norm(layer: torch.nn.Module) -> torch.nn.Module:
+    """The norm a pre-norm decoder layer applies to its input before its token mixer (``input_layernorm``)."""
+    return _layer_module(layer, "input_layernorm", "layer_input_norm")
+
+
+def layer_post_attention_norm(layer: torch.nn.Module) -> torch.nn.Module:
+    """The norm a Llama-style decoder layer applies to the residual before its MLP (``post_attention_layernorm``)."""
+    return _layer_module(layer, "post_attention_layernorm", "layer_post_attention_norm")
+
+
+def layer_mlp(layer: torch.nn.Module) -> torch.nn.Module:
+    """A decoder layer's feed-forward block (``mlp``: dense, or a per-token MoE block)."""
+    return _layer_module(layer, "mlp", "layer_mlp")
 
 
 # ---------------------------------------------------------------------------------------------------------- masks

@@ -4,27 +4,47 @@ The common layout is LLaVA's: ``model.model`` receives ``input_ids`` and pixels 
 language_model``, whose ``layers`` are decoder layers with 1-D rotary positions of a text model in
 ``LLAMA_STYLE_TEXT_MODELS``, ``norm`` and ``model.lm_head``; the visual tokens carry ``config.image_token_id``.
 A :class:`Family` says where each of those is (attribute paths, only where they differ) and lists the small parts
-(:mod:`piofvlm.adapters.parts`) that say how its images are counted; :func:`declare` builds and registers the
-adapter (by ``model_type``, as ``@register_adapter`` does for the code adapters).
+(:mod:`piofvlm.adapters.parts`, or a family module's own part where its layout is code) that say how its images are
+counted and what its vision side offers; :func:`declare` builds and registers the adapter (by ``model_type``, as
+``@register_adapter`` does for the code adapters). :data:`COMMON_FAMILIES` are the registered entries:
 
-Families that truly differ (M-RoPE, windows, per-layer inputs, hybrid stacks, image blocks) keep a module of code.
+* ``llava`` (LLaVA-1.5) and ``vipllava`` (ViP-LLaVA: several feature layers, no select strategy);
+* ``internvl``, ``smolvlm`` / ``idefics3``, ``idefics2``, ``mistral3``: LLaVA's decoder side, with their tile,
+  latent or grid geometry as one part each (in ``internvl.py``, ``smolvlm.py``, ``idefics2.py``, ``mistral3.py``).
+
+Families that truly differ keep a module of code: M-RoPE, windows, per-layer inputs, hybrid stacks, image blocks
+(``qwen_vl.py``, ``glm4v.py``, ``gemma3.py``, ``gemma4.py``, ``qwen3_5.py``, ``moe.py``) and the anyres packings
+(``llava_next.py``, ``llava_onevision.py``, ``llava_next_video.py``: image counts and token sources run the model's
+own packing code, and videos mix with images in prompt order).
 
 Adding a common-layout family: one :class:`Family` in :data:`COMMON_FAMILIES`, its tiny model in
-``tiny.families.FAMILIES``, and its tests (see ``tests/test_facts.py``, which checks :data:`LLAVA_AS_DATA` against
-LLaVA's code adapter, and DEVELOPERS.md).
+``tiny.families.FAMILIES``, and its tests (``tests/test_facts.py`` checks every entry against the code adapter it
+replaced; DEVELOPERS.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
 from piofvlm.adapters.base import ModelAdapter
-from piofvlm.adapters.parts import EqualTokensPerImage
+from piofvlm.adapters.idefics2 import PerceiverLatents
+from piofvlm.adapters.internvl import InternVLTiles
+from piofvlm.adapters.mistral3 import PixtralImageGrid
+from piofvlm.adapters.parts import (
+    ClipVisionTower,
+    EqualTokensPerImage,
+    NoSlidingWindow,
+    PatchGridPerImage,
+    RunsAreItems,
+    SquarePatchGrid,
+)
 from piofvlm.adapters.registry import register_adapter
+from piofvlm.adapters.smolvlm import SmolVLMTiles
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,10 @@ class Family:
     final_norm: str = "norm"
     #: The config attribute holding the image placeholder id.
     image_token_id: str = "image_token_id"
+    #: Class attributes of the adapter that tune its parts (e.g. ``ClipVisionTower.feature_layer_field``).
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    #: The adapter class's name (default: from the first model type, ``llava_next`` -> ``LlavaNextAdapter``).
+    class_name: str | None = None
 
 
 class FactsAdapter(ModelAdapter):
@@ -80,25 +104,74 @@ class FactsAdapter(ModelAdapter):
 def declare(family: Family, register: bool = True) -> type[ModelAdapter]:
     """Build the adapter class of ``family`` (its parts, then :class:`FactsAdapter`) and register it (by
     ``model_type``, unless ``register`` is false)."""
-    name = "".join(word.title() for word in family.model_types[0].split("_")) + "Adapter"
-    namespace = {"model_types": family.model_types, "family": family, "__doc__": family.description}
+    name = family.class_name or "".join(word.title() for word in family.model_types[0].split("_")) + "Adapter"
+    namespace = {
+        **family.settings,
+        "model_types": family.model_types,
+        "family": family,
+        "__doc__": family.description,
+    }
     cls = type(name, (*family.parts, FactsAdapter), {**namespace, "__module__": __name__})
     return register_adapter(cls) if register else cls
 
 
-#: LLaVA-1.5 written as data: what a common-layout entry looks like. Not registered (``llava`` keeps its code adapter,
-#: which also draws token boxes and serves the encoder-side methods); ``tests/test_facts.py`` checks that a model
-#: pruned through it equals the code adapter, logit for logit and kept set for kept set.
-LLAVA_AS_DATA = Family(
+#: LLaVA-1.5 (the example of DEVELOPERS.md): equal token counts per image on a Llama, CLIP's patch grid.
+LLAVA = Family(
     ("llava",),
-    "LLaVA-1.5 (``LlavaForConditionalGeneration``) as a data entry: equal token counts per image on a Llama.",
-    parts=(EqualTokensPerImage,),
+    "LLaVA-1.5 (``LlavaForConditionalGeneration``): every image expands to the same number of placeholder tokens "
+    "(576 at 336 px), one CLIP patch grid.",
+    parts=(EqualTokensPerImage, SquarePatchGrid, ClipVisionTower),
 )
 
-#: The common-layout families registered as data (none yet: ViP-LLaVA, the first candidate, needs vision-side
-#: behaviour, its feature layers, so it keeps the code adapter of ``adapters/vipllava.py``).
-COMMON_FAMILIES: tuple[Family, ...] = ()
+#: The earlier name of the example entry (kept for code written against it).
+LLAVA_AS_DATA = LLAVA
 
+#: The common-layout families, registered as data (``tests/test_facts.py`` checks each against the code adapter it
+#: replaced: same logits, kept sets, KV lengths, token sources and boxes).
+COMMON_FAMILIES: tuple[Family, ...] = (
+    LLAVA,
+    Family(
+        ("vipllava",),
+        "ViP-LLaVA (``VipLlavaForConditionalGeneration``): LLaVA-1.5's layout, image features from several vision "
+        "layers (``vision_feature_layers``), [CLS] always dropped (``adapters/vipllava.py``).",
+        parts=(PatchGridPerImage, SquarePatchGrid, ClipVisionTower),
+        settings={"feature_layer_field": "vision_feature_layers", "select_strategy_field": None},
+        class_name="VipLlavaAdapter",
+    ),
+    Family(
+        ("internvl",),
+        "InternVL 2.5 / 3 (``InternVLForConditionalGeneration``): one contiguous run of ``<IMG_CONTEXT>`` tokens per "
+        "image (or video frame); tiles are square token grids (``adapters/internvl.py``).",
+        parts=(RunsAreItems, InternVLTiles),
+        class_name="InternVLAdapter",
+    ),
+    Family(
+        ("smolvlm", "idefics3"),
+        "SmolVLM / Idefics3: each run of ``<image>`` tokens (a tile or a global view) is one item "
+        "(``adapters/smolvlm.py``).",
+        parts=(RunsAreItems, SmolVLMTiles),
+        language_model="model.text_model",
+        class_name="SmolVLMAdapter",
+    ),
+    Family(
+        ("idefics2",),
+        "Idefics2: each run of ``<image>`` tokens (a crop or a whole image: its perceiver latents) is one item "
+        "(``adapters/idefics2.py``).",
+        parts=(RunsAreItems, PerceiverLatents),
+        language_model="model.text_model",
+        class_name="Idefics2Adapter",
+    ),
+    Family(
+        ("mistral3",),
+        "Mistral 3 (Pixtral vision tower): ``[IMG]`` tokens are visual; ``[IMG_BREAK]`` / ``[IMG_END]`` are text; "
+        "counts from ``image_sizes`` (``adapters/mistral3.py``).",
+        parts=(NoSlidingWindow, PixtralImageGrid),
+        settings={"sliding_window_note": "the released Mistral Small 3.x checkpoints have none"},
+        class_name="Mistral3Adapter",
+    ),
+)
+
+#: The adapter class of each entry, by its first model type.
 ADAPTERS_FROM_FACTS: dict[str, type[ModelAdapter]] = {
     family.model_types[0]: declare(family) for family in COMMON_FAMILIES
 }

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from piofvlm import transformers_compat
-from piofvlm.adapters.base import ModelAdapter
+from piofvlm.adapters.base import ModelAdapter, check_supported_attention
 from piofvlm.adapters.boxes import TokenBoxes, raster_boxes, split_by_sample
 from piofvlm.adapters.registry import register_adapter
 from piofvlm.core.ops import gather_sequence
@@ -211,7 +211,7 @@ class Gemma3Adapter(ModelAdapter):
 
     # ---------------------------------------------------------------------------------------------- checks
     def check_attention(self) -> None:
-        super().check_attention()
+        check_supported_attention(self.attn_implementation)
         if getattr(self.text_config, "use_bidirectional_attention", False):
             raise ValueError(
                 "gemma3 models with use_bidirectional_attention=True (fully bidirectional text, e.g. EmbeddingGemma) "

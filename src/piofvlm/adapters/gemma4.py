@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from piofvlm import transformers_compat
-from piofvlm.adapters.base import ModelAdapter
+from piofvlm.adapters.base import check_supported_attention
 from piofvlm.adapters.boxes import TokenBoxes, raster_boxes, split_by_sample
 from piofvlm.adapters.gemma3 import SLIDING, Gemma3Adapter
 from piofvlm.adapters.registry import register_adapter
@@ -162,7 +162,8 @@ class Gemma4Adapter(Gemma3Adapter):
             )
 
     def check_attention(self) -> None:
-        ModelAdapter.check_attention(self)  # Gemma 3's check reads use_bidirectional_attention as a flag
+        # not Gemma 3's check, which reads use_bidirectional_attention as a flag
+        check_supported_attention(self.attn_implementation)
         reason = transformers_compat.gemma4_unsupported_reason()
         if reason is not None:
             raise ValueError(reason)

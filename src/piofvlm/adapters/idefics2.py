@@ -11,6 +11,9 @@ is one item**: the config cannot tell where an image's crops end.
 The tokens are perceiver latents, not patches: they have no place on the image (``token_boxes`` reports them
 unplaced), no patch grid for ``pool`` and no vision-attention map for ``visionzip``/``vscan``/``chain``, which refuse
 with an error naming what is missing.
+
+The adapter is a data entry (``adapters/facts.py``: ``text_model`` for the language model,
+:class:`~piofvlm.adapters.parts.RunsAreItems`); this module keeps the part that is code (:class:`PerceiverLatents`).
 """
 
 from __future__ import annotations
@@ -19,25 +22,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.boxes import TokenBoxes, no_place
-from piofvlm.adapters.registry import register_adapter
 
 
-@register_adapter
-class Idefics2Adapter(ModelAdapter):
-    """Each run of ``<image>`` tokens (a crop or a whole image: its perceiver latents) is one item."""
-
-    model_types = ("idefics2",)
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.text_model
-
-    def item_token_counts(self, model_kwargs: dict[str, Any], modality: str) -> list[int] | None:
-        return None  # each run of latents is one item
+class PerceiverLatents:
+    """The part of Idefics2's adapter that is code: each run of ``<image>`` tokens is a crop's perceiver latents,
+    placed nowhere on the image and from no patch."""
 
     def token_boxes(
         self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None

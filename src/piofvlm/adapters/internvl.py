@@ -7,6 +7,10 @@ The model sees no per-image tile count (``pixel_values`` is one tensor of tiles)
 class's default. A video is written frame by frame as images (``Frame1: <img> ... </img>``) with the image token, so
 each frame is an item of its own (``budget_scope="sample"`` pools them). 1-D RoPE (a Qwen2/Qwen3 or Llama text
 model), so ``positions="renumber"`` works as for LLaVA.
+
+The adapter is a data entry (``adapters/facts.py``: LLaVA's module tree,
+:class:`~piofvlm.adapters.parts.RunsAreItems`); this module keeps the one part that is code, the tile geometry
+(:class:`InternVLTiles`).
 """
 
 from __future__ import annotations
@@ -18,19 +22,12 @@ from typing import Any
 import torch
 
 from piofvlm import transformers_compat
-from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, in_region, split_by_sample
-from piofvlm.adapters.registry import register_adapter
 
 
-@register_adapter
-class InternVLAdapter(ModelAdapter):
-    """One contiguous run of ``<IMG_CONTEXT>`` tokens per image (or video frame); tiles are square token grids."""
-
-    model_types = ("internvl",)
-
-    def item_token_counts(self, model_kwargs: dict[str, Any], modality: str) -> list[int] | None:
-        return None  # pooled features are per tile, not per image: each run of image tokens is one image
+class InternVLTiles:
+    """The part of InternVL's adapter that is code: an image (or video frame) is one contiguous run of
+    ``<IMG_CONTEXT>`` tokens, its tiles back to back, each a square token grid (``pool``'s sources, overlays)."""
 
     @property
     def tile_side(self) -> int:

@@ -1,4 +1,9 @@
-"""LLaVA-NeXT (1.6) models: anyres tiling, so each image has its own number of visual tokens."""
+"""LLaVA-NeXT (1.6) models: anyres tiling, so each image has its own number of visual tokens.
+
+It stays code (not a data entry of ``adapters/facts.py``): an image's count and token sources come from the model's
+own anyres packing (``pack_image_features`` run on (crop, patch) labels). Its vision tower is LLaVA's, composed from
+:class:`~piofvlm.adapters.parts.ClipVisionTower`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from typing import Any
 import torch
 
 from piofvlm import transformers_compat
+from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.boxes import TokenBoxes, split_by_sample
-from piofvlm.adapters.llava import LlavaAdapter, anyres_view_boxes
+from piofvlm.adapters.llava import anyres_view_boxes
+from piofvlm.adapters.parts import ClipVisionTower
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -19,7 +26,7 @@ def _anyres():
 
 
 @register_adapter
-class LlavaNextAdapter(LlavaAdapter):
+class LlavaNextAdapter(ClipVisionTower, ModelAdapter):
     """Per image: the base view, then the unpadded high-resolution grid with one ``image_newline`` token per row.
 
     All of these are placeholder tokens of the image, so all of them are visual tokens and count towards a budget.

@@ -4,6 +4,9 @@ Images are laid out as in LLaVA-NeXT (base view, unpadded anyres grid, one ``ima
 one run of ``video_token_id`` placeholders: every frame's patch grid average-pooled by ``spatial_pool_stride``
 (``frames * (side // stride)**2`` tokens, no newline). Images and videos may come in any order in a prompt; each is
 one item (budget group under ``budget_scope="image"``). 1-D RoPE: ``positions="renumber"`` works as for LLaVA.
+
+It stays code (not a data entry): its image counts and sources run LLaVA-NeXT's anyres packing, and images and
+videos are placed in prompt order from two kinds of counts (pooled frames for videos).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from typing import Any
 
 import torch
 
-from piofvlm.adapters.base import ModelAdapter, prompt_items
+from piofvlm.adapters.base import prompt_items
 from piofvlm.adapters.boxes import TokenBoxes, frame_names, raster_boxes, split_by_sample
+from piofvlm.adapters.contract.tokens import VisualTokens
 from piofvlm.adapters.llava import anyres_view_boxes
 from piofvlm.adapters.llava_next import LlavaNextAdapter
 from piofvlm.adapters.registry import register_adapter
@@ -27,7 +31,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     model_types = ("llava_next_video",)
 
     # Images and videos mixed: place the per-item counts in prompt order (the model passes input_ids by keyword).
-    image_token_counts = ModelAdapter.image_token_counts
+    image_token_counts = VisualTokens.image_token_counts
 
     def item_token_counts(self, model_kwargs: dict[str, Any], modality: str) -> list[int] | None:
         if modality == "image":

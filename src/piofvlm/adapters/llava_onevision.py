@@ -5,6 +5,10 @@ tokens keep their positions (or are renumbered, ``positions="renumber"``). Visua
 *and* the video placeholders; an image's count includes its base view, its unpadded (possibly downscaled,
 ``anyres_max_N``) high-resolution grid and its ``image_newline`` tokens; a video's count is
 ``frames * ceil(side / 2)**2 + 1`` (pooled frames, then one newline).
+
+It stays code (not a data entry of ``adapters/facts.py``): counts, sources and vision scores follow the model's own
+anyres packing and video pooling. Its vision tower is LLaVA's, composed from
+:class:`~piofvlm.adapters.parts.ClipVisionTower`.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Any
 import torch
 
 from piofvlm import transformers_compat
-from piofvlm.adapters.base import items_in_prompt_order, prompt_items
+from piofvlm.adapters.base import ModelAdapter, items_in_prompt_order, prompt_items
 from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, frame_names, no_place, split_by_sample
-from piofvlm.adapters.llava import LlavaAdapter, anyres_view_boxes
+from piofvlm.adapters.llava import anyres_view_boxes
+from piofvlm.adapters.parts import ClipVisionTower
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -28,7 +33,7 @@ def _anyres():
 
 
 @register_adapter
-class LlavaOnevisionAdapter(LlavaAdapter):
+class LlavaOnevisionAdapter(ClipVisionTower, ModelAdapter):
     """Images and videos in any order; each image and each video is one budget group (``budget_scope="image"``)."""
 
     model_types = ("llava_onevision",)

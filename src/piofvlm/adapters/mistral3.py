@@ -6,6 +6,10 @@ Layout facts (``PixtralProcessor``): an image of ``h x w`` pixels becomes ``rows
 token are text: they are never dropped and keep the row structure visible to the decoder. An image's count comes from
 ``image_sizes`` (``rows * cols``), and its tokens form several runs split by the breaks: :func:`items_in_prompt_order`
 groups them back into one item. 1-D RoPE: ``positions="renumber"`` works as for LLaVA.
+
+The adapter is a data entry (``adapters/facts.py``: LLaVA's module tree, a text model with a sliding window refused
+by :class:`~piofvlm.adapters.parts.NoSlidingWindow`); this module keeps the part that is code, the grid read from
+``image_sizes`` (:class:`PixtralImageGrid`).
 """
 
 from __future__ import annotations
@@ -15,16 +19,12 @@ from typing import Any
 
 import torch
 
-from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.boxes import TokenBoxes, raster_boxes, split_by_sample
-from piofvlm.adapters.registry import register_adapter
 
 
-@register_adapter
-class Mistral3Adapter(ModelAdapter):
-    """``[IMG]`` tokens are visual; ``[IMG_BREAK]`` / ``[IMG_END]`` are text; counts from ``image_sizes``."""
-
-    model_types = ("mistral3",)
+class PixtralImageGrid:
+    """The part of Mistral 3's adapter that is code: ``[IMG]`` tokens are visual, ``[IMG_BREAK]`` / ``[IMG_END]``
+    text; each image a ``rows x cols`` grid read from ``image_sizes`` (counts, ``pool``'s sources, overlays)."""
 
     @property
     def _downsample(self) -> int:
@@ -80,13 +80,3 @@ class Mistral3Adapter(ModelAdapter):
             TokenBoxes(sample, "image", tokens, raster_boxes(rows, cols), torch.zeros_like(tokens), ("image",))
             for (sample, tokens), (rows, cols) in zip(placed, grids, strict=True)
         ]
-
-    def check_attention(self) -> None:
-        super().check_attention()
-        if getattr(self.text_config, "sliding_window", None) is not None:
-            raise ValueError(
-                f"this mistral3 model's text model uses a sliding window ({self.text_config.sliding_window} tokens); "
-                "after tokens are dropped the mechanism rebuilds full causal masks, which differ once a prompt is "
-                "longer than the window. Load it with text_config.sliding_window=None (the released Mistral Small "
-                "3.x checkpoints have none)."
-            )

@@ -10,6 +10,10 @@ a sparse MoE block (a router picking ``num_experts_per_tok`` experts per token, 
 subclasses its sibling's and names the MoE modeling module's own rotary function. What the MoE block means for
 pruning:
 
+These stay code, not data entries of ``adapters/facts.py``: their siblings are not the common layout (M-RoPE, hybrid
+stacks, sandwich norms), and each one differs from its sibling only by the module its rotary function comes from
+(and GLM-4.5V's Llama layer tail, ``llama_layer_output``), a three-line subclass.
+
 * **Routing is per token.** Router and experts act on each row alone (no capacity limit, no token dropping in
   transformers' implementations), so a kept token is routed exactly as it would be in a no-cache forward of the kept
   sequence: cached decode == no-cache forward, batch == single hold as for the dense siblings.
@@ -31,7 +35,7 @@ import torch
 from torch import nn
 
 from piofvlm import transformers_compat
-from piofvlm.adapters.base import ModelAdapter
+from piofvlm.adapters.base import llama_layer_output
 from piofvlm.adapters.glm4v import Glm4vAdapter
 from piofvlm.adapters.qwen3_5 import Qwen3_5Adapter
 from piofvlm.adapters.qwen_vl import Qwen3VLAdapter
@@ -70,4 +74,4 @@ class Glm4vMoeAdapter(Glm4vAdapter):
 
     def decoder_layer_output(self, layer: nn.Module, hidden: torch.Tensor, attn_output: torch.Tensor) -> torch.Tensor:
         """``Glm4vMoeTextDecoderLayer`` is Llama's pre-norm block (no sandwich norms)."""
-        return ModelAdapter.decoder_layer_output(self, layer, hidden, attn_output)
+        return llama_layer_output(layer, hidden, attn_output)

@@ -11,6 +11,10 @@ ratio; a count is per tile); ``budget_scope="sample"`` pools every tile of a sam
 The language model is ``model.model.text_model`` (Llama-style, 1-D RoPE: ``positions="renumber"`` works).
 Idefics3 is the same model under another name (``Idefics3Processor.replace_image_token`` writes the same strings;
 ``Idefics3Model`` merges features with the same ``inputs_merger``), so one adapter serves both.
+
+The adapter is a data entry (``adapters/facts.py``: ``text_model`` for the language model,
+:class:`~piofvlm.adapters.parts.RunsAreItems`); this module keeps the one part that is code, the tile geometry
+(:class:`SmolVLMTiles`).
 """
 
 from __future__ import annotations
@@ -19,25 +23,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, closest_grid, in_region
-from piofvlm.adapters.registry import register_adapter
 
 
-@register_adapter
-class SmolVLMAdapter(ModelAdapter):
-    """Each run of ``<image>`` tokens (a tile or a global view) is one item; see the module docstring."""
-
-    model_types = ("smolvlm", "idefics3")
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.text_model
-
-    def item_token_counts(self, model_kwargs: dict[str, Any], modality: str) -> list[int] | None:
-        return None  # features come per sample, tiles are runs: each run is one item
+class SmolVLMTiles:
+    """The part of SmolVLM's adapter that is code: each run of ``<image>`` tokens is a square tile (or the global
+    view) of the pixel-shuffled patch grid; an image's runs end at its ``<global-img>`` run (``pool``'s sources,
+    overlays)."""
 
     @property
     def tile_side(self) -> int:

@@ -9,33 +9,15 @@ the channels and projects them (``VipLlavaMultiModalProjector``: a LayerNorm and
 adapter is LLaVA's), but the encoder-side methods that read one vision layer's attention (``visionzip``, ``vscan``,
 ``chain``) refuse a list of feature layers (the visual tokens mix several layers); with an int
 ``vision_feature_layers`` they run as for LLaVA. ``pool`` pools the patch grid as for LLaVA.
+
+Its adapter is a data entry (``facts.COMMON_FAMILIES``): LLaVA's parts with
+:class:`~piofvlm.adapters.parts.PatchGridPerImage` for the counts and the settings ``feature_layer_field =
+"vision_feature_layers"``, ``select_strategy_field = None``; :data:`VipLlavaAdapter` is that registered class.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from piofvlm.adapters.facts import ADAPTERS_FROM_FACTS
 
-from piofvlm.adapters.llava import LlavaAdapter
-from piofvlm.adapters.registry import register_adapter
-
-
-@register_adapter
-class VipLlavaAdapter(LlavaAdapter):
-    """ViP-LLaVA: LLaVA-1.5's adapter; image features from several vision layers (see the module doc)."""
-
-    model_types = ("vipllava",)
-    feature_layer_field = "vision_feature_layers"
-
-    def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
-        """``(image_size / patch_size)**2`` tokens per image of ``pixel_values`` ([CLS] always dropped)."""
-        from_encoder = self.counts_from_encoder_outputs(model_kwargs)
-        if from_encoder is not None:
-            return from_encoder
-        pixel_values = model_kwargs.get("pixel_values")
-        if pixel_values is None:
-            return None
-        vision = self.model.config.vision_config
-        return [(vision.image_size // vision.patch_size) ** 2] * int(pixel_values.shape[0])
-
-    def _select_strategy(self) -> str:
-        return "default"  # the [CLS] token is always dropped
+#: The registered ``vipllava`` adapter, built from its data entry.
+VipLlavaAdapter = ADAPTERS_FROM_FACTS["vipllava"]

@@ -97,16 +97,16 @@ def _fast_logits(
     adapter = ctx.adapter
     rotary = adapter.rotary_fn()
     layer = adapter.layers[layer_index]
-    attn = layer.self_attn
+    attn = transformers_compat.layer_attention_parts(layer)
     batch_size, seq_len, _ = x.shape
     num_q = slots.shape[1]
     head_dim = attn.head_dim
 
-    normed = layer.input_layernorm(x)  # (B, S, d)
+    normed = transformers_compat.layer_input_norm(layer)(x)  # (B, S, d)
     normed_q = normed.gather(1, slots[..., None].expand(-1, -1, normed.shape[-1]))  # (B, n, d)
-    q, gate = adapter.attention_queries(attn, normed_q)  # (B, n, H, hd), (B, n, H hd) or None
+    q, gate = adapter.attention_queries(attn.module, normed_q)  # (B, n, H, hd), (B, n, H hd) or None
     k = attn.k_proj(normed).view(batch_size, seq_len, -1, head_dim)
-    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+    if attn.q_norm is not None:  # Qwen3-style per-head norms
         q, k = attn.q_norm(q), attn.k_norm(k)
     # Keys laid out head by head: a (S x hd) block per head makes the score products and their gradients plain
     # matrix products (on the strided (S, H, hd) view, q @ k^T took ~40x longer on CPU).
@@ -394,15 +394,16 @@ def _closed_form_gradient(
     if adapter.rotary_batch_dim != 0 or cos.dim() != 3:
         return None
     layer = adapter.layers[layer_index]
-    attn = layer.self_attn
+    attn = transformers_compat.layer_attention_parts(layer)
+    input_norm = transformers_compat.layer_input_norm(layer)
     batch_size, seq_len, _ = x.shape
     head_dim, dtype = attn.head_dim, x.dtype
     num_q = window.stop - window.start
     cos, sin = cos.expand(batch_size, -1, -1), sin.expand(batch_size, -1, -1)  # (B, S, r)
-    has_k_norm = hasattr(attn, "k_norm")
+    has_k_norm = attn.k_norm is not None
 
     with record_function("piofvlm.proxy.forward"):
-        norm = _Norm(layer.input_layernorm, x)
+        norm = _Norm(input_norm, x)
         with torch.no_grad():
             k_weight = norm.fold_weight(attn.k_proj.weight)  # (kv, d)
             keys = F.linear(norm.base, k_weight)  # (B, S, kv)
@@ -432,10 +433,10 @@ def _closed_form_gradient(
 
         x_q = x.detach()[:, window].clone().requires_grad_(True)  # (B, n, d) the loss rows' residual path
         with torch.no_grad():
-            normed_q = layer.input_layernorm(x_q)
+            normed_q = input_norm(x_q)
         normed_q.requires_grad_(True)  # their query path
-        q, gate = adapter.attention_queries(attn, normed_q)  # (B, n, H, hd), (B, n, H hd) or None
-        if hasattr(attn, "q_norm"):
+        q, gate = adapter.attention_queries(attn.module, normed_q)  # (B, n, H, hd), (B, n, H hd) or None
+        if attn.q_norm is not None:
             q = attn.q_norm(q)
         q = _rotate(rotary, q.flatten(0, 1), cos[:, window], sin[:, window])  # (B n, H, hd)
         num_heads = q.shape[1]
@@ -534,7 +535,8 @@ def _fast_mixer_logits(
     """
     adapter = ctx.adapter
     layer = adapter.layers[layer_index]
-    mixed = adapter.token_mixer(layer_index, layer.input_layernorm(x), ctx.layer_mask(layer_index))  # (B, S, d)
+    normed = transformers_compat.layer_input_norm(layer)(x)
+    mixed = adapter.token_mixer(layer_index, normed, ctx.layer_mask(layer_index))  # (B, S, d)
     index = slots[..., None].expand(-1, -1, x.shape[-1])
     out = adapter.decoder_layer_output(layer, x.gather(1, index), mixed.gather(1, index))  # (B, n, d)
     return head(adapter.final_norm(out))  # (B, n, V)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from piofvlm import transformers_compat
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.core.ops import gather_sequence
 
@@ -70,11 +71,12 @@ def layer_keys(
 ) -> torch.Tensor:
     """Keys of decoder layer ``layer_index``: ``(B, H_kv, S, hd)``, rotated by RoPE if ``position_embeddings``."""
     adapter.check_attention_map(layer_index, "key states")
-    attn = adapter.layers[layer_index].self_attn
+    layer = adapter.layers[layer_index]
+    attn = transformers_compat.layer_attention_parts(layer)
     batch_size, seq_len, _ = hidden.shape
-    normed = adapter.layers[layer_index].input_layernorm(hidden)
+    normed = transformers_compat.layer_input_norm(layer)(hidden)
     k = _all_heads(adapter, attn.k_proj(normed).view(batch_size, seq_len, -1, attn.head_dim), attn.k_proj, "key")
-    if hasattr(attn, "k_norm"):  # Qwen3-style per-head norms
+    if attn.k_norm is not None:  # Qwen3-style per-head norms
         k = attn.k_norm(k)
     k = k.transpose(1, 2)
     if position_embeddings is not None:
@@ -108,13 +110,13 @@ def layer_attention(
     adapter.check_attention_map(layer_index, "explicit attention scores")
     rotary = _rotary(adapter, "explicit attention scores")
     layer = adapter.layers[layer_index]
-    attn = layer.self_attn
+    attn = transformers_compat.layer_attention_parts(layer)
     batch_size, seq_len, _ = hidden.shape
-    normed = layer.input_layernorm(hidden)
+    normed = transformers_compat.layer_input_norm(layer)(hidden)
     normed_q = normed.gather(1, query_slots[..., None].expand(-1, -1, normed.shape[-1]))  # (B, n, d)
-    q, _ = adapter.attention_queries(attn, normed_q)  # (B, n, H, hd); an output gate does not change the map
+    q, _ = adapter.attention_queries(attn.module, normed_q)  # (B, n, H, hd); an output gate does not change the map
     q = _all_heads(adapter, q, attn.q_proj, "query")
-    if hasattr(attn, "q_norm"):
+    if attn.q_norm is not None:
         q = attn.q_norm(q)
     q = q.transpose(1, 2)  # (B, H, n, hd)
     batch_dim = adapter.rotary_batch_dim  # cos/sin tables (Qwen: already (B, S, hd))
