@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
@@ -175,8 +175,9 @@ class _Slot:
         self.items, self._recording = None, True
         try:
             output = self.model.generate(**kwargs)
-        except ValueError as error:  # piofvlm refuses this prompt (e.g. a count over an image's tokens)
-            raise ClientError(f"the pruning method refused this prompt: {quote(str(error), 300)}") from None
+        except ValueError as error:  # the method (e.g. a count over an image's tokens) or generate() refuses it
+            who = "the pruning method" if _raised_in_piofvlm(error) else "generate()"
+            raise ClientError(f"{who} refused this prompt: {quote(str(error), 300)}") from None
         finally:
             self._recording = False
         items, self.items = self.items, None
@@ -188,16 +189,74 @@ class _Slot:
         self._capture.remove()
 
 
+def _raised_in_piofvlm(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is piofvlm's code."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("piofvlm")
+
+
+class _StopOnText(StoppingCriteria):
+    """Stops ``generate()`` once the text generated after the prompt contains a stop string. (transformers'
+    ``stop_strings`` reads the tokenizer's vocabulary and fails on some tokenizers, e.g. a word-level one without a
+    decoder; decoding the generated tokens works with any.)"""
+
+    def __init__(self, tokenizer: Any, stops: list[str], prompt_tokens: int) -> None:
+        self.tokenizer, self.stops, self.prompt_tokens = tokenizer, stops, prompt_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = [
+            any(
+                stop in self.tokenizer.decode(row[self.prompt_tokens :], skip_special_tokens=True)
+                for stop in self.stops
+            )
+            for row in input_ids
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 class _Cancelled(Exception):
     """Raised in ``generate()`` by the streamer when the client of a stream went away: the generation stops."""
 
 
-class _Streamer(TextStreamer):
-    """Sends the text of each generated token to the event loop (``emit``) as soon as it is printable; the first
-    generated token also sends ``("started",)``: the prefill (where a method may refuse the prompt) is over."""
+class StopCut:
+    """Cuts an answer before the first stop string (OpenAI's ``stop``: the returned text does not contain it;
+    ``generate()`` stops on the token that completes it, so that token's text is cut here). Fed the text as it is
+    generated, it returns what may already be sent: text that could still begin a stop string is held back."""
 
-    def __init__(self, tokenizer: Any, emit: Callable[[tuple], None], cancelled: threading.Event) -> None:
+    def __init__(self, stops: str | list[str] | None) -> None:
+        self.stops = [stops] if isinstance(stops, str) else [s for s in stops or [] if s]
+        self.hit = False
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        if self.hit:
+            return ""
+        held = self._held + text
+        cuts = [i for i in (held.find(stop) for stop in self.stops) if i >= 0]
+        if cuts:
+            self.hit, self._held = True, ""
+            return held[: min(cuts)]
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if held.endswith(stop[:n])), default=0)
+        self._held = held[len(held) - keep :] if keep else ""
+        return held[: len(held) - keep]
+
+    def finish(self) -> str:
+        rest, self._held = ("" if self.hit else self._held), ""
+        return rest
+
+
+class _Streamer(TextStreamer):
+    """Sends the text of each generated token to the event loop (``emit``) as soon as it is printable (and cannot
+    be the start of a stop string); the first generated token also sends ``("started",)``: the prefill (where a
+    method may refuse the prompt) is over. A set ``cancelled`` stops ``generate()`` at its next token."""
+
+    def __init__(
+        self, tokenizer: Any, stops: str | list[str] | None, emit: Callable[[tuple], None], cancelled: threading.Event
+    ) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._cut = StopCut(stops)
         self._emit = emit
         self._cancelled = cancelled
         self._started = False
@@ -211,6 +270,7 @@ class _Streamer(TextStreamer):
         super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        text = self._cut.feed(text) + (self._cut.finish() if stream_end else "")
         if text:
             self._emit(("text", text))
 
@@ -273,9 +333,10 @@ def processor_messages(messages: list[dict]) -> tuple[list[dict], bool]:
 def generation_config(body: dict[str, Any], base: Any, *, compile: bool = False) -> Any:
     """The generation config of one request: the model's own, with the request's ``max_tokens`` /
     ``max_completion_tokens`` (new tokens), ``temperature`` (0: greedy; above 0: sampling), ``top_p``,
-    ``frequency_penalty`` (as ``repetition_penalty = 1 + frequency_penalty``), ``logit_bias`` (``sequence_bias``)
-    and ``stop`` (``stop_strings``); a static cache with ``compile``. ``body`` was checked by
-    :func:`~piofvlm.serve_limits.validate_chat_body`, which also set ``max_tokens`` when the request gave none."""
+    ``frequency_penalty`` (as ``repetition_penalty = 1 + frequency_penalty``) and ``logit_bias`` (``sequence_bias``);
+    a static cache with ``compile``. ``stop`` is not set here (:class:`_StopOnText` and :class:`StopCut` do it).
+    ``body`` was checked by :func:`~piofvlm.serve_limits.validate_chat_body`, which also set ``max_tokens`` when the
+    request gave none."""
     config = copy.deepcopy(base)
     if body.get("max_completion_tokens") is not None:
         config.max_new_tokens = int(body["max_completion_tokens"])
@@ -292,8 +353,6 @@ def generation_config(body: dict[str, Any], base: Any, *, compile: bool = False)
         config.repetition_penalty = 1.0 + float(body["frequency_penalty"])
     if body.get("logit_bias") is not None:
         config.sequence_bias = {(int(k),): float(v) for k, v in body["logit_bias"].items()}
-    if body.get("stop") is not None:
-        config.stop_strings = body["stop"]
     if compile and config.cache_implementation is None:
         config.cache_implementation = "static"
     return config
@@ -394,19 +453,22 @@ class ServedModel:
         inputs = self._inputs(body)
         config = generation_config(body, slot.model.generation_config, compile=self.compile)
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        kwargs = {**inputs, "generation_config": config, "tokenizer": tokenizer}
+        prompt_tokens = int(inputs["input_ids"].shape[-1])
+        cut = StopCut(body.get("stop"))
+        kwargs = {**inputs, "generation_config": config}
+        if cut.stops:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tokenizer, cut.stops, prompt_tokens)])
         if stream is not None:
-            kwargs["streamer"] = _Streamer(tokenizer, *stream)
+            kwargs["streamer"] = _Streamer(tokenizer, cut.stops, *stream)
         if body.get("seed") is not None:
             torch.manual_seed(int(body["seed"]))
         output, report = slot.generate(kwargs)
-        prompt_tokens = int(inputs["input_ids"].shape[-1])
         new = output[0, prompt_tokens:].tolist()
         eos = config.eos_token_id
         eos = set(eos if isinstance(eos, list | tuple) else [] if eos is None else [eos])
         ended = bool(new) and new[-1] in eos
-        finish = "length" if len(new) >= config.max_new_tokens and not ended else "stop"
-        text = tokenizer.decode(new, skip_special_tokens=True)
+        text = cut.feed(tokenizer.decode(new, skip_special_tokens=True)) + cut.finish()
+        finish = "length" if len(new) >= config.max_new_tokens and not ended and not cut.hit else "stop"
         return _Answer(text, prompt_tokens, len(new), finish, report)
 
     # -- from the event loop

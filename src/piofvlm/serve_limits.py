@@ -265,7 +265,7 @@ def validate_chat_body(body: Any, limits: ServeLimits, pinned_model: str) -> lis
         raise ClientError(
             f"unexpected fields in the request: {names} (not fields of OpenAI's chat completion request)",
             status=422,
-            param=quote(unexpected[0], 30),
+            param=unexpected[0][:40],
         )
     for name, neutral in UNSUPPORTED_FIELDS.items():
         value = body.get(name)
