@@ -1,24 +1,31 @@
-"""``piofvlm serve``: an OpenAI-compatible chat server with a pruning method applied, built on ``transformers serve``.
+"""``piofvlm serve``: an OpenAI-compatible chat server with a pruning method applied.
 
-transformers' serving parts (its model manager, its one inference thread per model, its chat-completion handler and
-response builders) do the serving; piofvlm builds its own FastAPI app around them so that every input passes
-:mod:`piofvlm.serve_limits` first:
+piofvlm owns the whole server (no serving internal of transformers: ``transformers serve`` was rewritten twice, the
+second time in 5.25); it calls only transformers' public API. Every input passes :mod:`piofvlm.serve_limits` first:
 
-* routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, ``POST /reset`` and ``POST /load_model``
-  (the pinned model only). transformers' other endpoints (responses, completions, audio) are not mounted;
+* routes: ``POST /v1/chat/completions`` (streaming or not), ``GET /v1/models``, ``GET /health``, ``POST /reset`` and
+  ``POST /load_model`` (the pinned model only). Nothing else is mounted;
 * a guard in front of the app refuses a Host header that is not allowed (DNS rebinding) and a body over the size cap;
 * the server reads every image itself (data URL; a file under ``--image-dir``; an http(s) URL with ``--allow-fetch``),
-  off the event loop, and hands transformers decoded images only: transformers never opens a path or a URL;
-* every client mistake is a 4xx with OpenAI's error JSON; nothing a client sent is logged;
-* the model manager applies (a fresh copy of) the method to the model it loads and, on ``/reset`` or shutdown, removes
-  it on the inference thread and forgets model, handle and method together;
+  off the event loop, and hands the processor decoded images only: transformers never opens a path or a URL;
+* every client mistake is a 4xx with OpenAI's error JSON (unknown fields 422, fields it cannot honour 400); nothing a
+  client sent is logged;
+* the chat core (:class:`ServedModel`): messages -> ``processor.apply_chat_template(..., tokenize=True,
+  return_dict=True)`` -> ``model.generate`` with the request's generation config (:func:`generation_config`) ->
+  an OpenAI ``chat.completion``, or ``chat.completion.chunk`` events (a :class:`~transformers.TextStreamer`), with
+  ``usage`` (prompt and completion tokens) and ``finish_reason`` (``length`` when ``max_tokens`` ended it); ``stop``
+  strings are cut from the answer (:class:`StopCut`);
+* the model is loaded with ``from_pretrained`` from the pinned path (``--dtype``, ``--attn``, ``--device``:
+  ``device_map`` off the CPU); a fresh copy of the method is applied to it; ``/reset`` or shutdown removes the method
+  and forgets model, processor, handle and method together;
 * each generation returns what it pruned, per image and video (the adapter's own per-item counts, as the mechanism
   groups them): ``usage.piofvlm`` and the header ``X-Piofvlm-Kept-Visual-Tokens`` of a response, and ``usage.piofvlm``
-  of the last chunk of a stream. A text-only turn runs with the method's hooks lifted and says so.
+  of the last chunk of a stream. A text-only turn runs with the method's hooks lifted and says so. A stream's headers
+  are sent after the prefill, so a prompt the method refuses is a 400 streamed or not.
 
-Concurrency: transformers serve runs every ``generate()`` of one model on that model's single inference thread, so
-requests are generated one at a time and the hooks' per-call state is never shared between two requests.
-``--compile`` switches decoding to a static cache compiled with ``torch.compile``.
+Concurrency: :class:`ServedModel` owns the model on ONE inference thread (a single-worker executor): loading, every
+``generate()`` and unloading run there one at a time, so the hooks' per-call state is never shared between two
+requests. ``--compile`` switches decoding to a static cache compiled with ``torch.compile``.
 """
 
 import asyncio
