@@ -170,6 +170,15 @@ class _Slot:
             self.items = visual_items(self.adapter, input_ids, kwargs)
 
     def generate(self, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """``model.generate(**kwargs)`` and the prune report; a prompt the method or ``generate()`` refuses
+        (``ValueError``) is a :class:`~piofvlm.serve_limits.ClientError`."""
+        try:
+            return self._generate(kwargs)
+        except ValueError as error:  # the method (e.g. a count over an image's tokens) or generate() refuses it
+            who = "the pruning method" if _raised_in_piofvlm(error) else "generate()"
+            raise ClientError(f"{who} refused this prompt: {quote(str(error), 300)}") from None
+
+    def _generate(self, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         input_ids = kwargs.get("input_ids")
         if input_ids is None or not bool(self.adapter.visual_token_mask(input_ids).any()):
             # Nothing to prune: the hooks refuse a prompt without visual tokens, so they are lifted for this turn.
@@ -182,9 +191,6 @@ class _Slot:
         self.items, self._recording = None, True
         try:
             output = self.model.generate(**kwargs)
-        except ValueError as error:  # the method (e.g. a count over an image's tokens) or generate() refuses it
-            who = "the pruning method" if _raised_in_piofvlm(error) else "generate()"
-            raise ClientError(f"{who} refused this prompt: {quote(str(error), 300)}") from None
         finally:
             self._recording = False
         items, self.items = self.items, None
