@@ -1,4 +1,4 @@
-"""``piofvlm serve``: transformers serve with a method applied, on 127.0.0.1, queried with the ``openai`` client.
+"""``piofvlm serve``: the chat server with a method applied, on 127.0.0.1, queried with the ``openai`` client.
 
 Needs the ``serve`` extra (fastapi, uvicorn, openai): skipped without it. Every request has a timeout and the
 server is stopped by the fixture.
@@ -151,7 +151,7 @@ def test_compiled_server_answers_like_the_eager_one(server):
             answer, usage, header = compiled.ask(*request)
             assert answer == server.ask(*request)[0]
             assert header == "64/256"
-        model = next(iter(compiled.manager.loaded_models.values())).model
+        model = compiled.manager.slot.model
         assert "_compiled_call" in model.__dict__  # decoding did go through torch.compile
     finally:
         compiled.stop()

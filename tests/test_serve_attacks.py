@@ -515,12 +515,12 @@ def test_reset_removes_the_method_and_drops_the_model():
         for cycle in range(3):
             reply = client.chat(request)
             assert reply.status == 200 and reply.headers["x-piofvlm-kept-visual-tokens"] == "64/256"
-            model = next(iter(manager.loaded_models.values())).model
+            model = manager.slot.model
             assert model in _ACTIVE and piofvlm_hooks(model)
             loaded.append(weakref.ref(model))
             assert client.request("POST", "/reset").status == 200
             assert model not in _ACTIVE and not piofvlm_hooks(model)  # the method is off the old model
-            assert not manager.slots and not manager.loaded_models
+            assert manager.slot is None and manager.processor is None
             del model
             gc.collect()
             assert [ref() for ref in loaded] == [None] * (cycle + 1)  # and nothing holds it any more

@@ -363,23 +363,6 @@ def test_compile_config_and_generate_compiled_call():
     assert transformers_compat.compiled_forward(model) is None
 
 
-def test_serving_internals():
-    pytest.importorskip("fastapi")
-    pytest.importorskip("openai")
-    pytest.importorskip("uvicorn")
-    serving = transformers_compat.serving()
-    contract(
-        "force_model" in inspect.signature(serving.ModelManager).parameters
-        and "compile" in inspect.signature(serving.GenerationState).parameters
-        and callable(getattr(serving.GenerationState, "get_manager", None))
-        and callable(getattr(serving.ChatCompletionHandler, "handle_request", None))
-        and callable(getattr(serving.ChatCompletionHandler, "get_processor_inputs_from_messages", None)),
-        "transformers.cli.serving (ModelManager(force_model=), GenerationState(compile=).get_manager, "
-        "ChatCompletionHandler.handle_request / get_processor_inputs_from_messages)",
-        "serving",
-    )
-
-
 def test_dynamic_cache_layers_can_be_left_padded():
     """``generate()`` and the model read the cache length from layer 0; padding it must change that length, keep the
     cached entries at the end, and the next ``update`` must append after them."""

@@ -684,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     run.set_defaults(func=cmd_run)
 
-    srv = command("serve", "OpenAI-compatible server (transformers serve) with a method applied")
+    srv = command("serve", "OpenAI-compatible chat server with a method applied")
     srv.add_argument(
         "--model", required=True, help="local checkpoint directory or hub id (HF_HUB_OFFLINE=1: from the local cache)"
     )

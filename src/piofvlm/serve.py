@@ -1,40 +1,55 @@
-"""``piofvlm serve``: an OpenAI-compatible chat server with a pruning method applied, built on ``transformers serve``.
+"""``piofvlm serve``: an OpenAI-compatible chat server with a pruning method applied.
 
-transformers' serving parts (its model manager, its one inference thread per model, its chat-completion handler and
-response builders) do the serving; piofvlm builds its own FastAPI app around them so that every input passes
-:mod:`piofvlm.serve_limits` first:
+piofvlm owns the whole server (no serving internal of transformers: ``transformers serve`` was rewritten twice, the
+second time in 5.25); it calls only transformers' public API. Every input passes :mod:`piofvlm.serve_limits` first:
 
-* routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, ``POST /reset`` and ``POST /load_model``
-  (the pinned model only). transformers' other endpoints (responses, completions, audio) are not mounted;
+* routes: ``POST /v1/chat/completions`` (streaming or not), ``GET /v1/models``, ``GET /health``, ``POST /reset`` and
+  ``POST /load_model`` (the pinned model only). Nothing else is mounted;
 * a guard in front of the app refuses a Host header that is not allowed (DNS rebinding) and a body over the size cap;
 * the server reads every image itself (data URL; a file under ``--image-dir``; an http(s) URL with ``--allow-fetch``),
-  off the event loop, and hands transformers decoded images only: transformers never opens a path or a URL;
-* every client mistake is a 4xx with OpenAI's error JSON; nothing a client sent is logged;
-* the model manager applies (a fresh copy of) the method to the model it loads and, on ``/reset`` or shutdown, removes
-  it on the inference thread and forgets model, handle and method together;
+  off the event loop, and hands the processor decoded images only: transformers never opens a path or a URL;
+* every client mistake is a 4xx with OpenAI's error JSON (unknown fields 422, fields it cannot honour 400); nothing a
+  client sent is logged;
+* the chat core (:class:`ServedModel`): messages -> ``processor.apply_chat_template(..., tokenize=True,
+  return_dict=True)`` -> ``model.generate`` with the request's generation config (:func:`generation_config`) ->
+  an OpenAI ``chat.completion``, or ``chat.completion.chunk`` events (a :class:`~transformers.TextStreamer`), with
+  ``usage`` (prompt and completion tokens) and ``finish_reason`` (``length`` when ``max_tokens`` ended it); ``stop``
+  strings are cut from the answer (:class:`StopCut`);
+* the model is loaded with ``from_pretrained`` from the pinned path (``--dtype``, ``--attn``, ``--device``:
+  ``device_map`` off the CPU); a fresh copy of the method is applied to it; ``/reset`` or shutdown removes the method
+  and forgets model, processor, handle and method together;
 * each generation returns what it pruned, per image and video (the adapter's own per-item counts, as the mechanism
   groups them): ``usage.piofvlm`` and the header ``X-Piofvlm-Kept-Visual-Tokens`` of a response, and ``usage.piofvlm``
-  of the last chunk of a stream. A text-only turn runs with the method's hooks lifted and says so.
+  of the last chunk of a stream. A text-only turn runs with the method's hooks lifted and says so. A stream's headers
+  are sent after the prefill, so a prompt the method refuses is a 400 streamed or not.
 
-Concurrency: transformers serve runs every ``generate()`` of one model on that model's single inference thread, so
-requests are generated one at a time and the hooks' per-call state is never shared between two requests.
-``--compile`` switches decoding to a static cache compiled with ``torch.compile``.
+Concurrency: :class:`ServedModel` owns the model on ONE inference thread (a single-worker executor): loading, every
+``generate()`` and unloading run there one at a time, so the hooks' per-call state is never shared between two
+requests. ``--compile`` switches decoding to a static cache compiled with ``torch.compile``.
 """
 
 import asyncio
 import copy
+import gc
 import json
 import logging
+import re
+import threading
+import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from piofvlm import transformers_compat
 from piofvlm.adapters import get_adapter
 from piofvlm.adapters.base import ModelAdapter
+from piofvlm.loading import DTYPES, looks_like_hub_id
 from piofvlm.methods.base import Method
 from piofvlm.serve_limits import ClientError, ServeLimits, host_allowed, load_image, quote, validate_chat_body
 from piofvlm.serve_limits import video_path as resolve_video_path
@@ -155,6 +170,15 @@ class _Slot:
             self.items = visual_items(self.adapter, input_ids, kwargs)
 
     def generate(self, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """``model.generate(**kwargs)`` and the prune report; a prompt the method or ``generate()`` refuses
+        (``ValueError``) is a :class:`~piofvlm.serve_limits.ClientError`."""
+        try:
+            return self._generate(kwargs)
+        except ValueError as error:  # the method (e.g. a count over an image's tokens) or generate() refuses it
+            who = "the pruning method" if _raised_in_piofvlm(error) else "generate()"
+            raise ClientError(f"{who} refused this prompt: {quote(str(error), 300)}") from None
+
+    def _generate(self, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         input_ids = kwargs.get("input_ids")
         if input_ids is None or not bool(self.adapter.visual_token_mask(input_ids).any()):
             # Nothing to prune: the hooks refuse a prompt without visual tokens, so they are lifted for this turn.
@@ -167,8 +191,6 @@ class _Slot:
         self.items, self._recording = None, True
         try:
             output = self.model.generate(**kwargs)
-        except ValueError as error:  # piofvlm refuses this prompt (e.g. a count over an image's tokens)
-            raise ClientError(f"the pruning method refused this prompt: {quote(str(error), 300)}") from None
         finally:
             self._recording = False
         items, self.items = self.items, None
@@ -180,32 +202,350 @@ class _Slot:
         self._capture.remove()
 
 
-class _Generation:
-    """Stands in for the model in transformers' chat handler: its ``generate()`` (called on the inference thread)
-    runs through the slot and keeps the report; everything else is the model's."""
+def _raised_in_piofvlm(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is piofvlm's code."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("piofvlm")
 
-    def __init__(self, slot: _Slot, loop: asyncio.AbstractEventLoop) -> None:
-        self._slot = slot
-        self._loop = loop
-        self.report: dict[str, Any] | None = None
-        self.done: asyncio.Future = loop.create_future()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._slot.model, name)
+class _StopOnText(StoppingCriteria):
+    """Stops ``generate()`` once the text generated after the prompt contains a stop string. (transformers'
+    ``stop_strings`` reads the tokenizer's vocabulary and fails on some tokenizers, e.g. a word-level one without a
+    decoder; decoding the generated tokens works with any.)"""
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        report = None
+    def __init__(self, tokenizer: Any, stops: list[str], prompt_tokens: int) -> None:
+        self.tokenizer, self.stops, self.prompt_tokens = tokenizer, stops, prompt_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = [
+            any(
+                stop in self.tokenizer.decode(row[self.prompt_tokens :], skip_special_tokens=True)
+                for stop in self.stops
+            )
+            for row in input_ids
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Cancelled(Exception):
+    """Raised in ``generate()`` by the streamer when the client of a stream went away: the generation stops."""
+
+
+class StopCut:
+    """Cuts an answer before the first stop string (OpenAI's ``stop``: the returned text does not contain it;
+    ``generate()`` stops on the token that completes it, so that token's text is cut here). Fed the text as it is
+    generated, it returns what may already be sent: text that could still begin a stop string is held back."""
+
+    def __init__(self, stops: str | list[str] | None) -> None:
+        self.stops = [stops] if isinstance(stops, str) else [s for s in stops or [] if s]
+        self.hit = False
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        if self.hit:
+            return ""
+        held = self._held + text
+        cuts = [i for i in (held.find(stop) for stop in self.stops) if i >= 0]
+        if cuts:
+            self.hit, self._held = True, ""
+            return held[: min(cuts)]
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if held.endswith(stop[:n])), default=0)
+        self._held = held[len(held) - keep :] if keep else ""
+        return held[: len(held) - keep]
+
+    def finish(self) -> str:
+        rest, self._held = ("" if self.hit else self._held), ""
+        return rest
+
+
+class _Streamer(TextStreamer):
+    """Sends the text of each generated token to the event loop (``emit``) as soon as it is printable (and cannot
+    be the start of a stop string); the first generated token also sends ``("started",)``: the prefill (where a
+    method may refuse the prompt) is over. A set ``cancelled`` stops ``generate()`` at its next token."""
+
+    def __init__(
+        self, tokenizer: Any, stops: str | list[str] | None, emit: Callable[[tuple], None], cancelled: threading.Event
+    ) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._cut = StopCut(stops)
+        self._emit = emit
+        self._cancelled = cancelled
+        self._started = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._cancelled.is_set():
+            raise _Cancelled()
+        if not self.next_tokens_are_prompt and not self._started:
+            self._started = True
+            self._emit(("started",))
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        text = self._cut.feed(text) + (self._cut.finish() if stream_end else "")
+        if text:
+            self._emit(("text", text))
+
+
+@dataclass
+class _Answer:
+    """One finished generation: the text, the token counts and the prune report."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    report: dict[str, Any]
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "piofvlm": self.report,
+        }
+
+
+def processor_messages(messages: list[dict]) -> tuple[list[dict], bool]:
+    """OpenAI chat messages (images already decoded by the server, videos resolved to paths) as a processor's chat
+    template takes them: every content a list of ``{"type": "text" | "image" | "video", ...}`` parts; tool calls of
+    earlier turns are passed on with their arguments parsed. Returns ``(messages, has_video)``."""
+    converted, has_video = [], False
+    for message in messages:
+        parsed: dict[str, Any] = {"role": message["role"], "content": []}
+        if message.get("tool_calls"):
+            calls = []
+            for call in copy.deepcopy(message["tool_calls"]):
+                function = call.get("function", call) if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    try:
+                        function["arguments"] = json.loads(function["arguments"])
+                    except json.JSONDecodeError:
+                        raise ClientError("tool_calls[].function.arguments must be JSON", param="messages") from None
+                calls.append(call)
+            parsed["tool_calls"] = calls
+        if "tool_call_id" in message:
+            parsed["tool_call_id"] = message["tool_call_id"]
+        content = [] if message.get("tool_calls") else (message.get("content") or [])
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        for part in content:
+            kind = part["type"]
+            if kind == "text":
+                parsed["content"].append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                parsed["content"].append({"type": "image", "image": part["image_url"]["url"]})
+            elif kind == "video_url":
+                has_video = True
+                parsed["content"].append({"type": "video", "url": part["video_url"]["url"]})
+        converted.append(parsed)
+    return converted, has_video
+
+
+def generation_config(body: dict[str, Any], base: Any, *, compile: bool = False) -> Any:
+    """The generation config of one request: the model's own, with the request's ``max_tokens`` /
+    ``max_completion_tokens`` (new tokens), ``temperature`` (0: greedy; above 0: sampling), ``top_p``,
+    ``frequency_penalty`` (as ``repetition_penalty = 1 + frequency_penalty``) and ``logit_bias`` (``sequence_bias``);
+    a static cache with ``compile``. ``stop`` is not set here (:class:`_StopOnText` and :class:`StopCut` do it).
+    ``body`` was checked by :func:`~piofvlm.serve_limits.validate_chat_body`, which also set ``max_tokens`` when the
+    request gave none."""
+    config = copy.deepcopy(base)
+    if body.get("max_completion_tokens") is not None:
+        config.max_new_tokens = int(body["max_completion_tokens"])
+    else:
+        config.max_new_tokens = int(body["max_tokens"])
+    if body.get("temperature") is not None:
+        temperature = float(body["temperature"])
+        config.do_sample = temperature > 0
+        if temperature > 0:
+            config.temperature = temperature
+    if body.get("top_p") is not None:
+        config.top_p = float(body["top_p"])
+    if body.get("frequency_penalty") is not None:
+        config.repetition_penalty = 1.0 + float(body["frequency_penalty"])
+    if body.get("logit_bias") is not None:
+        config.sequence_bias = {(int(k),): float(v) for k, v in body["logit_bias"].items()}
+    if compile and config.cache_implementation is None:
+        config.cache_implementation = "static"
+    return config
+
+
+class ServedModel:
+    """The pinned model, its processor and its copy of the method, owned by ONE inference thread (a single-worker
+    executor): loading, every generation and unloading run there, one at a time, so the hooks' per-call state is
+    never shared between two requests (``docs/threads.md``).
+
+    ``slot`` is the loaded :class:`_Slot` (``None`` until the first request, ``/load_model``, or :meth:`load`, and
+    after ``/reset``); read it from the inference thread only, or between requests in tests."""
+
+    def __init__(
+        self,
+        model: str,
+        method: Method,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        attn: str = "sdpa",
+        compile: bool = False,
+        compile_backend: str = "inductor",
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.model_id = str(model)
+        self.method = method
+        self.device, self.dtype, self.attn = device, dtype, attn
+        self.compile, self.compile_backend = compile, compile_backend
+        self.slot: _Slot | None = None
+        self.processor: Any = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piofvlm-inference")
+        self._closed = False
+
+    # -- on the inference thread
+    def _loaded(self) -> _Slot:
+        """The slot, loading the model first if needed (inference thread)."""
+        if self.slot is not None:
+            return self.slot
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        kwargs: dict[str, Any] = {"dtype": DTYPES[self.dtype], "attn_implementation": self.attn}
+        if self.device != "cpu":
+            kwargs["device_map"] = self.device
         try:
-            output, report = self._slot.generate(kwargs)
-            return output
-        finally:
-            self.report = report
-            self._loop.call_soon_threadsafe(_resolve, self.done, report)
+            model = AutoModelForImageTextToText.from_pretrained(self.model_id, **kwargs).eval()
+        except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package
+            raise ValueError(
+                f"attention implementation {self.attn!r} cannot be used here: {str(error).splitlines()[0]} Use "
+                "'sdpa' (the default) or install what it needs"
+            ) from error
+        processor = AutoProcessor.from_pretrained(self.model_id)
+        if self.compile:  # generate() compiles static-cache decoding on accelerators only unless told otherwise
+            model.generation_config.compile_config = transformers_compat.compile_config(
+                backend=self.compile_backend, mode=None if self.device == "cpu" else "reduce-overhead"
+            )
+        self.slot, self.processor = _Slot(model, self.method), processor
+        logger.info("piofvlm: %s applied to %s", self.method.to_dict(), type(model).__name__)
+        return self.slot
 
+    def _load(self) -> None:
+        self._loaded()  # the slot is not returned: no future holds the model after /reset
 
-def _resolve(future: asyncio.Future, value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
+    def _unload(self) -> None:
+        """Remove the method and forget model, processor, handle and method (inference thread)."""
+        slot, self.slot, self.processor = self.slot, None, None
+        if slot is not None:
+            slot.close()
+            del slot
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _inputs(self, body: dict[str, Any]) -> dict[str, Any]:
+        messages, has_video = processor_messages(body["messages"])
+        try:
+            inputs = self.processor.apply_chat_template(
+                messages,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                **({"num_frames": 32} if has_video else {}),  # some video processors read every frame otherwise
+            )
+        except (ValueError, TypeError, KeyError, IndexError, OSError) as error:  # the processor refused the inputs
+            raise ClientError(
+                f"the request could not be processed ({type(error).__name__}: {quote(str(error), 200)})"
+            ) from None
+        return dict(inputs.to(self.slot.model.device))  # type: ignore[union-attr]
+
+    def _generate(
+        self, body: dict[str, Any], stream: tuple[Callable[[tuple], None], threading.Event] | None = None
+    ) -> _Answer:
+        """Load if needed, build the inputs with the chat template, generate (inference thread). ``stream``:
+        ``(emit, cancelled)`` to stream the text through a :class:`_Streamer`."""
+        slot = self._loaded()
+        inputs = self._inputs(body)
+        config = generation_config(body, slot.model.generation_config, compile=self.compile)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        prompt_tokens = int(inputs["input_ids"].shape[-1])
+        cut = StopCut(body.get("stop"))
+        kwargs = {**inputs, "generation_config": config}
+        if cut.stops:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnText(tokenizer, cut.stops, prompt_tokens)])
+        if stream is not None:
+            kwargs["streamer"] = _Streamer(tokenizer, cut.stops, *stream)
+        if body.get("seed") is not None:
+            torch.manual_seed(int(body["seed"]))
+        output, report = slot.generate(kwargs)
+        new = output[0, prompt_tokens:].tolist()
+        eos = config.eos_token_id
+        eos = set(eos if isinstance(eos, list | tuple) else [] if eos is None else [eos])
+        ended = bool(new) and new[-1] in eos
+        text = cut.feed(tokenizer.decode(new, skip_special_tokens=True)) + cut.finish()
+        finish = "length" if len(new) >= config.max_new_tokens and not ended and not cut.hit else "stop"
+        return _Answer(text, prompt_tokens, len(new), finish, report)
+
+    # -- from the event loop
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        if self._closed:
+            raise RuntimeError("the server is shutting down")
+        return asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    async def answer(self, body: dict[str, Any]) -> _Answer:
+        """Generate the answer of a checked request (inference thread)."""
+        return await self._submit(self._generate, body)
+
+    async def stream(self, body: dict[str, Any]) -> tuple[tuple, asyncio.Queue, threading.Event]:
+        """Start a streamed generation: ``(first event, queue of the next ones, cancel)``. Events: ``("started",)``,
+        ``("text", str)``, ``("end", _Answer)``, ``("error", exception)``. Returns once the prefill is over (the first
+        token) or the generation failed, so a refused prompt is still answered with a 4xx."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(event: tuple) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        def run() -> None:
+            try:
+                emit(("end", self._generate(body, (emit, cancelled))))
+            except _Cancelled:
+                emit(("end", None))
+            except Exception as error:  # noqa: BLE001 - handed to the request, which answers it
+                emit(("error", error))
+
+        self._submit(run)
+        first = await queue.get()
+        if first[0] == "error":
+            raise first[1]
+        return first, queue, cancelled
+
+    async def load(self) -> None:
+        """Load the model (inference thread) if it is not loaded."""
+        await self._submit(self._load)
+
+    async def reset(self) -> None:
+        """Unload the model between two generations (inference thread); the next request loads it again."""
+        await self._submit(self._unload)
+
+    def load_now(self) -> None:
+        """Load the model before the server starts (blocking): a model that cannot load fails here, not on a
+        request."""
+        self._executor.submit(self._load).result()
+
+    def shutdown(self) -> None:
+        """Remove the method, forget the model and stop the inference thread (after the generation under way).
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.submit(self._unload).result()
+        self._executor.shutdown(wait=True)
+
+    def models(self) -> list[dict[str, Any]]:
+        """``/v1/models``: the pinned model alone."""
+        owner = self.model_id.split("/")[0] if looks_like_hub_id(self.model_id) else "local"
+        status = "loaded" if self.slot is not None else "unloaded"
+        return [{"id": self.model_id, "object": "model", "created": 0, "owned_by": owner, "status": {"value": status}}]
 
 
 # ----------------------------------------------------------------------------------------------------- app
@@ -268,6 +608,71 @@ class _Guard:
         await send({"type": "http.response.body", "body": payload})
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _completion(request_id: str, model_id: str, answer: _Answer) -> dict[str, Any]:
+    """An OpenAI ``chat.completion`` object."""
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_id,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer.text},
+                "finish_reason": answer.finish_reason,
+            }
+        ],
+        "usage": answer.usage(),
+    }
+
+
+def _chunk(request_id: str, model_id: str, delta: dict[str, Any], **fields: Any) -> str:
+    """One ``chat.completion.chunk`` as a server-sent event."""
+    choice = {"index": 0, "delta": delta, "finish_reason": fields.pop("finish_reason", None)}
+    event = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model_id,
+        "system_fingerprint": "",
+        "choices": [choice],
+        **fields,
+    }
+    return f"data: {json.dumps(event)}\n\n"
+
+
+async def _events(
+    request_id: str, model_id: str, first: tuple, queue: asyncio.Queue, cancelled: threading.Event
+) -> AsyncIterator[str]:
+    """The SSE chunks of a streamed answer: the role, the text as it is generated, then a last chunk with
+    ``finish_reason`` and ``usage`` (``usage.piofvlm``: the prune report). A client that goes away stops the
+    generation (the streamer raises on its next token)."""
+    try:
+        yield _chunk(request_id, model_id, {"role": "assistant", "content": ""})
+        event = first
+        while True:
+            if event[0] == "text":
+                yield _chunk(request_id, model_id, {"content": event[1]})
+            elif event[0] == "error":
+                error = event[1]
+                if not isinstance(error, ClientError):
+                    logger.error("piofvlm serve: %s in a stream: %s", type(error).__name__, quote(str(error), 300))
+                    error = ClientError("internal server error (see the server log)", status=500)
+                yield f"data: {json.dumps(error.body())}\n\n"
+                return
+            elif event[0] == "end":
+                answer = event[1]
+                if answer is not None:
+                    yield _chunk(request_id, model_id, {}, finish_reason=answer.finish_reason, usage=answer.usage())
+                return
+            event = await queue.get()
+    finally:
+        cancelled.set()  # a no-op once the generation has ended
+
+
 def build_app(
     model: str,
     method: Method,
@@ -278,81 +683,35 @@ def build_app(
     compile: bool = False,
     compile_backend: str = "inductor",
     limits: ServeLimits | None = None,
-) -> tuple[Any, Any]:
-    """The server's FastAPI app with ``model`` (a local directory or a hub id) loaded and a copy of ``method``
-    applied, and its model manager (``shutdown()`` it, or let the app's lifespan do it). ``limits``: what clients
-    may send (default: :class:`~piofvlm.serve_limits.ServeLimits`, every limit at its safe default)."""
+) -> tuple[Any, ServedModel]:
+    """The server's FastAPI app serving ``model`` (a local checkpoint directory, or a hub id from_pretrained finds)
+    with a copy of ``method`` applied, and its :class:`ServedModel` (``shutdown()`` it, or let the app's lifespan do
+    it). The model loads on the first request (or :meth:`ServedModel.load_now`). ``limits``: what clients may send
+    (default: :class:`~piofvlm.serve_limits.ServeLimits`, every limit at its safe default)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse, StreamingResponse
+        from starlette.exceptions import HTTPException
+    except ImportError as error:
+        raise ImportError(
+            f"piofvlm serve needs the serve extra ({error.name} is missing): pip install 'piofvlm[serve]'"
+        ) from error
 
-    serving = transformers_compat.serving()
     if Path(model).exists() and not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(f"{model} is not a model directory (no config.json)")
     limits = limits or ServeLimits()
     pinned = str(model)
-
-    class PrunedModelManager(serving.ModelManager):
-        """Applies a copy of the method to the model transformers serve loads; ``shutdown`` removes it and forgets
-        model, handle and method together (``/reset`` runs it on the inference thread)."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self.slots: dict[int, _Slot] = {}
-            super().__init__(*args, **kwargs)
-
-        def _load_model(self, *args: Any, **kwargs: Any) -> Any:
-            loaded = super()._load_model(*args, **kwargs).eval()
-            if compile:  # generate() compiles static-cache decoding on accelerators only unless told otherwise
-                loaded.generation_config.compile_config = transformers_compat.compile_config(
-                    backend=compile_backend, mode=None if device == "cpu" else "reduce-overhead"
-                )
-            self.slots[id(loaded)] = _Slot(loaded, method)
-            logger.info("piofvlm: %s applied to %s", method.to_dict(), type(loaded).__name__)
-            return loaded
-
-        def shutdown(self) -> None:
-            for slot in list(self.slots.values()):
-                slot.close()
-            self.slots.clear()
-            super().shutdown()
-
-    class PrunedChatCompletionHandler(serving.ChatCompletionHandler):
-        """transformers' chat handler with the model replaced by a :class:`_Generation` (the report) and the report
-        added to the response (body and header) or to the stream's last chunk."""
-
-        def _slot(self, model: Any) -> _Slot:
-            return manager.slots[id(model)]
-
-        async def _non_streaming(self, request_id: str, model: Any, *args: Any, **kwargs: Any) -> Any:
-            generation = _Generation(self._slot(model), asyncio.get_running_loop())
-            response = await super()._non_streaming(request_id, generation, *args, **kwargs)
-            report = generation.report
-            if report is None:
-                return response
-            payload = json.loads(response.body)
-            payload.setdefault("usage", {})["piofvlm"] = report
-            return JSONResponse(payload, headers={KEPT_HEADER: kept_header(report)})
-
-        def _streaming(self, request_id: str, model: Any, *args: Any, **kwargs: Any) -> Any:
-            generation = _Generation(self._slot(model), asyncio.get_running_loop())
-            response = super()._streaming(request_id, generation, *args, **kwargs)
-            response.body_iterator = _with_report(response.body_iterator, generation)
-            return response
-
-    manager = PrunedModelManager(
-        device=device, dtype=dtype, attn_implementation=attn, force_model=pinned, model_timeout=-1
+    served = ServedModel(
+        pinned, method, device=device, dtype=dtype, attn=attn, compile=compile, compile_backend=compile_backend
     )
-    state = serving.GenerationState(compile=compile)
-    chat = PrunedChatCompletionHandler(model_manager=manager, generation_state=state, chat_template_kwargs={})
-    model_id = manager.process_model_name(pinned)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
         yield
-        manager.shutdown()
+        await asyncio.to_thread(served.shutdown)
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Guard, limits=limits)
@@ -372,7 +731,8 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        request_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+        given = request.headers.get("x-request-id") or ""
+        request_id = given if _REQUEST_ID.fullmatch(given) else f"chatcmpl-{uuid.uuid4().hex}"
         try:
             try:
                 body = json.loads(await request.body())
@@ -380,12 +740,14 @@ def build_app(
                 raise ClientError("the request body is not JSON") from None
             visuals = validate_chat_body(body, limits, pinned)
             await _read_visuals(body, visuals, limits)
-            try:
-                return await chat.handle_request(body, request_id)
-            except (ValueError, TypeError, KeyError, IndexError) as error:  # the processor refused the inputs
-                raise ClientError(
-                    f"the request could not be processed ({type(error).__name__}: {quote(str(error), 200)})"
-                ) from None
+            if body.get("stream"):
+                first, queue, cancelled = await served.stream(body)
+                events = _events(request_id, pinned, first, queue, cancelled)
+                return StreamingResponse(events, media_type="text/event-stream")
+            answer = await served.answer(body)
+            return JSONResponse(
+                _completion(request_id, pinned, answer), headers={KEPT_HEADER: kept_header(answer.report)}
+            )
         except (ClientError, HTTPException):
             raise
         except Exception as error:  # a server fault: logged without the request, answered in OpenAI's shape
@@ -395,7 +757,7 @@ def build_app(
 
     @app.get("/v1/models")
     def list_models() -> Any:
-        return JSONResponse({"object": "list", "data": manager.list_models()})
+        return JSONResponse({"object": "list", "data": served.models()})
 
     @app.get("/health")
     def health() -> Any:
@@ -405,7 +767,7 @@ def build_app(
     async def reset() -> Any:
         """Unload the model: the method is removed on the inference thread (between two generations); the next
         request loads the model again."""
-        await state.get_manager(model_id).async_submit(manager.shutdown)
+        await served.reset()
         return JSONResponse({"status": "ok"})
 
     @app.post("/load_model")
@@ -422,11 +784,11 @@ def build_app(
                 param="model",
                 code="model_not_found",
             )
-        await asyncio.to_thread(manager.load_model_and_processor, model_id)
+        await served.load()
         return JSONResponse({"status": "ready", "model": pinned})
 
     logger.info("piofvlm serve limits: %s", limits.describe())
-    return app, manager
+    return app, served
 
 
 async def _read_visuals(body: dict, visuals: list[tuple[int, int, str]], limits: ServeLimits) -> None:
@@ -448,24 +810,6 @@ async def _read_visuals(body: dict, visuals: list[tuple[int, int, str]], limits:
         body["messages"][i]["content"][j] = {"type": kind, kind: {"url": value}}
 
 
-async def _with_report(chunks: Any, generation: _Generation) -> Any:
-    """transformers' SSE chunks, with the report put into the ``usage`` of the last chunk (the one that carries
-    ``finish_reason``), once the generation has finished."""
-    async for chunk in chunks:
-        if isinstance(chunk, str) and chunk.startswith("data: ") and '"finish_reason"' in chunk:
-            try:
-                event = json.loads(chunk[len("data: ") :])
-            except json.JSONDecodeError:
-                yield chunk
-                continue
-            report = await generation.done
-            if report is not None:
-                event.setdefault("usage", {})["piofvlm"] = report
-            yield f"data: {json.dumps(event)}\n\n"
-            continue
-        yield chunk
-
-
 def serve(
     model: str,
     method: Method,
@@ -477,5 +821,10 @@ def serve(
     """Run the server until interrupted (uvicorn)."""
     import uvicorn
 
-    app, _ = build_app(model, method, limits=limits, **kwargs)
+    app, served = build_app(model, method, limits=limits, **kwargs)
+    try:
+        served.load_now()  # a model that cannot load fails here (the CLI says why), not on the first request
+    except BaseException:
+        served.shutdown()
+        raise
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -45,6 +45,36 @@ REFUSED_FIELDS = {
     "generation_config": "a client may not replace the generation config",
     "chat_template_kwargs": "a client may not pass arguments to the chat template",
 }
+#: Fields of OpenAI's chat-completion request that the server honours.
+HONOURED_FIELDS = frozenset(
+    {
+        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "frequency_penalty",
+        "logit_bias", "seed", "stop", "stream", "stream_options",
+    }
+)  # fmt: skip
+#: Fields of OpenAI's request that do not change the answer (bookkeeping on OpenAI's side): accepted and ignored.
+IGNORED_FIELDS = frozenset(
+    {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "parallel_tool_calls"}
+)
+#: Fields of OpenAI's request the server cannot honour, with the values that ask for nothing (accepted); any other
+#: value is refused (400) rather than silently ignored.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "presence_penalty": (0,),
+    "modalities": (["text"],),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "audio": (),
+    "prediction": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+}
 
 
 class ClientError(Exception):
@@ -211,17 +241,41 @@ def _number(body: dict, name: str, low: float, high: float, *, integer: bool = F
         raise ClientError(f"{name} must be {kind} in [{low}, {high}], got {quote(value)}", param=name)
 
 
+def _same(value: Any, neutral: Any) -> bool:
+    """``value == neutral`` without ``True == 1``: booleans equal booleans only."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    return bool(value == neutral)
+
+
 def validate_chat_body(body: Any, limits: ServeLimits, pinned_model: str) -> list[tuple[int, int, str]]:
     """Check a ``/v1/chat/completions`` body; return ``(message, part, kind)`` of each image / video part.
 
     Raises :class:`ClientError` naming the field that is wrong. Sets ``max_tokens`` to the server's cap when the
-    request asks for none (transformers serve would otherwise default to 1024).
+    request asks for none.
     """
     if not isinstance(body, dict):
         raise ClientError("the request body must be a JSON object")
     for name, why in REFUSED_FIELDS.items():
         if name in body:
             raise ClientError(f"{name} is not accepted: {why}", param=name)
+    unexpected = sorted(set(body) - HONOURED_FIELDS - IGNORED_FIELDS - set(UNSUPPORTED_FIELDS))
+    if unexpected:
+        names = ", ".join(quote(name, 30) for name in unexpected[:5])
+        raise ClientError(
+            f"unexpected fields in the request: {names} (not fields of OpenAI's chat completion request)",
+            status=422,
+            param=unexpected[0][:40],
+        )
+    for name, neutral in UNSUPPORTED_FIELDS.items():
+        value = body.get(name)
+        if value is not None and not any(_same(value, v) for v in neutral):
+            raise ClientError(
+                f"{name} is not supported by piofvlm serve (only {neutral[0]!r} or null)"
+                if neutral
+                else f"{name} is not supported by piofvlm serve (leave it out or null)",
+                param=name,
+            )
     model = body.get("model")
     if model is not None and model != pinned_model:
         raise ClientError(
@@ -289,9 +343,9 @@ def validate_chat_body(body: Any, limits: ServeLimits, pinned_model: str) -> lis
             for k, v in bias.items()
         ):
             raise ClientError("logit_bias must map token ids (strings of digits) to numbers", param="logit_bias")
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise ClientError("tools must be a list", param="tools")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ClientError("stream_options must be an object", param="stream_options")
     return visuals
 
 

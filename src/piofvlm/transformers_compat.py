@@ -28,8 +28,12 @@ _rms_norm_formula``, recognised per module on a probe; only its epsilon is read,
   norms; ``input_layernorm``, ``post_attention_layernorm``, ``mlp``): the fast PIO proxy and the explicit-attention
   methods recompute parts of a stock layer with its own modules (:func:`layer_attention_parts`, ...);
 * the recurrent padding mask, the Qwen vision rotary and window index, the image-processor tiling, pre-encoded
-  features (``mm_encoder_outputs``), ``CompileConfig``, the serving classes: piofvlm reuses what the model or
-  ``generate()`` computes or expects, so owning a copy would let the two drift apart silently.
+  features (``mm_encoder_outputs``), ``CompileConfig``: piofvlm reuses what the model or ``generate()`` computes or
+  expects, so owning a copy would let the two drift apart silently.
+
+``piofvlm serve`` uses no serving internal of transformers (``transformers.cli.serving`` was rewritten in 5.25): it
+owns its app and chat-completion core and calls only public API (``from_pretrained``, the processor's
+``apply_chat_template``, ``generate`` with a ``TextStreamer``).
 """
 
 from __future__ import annotations
@@ -566,58 +570,6 @@ def reset_compiled(model: torch.nn.Module) -> None:
     logger.info("%s is compiled: resetting torch.compile's caches so that it is traced again with the hooks", what)
     model.__dict__.pop("_compiled_call", None)
     torch.compiler.reset()
-
-
-# ------------------------------------------------------------------------------------------------------ serving
-def serving() -> Any:
-    """The parts of ``transformers serve`` (``transformers.cli.serving``, 5.x) that ``piofvlm serve`` builds on:
-    ``ModelManager`` (``_load_model`` loads a model), ``GenerateManager`` (one inference thread per model,
-    ``async_submit``), ``GenerationState`` (``get_manager``), ``ChatCompletionHandler`` (``handle_request``,
-    ``get_processor_inputs_from_messages``), ``JSONResponse``, and ``build_app(manager, state, chat_handler_class)``
-    wiring them into transformers' FastAPI app as ``transformers serve`` does."""
-    from types import SimpleNamespace
-
-    try:
-        from fastapi.responses import JSONResponse
-        from transformers.cli.serving.chat_completion import ChatCompletionHandler
-        from transformers.cli.serving.completion import CompletionHandler
-        from transformers.cli.serving.model_manager import ModelManager
-        from transformers.cli.serving.response import ResponseHandler
-        from transformers.cli.serving.server import build_server
-        from transformers.cli.serving.systemone import SystemOneHandler
-        from transformers.cli.serving.transcription import TranscriptionHandler
-        from transformers.cli.serving.utils import GenerateManager, GenerationState
-    except ImportError as error:
-        if error.name in ("fastapi", "uvicorn", "openai", "pydantic", "starlette"):
-            raise ImportError(
-                f"piofvlm serve needs transformers' serving extra ({error.name} is missing): "
-                "pip install 'piofvlm[serve]'"
-            ) from error
-        raise _broken(f"transformers.cli.serving ({error})", "serving") from error
-    for cls, name in ((ModelManager, "_load_model"), (GenerateManager, "async_submit")):
-        if not callable(getattr(cls, name, None)):
-            raise _broken(f"{cls.__name__}.{name}", "serving")
-
-    def build_app(manager: Any, state: Any, chat_handler_class: type) -> Any:
-        handlers = {"model_manager": manager, "generation_state": state}
-        return build_server(
-            manager,
-            chat_handler_class(**handlers, chat_template_kwargs={}),
-            completion_handler=CompletionHandler(**handlers),
-            response_handler=ResponseHandler(**handlers, chat_template_kwargs={}),
-            transcription_handler=TranscriptionHandler(manager, state),
-            systemone_handler=SystemOneHandler(**handlers, chat_template_kwargs={}, decision_config=None),
-            generation_state=state,
-        )
-
-    return SimpleNamespace(
-        ModelManager=ModelManager,
-        GenerateManager=GenerateManager,
-        GenerationState=GenerationState,
-        ChatCompletionHandler=ChatCompletionHandler,
-        JSONResponse=JSONResponse,
-        build_app=build_app,
-    )
 
 
 # ------------------------------------------------------------------------------------------------------- gemma4
