@@ -29,11 +29,12 @@ logger = logging.getLogger(__name__)
 #: vLLM architecture of each supported family -> the plugin's class (module:Class), registered by :func:`register`.
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "piofvlm.integrations.vllm.llava:PiofvlmLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": (
+        "piofvlm.integrations.vllm.llava_next:PiofvlmLlavaNextForConditionalGeneration"
+    ),
 }
 #: Families piofvlm supports on transformers that the plugin does not (yet) run in vLLM, and why.
 NOT_SUPPORTED = {
-    "LlavaNextForConditionalGeneration": "anyres: the token count depends on the image size (base view + unpadded "
-    "high-resolution grid + row separators); not written yet",
     "Qwen2_5_VLForConditionalGeneration": "M-RoPE: the kept tokens' 3-D positions must be computed in the processor "
     "before encoding; not written yet",
     "Qwen3VLForConditionalGeneration": "as Qwen2.5-VL (M-RoPE positions of the kept tokens); not written yet",
