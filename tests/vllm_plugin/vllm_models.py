@@ -76,3 +76,78 @@ def save_llava_next(directory: str | Path, seed: int = 0) -> Path:
         chat_template=processor.chat_template,
     ).save_pretrained(directory)
     return directory
+
+
+#: (width, height) of Qwen2.5-VL test sample i (multiples of 28: the merged grid is (h / 28) x (w / 28)).
+QWEN_SIZES = [(112, 112), (168, 112), (112, 196), (224, 112), (140, 84), (84, 168), (196, 196)]
+
+
+def qwen_image(image: Image.Image, index: int) -> Image.Image:
+    """The testbed's image of sample ``index`` resized to ``QWEN_SIZES[index % 7]``."""
+    return image.resize(QWEN_SIZES[index % len(QWEN_SIZES)], Image.Resampling.BICUBIC)
+
+
+def qwen_prompt(question: str) -> str:
+    """A raw Qwen-style prompt for the tiny word-level tokenizer (one image placeholder, then the question)."""
+    from piofvlm.tiny.qwen import IMAGE
+
+    return f"{IMAGE} {question}"
+
+
+def save_qwen2_5_vl(directory: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random Qwen2.5-VL (the layout of :mod:`piofvlm.tiny.qwen`, with a head size vLLM's CPU attention
+    supports: 32) with its tokenizer and processor (image + video processors) in ``directory``."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+    )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from piofvlm.tiny import qwen
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": 64,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 2,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "out_hidden_size": 128,
+        "fullatt_block_indexes": [1],
+    }
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=qwen.IMAGE_TOKEN_ID,
+        video_token_id=qwen.VIDEO_TOKEN_ID,
+        vision_start_token_id=qwen.VISION_START_ID,
+        vision_end_token_id=qwen.VISION_END_ID,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.save_pretrained(directory)
+    pixels = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
+    image_processor = Qwen2VLImageProcessor(**pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
+    video_processor = Qwen2VLVideoProcessor(**pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
+    Qwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=qwen.build_qwen_tokenizer(), video_processor=video_processor
+    ).save_pretrained(directory)
+    return directory

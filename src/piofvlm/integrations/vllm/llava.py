@@ -51,16 +51,12 @@ RECORD_ENV = "PIOFVLM_VLLM_RECORD"
 
 
 @functools.lru_cache(maxsize=32)
-def _method_cached(spec_json: str) -> Any:
-    import json
-
-    return method_from_config(json.loads(spec_json))
+def _method_cached(spec_json: str, positions: str) -> Any:
+    return method_from_config(json.loads(spec_json), positions)
 
 
-def _method_of(config: Any) -> Any:
+def _method_of(config: Any, positions: str = "renumber") -> Any:
     """The configured method of a model config (``None``: nothing pruned), validated."""
-    import json
-
     spec = getattr(config, CONFIG_KEY, None)
     if spec is None:
         raise ValueError(
@@ -69,7 +65,7 @@ def _method_of(config: Any) -> Any:
             f'i.e. {{"architectures": ["Piofvlm<Architecture>"], '
             f'"{CONFIG_KEY}": {{"method": "divprune", "keep": 64}}}}'
         )
-    return _method_cached(json.dumps(spec, sort_keys=True))
+    return _method_cached(json.dumps(spec, sort_keys=True), positions)
 
 
 class PiofvlmLlavaProcessingInfo(LlavaProcessingInfo):
@@ -91,8 +87,10 @@ class PromptKeyMixin:
     _prompt_key: int = 0
     info: Any
 
+    positions: str = "renumber"  # the family's positions mode (method_from_config)
+
     def _prompt_seeded(self) -> bool:
-        method = _method_of(self.info.get_hf_config())
+        method = _method_of(self.info.get_hf_config(), self.positions)
         return method is not None and method.name == "random"
 
     def _full_counts(self, inputs: Any) -> list[int]:
@@ -106,7 +104,9 @@ class PromptKeyMixin:
     def _full_prompt_key(self, prompt: list[int], counts: list[int]) -> int:
         """piofvlm's seed of ``prompt`` (``core.prefill._sample_keys``) with the ``i``-th image token expanded to
         ``counts[i]`` tokens, as the prompt transformers sees."""
-        image_token = self.info.get_hf_config().image_token_index
+        config = self.info.get_hf_config()
+        image_token = getattr(config, "image_token_index", None)
+        image_token = config.image_token_id if image_token is None else image_token
         ids: list[int] = []
         images = iter(counts)
         for token in prompt:
@@ -130,7 +130,9 @@ class PromptKeyMixin:
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
         processed = super()._call_hf_processor(hf_data, hf_kwargs)  # type: ignore[misc]
         if self._prompt_seeded() and "pixel_values" in processed:
-            processed[KEY_FIELD] = torch.full((len(processed["pixel_values"]),), self._prompt_key, dtype=torch.long)
+            # one key per image (Qwen's pixel_values are every image's patches, its image_grid_thw one row per image)
+            images = len(processed["image_grid_thw"] if "image_grid_thw" in processed else processed["pixel_values"])
+            processed[KEY_FIELD] = torch.full((images,), self._prompt_key, dtype=torch.long)
         return processed
 
     def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:

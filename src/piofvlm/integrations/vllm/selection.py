@@ -42,13 +42,15 @@ _WHY_CDPRUNER = (
 )
 
 
-def method_from_config(spec: Mapping[str, Any] | None) -> TokenPruner | None:
+def method_from_config(spec: Mapping[str, Any] | None, positions: str = "renumber") -> TokenPruner | None:
     """Build the method named by ``spec`` (``{"method": "divprune", "keep": 64, ...}``) for the vLLM plugin;
     ``{"method": "none"}`` gives ``None`` (the plugin's model, nothing pruned: the baseline).
 
     Defaults differ from piofvlm's in two places, both forced by vLLM: ``layers=[0]`` (also for ``random``, whose
-    piofvlm default is 2) and ``positions="renumber"``. ``chain`` runs its ``encoder`` part only and refuses an
-    ``llm`` part. Raises ``ValueError`` (saying what to do) for anything vLLM cannot run.
+    piofvlm default is 2) and the family's ``positions`` mode: ``"renumber"`` for 1-D RoPE families (vLLM numbers
+    the shorter prompt contiguously), ``"keep"`` for M-RoPE families (Qwen-VL: the plugin gives the kept tokens their
+    own grid positions, :mod:`piofvlm.integrations.vllm.qwen_vl`). ``chain`` runs its ``encoder`` part only and
+    refuses an ``llm`` part. Raises ``ValueError`` (saying what to do) for anything vLLM cannot run.
     """
     if not isinstance(spec, Mapping) or "method" not in spec:
         raise ValueError(
@@ -80,16 +82,19 @@ def method_from_config(spec: Mapping[str, Any] | None) -> TokenPruner | None:
             raise ValueError(f"chain in vLLM takes 'encoder' (and no 'llm') only, got extra keys {sorted(fields)}")
         if encoder.get("method") in ("chain", "none"):
             raise ValueError(f"chain: the encoder part cannot be {encoder.get('method')!r}")
-        return method_from_config(encoder)
+        return method_from_config(encoder, positions)
     if name not in ENCODER_METHODS:
         raise ValueError(f"unknown method {name!r} for vLLM; the plugin runs: {supported}")
     fields.setdefault("layers", [0])
-    fields.setdefault("positions", "renumber")
-    if fields["positions"] != "renumber":
-        raise ValueError(
-            f"positions={fields['positions']!r}: vLLM numbers the kept tokens contiguously (the prompt is shorter), "
-            "which is piofvlm's positions='renumber'; drop the key or use 'renumber'"
-        )
+    fields.setdefault("positions", positions)
+    if fields["positions"] != positions:
+        why = {
+            "renumber": "vLLM numbers the kept tokens contiguously (the prompt is shorter), which is piofvlm's "
+            "positions='renumber'",
+            "keep": "this family's M-RoPE positions are grid coordinates; the plugin gives the kept tokens their own "
+            "(piofvlm's positions='keep', the only mode piofvlm defines for it)",
+        }[positions]
+        raise ValueError(f"positions={fields['positions']!r}: {why}; drop the key or use {positions!r}")
     if fields.get("budget_scope", "image") != "image":
         raise ValueError(
             f"budget_scope={fields['budget_scope']!r}: vLLM needs each image's token count before encoding, so the "
@@ -225,6 +230,22 @@ class ImageSelection:
 
     kept: list[torch.Tensor]
     embeddings: list[torch.Tensor]
+
+
+def merged_grid_sources(grid_thw: Sequence[int], merge_size: int, crop: int) -> dict[str, torch.Tensor]:
+    """Where each visual token of a Qwen-VL image comes from: its merged ``(h / merge) x (w / merge)`` grid in raster
+    order (``crop`` = the image's row of the vision scores, ``patch`` = its token), as
+    :meth:`piofvlm.adapters.qwen_vl.QwenVLAdapter.visual_token_sources` for an image."""
+    t, h, w = (int(v) for v in grid_thw)
+    width, per_frame = w // merge_size, h * w // merge_size**2
+    token = torch.arange(t * per_frame)
+    return {
+        "crop": torch.full_like(token, crop),
+        "patch": token,
+        "grid": token // per_frame,
+        "row": token % per_frame // width,
+        "col": token % width,
+    }
 
 
 def grid_sources(side: int) -> dict[str, torch.Tensor]:
