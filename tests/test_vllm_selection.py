@@ -164,8 +164,16 @@ def test_hf_overrides_names_the_plugin_class_and_refuses_what_it_cannot_run(tmp_
     assert hf_overrides("LlavaNextForConditionalGeneration", "visionzip", keep=0.25)["architectures"] == [
         "PiofvlmLlavaNextForConditionalGeneration"
     ]
-    with pytest.raises(ValueError, match="M-RoPE"):
-        hf_overrides("Qwen2_5_VLForConditionalGeneration", "divprune", keep=64)
+    assert hf_overrides("Qwen2_5_VLForConditionalGeneration", "pool", keep=0.25) == {
+        "architectures": ["PiofvlmQwen2_5_VLForConditionalGeneration"],
+        "piofvlm": {"method": "pool", "keep": 0.25},
+    }
+    with pytest.raises(ValueError, match="M-RoPE positions are grid coordinates"):
+        hf_overrides("Qwen2_5_VLForConditionalGeneration", "divprune", keep=64, positions="renumber")
+    with pytest.raises(ValueError, match="positions='renumber'"):
+        hf_overrides("LlavaNextForConditionalGeneration", "divprune", keep=64, positions="keep")
+    with pytest.raises(ValueError, match="deepstack"):
+        hf_overrides("Qwen3VLForConditionalGeneration", "divprune", keep=64)
     with pytest.raises(ValueError, match="does not run GemmaForCausalLM"):
         hf_overrides("GemmaForCausalLM", "divprune", keep=64)
     with pytest.raises(ValueError, match="cannot run in vLLM"):
@@ -291,3 +299,72 @@ def test_plugin_selection_equals_piofvlm_on_llava_next(config):
         assert torch.equal(got.kept[b].cpu(), kept_reference[b].cpu()), f"image {b}"
         start = entering["hidden"].shape[1] - int(after[b]) - k
         torch.testing.assert_close(got.embeddings[b], entering["hidden"][b, start : start + k], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- Qwen2.5-VL
+# M-RoPE: piofvlm's positions="keep" (the plugin gives the kept tokens their own grid coordinates in vLLM); the
+# selection runs on each image's merged tokens in raster order of its (h / merge) x (w / merge) grid.
+QWEN_SIZES = [(56, 56), (84, 56), (56, 112), (112, 56), (140, 84), (84, 140)]
+QWEN_CONFIGS = [
+    {"method": "divprune", "keep": 0.25},
+    {"method": "pool", "keep": 0.3},
+    {"method": "random", "keep": 3, "seed": 1},
+    {"method": "chain", "encoder": {"method": "divprune", "keep": 0.5}},
+]
+
+
+@functools.cache
+def _tiny_qwen():
+    from piofvlm.tiny.qwen import build_qwen, build_qwen_processor
+
+    return build_qwen("qwen2_5_vl"), build_qwen_processor("qwen2_5_vl")
+
+
+def _qwen_inputs():
+    from piofvlm.tiny.llava import random_image
+    from piofvlm.tiny.qwen import IMAGE
+
+    model, processor = _tiny_qwen()
+    images = [random_image(i, size) for i, size in enumerate(QWEN_SIZES)]
+    text = [f"{IMAGE} what is the colour of the shape ?" for _ in images]
+    return model, processor(images=images, text=text, return_tensors="pt", padding=True)
+
+
+def test_qwen_layout_equals_the_adapters():
+    from piofvlm.integrations.vllm.selection import merged_grid_sources
+
+    model, inputs = _qwen_inputs()
+    expected = get_adapter(model).visual_token_sources(dict(inputs))
+    grids = inputs["image_grid_thw"].tolist()
+    assert len({t * h * w for t, h, w in grids}) >= 4
+    for b, grid in enumerate(grids):
+        mine = merged_grid_sources(grid, 2, b)
+        for name in ("crop", "patch", "grid", "row", "col"):
+            assert torch.equal(mine[name], expected[b][name]), (b, name)
+
+
+@pytest.mark.parametrize("config", QWEN_CONFIGS, ids=lambda c: c["method"])
+@torch.no_grad()
+def test_plugin_selection_equals_piofvlm_on_qwen2_5_vl(config):
+    """The plugin's kept indices (and their features) == piofvlm's on transformers with positions="keep", per image
+    of different grids (different counts and budgets)."""
+    from piofvlm.integrations.vllm.selection import merged_grid_sources
+
+    model, inputs = _qwen_inputs()
+    method = method_from_config(config, positions="keep")
+    reference = method_from_config(config, positions="keep")
+    with reference(model):
+        model(**inputs)
+    kept_reference = reference.last_selection[0].kept
+    out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    features = out.pooler_output if hasattr(out, "pooler_output") else out
+    grids = inputs["image_grid_thw"].tolist()
+    features = list(torch.cat(list(features)).split([t * h * w // 4 for t, h, w in grids]))
+    tower = VisionTower(num_layers=2, feature_layer_index=1, has_cls=False, side=0)
+    keys = _sample_keys(inputs["input_ids"], inputs["attention_mask"].bool())
+    sources = [merged_grid_sources(grid, 2, b) for b, grid in enumerate(grids)]
+    got = select_image_tokens(method, features, tower, sample_keys=keys, sources=sources, model_type="qwen2_5_vl")
+    for b in range(len(grids)):
+        k = tokens_per_image(method, features[b].shape[0])
+        assert len(got.kept[b]) == k == len(kept_reference[b])
+        assert torch.equal(got.kept[b].cpu(), kept_reference[b].cpu()), f"image {b}"
