@@ -2,7 +2,8 @@
 
 * :func:`register` is listed under the entry-point group ``vllm.general_plugins`` (pyproject), so every vLLM process
   (the engine, its workers, the OpenAI server) calls it on start. It registers one model class per supported family
-  with ``ModelRegistry.register_model``: ``Piofvlm<Architecture>`` (e.g. ``PiofvlmLlavaForConditionalGeneration``),
+  (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL: :data:`ARCHITECTURES`) with ``ModelRegistry.register_model``:
+  ``Piofvlm<Architecture>`` (e.g. ``PiofvlmLlavaForConditionalGeneration``),
   a subclass of vLLM's own model class whose multimodal processor gives each image the budget's number of
   placeholder tokens and whose ``embed_multimodal`` runs the method's selection (piofvlm's own code) on the image's
   projected features.

@@ -38,7 +38,8 @@ _WHY_IN_LLM = (
 )
 _WHY_CDPRUNER = (
     "cdpruner needs the instruction's text, and vLLM's embed_multimodal sees only the image (its encoder outputs "
-    "are also cached per image, across prompts); use one of "
+    "are also cached per image, across prompts; embed_input_ids sees the prompt's tokens only after the image's "
+    "token count and embeddings are fixed); see docs/vllm.md ('CDPruner's text'). Use one of "
 )
 
 
