@@ -68,11 +68,13 @@ clean:
 	rm -rf $(VENV) .venv-lock .venv-tf-* .venv-vllm build dist src/*.egg-info .pytest_cache .ruff_cache
 
 # The vLLM plugin (docs/vllm.md): a separate venv with the CPU build of vLLM, pinned by requirements-vllm.lock (not the
-# main lock), and its end-to-end tests (tests/vllm_plugin: 200 test samples per method, the OpenAI server, tensor parallelism
-# 2; about 25 minutes on the 2-core CPU). VLLM_SAMPLES=20 for a quicker run; VLLM_RESULTS keeps the JSON results.
+# main lock), and its end-to-end tests (tests/vllm_plugin: 200 test samples per method and family (LLaVA-1.5,
+# LLaVA-NeXT, Qwen2.5-VL), the OpenAI server, tensor parallelism 2; about 50 minutes on the 2-core CPU).
+# VLLM_SAMPLES=20 for a quicker run; VLLM_K='qwen' (a pytest -k expression) for a part; VLLM_RESULTS keeps the JSON.
 VLLM_VENV ?= .venv-vllm
 VLLM_SAMPLES ?= 200
 VLLM_RESULTS ?= outputs/vllm
+VLLM_K ?=
 
 vllm-env:
 	scripts/vllm_env.sh $(VLLM_VENV)
@@ -80,4 +82,5 @@ vllm-env:
 test-vllm: vllm-env
 	mkdir -p $(VLLM_RESULTS)
 	PIOFVLM_VLLM_SAMPLES=$(VLLM_SAMPLES) PIOFVLM_VLLM_RESULTS=$(abspath $(VLLM_RESULTS)) \
-		$(VLLM_VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/vllm_plugin tests/test_vllm_selection.py
+		$(VLLM_VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/vllm_plugin tests/test_vllm_selection.py \
+		$(if $(VLLM_K),-k "$(VLLM_K)")

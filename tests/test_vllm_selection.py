@@ -161,11 +161,210 @@ def test_hf_overrides_names_the_plugin_class_and_refuses_what_it_cannot_run(tmp_
     assert hf_overrides("LlavaForConditionalGeneration", "none")["architectures"] == [
         "PiofvlmLlavaForConditionalGeneration"
     ]
-    with pytest.raises(ValueError, match="M-RoPE"):
-        hf_overrides("Qwen2_5_VLForConditionalGeneration", "divprune", keep=64)
+    assert hf_overrides("LlavaNextForConditionalGeneration", "visionzip", keep=0.25)["architectures"] == [
+        "PiofvlmLlavaNextForConditionalGeneration"
+    ]
+    assert hf_overrides("Qwen2_5_VLForConditionalGeneration", "pool", keep=0.25) == {
+        "architectures": ["PiofvlmQwen2_5_VLForConditionalGeneration"],
+        "piofvlm": {"method": "pool", "keep": 0.25},
+    }
+    with pytest.raises(ValueError, match="M-RoPE positions are grid coordinates"):
+        hf_overrides("Qwen2_5_VLForConditionalGeneration", "divprune", keep=64, positions="renumber")
+    with pytest.raises(ValueError, match="positions='renumber'"):
+        hf_overrides("LlavaNextForConditionalGeneration", "divprune", keep=64, positions="keep")
+    with pytest.raises(ValueError, match="deepstack"):
+        hf_overrides("Qwen3VLForConditionalGeneration", "divprune", keep=64)
     with pytest.raises(ValueError, match="does not run GemmaForCausalLM"):
         hf_overrides("GemmaForCausalLM", "divprune", keep=64)
     with pytest.raises(ValueError, match="cannot run in vLLM"):
         hf_overrides(str(CHECKPOINT_DIR), "fastv")
     with pytest.raises(ValueError, match="does not exist"):
         hf_overrides(str(tmp_path / "missing"), "divprune", keep=64)
+
+
+# ---------------------------------------------------------------------------------------------------- LLaVA-NeXT
+# anyres: each image's count depends on its size; the plugin's token layout is computed from the size alone and
+# must be the one the model packs (base view, unpadded high-resolution grid, one image_newline per row).
+NEXT_SIZES = [(28, 28), (56, 28), (28, 56), (40, 22), (23, 51), (60, 60)]
+
+
+@functools.cache
+def _tiny_next():
+    from piofvlm.tiny.llava import build_llava_next, build_processor
+
+    return build_llava_next(), build_processor("llava_next")
+
+
+def _next_inputs(sizes=NEXT_SIZES):
+    from piofvlm.tiny.llava import random_image
+
+    model, processor = _tiny_next()
+    images = [random_image(i, size) for i, size in enumerate(sizes)]
+    text = ["USER : <image> what is the colour of the shape ? ASSISTANT :" for _ in images]
+    return model, processor(images=images, text=text, return_tensors="pt", padding=True)
+
+
+def _next_tower(model) -> VisionTower:
+    adapter = get_adapter(model)
+    return VisionTower(
+        num_layers=len(adapter.vision_layers),
+        feature_layer_index=adapter.vision_feature_layer_index,
+        has_cls=adapter.vision_has_cls,
+        side=7,
+        attention=adapter.vision_attention,
+    )
+
+
+def _next_sources(model, inputs):
+    from piofvlm.integrations.vllm.selection import anyres_sources
+
+    config = model.config
+    sources, first = [], 0
+    for size in inputs["image_sizes"].tolist():
+        sources.append(anyres_sources(size, 7, config.image_grid_pinpoints, config.vision_config.image_size, first))
+        first += int(sources[-1]["crop"].max()) + 1 - first
+    return sources
+
+
+def test_anyres_layout_equals_the_models_packing():
+    """The layout computed from image sizes == piofvlm's adapter (which runs the model's own packing on labels), and
+    its length == the model's own per-image token count (the count vLLM's processor gives each image)."""
+    model, inputs = _next_inputs()
+    expected = get_adapter(model).visual_token_sources(dict(inputs))
+    got = _next_sources(model, inputs)
+    counts = (inputs["input_ids"] == 4).sum(1).tolist()
+    assert len(set(counts)) > 2  # the sizes give different counts
+    for b, (mine, theirs) in enumerate(zip(got, expected, strict=True)):
+        assert len(mine["crop"]) == counts[b]
+        for name in ("crop", "patch", "grid", "row", "col"):
+            assert torch.equal(mine[name], theirs[name]), (b, name)
+
+
+NEXT_CONFIGS = [
+    {"method": "divprune", "keep": 0.25},
+    {"method": "pool", "keep": 0.25},
+    {"method": "random", "keep": 20, "seed": 3},
+    {"method": "visionzip", "keep": 0.3},
+    {"method": "vscan", "keep": 0.25, "local_layer": 0, "window": 4},
+    {"method": "chain", "encoder": {"method": "visionzip", "keep": 24}},
+]
+
+
+@pytest.mark.parametrize("config", NEXT_CONFIGS, ids=lambda c: c["method"])
+@torch.no_grad()
+def test_plugin_selection_equals_piofvlm_on_llava_next(config):
+    """Per image of different sizes (so different counts and budgets): the plugin's kept indices and embeddings ==
+    piofvlm's on transformers with positions="renumber" (one image per sample, the batch left-padded)."""
+    model, inputs = _next_inputs()
+    method = method_from_config(config)
+    reference = method_from_config(config)
+    entering = {}
+
+    def store(module, args, kwargs) -> None:
+        entering.setdefault("hidden", args[0] if args else kwargs["hidden_states"])
+
+    with reference(model):
+        hook = model.model.language_model.layers[0].register_forward_pre_hook(store, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            hook.remove()
+    kept_reference = reference.last_selection[0].kept
+    adapter = get_adapter(model)
+    tower = _next_tower(model)
+    captured = {}
+    hooks = [
+        adapter.vision_layers[i].register_forward_pre_hook(
+            functools.partial(lambda i, module, args: captured.__setitem__(i, args[0]), i)
+        )
+        for i in vision_layers_needed(method, tower)
+    ]
+    try:
+        out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    features = out.pooler_output if hasattr(out, "pooler_output") else out
+    features = list(features)
+    valid = inputs["attention_mask"].bool()
+    keys = _sample_keys(inputs["input_ids"], valid)
+    sources = _next_sources(model, inputs)
+    got = select_image_tokens(method, features, tower, captured, sample_keys=keys, sources=sources)
+    # the pruned batch stays left-padded (right-aligned): each image ends as many tokens before the end as unpruned
+    is_image = inputs["input_ids"] == 4
+    after = inputs["input_ids"].shape[1] - 1 - (is_image.int() * torch.arange(is_image.shape[1])).argmax(1)
+    for b in range(len(features)):
+        k = tokens_per_image(method, features[b].shape[0])
+        assert len(got.kept[b]) == k == len(kept_reference[b])
+        assert torch.equal(got.kept[b].cpu(), kept_reference[b].cpu()), f"image {b}"
+        start = entering["hidden"].shape[1] - int(after[b]) - k
+        torch.testing.assert_close(got.embeddings[b], entering["hidden"][b, start : start + k], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- Qwen2.5-VL
+# M-RoPE: piofvlm's positions="keep" (the plugin gives the kept tokens their own grid coordinates in vLLM); the
+# selection runs on each image's merged tokens in raster order of its (h / merge) x (w / merge) grid.
+QWEN_SIZES = [(56, 56), (84, 56), (56, 112), (112, 56), (140, 84), (84, 140)]
+QWEN_CONFIGS = [
+    {"method": "divprune", "keep": 0.25},
+    {"method": "pool", "keep": 0.3},
+    {"method": "random", "keep": 3, "seed": 1},
+    {"method": "chain", "encoder": {"method": "divprune", "keep": 0.5}},
+]
+
+
+@functools.cache
+def _tiny_qwen():
+    from piofvlm.tiny.qwen import build_qwen, build_qwen_processor
+
+    return build_qwen("qwen2_5_vl"), build_qwen_processor("qwen2_5_vl")
+
+
+def _qwen_inputs():
+    from piofvlm.tiny.llava import random_image
+    from piofvlm.tiny.qwen import IMAGE
+
+    model, processor = _tiny_qwen()
+    images = [random_image(i, size) for i, size in enumerate(QWEN_SIZES)]
+    text = [f"{IMAGE} what is the colour of the shape ?" for _ in images]
+    return model, processor(images=images, text=text, return_tensors="pt", padding=True)
+
+
+def test_qwen_layout_equals_the_adapters():
+    from piofvlm.integrations.vllm.selection import merged_grid_sources
+
+    model, inputs = _qwen_inputs()
+    expected = get_adapter(model).visual_token_sources(dict(inputs))
+    grids = inputs["image_grid_thw"].tolist()
+    assert len({t * h * w for t, h, w in grids}) >= 4
+    for b, grid in enumerate(grids):
+        mine = merged_grid_sources(grid, 2, b)
+        for name in ("crop", "patch", "grid", "row", "col"):
+            assert torch.equal(mine[name], expected[b][name]), (b, name)
+
+
+@pytest.mark.parametrize("config", QWEN_CONFIGS, ids=lambda c: c["method"])
+@torch.no_grad()
+def test_plugin_selection_equals_piofvlm_on_qwen2_5_vl(config):
+    """The plugin's kept indices (and their features) == piofvlm's on transformers with positions="keep", per image
+    of different grids (different counts and budgets)."""
+    from piofvlm.integrations.vllm.selection import merged_grid_sources
+
+    model, inputs = _qwen_inputs()
+    method = method_from_config(config, positions="keep")
+    reference = method_from_config(config, positions="keep")
+    with reference(model):
+        model(**inputs)
+    kept_reference = reference.last_selection[0].kept
+    out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    features = out.pooler_output if hasattr(out, "pooler_output") else out
+    grids = inputs["image_grid_thw"].tolist()
+    features = list(torch.cat(list(features)).split([t * h * w // 4 for t, h, w in grids]))
+    tower = VisionTower(num_layers=2, feature_layer_index=1, has_cls=False, side=0)
+    keys = _sample_keys(inputs["input_ids"], inputs["attention_mask"].bool())
+    sources = [merged_grid_sources(grid, 2, b) for b, grid in enumerate(grids)]
+    got = select_image_tokens(method, features, tower, sample_keys=keys, sources=sources, model_type="qwen2_5_vl")
+    for b in range(len(grids)):
+        k = tokens_per_image(method, features[b].shape[0])
+        assert len(got.kept[b]) == k == len(kept_reference[b])
+        assert torch.equal(got.kept[b].cpu(), kept_reference[b].cpu()), f"image {b}"

@@ -13,14 +13,15 @@ import time
 from pathlib import Path
 
 
-def engine_kwargs(spec: dict, tp: int) -> dict:
+def engine_kwargs(spec: dict, tp: int, model: str | None = None, max_model_len: int = 512) -> dict:
     from piofvlm.integrations.vllm import hf_overrides
     from piofvlm.testbed.model import CHECKPOINT_DIR
 
+    model = model or str(CHECKPOINT_DIR)
     return {
-        "model": str(CHECKPOINT_DIR),
-        "hf_overrides": hf_overrides(str(CHECKPOINT_DIR), **spec),
-        "max_model_len": 512,
+        "model": model,
+        "hf_overrides": hf_overrides(model, **spec),
+        "max_model_len": max_model_len,
         "dtype": "float32",
         "enforce_eager": True,
         "gpu_memory_utilization": float(os.environ.get("PIOFVLM_VLLM_MEMORY", "0.04")),
@@ -36,6 +37,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default=None, help="a checkpoint folder (default: the testbed)")
+    parser.add_argument("--family", default="llava", help="llava (the testbed's images) or llava_next (resized)")
     args = parser.parse_args()
     out = Path(args.out)
     record = out.with_suffix(".kept.jsonl")
@@ -59,14 +62,25 @@ def main() -> None:
 
     spec = json.loads(args.spec)
     start = time.time()
-    llm = LLM(**engine_kwargs(spec, args.tp))
+    llm = LLM(**engine_kwargs(spec, args.tp, args.model, 1024 if args.family != "llava" else 512))
     loaded = time.time() - start
     samples = data.make_split("test", args.n)
+    images = [s["image"] for s in samples]
+    prompt = testbed_model.prompt
+    if args.family == "llava_next":
+        from vllm_models import next_image  # this folder's helper (the runner is run as a script from it)
+
+        images = [next_image(image, i) for i, image in enumerate(images)]
+    elif args.family == "qwen2_5_vl":
+        from vllm_models import qwen_image, qwen_prompt
+
+        images, prompt = [qwen_image(image, i) for i, image in enumerate(images)], qwen_prompt
     requests = [
-        {"prompt": testbed_model.prompt(s["question"]), "multi_modal_data": {"image": s["image"]}} for s in samples
+        {"prompt": prompt(s["question"]), "multi_modal_data": {"image": image}}
+        for s, image in zip(samples, images, strict=True)
     ]
     start = time.time()
-    outputs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    outputs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=2, logprobs=5), use_tqdm=False)
     generated = time.time() - start
     kept = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     result = {
@@ -74,6 +88,11 @@ def main() -> None:
         "tp": args.tp,
         "answers": [testbed_model.first_word(o.outputs[0].text) for o in outputs],
         "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        # the first answer token's top-5 log-probabilities, {token id: log-prob}
+        "first_logprobs": [
+            {int(t): float(lp.logprob) for t, lp in (o.outputs[0].logprobs or [{}])[0].items()} for o in outputs
+        ],
         "kept": kept,
         "seconds": {"load": round(loaded, 1), "generate": round(generated, 1)},
     }

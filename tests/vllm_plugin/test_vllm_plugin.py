@@ -59,15 +59,17 @@ def testbed():
     return testbed_model.load_testbed()
 
 
-def reference(testbed, spec: dict, samples: list[dict], bos: bool = True) -> dict:
-    """piofvlm on transformers (``positions="renumber"``): answers, kept sets and pixel checksums per sample."""
+def reference(testbed, spec: dict, samples: list[dict], bos: bool = True, images: list | None = None) -> dict:
+    """piofvlm on transformers (``positions="renumber"``): answers, kept sets, pixel checksums, prompt lengths and
+    image tokens per sample."""
     model, processor = testbed
     method = method_from_config(spec)
-    answers, kept, checksums, lengths = [], [], [], []
+    images = images or [s["image"] for s in samples]
+    answers, kept, checksums, lengths, image_tokens, margins, logprobs = [], [], [], [], [], [], []
     for i in range(0, len(samples), 16):
         batch = samples[i : i + 16]
         inputs = processor(
-            images=[s["image"] for s in batch],
+            images=images[i : i + 16],
             text=[testbed_model.prompt(s["question"]) for s in batch],
             return_tensors="pt",
             padding=True,
@@ -75,25 +77,40 @@ def reference(testbed, spec: dict, samples: list[dict], bos: bool = True) -> dic
         )
         checksums += [float(p.double().sum()) for p in inputs["pixel_values"]]
         lengths += inputs["attention_mask"].sum(1).tolist()
+        image_tokens += (inputs["input_ids"] == testbed_model.IMAGE_TOKEN_ID).sum(1).tolist()
+        options = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": testbed_model.PAD_ID}
+        options |= {"output_scores": True, "return_dict_in_generate": True}
         with torch.no_grad():
             if method is None:
-                out = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=testbed_model.PAD_ID)
+                result = model.generate(**inputs, **options)
             else:
                 with method(model):
-                    out = model.generate(
-                        **inputs, max_new_tokens=2, do_sample=False, pad_token_id=testbed_model.PAD_ID
-                    )
+                    result = model.generate(**inputs, **options)
                 kept += [k.tolist() for k in method.last_selection[0].kept]
+        top2 = result.scores[0].float().topk(2, dim=-1).values  # the first answer token's logits
+        margins += (top2[:, 0] - top2[:, 1]).tolist()
+        logprobs += result.scores[0].double().log_softmax(-1).tolist()
+        out = result.sequences
         texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         answers += [testbed_model.first_word(t) for t in texts]
-    return {"answers": answers, "kept": kept, "checksums": checksums, "prompt_tokens": lengths}
+    return {
+        "answers": answers,
+        "kept": kept,
+        "checksums": checksums,
+        "prompt_tokens": lengths,
+        "image_tokens": image_tokens,
+        "margins": margins,  # top-1 minus top-2 logit of the first answer token, on transformers
+        "logprobs": logprobs,  # the first answer token's log-softmax over the vocabulary
+    }
 
 
-def run_vllm(spec: dict, results_dir: Path, name: str, tp: int = 1) -> dict:
-    out = results_dir / f"vllm-{name}-tp{tp}.json"
+def run_vllm(
+    spec: dict, results_dir: Path, name: str, tp: int = 1, model: Path | None = None, family: str = "llava"
+) -> dict:
+    out = results_dir / f"vllm-{family}-{name}-tp{tp}.json"
     command = [sys.executable, str(RUNNER), "--spec", json.dumps(spec), "--n", str(N), "--tp", str(tp)]
-    command += ["--out", str(out)]
-    log = results_dir / f"vllm-{name}-tp{tp}.log"
+    command += ["--out", str(out), "--family", family] + (["--model", str(model)] if model else [])
+    log = results_dir / f"vllm-{family}-{name}-tp{tp}.log"
     with open(log, "w") as file:
         done = subprocess.run(command, stdout=file, stderr=subprocess.STDOUT, timeout=TIMEOUT, check=False)
     assert done.returncode == 0, f"vLLM run failed ({log}):\n" + "\n".join(log.read_text().splitlines()[-30:])
@@ -111,27 +128,47 @@ def kept_by_sample(records: list[dict], checksums: list[float], rank: int = 0) -
     return found
 
 
-def compare(name: str, spec: dict, got: dict, ref: dict, results_dir: Path) -> dict:
+def compare(name: str, spec: dict, got: dict, ref: dict, results_dir: Path, family: str = "llava") -> dict:
     n = len(ref["answers"])
     same = [a == b for a, b in zip(got["answers"], ref["answers"], strict=True)]
-    report = {"method": name, "spec": spec, "samples": n, "answers_equal": sum(same), "tp": got["tp"]}
+    report = {"family": family, "method": name, "spec": spec, "samples": n, "answers_equal": sum(same)}
+    report["tp"] = got["tp"]
     if ref["kept"]:
         kept = kept_by_sample(got["kept"], ref["checksums"])
         assert all(k is not None for k in kept), "an image's kept set was not recorded by vLLM"
         overlap = [len(set(a) & set(b)) for a, b in zip(kept, ref["kept"], strict=True)]
-        k = len(ref["kept"][0])
-        report["kept_identical"] = sum(o == k for o in overlap)
-        report["kept_tokens"] = k
+        sizes = [len(k) for k in ref["kept"]]
+        report["overlap_per_sample"] = overlap
+        report["kept_identical"] = sum(o == k for o, k in zip(overlap, sizes, strict=True))
+        report["kept_tokens"] = sorted(set(sizes))
         report["disagreements"] = [
-            {"sample": i, "vllm": got["answers"][i], "transformers": ref["answers"][i], "overlap": overlap[i]}
+            {
+                "sample": i,
+                "vllm": got["answers"][i],
+                "transformers": ref["answers"][i],
+                "overlap": f"{overlap[i]}/{sizes[i]}",
+                "logit_margin": round(ref["margins"][i], 4),
+            }
             for i in range(n)
             if not same[i]
         ]
-        different = sorted(o for o in overlap if o < k)
-        report["median_overlap_when_different"] = different[len(different) // 2] if different else None
+        different = sorted(f"{o}/{k}" for o, k in zip(overlap, sizes, strict=True) if o < k)
+        report["overlaps_when_different"] = different
+    if got.get("first_logprobs") and ref.get("logprobs"):
+        # |vLLM - transformers| of the first answer token's top-5 log-probabilities, per sample
+        diffs = [
+            max((abs(lp - ref["logprobs"][i][int(t)]) for t, lp in got["first_logprobs"][i].items()), default=0.0)
+            for i in range(n)
+        ]
+        report["logprob_max_diff"] = max(diffs)
+        if ref["kept"]:
+            identical = [i for i in range(n) if report["overlap_per_sample"][i] == len(ref["kept"][i])]
+            report["logprob_max_diff_same_kept"] = max((diffs[i] for i in identical), default=0.0)
+        report["logprob_diffs"] = diffs
     report["seconds"] = got["seconds"]
-    (results_dir / f"compare-{name}-tp{got['tp']}.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "disagreements"}))
+    (results_dir / f"compare-{family}-{name}-tp{got['tp']}.json").write_text(json.dumps(report, indent=1))
+    skip = ("disagreements", "overlap_per_sample", "logprob_diffs")
+    print(json.dumps({k: v for k, v in report.items() if k not in skip}))
     return report
 
 
@@ -146,6 +183,51 @@ def test_vllm_answers_equal_piofvlm_on_transformers(name, testbed, results_dir):
     budget = 256 if method is None else tokens_per_image(method, 256)
     assert got["prompt_tokens"] == [length - 256 + budget for length in ref["prompt_tokens"]]
     report = compare(name, spec, got, ref, results_dir)
+    assert report["answers_equal"] >= 0.99 * N, report
+
+
+# LLaVA-NeXT (anyres): the testbed as a LLaVA-NeXT (tests/vllm_plugin/models.py), its images resized to 7 sizes, so
+# images have 528 to 784 tokens; budgets are ratios of each image's count (what a user would configure).
+NEXT_METHODS = {
+    "none": {"method": "none"},
+    "divprune": {"method": "divprune", "keep": 0.25},
+    "pool": {"method": "pool", "keep": 0.25},
+    "random": {"method": "random", "keep": 0.25},
+    "visionzip": {"method": "visionzip", "keep": 0.25},
+    "vscan": {"method": "vscan", "keep": 0.25, "local_layer": 1, "window": 4},
+    "chain": {"method": "chain", "encoder": {"method": "visionzip", "keep": 128}},
+}
+
+
+@pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from vllm_models import save_llava_next
+
+    path = save_llava_next(tmp_path_factory.mktemp("llava_next"))
+    model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    return path, (model, AutoProcessor.from_pretrained(path))
+
+
+@pytest.mark.parametrize("name", list(NEXT_METHODS))
+def test_vllm_llava_next_answers_equal_piofvlm_on_transformers(name, llava_next, results_dir):
+    from vllm_models import next_image
+
+    path, pair = llava_next
+    spec = NEXT_METHODS[name]
+    samples = data.make_split("test", N)
+    images = [next_image(s["image"], i) for i, s in enumerate(samples)]
+    got = run_vllm(spec, results_dir, name, model=path, family="llava_next")
+    ref = reference(pair, spec, samples, images=images)
+    method = method_from_config(spec)
+    assert len(set(ref["image_tokens"])) >= 5  # anyres: the sizes give different counts
+    budgets = [full if method is None else tokens_per_image(method, full) for full in ref["image_tokens"]]
+    lengths = zip(ref["prompt_tokens"], ref["image_tokens"], budgets, strict=True)
+    expected = [length - full + k for length, full, k in lengths]
+    assert got["prompt_tokens"] == expected
+    if method is not None:
+        assert [len(k) for k in ref["kept"]] == budgets
+    report = compare(name, spec, got, ref, results_dir, family="llava_next")
     assert report["answers_equal"] >= 0.99 * N, report
 
 
@@ -237,3 +319,95 @@ def test_openai_server_with_the_openai_client(testbed, results_dir):
     (results_dir / "compare-server.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
     assert same >= 0.99 * N, report
+
+
+# Qwen2.5-VL (M-RoPE): a tiny random Qwen2.5-VL (tests/vllm_plugin/vllm_models.py), the testbed's images resized to 7
+# sizes (16 to 49 tokens each). piofvlm's positions="keep": the kept tokens' own grid coordinates. Random weights:
+# answers are compared as the 2 generated token ids, disagreements reported with the reference's logit margin.
+QWEN_METHODS = {
+    "none": {"method": "none"},
+    "divprune": {"method": "divprune", "keep": 0.25},
+    "pool": {"method": "pool", "keep": 0.25},
+    "random": {"method": "random", "keep": 0.25},
+}
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_vl(tmp_path_factory):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from vllm_models import save_qwen2_5_vl
+
+    path = save_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return path, (model, processor)
+
+
+def reference_qwen(pair, spec: dict, samples: list[dict], images: list) -> dict:
+    """piofvlm on transformers with ``positions="keep"``: generated token ids, kept sets, checksums, lengths."""
+    from vllm_models import qwen_prompt
+
+    model, processor = pair
+    method = method_from_config(spec, positions="keep")
+    tokens, kept, checksums, lengths, image_tokens, margins, logprobs = [], [], [], [], [], [], []
+    for i in range(0, len(samples), 16):
+        inputs = processor(
+            images=images[i : i + 16],
+            text=[qwen_prompt(s["question"]) for s in samples[i : i + 16]],
+            return_tensors="pt",
+            padding=True,
+        )
+        # vLLM hands the Qwen model unnormalized pixels (it normalizes them on the device): checksum those
+        raw = processor.image_processor(images[i : i + 16], do_rescale=False, do_normalize=False, return_tensors="pt")
+        patches = raw["image_grid_thw"].prod(-1).tolist()
+        checksums += [float(p.double().sum()) for p in raw["pixel_values"].split(patches)]
+        lengths += inputs["attention_mask"].sum(1).tolist()
+        image_tokens += (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        options = {"max_new_tokens": 2, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+        with torch.no_grad():
+            if method is None:
+                result = model.generate(**inputs, **options)
+            else:
+                with method(model):
+                    result = model.generate(**inputs, **options)
+                kept += [k.tolist() for k in method.last_selection[0].kept]
+        top2 = result.scores[0].float().topk(2, dim=-1).values
+        margins += (top2[:, 0] - top2[:, 1]).tolist()
+        logprobs += result.scores[0].double().log_softmax(-1).tolist()
+        tokens += result.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+    return {
+        "answers": tokens,
+        "kept": kept,
+        "checksums": checksums,
+        "prompt_tokens": lengths,
+        "image_tokens": image_tokens,
+        "margins": margins,
+        "logprobs": logprobs,
+    }
+
+
+@pytest.mark.parametrize("name", list(QWEN_METHODS))
+def test_vllm_qwen2_5_vl_answers_equal_piofvlm_on_transformers(name, qwen2_5_vl, results_dir):
+    from vllm_models import qwen_image
+
+    path, pair = qwen2_5_vl
+    spec = QWEN_METHODS[name]
+    samples = data.make_split("test", N)
+    images = [qwen_image(s["image"], i) for i, s in enumerate(samples)]
+    got = run_vllm(spec, results_dir, name, model=path, family="qwen2_5_vl")
+    got["answers"] = got["token_ids"]
+    ref = reference_qwen(pair, spec, samples, images)
+    method = method_from_config(spec, positions="keep")
+    assert len(set(ref["image_tokens"])) >= 5
+    budgets = [full if method is None else tokens_per_image(method, full) for full in ref["image_tokens"]]
+    lengths = zip(ref["prompt_tokens"], ref["image_tokens"], budgets, strict=True)
+    assert got["prompt_tokens"] == [length - full + k for length, full, k in lengths]
+    if method is not None:
+        assert [len(k) for k in ref["kept"]] == budgets
+    report = compare(name, spec, got, ref, results_dir, family="qwen2_5_vl")
+    assert report["answers_equal"] >= 0.99 * N, report
+    # A tiny random model's answers hardly depend on the image tokens' positions; its log-probabilities do, a little:
+    # with the kept tokens' own M-RoPE positions they are within 6e-7 of transformers' (8 samples, 2026-12-06), with
+    # every kept token left at its image's start (the plugin's coordinates not added) 9e-5 to 5e-4 apart.
+    assert report.get("logprob_max_diff_same_kept", report["logprob_max_diff"]) < 1e-5, report

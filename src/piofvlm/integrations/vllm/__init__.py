@@ -2,7 +2,8 @@
 
 * :func:`register` is listed under the entry-point group ``vllm.general_plugins`` (pyproject), so every vLLM process
   (the engine, its workers, the OpenAI server) calls it on start. It registers one model class per supported family
-  with ``ModelRegistry.register_model``: ``Piofvlm<Architecture>`` (e.g. ``PiofvlmLlavaForConditionalGeneration``),
+  (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL: :data:`ARCHITECTURES`) with ``ModelRegistry.register_model``:
+  ``Piofvlm<Architecture>`` (e.g. ``PiofvlmLlavaForConditionalGeneration``),
   a subclass of vLLM's own model class whose multimodal processor gives each image the budget's number of
   placeholder tokens and whose ``embed_multimodal`` runs the method's selection (piofvlm's own code) on the image's
   projected features.
@@ -29,15 +30,20 @@ logger = logging.getLogger(__name__)
 #: vLLM architecture of each supported family -> the plugin's class (module:Class), registered by :func:`register`.
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "piofvlm.integrations.vllm.llava:PiofvlmLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": (
+        "piofvlm.integrations.vllm.llava_next:PiofvlmLlavaNextForConditionalGeneration"
+    ),
+    "Qwen2_5_VLForConditionalGeneration": (
+        "piofvlm.integrations.vllm.qwen_vl:PiofvlmQwen2_5_VLForConditionalGeneration"
+    ),
 }
 #: Families piofvlm supports on transformers that the plugin does not (yet) run in vLLM, and why.
 NOT_SUPPORTED = {
-    "LlavaNextForConditionalGeneration": "anyres: the token count depends on the image size (base view + unpadded "
-    "high-resolution grid + row separators); not written yet",
-    "Qwen2_5_VLForConditionalGeneration": "M-RoPE: the kept tokens' 3-D positions must be computed in the processor "
-    "before encoding; not written yet",
-    "Qwen3VLForConditionalGeneration": "as Qwen2.5-VL (M-RoPE positions of the kept tokens); not written yet",
+    "Qwen3VLForConditionalGeneration": "not written yet: Qwen3-VL's deepstack feeds features of several vision "
+    "layers into the first decoder layers at the image's positions, which would have to be pruned alike",
 }
+#: piofvlm's positions mode of each family in vLLM (default "renumber").
+POSITIONS = {"Qwen2_5_VLForConditionalGeneration": "keep"}
 PREFIX = "Piofvlm"
 
 __all__ = ["ARCHITECTURES", "CONFIG_KEY", "ENCODER_METHODS", "NOT_SUPPORTED", "hf_overrides", "register"]
@@ -80,7 +86,9 @@ def hf_overrides(model: str | Path | dict[str, Any], method: str, **fields: Any)
             raise ValueError(f"{config_file} names architectures {architectures!r}; expected exactly one")
         architecture = architectures[0]
     spec = {"method": method, **fields}
-    method_from_config(spec)  # refuse now, not in the engine's workers
+    plugin_architecture(architecture)  # an unsupported family first: its error says why
+    # refuse now, not in the engine's workers
+    method_from_config(spec, POSITIONS.get(architecture.removeprefix(PREFIX), "renumber"))
     return {"architectures": [plugin_architecture(architecture)], CONFIG_KEY: spec}
 
 

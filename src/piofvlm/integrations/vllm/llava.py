@@ -51,24 +51,21 @@ RECORD_ENV = "PIOFVLM_VLLM_RECORD"
 
 
 @functools.lru_cache(maxsize=32)
-def _method_cached(spec_json: str) -> Any:
-    import json
-
-    return method_from_config(json.loads(spec_json))
+def _method_cached(spec_json: str, positions: str) -> Any:
+    return method_from_config(json.loads(spec_json), positions)
 
 
-def _method_of(config: Any) -> Any:
+def _method_of(config: Any, positions: str = "renumber") -> Any:
     """The configured method of a model config (``None``: nothing pruned), validated."""
-    import json
-
     spec = getattr(config, CONFIG_KEY, None)
     if spec is None:
         raise ValueError(
-            f"PiofvlmLlavaForConditionalGeneration needs a {CONFIG_KEY!r} entry in the model config: pass "
-            f'hf_overrides={{"architectures": ["PiofvlmLlavaForConditionalGeneration"], "{CONFIG_KEY}": '
-            '{"method": "divprune", "keep": 64}} (or "method": "none")'
+            f"the piofvlm vLLM plugin's model classes need a {CONFIG_KEY!r} entry in the model config: pass "
+            "hf_overrides=piofvlm.integrations.vllm.hf_overrides(model, 'divprune', keep=64) (or method 'none'), "
+            f'i.e. {{"architectures": ["Piofvlm<Architecture>"], '
+            f'"{CONFIG_KEY}": {{"method": "divprune", "keep": 64}}}}'
         )
-    return _method_cached(json.dumps(spec, sort_keys=True))
+    return _method_cached(json.dumps(spec, sort_keys=True), positions)
 
 
 class PiofvlmLlavaProcessingInfo(LlavaProcessingInfo):
@@ -82,47 +79,75 @@ class PiofvlmLlavaProcessingInfo(LlavaProcessingInfo):
         return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
 
 
-class PiofvlmLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    """LLaVA's processor; for prompt-seeded methods (``random``) it passes each image its prompt's fingerprint."""
+class PromptKeyMixin:
+    """For prompt-seeded methods (``random``) a processor hands each image its prompt's fingerprint (piofvlm's seed,
+    computed on the prompt transformers sees: each image token expanded to that image's full count), and adds it to
+    the items' cache identity. Mixed into a vLLM multimodal processor whose info has ``get_full_image_tokens``."""
 
     _prompt_key: int = 0
+    info: Any
+
+    positions: str = "renumber"  # the family's positions mode (method_from_config)
 
     def _prompt_seeded(self) -> bool:
-        method = _method_of(self.info.get_hf_config())
+        method = _method_of(self.info.get_hf_config(), self.positions)
         return method is not None and method.name == "random"
 
-    def _full_prompt_key(self, prompt: list[int]) -> int:
-        """piofvlm's seed of ``prompt`` (``core.prefill._sample_keys``) with each image token expanded to the image's
-        full count, as the prompt transformers sees."""
+    def _full_counts(self, inputs: Any) -> list[int]:
+        """Each image's unpruned token count, in prompt order (from the images' sizes)."""
+        items = inputs.mm_data_items.get("image") if hasattr(inputs.mm_data_items, "get") else None
+        if items is None or not hasattr(items, "get_image_size"):
+            return []
+        sizes = [items.get_image_size(i) for i in range(items.get_count())]
+        return [self.info.get_full_image_tokens(image_width=s.width, image_height=s.height) for s in sizes]
+
+    def _full_prompt_key(self, prompt: list[int], counts: list[int]) -> int:
+        """piofvlm's seed of ``prompt`` (``core.prefill._sample_keys``) with the ``i``-th image token expanded to
+        ``counts[i]`` tokens, as the prompt transformers sees."""
         config = self.info.get_hf_config()
-        vision = config.vision_config
-        full = self.info.get_full_image_tokens(image_width=vision.image_size, image_height=vision.image_size)
+        image_token = getattr(config, "image_token_index", None)
+        image_token = config.image_token_id if image_token is None else image_token
         ids: list[int] = []
+        images = iter(counts)
         for token in prompt:
-            ids.extend([token] * (full if token == config.image_token_index else 1))
+            ids.extend([token] * (next(images) if token == image_token else 1))
         tensor = torch.tensor([ids], dtype=torch.long)
         return int(_sample_keys(tensor, torch.ones_like(tensor, dtype=torch.bool))[0])
 
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:
-        self._prompt_key = self._full_prompt_key(list(inputs.prompt)) if self._prompt_seeded() else 0
-        return super().apply(inputs, timing_ctx)
+        if self._prompt_seeded():
+            self._prompt_key = self._full_prompt_key(list(inputs.prompt), self._full_counts(inputs))
+        else:
+            self._prompt_key = 0
+        return super().apply(inputs, timing_ctx)  # type: ignore[misc]
 
     def _get_mm_hashes(self, inputs: Any) -> Any:
-        hashes = super()._get_mm_hashes(inputs)
+        hashes = super()._get_mm_hashes(inputs)  # type: ignore[misc]
         if not self._prompt_seeded():
             return hashes
         return {modality: [f"{h}-piofvlm-{self._prompt_key}" for h in items] for modality, items in hashes.items()}
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
-        processed = super()._call_hf_processor(hf_data, hf_kwargs)
+        processed = super()._call_hf_processor(hf_data, hf_kwargs)  # type: ignore[misc]
         if self._prompt_seeded() and "pixel_values" in processed:
-            processed[KEY_FIELD] = torch.full((len(processed["pixel_values"]),), self._prompt_key, dtype=torch.long)
+            # one key per image (Qwen's pixel_values are every image's patches, its image_grid_thw one row per image)
+            images = len(processed["image_grid_thw"] if "image_grid_thw" in processed else processed["pixel_values"])
+            processed[KEY_FIELD] = torch.full((images,), self._prompt_key, dtype=torch.long)
         return processed
 
     def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Any:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))  # type: ignore[misc]
         fields[KEY_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
+
+
+class PiofvlmLlavaMultiModalProcessor(PromptKeyMixin, LlavaMultiModalProcessor):
+    """LLaVA's processor; for prompt-seeded methods (``random``) it passes each image its prompt's fingerprint."""
+
+    def _full_counts(self, inputs: Any) -> list[int]:
+        vision = self.info.get_hf_config().vision_config
+        full = self.info.get_full_image_tokens(image_width=vision.image_size, image_height=vision.image_size)
+        return [full] * len(list(inputs.prompt))  # every image has the same count (more than enough entries)
 
 
 def _vision_tower_keys(name: str) -> str:

@@ -11,7 +11,7 @@ image per row, so the kept tokens (and merged features) are those piofvlm comput
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,17 +38,20 @@ _WHY_IN_LLM = (
 )
 _WHY_CDPRUNER = (
     "cdpruner needs the instruction's text, and vLLM's embed_multimodal sees only the image (its encoder outputs "
-    "are also cached per image, across prompts); use one of "
+    "are also cached per image, across prompts; embed_input_ids sees the prompt's tokens only after the image's "
+    "token count and embeddings are fixed); see docs/vllm.md ('CDPruner's text'). Use one of "
 )
 
 
-def method_from_config(spec: Mapping[str, Any] | None) -> TokenPruner | None:
+def method_from_config(spec: Mapping[str, Any] | None, positions: str = "renumber") -> TokenPruner | None:
     """Build the method named by ``spec`` (``{"method": "divprune", "keep": 64, ...}``) for the vLLM plugin;
     ``{"method": "none"}`` gives ``None`` (the plugin's model, nothing pruned: the baseline).
 
     Defaults differ from piofvlm's in two places, both forced by vLLM: ``layers=[0]`` (also for ``random``, whose
-    piofvlm default is 2) and ``positions="renumber"``. ``chain`` runs its ``encoder`` part only and refuses an
-    ``llm`` part. Raises ``ValueError`` (saying what to do) for anything vLLM cannot run.
+    piofvlm default is 2) and the family's ``positions`` mode: ``"renumber"`` for 1-D RoPE families (vLLM numbers
+    the shorter prompt contiguously), ``"keep"`` for M-RoPE families (Qwen-VL: the plugin gives the kept tokens their
+    own grid positions, :mod:`piofvlm.integrations.vllm.qwen_vl`). ``chain`` runs its ``encoder`` part only and
+    refuses an ``llm`` part. Raises ``ValueError`` (saying what to do) for anything vLLM cannot run.
     """
     if not isinstance(spec, Mapping) or "method" not in spec:
         raise ValueError(
@@ -80,16 +83,19 @@ def method_from_config(spec: Mapping[str, Any] | None) -> TokenPruner | None:
             raise ValueError(f"chain in vLLM takes 'encoder' (and no 'llm') only, got extra keys {sorted(fields)}")
         if encoder.get("method") in ("chain", "none"):
             raise ValueError(f"chain: the encoder part cannot be {encoder.get('method')!r}")
-        return method_from_config(encoder)
+        return method_from_config(encoder, positions)
     if name not in ENCODER_METHODS:
         raise ValueError(f"unknown method {name!r} for vLLM; the plugin runs: {supported}")
     fields.setdefault("layers", [0])
-    fields.setdefault("positions", "renumber")
-    if fields["positions"] != "renumber":
-        raise ValueError(
-            f"positions={fields['positions']!r}: vLLM numbers the kept tokens contiguously (the prompt is shorter), "
-            "which is piofvlm's positions='renumber'; drop the key or use 'renumber'"
-        )
+    fields.setdefault("positions", positions)
+    if fields["positions"] != positions:
+        why = {
+            "renumber": "vLLM numbers the kept tokens contiguously (the prompt is shorter), which is piofvlm's "
+            "positions='renumber'",
+            "keep": "this family's M-RoPE positions are grid coordinates; the plugin gives the kept tokens their own "
+            "(piofvlm's positions='keep', the only mode piofvlm defines for it)",
+        }[positions]
+        raise ValueError(f"positions={fields['positions']!r}: {why}; drop the key or use {positions!r}")
     if fields.get("budget_scope", "image") != "image":
         raise ValueError(
             f"budget_scope={fields['budget_scope']!r}: vLLM needs each image's token count before encoding, so the "
@@ -227,62 +233,146 @@ class ImageSelection:
     embeddings: list[torch.Tensor]
 
 
+def merged_grid_sources(grid_thw: Sequence[int], merge_size: int, crop: int) -> dict[str, torch.Tensor]:
+    """Where each visual token of a Qwen-VL image comes from: its merged ``(h / merge) x (w / merge)`` grid in raster
+    order (``crop`` = the image's row of the vision scores, ``patch`` = its token), as
+    :meth:`piofvlm.adapters.qwen_vl.QwenVLAdapter.visual_token_sources` for an image."""
+    t, h, w = (int(v) for v in grid_thw)
+    width, per_frame = w // merge_size, h * w // merge_size**2
+    token = torch.arange(t * per_frame)
+    return {
+        "crop": torch.full_like(token, crop),
+        "patch": token,
+        "grid": token // per_frame,
+        "row": token % per_frame // width,
+        "col": token % width,
+    }
+
+
+def grid_sources(side: int) -> dict[str, torch.Tensor]:
+    """Where each visual token of a LLaVA-1.5 image comes from: one ``side x side`` crop in raster order."""
+    patch = torch.arange(side * side)
+    return {
+        "crop": torch.zeros_like(patch),
+        "patch": patch,
+        "grid": torch.zeros_like(patch),
+        "row": patch // side,
+        "col": patch % side,
+    }
+
+
+def anyres_sources(
+    image_size: tuple[int, int], side: int, grid_pinpoints: list[list[int]], crop_size: int, first_crop: int = 0
+) -> dict[str, torch.Tensor]:
+    """Where each visual token of a LLaVA-NeXT image of ``(height, width)`` comes from, in the order the model packs
+    them (transformers' ``pack_image_features``, vLLM's ``_merge_image_patch_embeddings``): the base view (crop
+    ``first_crop``, grid 0, ``side x side``), then the unpadded high-resolution grid (its tiles are crops
+    ``first_crop + 1 ...``, grid 1) with one ``image_newline`` token closing each row (crop and patch -1). This is
+    :meth:`piofvlm.adapters.llava_next.LlavaNextAdapter.visual_token_sources` for the "default" feature strategy,
+    computed from the image size alone (vLLM's model has no transformers packing to run on labels).
+    """
+    from piofvlm import transformers_compat
+
+    anyres = transformers_compat.anyres_helpers("llava_next")
+    size = [int(image_size[0]), int(image_size[1])]
+    base = grid_sources(side)
+    base["crop"] = base["crop"] + first_crop
+    rows, cols = anyres.get_anyres_image_grid_shape(size, grid_pinpoints, crop_size)
+    # (crop, patch) labels of the tiles, arranged as the model arranges the features, then unpadded the same way
+    tile = torch.arange(rows * cols)[:, None].expand(-1, side * side) + first_crop + 1
+    patch = torch.arange(side * side)[None].expand(rows * cols, -1)
+    labels = torch.stack([tile, patch], dim=-1).double().view(rows, cols, side, side, 2)
+    labels = labels.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # (2, rows*side, cols*side)
+    labels = anyres.unpad_image(labels, torch.as_tensor(size))
+    height, width = labels.shape[1], labels.shape[2]
+    newline = torch.full((2, height, 1), -1.0, dtype=labels.dtype)
+    labels = torch.cat([labels, newline], dim=-1).flatten(1, 2).long()  # (2, height * (width + 1))
+    index = torch.arange(height * (width + 1))
+    high = {
+        "crop": labels[0],
+        "patch": labels[1],
+        "grid": torch.ones_like(index),
+        "row": index // (width + 1),
+        "col": index % (width + 1),
+    }
+    return {name: torch.cat([base[name], high[name]]) for name in base}
+
+
 def select_image_tokens(
     method: TokenPruner,
-    features: torch.Tensor,
+    features: torch.Tensor | Sequence[torch.Tensor],
     tower: VisionTower,
     vision_hidden: Mapping[int, torch.Tensor] | None = None,
     sample_keys: torch.Tensor | None = None,
     num_text_layers: int = 1,
     model_type: str = "llava",
+    sources: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> ImageSelection:
-    """Run ``method``'s selection on ``features`` ``(N_images, T, d)``: each image's projected visual tokens, one
-    ``side x side`` grid in raster order (LLaVA-1.5).
+    """Run ``method``'s selection on each image's projected visual tokens, as one batch (one image per row).
 
     Args:
-        vision_hidden: ``{block: (N_images, T_v, d_v)}`` hidden states entering the vision blocks the method reads
-            (:func:`vision_layers_needed`).
+        features: ``(N_images, T, d)``, or one ``(T_i, d)`` tensor per image (LLaVA-NeXT: counts differ).
+        vision_hidden: ``{block: (N_crops, T_v, d_v)}`` hidden states entering the vision blocks the method reads
+            (:func:`vision_layers_needed`), every crop of every image of the call.
         sample_keys: ``(N_images,)`` int64 seeds of ``random`` (piofvlm uses a fingerprint of the prompt); default 0.
+        sources: per image, where each token comes from (:func:`anyres_sources`; ``crop`` indexes the rows of
+            ``vision_hidden``). Default: each image is one ``side x side`` crop, crop ``i`` for image ``i``.
     """
-    num, length, _ = features.shape
-    if length != tower.side * tower.side:
-        raise ValueError(f"an image of {length} tokens is not a {tower.side} x {tower.side} patch grid")
-    device = features.device
-    patch = torch.arange(length, device=device)
-    vmap = VisualMap(
-        image=torch.zeros(num, length, dtype=torch.long, device=device),
-        crop=torch.arange(num, device=device)[:, None].expand(num, length).contiguous(),
-        patch=patch[None].expand(num, length).contiguous(),
-        grid=torch.zeros(num, length, dtype=torch.long, device=device),
-        row=(patch // tower.side)[None].expand(num, length).contiguous(),
-        col=(patch % tower.side)[None].expand(num, length).contiguous(),
-    )
+    rows = list(features) if not isinstance(features, torch.Tensor) or features.dim() == 3 else [features]
+    num = len(rows)
+    if sources is None:
+        sources = []
+        for b, row in enumerate(rows):
+            if row.shape[0] != tower.side * tower.side:
+                raise ValueError(f"an image of {row.shape[0]} tokens is not a {tower.side} x {tower.side} patch grid")
+            grid = grid_sources(tower.side)
+            sources.append({**grid, "crop": grid["crop"] + b})
+    if len(sources) != num:
+        raise ValueError(f"{num} images of features but {len(sources)} token layouts")
+    lengths = [row.shape[0] for row in rows]
+    for b, (row, source) in enumerate(zip(rows, sources, strict=True)):
+        if source["crop"].shape[0] != row.shape[0]:
+            raise ValueError(f"image {b} has {row.shape[0]} feature tokens but its layout has {len(source['crop'])}")
+    device = rows[0].device
+    length = max(lengths)
+    hidden = rows[0].new_zeros(num, length, rows[0].shape[-1])
+    valid = torch.zeros(num, length, dtype=torch.bool, device=device)
+    tables = {name: torch.full((num, length), -1, dtype=torch.long) for name in VisualMap.__annotations__}
+    for b, (row, source) in enumerate(zip(rows, sources, strict=True)):
+        hidden[b, : lengths[b]] = row
+        valid[b, : lengths[b]] = True
+        tables["image"][b, : lengths[b]] = 0
+        for name in ("crop", "patch", "grid", "row", "col"):
+            tables[name][b, : lengths[b]] = source[name].long().cpu()
+    vmap = VisualMap(**{name: table.to(device) for name, table in tables.items()})
+    position = torch.arange(length, device=device)[None].expand(num, length)
+    visual_index = torch.where(valid, position, -1)
     adapter = _Adapter(tower, num_text_layers, model_type)
     vision = _Vision(vmap, vision_hidden or {}, tower.num_layers)
     _bind(method, vision, tower)
-    budgets = stage_budget(method.keep[0], torch.full((num, 1), length)).to(device)
+    budgets = stage_budget(method.keep[0], torch.tensor(lengths)[:, None]).to(device)
     ctx = StageContext(
         stage=0,
         layer=0,
-        hidden_states=features,
-        valid=torch.ones(num, length, dtype=torch.bool, device=device),
-        groups=torch.zeros(num, length, dtype=torch.long, device=device),
-        visual_index=patch[None].expand(num, length).contiguous(),
+        hidden_states=hidden,
+        valid=valid,
+        groups=torch.where(valid, 0, -1),
+        visual_index=visual_index,
         budgets=budgets,
         attention_mask=None,
         position_embeddings=(),
-        position_ids=patch[None].expand(num, length).contiguous(),
+        position_ids=position.contiguous(),
         sample_keys=torch.zeros(num, dtype=torch.long) if sample_keys is None else sample_keys.long().cpu(),
         adapter=adapter,  # type: ignore[arg-type]
         model=None,  # type: ignore[arg-type]
     )
     selection = method.select(ctx)
-    hidden = features if selection.hidden_states is None else selection.hidden_states
+    chosen = hidden if selection.hidden_states is None else selection.hidden_states
     kept, embeddings = [], []
     for b in range(num):
-        index = selection.keep[b].nonzero()[:, 0]
+        index = (selection.keep[b] & valid[b]).nonzero()[:, 0]
         if len(index) != int(budgets[b, 0]):
             raise RuntimeError(f"{method.name} kept {len(index)} tokens of image {b}, not {int(budgets[b, 0])}")
         kept.append(index)
-        embeddings.append(hidden[b, index].to(features.dtype))
+        embeddings.append(chosen[b, index].to(rows[b].dtype))
     return ImageSelection(kept=kept, embeddings=embeddings)
