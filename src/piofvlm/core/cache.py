@@ -48,6 +48,20 @@ class _CacheLayout:
     renumber: bool
     padding: dict[int, int] = field(default_factory=dict)  # layer -> masked slots added after the prefill
     model_id: int | None = None  # id() of the model whose hooks pruned it (see _PrunedDynamicCache)
+    _plan: tuple[tuple[int, str] | None, ...] | None = field(default=None, repr=False, compare=False)
+
+    def decode_plan(self, adapter: ModelAdapter) -> tuple[tuple[int, str] | None, ...]:
+        """Per decoder layer, what decoding changes in its inputs: ``None`` (a layer before the first prune point, or
+        a linear-attention layer: nothing), else ``(segment, layer type)``, the key of the mask (and positions) it
+        shares with the other layers of that segment and type. Computed once per layout, not per layer and token."""
+        if self._plan is None:
+            plan: list[tuple[int, str] | None] = []
+            for index in range(adapter.num_layers):
+                before = [i for i, seg in enumerate(self.segments) if seg.first_layer <= index]
+                attends = bool(before) and adapter.is_attention_layer(index)
+                plan.append((before[-1], adapter.layer_type(index)) if attends else None)
+            self._plan = tuple(plan)
+        return self._plan
 
 
 _LAYOUT_ATTR = "_piofvlm_layout"
@@ -55,6 +69,9 @@ _LAYOUT_ATTR = "_piofvlm_layout"
 #: writing one cache at once would corrupt it). On a static cache after its prefill: the thread that prefilled it.
 _BUSY_ATTR = "_piofvlm_busy"
 _STATIC_OWNER_ATTR = "_piofvlm_static_thread"
+#: On a KV cache during a language-model forward under a method: ``id()`` of that model (the write guard of a pruned
+#: cache then needs no look-up per layer).
+_WRITER_ATTR = "_piofvlm_writer"
 _BUSY_LOCK = threading.Lock()
 
 
@@ -75,6 +92,9 @@ def _make_pruned_dynamic_cache() -> type:
         from piofvlm.core.handle import _ACTIVE  # the handle imports this module
 
         layout = getattr(cache, _LAYOUT_ATTR, None)
+        if isinstance(layout, _CacheLayout) and layout.model_id is not None:
+            if getattr(cache, _WRITER_ATTR, None) == layout.model_id:
+                return  # written inside a forward of its own model under a method (set by the handle's hook)
         if (
             isinstance(layout, _CacheLayout)
             and layout.model_id is not None
@@ -156,6 +176,7 @@ class CacheLayouts:
                     "continue one cache concurrently; give each thread (each conversation) its own cache"
                 )
             setattr(cache, _BUSY_ATTR, me)
+            setattr(cache, _WRITER_ATTR, id(self.model))
         self._busy_cache = cache
 
     def _release_cache(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -164,6 +185,7 @@ class CacheLayouts:
         if cache is not None and getattr(cache, _BUSY_ATTR, None) == threading.get_ident():
             with _BUSY_LOCK:
                 setattr(cache, _BUSY_ATTR, None)
+                setattr(cache, _WRITER_ATTR, None)
 
     # ------------------------------------------------------------------------------------------- static caches
     @staticmethod
@@ -247,15 +269,17 @@ class CacheLayouts:
 
     # ---------------------------------------------------------------------------------------------- decode
     def _decode_layer(self, index: int, call: _Call, args: tuple, kwargs: dict):
-        if not self.adapter.is_attention_layer(index):
-            return None  # a linear-attention layer: fixed-size state, its 2-D padding mask covers only the new tokens
-        before = [i for i, seg in enumerate(call.segments) if seg.first_layer <= index]
-        if not before:
-            return None  # a layer before the cache's first prune point: its cache is the unpruned prompt
-        key = (before[-1], self.adapter.layer_type(index))
-        if key not in call.decode_cache:
-            call.decode_cache[key] = self._decode_inputs(key[0], index, call, args, kwargs)
-        mask, position_embeddings, position_ids = call.decode_cache[key]
+        # Per layer and token only a tuple index and a dict look-up: the plan is computed once per cache layout, the
+        # mask (and positions) once per step for each (segment, layer type) (:meth:`_decode_inputs`).
+        key = call.plan[index]
+        if key is None:
+            # A layer before the cache's first prune point (its cache is the unpruned prompt), or a linear-attention
+            # layer (fixed-size state, its 2-D padding mask covers only the new tokens): nothing to change.
+            return None
+        inputs = call.decode_cache.get(key)
+        if inputs is None:
+            inputs = call.decode_cache[key] = self._decode_inputs(key[0], index, call, args, kwargs)
+        mask, position_embeddings, position_ids = inputs
         query_length = (args[0] if args else kwargs["hidden_states"]).shape[1]
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2] > query_length:
             # a multi-token continuation whose KV-shared layers run on its last logits_to_keep tokens (Gemma 4)
