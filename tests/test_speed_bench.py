@@ -123,3 +123,15 @@ def test_speed_render_quick_parts(tmp_path):
     assert [row["variant"] for row in result["prefill"]["rows"]] == ["none", "direct", "random", "fastv"]
     text = speed.render(result)
     assert "direct (same lengths)" in text and "fraction of the direct bound" in text
+
+
+@pytest.mark.slow
+def test_compiled_reduce_overhead_decode_under_a_method_equals_eager():
+    """inductor with ``mode="reduce-overhead"`` (CUDA graphs on a GPU; on the CPU inductor alone) through
+    ``generate()``'s ``compile_config``, static cache, under PIO and unhooked: the same tokens as eager decoding."""
+    config = speed.SpeedConfig(**{**speed.QUICK, "compile_methods": ["pio"], "compile_mode": "reduce-overhead"})
+    shape = speed._shape(config.preset, config.num_layers, config.width)
+    model = build_model(shape, torch.float32, "sdpa", "cpu")
+    rows = speed.compiled_decode(model, build_inputs(model, shape), config, config.compile_mode)
+    assert [row["method"] for row in rows] == ["none", "pio"]
+    assert all(row["tokens_equal"] for row in rows), rows

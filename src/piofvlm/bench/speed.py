@@ -68,7 +68,7 @@ class SpeedConfig:
 
     preset: str = "quick-1024x24"
     num_layers: int | None = 8
-    width: int | None = None
+    width: int | None = 512
     dtype: str = "float32"
     attn: str = "sdpa"
     device: str = "cpu"
@@ -89,8 +89,11 @@ class SpeedConfig:
     new_tokens: int = 8
     kv_budget_gib: float = 1.0
     parts: list[str] = field(default_factory=lambda: ["decode", "prefill", "throughput", "selection"])
-    #: ``compiled`` (not in the default parts: inductor compiles for minutes on a CPU): torch.compile mode.
+    #: ``compiled`` (not in the default parts: inductor compiles for minutes on a CPU): torch.compile mode and
+    #: backend (None: inductor), and the methods compiled besides the unhooked model.
     compile_mode: str | None = None
+    compile_backend: str | None = None
+    compile_methods: list[str] = field(default_factory=lambda: ["random", "pio"])
     seed: int = 0
 
 
@@ -119,11 +122,11 @@ def _median_ms(values: list[float]) -> float:
     return 1000.0 * statistics.median(values)
 
 
-def _interleaved(variants: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each variant: ``warmup`` untimed rounds, then ``repeats`` rounds in which every variant
-    runs once, the order rotating each round."""
+def _interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[Any]]:
+    """What each variant returns (seconds, or a pair of seconds): ``warmup`` untimed rounds, then ``repeats`` rounds
+    in which every variant runs once, the order rotating each round."""
     names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[Any]] = {name: [] for name in names}
     for round_index in range(warmup + repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
@@ -147,11 +150,11 @@ def _decode_block(model: nn.Module, cache: Any, prompt_length: int, steps: int, 
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask[:, : prompt_length + 1], **kw)
         _sync(device)
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.thread_time()
         for step in range(1, steps + 1):
             model(input_ids=ids, attention_mask=mask[:, : prompt_length + step + 1], **kw)
         _sync(device)
-    return (time.perf_counter() - begin) / steps
+    return (time.perf_counter() - begin) / steps, (time.thread_time() - begin_cpu) / steps
 
 
 def _plain_copy(cache: Any, config: Any) -> Any:
@@ -227,12 +230,15 @@ def decode_tax(
             "method": name,
             "cache": cache_kind,
             "layer_lengths": lengths,
-            **{f"{key}_ms": _median_ms(value) for key, value in times.items()},
+            **{f"{key}_ms": _median_ms([wall for wall, _ in value]) for key, value in times.items()},
+            **{f"{key}_cpu_ms": _median_ms([cpu for _, cpu in value]) for key, value in times.items()},
             "raw_s": times,
         }
         row["tax_pct"] = 100.0 * (row["hooked_ms"] / row["direct_ms"] - 1.0)
+        row["tax_cpu_pct"] = 100.0 * (row["hooked_cpu_ms"] / row["direct_cpu_ms"] - 1.0)
         if "unpruned_ms" in row:
             row["vs_unpruned"] = row["unpruned_ms"] / row["hooked_ms"]
+            row["vs_unpruned_cpu"] = row["unpruned_cpu_ms"] / row["hooked_cpu_ms"]
         rows.append(row)
         logger.info("decode %s %s: %s", cache_kind, name, {k: v for k, v in row.items() if k != "raw_s"})
     return rows
@@ -266,7 +272,7 @@ def compiled_decode(
     device = next(model.parameters()).device
     new_tokens = config.decode_steps + 2
     rows = []
-    for name in ["none", *config.methods]:
+    for name in ["none", *config.compile_methods]:
         method = None if name == "none" else _method(name, config)
         results: dict[str, Any] = {}
         # Applied once around every round: applying or removing a method resets compiled code (it would recompile).
@@ -274,7 +280,10 @@ def compiled_decode(
             for compiled in (False, True):
                 extra: dict[str, Any] = {"cache_implementation": "static"}
                 if compiled:
-                    extra["compile_config"] = transformers_compat.compile_config(mode=mode, fullgraph=False)
+                    options: dict[str, Any] = {"mode": mode, "fullgraph": False}
+                    if config.compile_backend is not None:
+                        options["backend"] = config.compile_backend
+                    extra["compile_config"] = transformers_compat.compile_config(**options)
                 step_times: list[float] = []
                 tokens = None
                 for round_index in range(1 + config.repeats):  # the first generate compiles (or warms up): untimed
@@ -291,6 +300,7 @@ def compiled_decode(
         row = {
             "method": name,
             "mode": mode or "default",
+            "backend": config.compile_backend or "inductor",
             "eager_static_ms": results["eager"][0],
             "compiled_static_ms": results["compiled"][0],
             "tokens_equal": results["eager"][1] == results["compiled"][1],
@@ -383,26 +393,33 @@ def direct_bound(model: nn.Module, inputs: dict[str, torch.Tensor], config: Spee
     visual_slots = torch.nonzero(visual).flatten()
     kept = torch.sort(torch.cat([text_slots, visual_slots[: kept_len - text_slots.numel()]])).values
 
-    def run_method(method: Any) -> float:
-        with method(model), torch.no_grad():
-            return timer(lambda: model(**inputs, use_cache=True, logits_to_keep=1))[0]
-
-    def run_none() -> float:
+    def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+        begin_cpu = time.thread_time()
         with torch.no_grad():
-            return timer(lambda: model(**inputs, use_cache=True, logits_to_keep=1))[0]
+            seconds = timer(fn)[0]
+        return seconds, time.thread_time() - begin_cpu
 
-    def run_direct() -> float:
-        with torch.no_grad():
-            return timer(lambda: direct_prefill(model, inputs, config.layer, kept))[0]
+    def forward() -> Any:
+        return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    variants: dict[str, Callable[[], float]] = {"none": run_none, "direct": run_direct}
+    def run_method(method: Any) -> tuple[float, float]:
+        with method(model):
+            return timed(forward)
+
+    variants: dict[str, Callable[[], Any]] = {
+        "none": lambda: timed(forward),
+        "direct": lambda: timed(lambda: direct_prefill(model, inputs, config.layer, kept)),
+    }
     variants.update({name: (lambda m=method: run_method(m)) for name, method in methods.items()})
     times = _interleaved(variants, config.prefill_repeats)
-    medians = {name: _median_ms(value) for name, value in times.items()}
+    medians = {name: _median_ms([wall for wall, _ in value]) for name, value in times.items()}
+    cpu = {name: _median_ms([c for _, c in value]) for name, value in times.items()}
     rows = []
     for name in ["none", "direct", *methods]:
         row = {"variant": name, "prefill_ms": medians[name], "speedup": medians["none"] / medians[name]}
         row["of_direct_bound"] = medians["direct"] / medians[name]
+        row["prefill_cpu_ms"] = cpu[name]
+        row["of_direct_bound_cpu"] = cpu["direct"] / cpu[name]
         rows.append(row)
     return {
         "prompt_length": length,
@@ -546,6 +563,24 @@ def run(config: SpeedConfig) -> dict[str, Any]:
     return result
 
 
+#: ``--quick``: every part on the tiny presets, one repeat (a smoke run; the GPU script's dry run uses it).
+QUICK: dict[str, Any] = {
+    "preset": "tiny",
+    "num_layers": None,
+    "width": None,
+    "prefill_preset": "tiny-next",
+    "prefill_layers": None,
+    "throughput_preset": "tiny",
+    "throughput_width": None,
+    "throughput_layers": None,
+    "repeats": 1,
+    "prefill_repeats": 1,
+    "decode_steps": 2,
+    "batches": [1, 2],
+    "new_tokens": 2,
+}
+
+
 # --------------------------------------------------------------------------------------------------- report
 def render(result: dict[str, Any]) -> str:
     """The Markdown tables of a :func:`run` result."""
@@ -567,23 +602,31 @@ def render(result: dict[str, Any]) -> str:
             f"{config['keep']} kept after layer {config['layer']}; {config['decode_steps']} steps x "
             f"{config['repeats']} interleaved blocks)",
             "",
+            "Wall ms/token, and in brackets the thread's CPU ms/token (on a shared CPU with one thread the CPU time",
+            "is the figure to compare; the wall time includes what the scheduler gave other processes).",
+            "",
             "| cache | method | hooked | direct (same lengths) | tax | unpruned | unpruned / hooked | load |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for row in result["decode"]:
             unpruned = row.get("unpruned_ms")
-            versus = "-" if unpruned is None else f"{unpruned:.3f} | {row['vs_unpruned']:.2f}x"
+            versus = "- | -"
+            if unpruned is not None:
+                versus = (
+                    f"{unpruned:.3f} ({row['unpruned_cpu_ms']:.3f}) | {row['vs_unpruned']:.2f}x "
+                    f"({row['vs_unpruned_cpu']:.2f}x)"
+                )
             lines.append(
-                f"| {row['cache']} | {row['method']} | {row['hooked_ms']:.3f} | {row['direct_ms']:.3f} | "
-                f"{row['tax_pct']:+.1f}% | {versus if unpruned is not None else '- | -'} | "
-                f"{row['load'][0][0]}-{row['load'][1][0]} |"
+                f"| {row['cache']} | {row['method']} | {row['hooked_ms']:.3f} ({row['hooked_cpu_ms']:.3f}) | "
+                f"{row['direct_ms']:.3f} ({row['direct_cpu_ms']:.3f}) | {row['tax_pct']:+.1f}% "
+                f"({row['tax_cpu_pct']:+.1f}%) | {versus} | {row['load'][0][0]}-{row['load'][1][0]} |"
             )
         lines.append("")
     if "compiled" in result:
         load = result["compiled_load"]
         lines += [
-            f"## Static-cache decode ms/token, eager and compiled (mode {config['compile_mode'] or 'default'}; "
-            f"load {load[0][0]}-{load[1][0]})",
+            f"## Static-cache decode ms/token, eager and compiled (mode {config['compile_mode'] or 'default'}, "
+            f"backend {config['compile_backend'] or 'inductor'}; load {load[0][0]}-{load[1][0]})",
             "",
             "| method | eager, static | compiled, static | compiled tokens == eager |",
             "|---|---|---|---|",
@@ -601,13 +644,16 @@ def render(result: dict[str, Any]) -> str:
             f"{shape['num_layers']} layers; {part['prompt_length']} -> {part['kept_length']} tokens after layer "
             f"{config['layer']}; load {part['load'][0][0]}-{part['load'][1][0]})",
             "",
+            "Wall ms, and in brackets the thread's CPU ms (see the decode table).",
+            "",
             "| variant | prefill ms | speedup | fraction of the direct bound |",
             "|---|---|---|---|",
         ]
         for row in part["rows"]:
             lines.append(
-                f"| {row['variant']} | {row['prefill_ms']:.1f} | {row['speedup']:.2f}x | "
-                f"{100 * row['of_direct_bound']:.1f}% |"
+                f"| {row['variant']} | {row['prefill_ms']:.1f} ({row['prefill_cpu_ms']:.1f}) | "
+                f"{row['speedup']:.2f}x | {100 * row['of_direct_bound']:.1f}% "
+                f"({100 * row['of_direct_bound_cpu']:.1f}%) |"
             )
         lines.append("")
     if "selection" in result:
@@ -621,7 +667,7 @@ def render(result: dict[str, Any]) -> str:
         ]
         for name, ms in part["select_ms"].items():
             count = flops.get(name)
-            lines.append(f"| {name} | {ms:.1f} | {'-' if count is None else f'{count / 1e9:.2f}'} |")
+            lines.append(f"| {name} | {ms:.1f} | {'-' if count is None else f'{count / 1e9:.4g}'} |")
         if "time_ratio" in part:
             lines += ["", f"PIO / FastV: time {part['time_ratio']:.2f}x, counted FLOPs {part['flop_ratio']:.2f}x."]
         lines.append("")
@@ -657,9 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.quick:
-        data.update(preset="tiny", num_layers=None, prefill_preset="tiny-next", prefill_layers=None,
-                    throughput_preset="tiny", throughput_width=None, throughput_layers=None, repeats=1,
-                    prefill_repeats=1, decode_steps=2, batches=[1, 2], new_tokens=2)  # fmt: skip
+        data.update(QUICK)
     if args.device:
         data["device"] = args.device
     if args.parts:
