@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from piofvlm import transformers_compat
-from piofvlm.core.cache import _LAYOUT_ATTR, _STATIC_OWNER_ATTR, CacheLayouts, _CacheLayout, _pruned_cache_class
+from piofvlm.core.cache import (
+    _LAYOUT_ATTR,
+    _STATIC_OWNER_ATTR,
+    CacheLayouts,
+    _CacheLayout,
+    _pruned_cache_class,
+    static_length_of,
+)
 from piofvlm.core.guard import guarded
 from piofvlm.core.labels import LabelsOverKept
 from piofvlm.core.prefill import Prefill, _Call
@@ -155,7 +162,7 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
             raise ValueError("piofvlm expects the language model to receive inputs_embeds from the multimodal model")
         cache = transformers_compat.cache_from_kwargs(kwargs)
         self._hold_cache(cache)
-        static_length = transformers_compat.static_cache_length(cache)
+        static_length = static_length_of(cache)
         if static_length is not None and self.adapter.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(
                 "piofvlm supports a static KV cache with attn_implementation 'sdpa' or 'eager', not "
@@ -225,6 +232,7 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
             segments=layout.segments,
             renumber=layout.renumber,
             plan=layout.decode_plan(self.adapter),
+            layout_ref=layout,
         )
 
     def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
