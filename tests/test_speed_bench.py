@@ -18,6 +18,7 @@ import torch
 
 import piofvlm
 from piofvlm import transformers_compat
+from piofvlm.adapters.registry import get_adapter
 from piofvlm.bench import flops as fl
 from piofvlm.bench import speed
 from piofvlm.bench.shapes import build_inputs, build_model, get_shape
@@ -97,8 +98,6 @@ def test_decode_plan_names_each_layers_segment(tiny):
     with method(model), torch.no_grad():
         cache = transformers_compat.output_cache(model(**inputs, use_cache=True, logits_to_keep=1))
         layout = getattr(cache, _LAYOUT_ATTR)
-        from piofvlm.adapters.registry import get_adapter
-
         plan = layout.decode_plan(get_adapter(model))
     lengths = fl.cache_layer_lengths(cache)
     assert lengths[0] == inputs["input_ids"].shape[1] > lengths[1] == lengths[2] > lengths[3]
@@ -135,3 +134,39 @@ def test_compiled_reduce_overhead_decode_under_a_method_equals_eager():
     rows = speed.compiled_decode(model, build_inputs(model, shape), config, config.compile_mode)
     assert [row["method"] for row in rows] == ["none", "pio"]
     assert all(row["tokens_equal"] for row in rows), rows
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_decode_passes_the_models_none_mask_only_where_it_is_exact(tiny, attn):
+    """Unpadded SDPA decoding: the pruned layers get the model's own ``None`` mask (no mask built per step); eager:
+    a mask built for the segment's shorter cache, sized to its keys. Logits equal a no-cache forward either way (the
+    invariant suites); here the path taken is checked."""
+    model, inputs = tiny
+    model.set_attn_implementation(attn)
+    try:
+        method = piofvlm.get_method("random", keep=0.25, layers=[2])
+        seen: list = []
+        name = transformers_compat.cache_kwarg_name(model)
+
+        def spy(module, args, kwargs):
+            seen.append(kwargs.get("attention_mask"))
+
+        with method(model), torch.no_grad():
+            # registered after the method's hook on layer 3, so it sees what the method passes on
+            handle = get_adapter(model).layers[3].register_forward_pre_hook(spy, with_kwargs=True)
+            try:
+                out = model(**inputs, use_cache=True, logits_to_keep=1)
+                cache = transformers_compat.output_cache(out)
+                kept = fl.cache_layer_lengths(cache)[3]
+                seen.clear()
+                mask = torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long)
+                model(input_ids=torch.tensor([[7]]), attention_mask=mask, **{name: cache})
+            finally:
+                handle.remove()
+        assert len(seen) == 1
+        if attn == "sdpa":
+            assert seen[0] is None
+        else:
+            assert isinstance(seen[0], torch.Tensor) and seen[0].shape[-1] == kept + 1
+    finally:
+        model.set_attn_implementation("sdpa")
