@@ -24,7 +24,7 @@ def test_gpu_script_dry_run(tmp_path):
     assert all(p.is_file() for p in out.iterdir()) and len(files) <= 8, files  # what the device tool brings back
     assert files == sorted(
         ["gpu.md", "gpu.log", "parity.json", "llava-next-7b.json", "llava-next-7b.md", "llava15-7b.json",
-         "llava15-7b.md"]
+         "llava15-7b.md", "speed.json"]
     )  # fmt: skip
     report = (out / "gpu.md").read_text()
     assert "FAILED" not in report and "SKIPPED" not in report
@@ -39,3 +39,10 @@ def test_gpu_script_dry_run(tmp_path):
     bench = json.loads((out / "llava-next-7b.json").read_text())
     assert [v["label"].split()[0] for v in bench["variants"]] == ["none", "pio", "fastv", "dart", "random"]
     assert bench["config"]["dtype"] == "bfloat16" and bench["config"]["keeps"] == [0.111]
+    speed = json.loads((out / "speed.json").read_text())  # the speed part (issue 25): every table has its rows
+    assert [row["method"] for row in speed["decode"]] == ["random", "fastv", "pio"] * 2
+    assert [row["method"] for row in speed["compiled"]] == ["none", "pio"]
+    assert all(row["tokens_equal"] for row in speed["compiled"])  # compiled (dynamo, eager backend) == eager
+    assert [row["variant"] for row in speed["prefill"]["rows"]] == ["none", "direct", "random", "fastv", "pio"]
+    assert {row["batch"] for row in speed["throughput"]["rows"]} == {1, 2}
+    assert "Prefill against the direct bound" in report and "Throughput" in report

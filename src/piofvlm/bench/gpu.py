@@ -13,10 +13,14 @@ others' results:
 
    then the benchmark (:func:`piofvlm.bench.harness.run_benchmark`) with none, pio, fastv, dart, random at 11.1%
    after layer 2, sdpa;
-2. the same parity in fp32 on ``llava-next-7b`` cut to 4 layers, where the kept sets should be equal.
+2. the same parity in fp32 on ``llava-next-7b`` cut to 4 layers, where the kept sets should be equal;
+3. the speed part (issue 25, :data:`SPEED_GPU`): decode ms/token under each method against the unhooked model on a
+   cache of the same length (dynamic and static), compiled static decoding with CUDA graphs (``reduce-overhead``), the
+   prefill against its direct bound, throughput at N = 1, 8, 32, and PIO's selection time against FastV's.
 
 Outputs in one flat folder (at most 8 files): ``gpu.md`` (every table), ``parity.json``, ``<preset>.json`` and
-``<preset>.md`` per benchmark. ``--dry-run`` runs every part on tiny presets on the CPU (the fast test suite does).
+``<preset>.md`` per benchmark, ``speed.json``. ``--dry-run`` runs every part on tiny presets on the CPU (the fast
+test suite does).
 """
 
 from __future__ import annotations
@@ -42,7 +46,30 @@ LAYERS = [2]
 METHODS = ["pio", "fastv", "dart", "random"]
 PRESETS = {"llava-next-7b": "tiny-next", "llava15-7b": "tiny"}  # full run -> dry run
 #: Seconds a part needs at least to start (estimates on an H200 for a 7B model, with margin).
-PART_MIN_S = {"parity": 60.0, "bench": 90.0, "parity-fp32": 45.0}
+PART_MIN_S = {"parity": 60.0, "bench": 90.0, "parity-fp32": 45.0, "speed": 150.0}
+#: The speed part (issue 25, ``piofvlm.bench.speed``) on the 7B shapes: decode tax on llava15-7b (dynamic and static
+#: caches, and compiled static decoding with CUDA graphs), the direct bound on llava-next-7b, throughput at N = 1, 8,
+#: 32 on llava15-7b, PIO's selection against FastV's.
+SPEED_GPU = {
+    "preset": "llava15-7b",
+    "num_layers": None,
+    "width": None,
+    "dtype": "bfloat16",
+    "threads": None,
+    "decode_steps": 16,
+    "repeats": 5,
+    "prefill_preset": "llava-next-7b",
+    "prefill_layers": None,
+    "prefill_repeats": 5,
+    "throughput_preset": "llava15-7b",
+    "throughput_width": None,
+    "throughput_layers": None,
+    "new_tokens": 16,
+    "kv_budget_gib": 40.0,
+    "parts": ["decode", "compiled", "prefill", "selection", "throughput"],
+    "compile_mode": "reduce-overhead",
+    "compile_methods": ["pio"],  # each compiled variant compiles a 7B decode step (tens of seconds)
+}
 
 
 def say(message: str) -> None:
@@ -261,6 +288,23 @@ def main(argv: list[str] | None = None) -> int:
         parities["llava-next-7b fp32 4 layers"] = result
         report.append(parity_markdown("llava-next-7b (fp32, 4 layers): attention parity", result))
         say(parity_markdown("fp32", result))
+
+    def speed_part() -> dict[str, Any]:
+        from piofvlm.bench import speed
+
+        settings = dict(SPEED_GPU, device=device)
+        if args.dry_run:
+            settings.update(speed.QUICK, dtype="float32", threads=1, compile_mode=None, compile_backend="eager")
+        return speed.run(speed.SpeedConfig(**settings))
+
+    result = part("speed (issue 25): decode tax, compiled decode, direct bound, throughput", "speed", speed_part)
+    if result is not None:
+        from piofvlm.bench import speed
+
+        (out / "speed.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        table = speed.render(result)
+        report.extend([table, ""])
+        say(table)
     (out / "parity.json").write_text(json.dumps(parities, indent=1) + "\n")
     total = time.monotonic() - start
     report.append(f"Total {total:.0f} s; failed parts: {failures or 'none'}.")

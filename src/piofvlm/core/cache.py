@@ -48,6 +48,29 @@ class _CacheLayout:
     renumber: bool
     padding: dict[int, int] = field(default_factory=dict)  # layer -> masked slots added after the prefill
     model_id: int | None = None  # id() of the model whose hooks pruned it (see _PrunedDynamicCache)
+    _plan: tuple[tuple[int, str] | None, ...] | None = field(default=None, repr=False, compare=False)
+    _unpadded: dict[int, bool] = field(default_factory=dict, repr=False, compare=False)
+
+    def unpadded(self, segment_id: int) -> bool:
+        """Whether every cached prompt slot of a segment is a real token (no padding, no masked slot): read once per
+        layout (one device sync), not per token."""
+        value = self._unpadded.get(segment_id)
+        if value is None:
+            value = self._unpadded[segment_id] = bool(self.segments[segment_id].valid.all())
+        return value
+
+    def decode_plan(self, adapter: ModelAdapter) -> tuple[tuple[int, str] | None, ...]:
+        """Per decoder layer, what decoding changes in its inputs: ``None`` (a layer before the first prune point, or
+        a linear-attention layer: nothing), else ``(segment, layer type)``, the key of the mask (and positions) it
+        shares with the other layers of that segment and type. Computed once per layout, not per layer and token."""
+        if self._plan is None:
+            plan: list[tuple[int, str] | None] = []
+            for index in range(adapter.num_layers):
+                before = [i for i, seg in enumerate(self.segments) if seg.first_layer <= index]
+                attends = bool(before) and adapter.is_attention_layer(index)
+                plan.append((before[-1], adapter.layer_type(index)) if attends else None)
+            self._plan = tuple(plan)
+        return self._plan
 
 
 _LAYOUT_ATTR = "_piofvlm_layout"
@@ -55,6 +78,31 @@ _LAYOUT_ATTR = "_piofvlm_layout"
 #: writing one cache at once would corrupt it). On a static cache after its prefill: the thread that prefilled it.
 _BUSY_ATTR = "_piofvlm_busy"
 _STATIC_OWNER_ATTR = "_piofvlm_static_thread"
+#: On a KV cache during a language-model forward under a method: ``id()`` of that model (the write guard of a pruned
+#: cache then needs no look-up per layer).
+_WRITER_ATTR = "_piofvlm_writer"
+#: On a KV cache: ``(number of layers, static_cache_length)``, so a decode step does not walk every layer to learn it.
+_STATIC_LENGTH_ATTR = "_piofvlm_static_length"
+
+
+def static_length_of(cache: Any) -> int | None:
+    """:func:`transformers_compat.static_cache_length`, remembered on the cache object (its kind never changes; the
+    number of layers is checked). Compiled code reads it afresh (no attribute writes in a traced step)."""
+    if cache is None or torch.compiler.is_compiling():
+        return transformers_compat.static_cache_length(cache)
+    layers = getattr(cache, "layers", None)
+    count = len(layers) if layers is not None else -1
+    memo = getattr(cache, _STATIC_LENGTH_ATTR, None)
+    if memo is not None and memo[0] == count:
+        return memo[1]
+    length = transformers_compat.static_cache_length(cache)
+    try:
+        setattr(cache, _STATIC_LENGTH_ATTR, (count, length))
+    except AttributeError:  # a cache object without a __dict__: read it every time
+        pass
+    return length
+
+
 _BUSY_LOCK = threading.Lock()
 
 
@@ -72,9 +120,12 @@ def _make_pruned_dynamic_cache() -> type:
     from transformers.cache_utils import DynamicCache
 
     def refuse_without_hooks(cache: Any) -> None:
+        layout = getattr(cache, _LAYOUT_ATTR, None)
+        if isinstance(layout, _CacheLayout) and layout.model_id is not None:
+            if getattr(cache, _WRITER_ATTR, None) == layout.model_id:
+                return  # written inside a forward of its own model under a method (set by the handle's hook)
         from piofvlm.core.handle import _ACTIVE  # the handle imports this module
 
-        layout = getattr(cache, _LAYOUT_ATTR, None)
         if (
             isinstance(layout, _CacheLayout)
             and layout.model_id is not None
@@ -89,9 +140,11 @@ def _make_pruned_dynamic_cache() -> type:
             )
 
     def guarded_write(name: str) -> Any:
+        write_through = getattr(DynamicCache, name)  # what DynamicCache does (looked up once, not per write)
+
         def write(self: Any, *args: Any, **kwargs: Any) -> Any:
             refuse_without_hooks(self)
-            return getattr(super(PrunedDynamicCache, self), name)(*args, **kwargs)
+            return write_through(self, *args, **kwargs)
 
         write.__name__ = name
         return write
@@ -156,6 +209,7 @@ class CacheLayouts:
                     "continue one cache concurrently; give each thread (each conversation) its own cache"
                 )
             setattr(cache, _BUSY_ATTR, me)
+            setattr(cache, _WRITER_ATTR, id(self.model))
         self._busy_cache = cache
 
     def _release_cache(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -164,6 +218,7 @@ class CacheLayouts:
         if cache is not None and getattr(cache, _BUSY_ATTR, None) == threading.get_ident():
             with _BUSY_LOCK:
                 setattr(cache, _BUSY_ATTR, None)
+                setattr(cache, _WRITER_ATTR, None)
 
     # ------------------------------------------------------------------------------------------- static caches
     @staticmethod
@@ -247,15 +302,21 @@ class CacheLayouts:
 
     # ---------------------------------------------------------------------------------------------- decode
     def _decode_layer(self, index: int, call: _Call, args: tuple, kwargs: dict):
-        if not self.adapter.is_attention_layer(index):
-            return None  # a linear-attention layer: fixed-size state, its 2-D padding mask covers only the new tokens
-        before = [i for i, seg in enumerate(call.segments) if seg.first_layer <= index]
-        if not before:
-            return None  # a layer before the cache's first prune point: its cache is the unpruned prompt
-        key = (before[-1], self.adapter.layer_type(index))
-        if key not in call.decode_cache:
-            call.decode_cache[key] = self._decode_inputs(key[0], index, call, args, kwargs)
-        mask, position_embeddings, position_ids = call.decode_cache[key]
+        # Per layer and token only a tuple index and a dict look-up: the plan is computed once per cache layout, the
+        # mask (and positions) once per step for each (segment, layer type) (:meth:`_decode_inputs`).
+        key = call.plan[index]
+        if key is None:
+            # A layer before the cache's first prune point (its cache is the unpruned prompt), or a linear-attention
+            # layer (fixed-size state, its 2-D padding mask covers only the new tokens): nothing to change.
+            return None
+        inputs = call.decode_cache.get(key)
+        if inputs is None:
+            inputs = call.decode_cache[key] = self._decode_inputs(key[0], index, call, args, kwargs)
+        mask, position_embeddings, position_ids = inputs
+        if mask is _AS_GIVEN:
+            if position_embeddings is None:
+                return None  # the model's own inputs are this layer's: nothing to change
+            mask = kwargs.get("attention_mask")
         query_length = (args[0] if args else kwargs["hidden_states"]).shape[1]
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2] > query_length:
             # a multi-token continuation whose KV-shared layers run on its last logits_to_keep tokens (Gemma 4)
@@ -269,16 +330,42 @@ class CacheLayouts:
             kwargs["position_ids"] = self.adapter.layer_position_ids(position_ids)
         return args, kwargs
 
+    def _mask_as_given(self, call: _Call, segment_id: int, index: int, query_length: int, given: Any) -> bool:
+        """Whether the mask the model built for this step (``given``, what it passes every layer) is already this
+        segment's decode mask, so that none is built: SDPA, one new token, a dynamic cache, a full-attention layer
+        with the default decode mask, the model's mask ``None`` and the segment without padding.
+
+        Exact, not a heuristic: the model's SDPA mask is ``None`` for one query only when no key of the step is padding
+        (``masking_utils`` skips the causal mask then); the segment's keys are its own prompt slots (all real, checked
+        once per layout) and the same new tokens, so its mask built by the same function is ``None`` too."""
+        adapter = self.adapter
+        return (
+            given is None
+            and query_length == 1
+            and call.static_length is None
+            and call.layout_ref is not None
+            and adapter.attn_implementation == "sdpa"
+            and adapter.layer_type(index) == "full_attention"
+            and _default_decode_mask(adapter)
+            and not torch.compiler.is_compiling()
+            and call.layout_ref.unpadded(segment_id)
+        )
+
     def _decode_inputs(self, segment_id: int, index: int, call: _Call, args: tuple, kwargs: dict):
         """Mask (and, under "renumber", positions) of the layers of one segment and layer type while decoding."""
         segment = call.segments[segment_id]
         layer_type = self.adapter.layer_type(index)
         hidden = args[0] if args else kwargs["hidden_states"]
         query_length = hidden.shape[1]
+        as_given = self._mask_as_given(call, segment_id, index, query_length, kwargs.get("attention_mask", _AS_GIVEN))
+        if as_given and not call.renumber:
+            return _AS_GIVEN, None, None
         cache = transformers_compat.cache_from_kwargs(kwargs)
         kv_index = self.adapter.kv_layer(index)  # a KV-shared layer attends to an earlier layer's cache
         cached = cache.get_seq_length(kv_index) if cache is not None else segment.valid.shape[1]
-        if call.static_length is not None:
+        if as_given:
+            mask = _AS_GIVEN
+        elif call.static_length is not None:
             mask = self._segment_static_mask(segment, call, cache, index, query_length, hidden.dtype)
         else:
             new_tokens = cached + query_length - segment.valid.shape[1]  # generated/appended tokens incl. this call's
@@ -299,6 +386,16 @@ class CacheLayouts:
         position_ids = self.adapter.renumber_positions(position_ids, segment.shift[:, None])
         position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, position_ids, layer_type))
         return mask, position_embeddings, position_ids
+
+
+def _default_decode_mask(adapter: ModelAdapter) -> bool:
+    """Whether ``adapter`` keeps the base class's ``decode_mask`` (causal over the keys, nothing family-specific)."""
+    owner = next(cls for cls in type(adapter).__mro__ if "decode_mask" in vars(cls))
+    return owner.__name__ == "ModelAdapter" and owner.__module__ == "piofvlm.adapters.base"
+
+
+#: A decode input meaning "the mask the model gave this layer" (see :meth:`CacheLayouts._mask_as_given`).
+_AS_GIVEN: Any = object()
 
 
 def _last_queries(

@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from piofvlm import transformers_compat
-from piofvlm.core.cache import _LAYOUT_ATTR, _STATIC_OWNER_ATTR, CacheLayouts, _CacheLayout, _pruned_cache_class
+from piofvlm.core.cache import (
+    _LAYOUT_ATTR,
+    _STATIC_OWNER_ATTR,
+    CacheLayouts,
+    _CacheLayout,
+    _pruned_cache_class,
+    static_length_of,
+)
 from piofvlm.core.guard import guarded
 from piofvlm.core.labels import LabelsOverKept
 from piofvlm.core.prefill import Prefill, _Call
@@ -51,6 +58,8 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
 
     _pending: PerThread[tuple[torch.Tensor | None, dict[str, Any]] | None] = PerThread(lambda: None)
     _call: PerThread[_Call | None] = PerThread(lambda: None)
+    #: The layout of this thread's last prefill, as a static cache decodes it (its decode plan computed once).
+    _static_layout: PerThread[_CacheLayout | None] = PerThread(lambda: None)
 
     def __init__(
         self,
@@ -114,6 +123,7 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
         self._call = None
         self._pending = None
         self._segments = []
+        self._static_layout = None
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
             transformers_compat.reset_compiled(self.model)  # a graph traced with these hooks would keep running them
@@ -152,7 +162,7 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
             raise ValueError("piofvlm expects the language model to receive inputs_embeds from the multimodal model")
         cache = transformers_compat.cache_from_kwargs(kwargs)
         self._hold_cache(cache)
-        static_length = transformers_compat.static_cache_length(cache)
+        static_length = static_length_of(cache)
         if static_length is not None and self.adapter.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(
                 "piofvlm supports a static KV cache with attn_implementation 'sdpa' or 'eager', not "
@@ -175,6 +185,7 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
         if prefill and mask_4d is not None:
             attention_mask = self._padding_of_static_mask(mask_4d, static_length, embeds.dtype)
         if prefill:
+            self._static_layout = None  # this thread's static layout is the one this prefill makes
             self._call = self._start_prefill(embeds, attention_mask, kwargs.get("position_ids"), pending)
             self._call.static_length = static_length
             if static_length is not None and not torch.compiler.is_compiling():
@@ -201,7 +212,10 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
                 "(it carries its own layout)"
             )
         if layout is None and static_length is not None and self._segments:  # a static cache: this thread's layout
-            layout = _CacheLayout(self._segments, self._prompt_batch, self.method.positions == "renumber")
+            layout = self._static_layout
+            if layout is None or layout.segments is not self._segments:
+                layout = _CacheLayout(self._segments, self._prompt_batch, self.method.positions == "renumber")
+                self._static_layout = layout
         if layout is None:
             return  # a cache no piofvlm prefill pruned: nothing to adjust
         if embeds.shape[0] != layout.batch_size:
@@ -217,6 +231,8 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
             static_length=static_length,
             segments=layout.segments,
             renumber=layout.renumber,
+            plan=layout.decode_plan(self.adapter),
+            layout_ref=layout,
         )
 
     def _after_language_model(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -241,10 +257,12 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
     def _layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             call = self._call
-            if call is None or self._selecting:
+            if call is None:
                 return None
-            if call.prefill:
-                return self._prefill_layer(index, call, args, kwargs)
-            return self._decode_layer(index, call, args, kwargs)
+            if not call.prefill:  # decoding: no selection runs, the cheapest path (once per layer and token)
+                return self._decode_layer(index, call, args, kwargs)
+            if self._selecting:
+                return None
+            return self._prefill_layer(index, call, args, kwargs)
 
         return hook

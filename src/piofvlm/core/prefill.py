@@ -60,6 +60,8 @@ class _Call:
     segments: list[_Segment] = field(default_factory=list)  # decode only: the layout of the cache being continued
     renumber: bool = False  # decode only: that cache was pruned with positions="renumber"
     decode_cache: dict[tuple[int, str], tuple[Any, Any, Any]] = field(default_factory=dict)  # (segment, type)
+    plan: tuple[tuple[int, str] | None, ...] = ()  # decode only: _CacheLayout.decode_plan of that cache
+    layout_ref: Any = None  # decode only: that cache's _CacheLayout
 
 
 class Prefill:
