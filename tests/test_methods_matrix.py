@@ -262,6 +262,8 @@ REFUSED = {
     **{(name, "vipllava"): "vipllava" for name in ("visionzip", "vscan", "chain")},
     # Idefics2: perceiver latents, no patch grid (pool) and no vision-attention map
     **{(name, "idefics2"): "idefics2" for name in ENCODER_SIDE},
+    # GOT-OCR 2.0 / PP-Chart2Table: no vision-attention map (SAM-style tower, convolutional projector)
+    **{(name, kind): kind for name in ("visionzip", "vscan", "chain") for kind in ("got_ocr2", "pp_chart2table")},
 }
 
 

@@ -23,7 +23,7 @@ from typing import ClassVar
 from torch import nn
 
 from piofvlm.adapters.base import ModelAdapter
-from piofvlm.adapters.parts import EqualTokensPerImage
+from piofvlm.adapters.parts import EqualTokensPerImage, TiledImageRuns
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -95,9 +95,17 @@ LLAVA_AS_DATA = Family(
     parts=(EqualTokensPerImage,),
 )
 
-#: The common-layout families registered as data (none yet: ViP-LLaVA, the first candidate, needs vision-side
-#: behaviour, its feature layers, so it keeps the code adapter of ``adapters/vipllava.py``).
-COMMON_FAMILIES: tuple[Family, ...] = ()
+#: The common-layout families registered as data (ViP-LLaVA, the first candidate, needs vision-side behaviour, its
+#: feature layers, so it keeps the code adapter of ``adapters/vipllava.py``).
+COMMON_FAMILIES: tuple[Family, ...] = (
+    Family(
+        ("got_ocr2", "pp_chart2table"),
+        "GOT-OCR 2.0 and PP-Chart2Table (``GotOcr2ForConditionalGeneration``): a fixed number of tokens per tile of a "
+        "SAM-style ViT on a Qwen2; an image's tiles (``crop_to_patches``) form one run of ``<imgpad>``, its item "
+        "(``pool`` pools each tile's grid).",
+        parts=(TiledImageRuns,),
+    ),
+)
 
 ADAPTERS_FROM_FACTS: dict[str, type[ModelAdapter]] = {
     family.model_types[0]: declare(family) for family in COMMON_FAMILIES
