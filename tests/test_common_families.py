@@ -43,3 +43,36 @@ def test_got_ocr2_runs_are_images_of_the_processors_tiles():
         # cell's centre), a 1-tile image 2 on its single tile
         assert len(kept[b]) == 4
         assert len(set(places[:2, 0].tolist())) == 2 and len(set(places[2:, 0].tolist())) == 1
+
+
+# ----------------------------------------------------------------------------------------------------- ShieldGemma 2
+@pytest.mark.skipif("shieldgemma2" not in FAMILIES, reason="no ShieldGemma 2 here")
+def test_shieldgemma2_classifier_prunes_through_its_inner_model():
+    """``ShieldGemma2ForImageClassification`` (yes / no logits of the last position) is refused with an error naming
+    ``.model``; a method applied to ``.model`` prunes the classifier's calls: keep-all bit-identical yes / no
+    logits, and a pruned call the same as the inner model's last-position logits under the same method."""
+    from transformers import ShieldGemma2ForImageClassification
+
+    inner = common.build_shieldgemma2(num_layers=2)
+    torch.manual_seed(0)
+    classifier = ShieldGemma2ForImageClassification(inner.config).eval()
+    classifier.model.load_state_dict(inner.state_dict())
+    classifier.yes_token_index, classifier.no_token_index = 10, 11
+    inputs = FAMILIES["shieldgemma2"].inputs((0, 1))
+    with pytest.raises(
+        ValueError, match=r"ShieldGemma2ForImageClassification wraps .*apply the method to classifier\.model"
+    ):
+        piofvlm.get_method("pio", layers=[1], keep=0.5)(classifier).__enter__()
+    with torch.no_grad():
+        reference = classifier(**inputs).logits
+        with piofvlm.get_method("pio", layers=[0, 1], keep=[1.0, 1.0])(classifier.model):
+            assert torch.equal(classifier(**inputs).logits, reference)
+        method = piofvlm.get_method("random", layers=[1], keep=0.25, seed=3)
+        with method(classifier.model):
+            pruned = classifier(**inputs).logits
+            kept = [k.tolist() for k in method.last_selection[0].kept]
+            direct = inner.__class__.forward(classifier.model, **inputs).logits[:, -1, [10, 11]]
+    assert [len(k) for k in kept] == [4, 8]  # a quarter of 16 tokens per image
+    assert [k.tolist() for k in method.last_selection[0].kept] == kept
+    torch.testing.assert_close(pruned, direct, rtol=0, atol=0)
+    assert not torch.equal(pruned, reference)

@@ -248,7 +248,17 @@ REFUSED = {
     **{
         (name, kind): kind
         for name in ("visionzip", "vscan", "chain")
-        for kind in ("internvl", "mistral3", "smolvlm", "idefics3", "glm4v", "glm46v", "gemma3")
+        for kind in (
+            "internvl",
+            "mistral3",
+            "smolvlm",
+            "idefics3",
+            "glm4v",
+            "glm46v",
+            "gemma3",
+            "shieldgemma2",
+            "lighton_ocr",
+        )
     },
     **{(name, "llava_next_video"): "llava_next_video" for name in ENCODER_SIDE},
     ("sparsevlm", "qwen3_5"): "qwen3_5",  # reads layer 2, a linear-attention layer of the tiny Qwen3.5

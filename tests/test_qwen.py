@@ -354,7 +354,7 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     x = hidden.clone().requires_grad_(True)
     seq = x.shape[1]
     mask, rotary, extra = None, None, {}
-    if kind not in ("gemma3", "gemma4"):
+    if kind not in ("gemma3", "gemma4", "shieldgemma2"):
         rotary = lm.rotary_emb(x, positions)
     else:  # the layer's own RoPE base; a local layer sees the last `sliding_window` slots only
         layer_type = lm.config.layer_types[layer]

@@ -49,6 +49,8 @@ NOTES: dict[str, str] = {
     "idefics2": "Idefics2: perceiver latents, each run one item; encoder-side methods and `pool` refuse",
     "got_ocr2": "GOT-OCR 2.0: a data entry; an image's tiles are one item (`pool`: per tile); no vision-attention map",
     "pp_chart2table": "PP-Chart2Table: GOT-OCR 2.0's classes and entry",
+    "lighton_ocr": "LightOnOCR: Mistral 3's adapter on a Qwen3 (no row breaks); no vision-attention map",
+    "shieldgemma2": "ShieldGemma 2: Gemma 3's model and adapter (the image classifier: apply to its `.model`)",
 }
 
 

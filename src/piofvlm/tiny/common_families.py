@@ -1,7 +1,7 @@
-"""Tiny models of the common-layout families added for issue 24 (GOT-OCR 2.0, ...), with inputs in their processors'
-layouts (no hub). They join :data:`piofvlm.tiny.families.FAMILIES` (so every shared test matrix and ``piofvlm
-doctor``'s self-test) through :func:`register`, which ``tiny/families.py`` calls at its end; the helpers of that module
-are imported inside the functions here, so either module may be imported first.
+"""Tiny models of the (nearly) common-layout families added for issue 24 (GOT-OCR 2.0, LightOnOCR, ShieldGemma 2,
+...), with inputs in their processors' layouts (no hub). They join :data:`piofvlm.tiny.families.FAMILIES` (so every
+shared test matrix and ``piofvlm doctor``'s self-test) through :func:`register`, which ``tiny/families.py`` calls at
+its end; the helpers of that module are imported inside the functions here, so either module may be imported first.
 """
 
 from __future__ import annotations
@@ -94,6 +94,87 @@ def got_ocr2_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
     )
 
 
+# ------------------------------------------------------------------------------------------------------ ShieldGemma 2
+def build_shieldgemma2(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """ShieldGemma 2 as ``AutoModelForImageTextToText`` loads it: ``Gemma3ForConditionalGeneration`` from a
+    ``ShieldGemma2Config`` carrying the tiny Gemma 3's configuration (``tiny.families.build_gemma3``: SigLIP 32 px,
+    16 tokens an image, local / global layers with a 16-slot window)."""
+    from piofvlm.tiny.families import _model, build_gemma3
+
+    gemma3 = build_gemma3(attn, num_layers, seed, dtype).config
+    config = _class("ShieldGemma2Config")(
+        text_config=gemma3.text_config.to_dict(),
+        vision_config=gemma3.vision_config.to_dict(),
+        mm_tokens_per_image=gemma3.mm_tokens_per_image,
+        image_token_index=gemma3.image_token_id,
+        boi_token_index=gemma3.boi_token_id,
+        eoi_token_index=gemma3.eoi_token_id,
+    )
+    return _model(_class("Gemma3ForConditionalGeneration"), config, attn, seed, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------- LightOnOCR
+LIGHTON_TOKENS = ["<|image_pad|>", "<|vision_pad|>", "<|vision_end|>"]
+LIGHTON_IMAGE_ID = 4
+
+
+def build_lighton_ocr(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """LightOnOCR: Pixtral patch 4 + 2 x 2 patch merger (one token per 8 x 8 pixels, as the tiny Mistral 3) on a
+    Qwen3 text model (the toy Llama's sizes, head_dim 16, per-head q / k norms)."""
+    from piofvlm.tiny.families import _model, text_config
+
+    text = text_config(num_layers).to_dict()
+    text.update(model_type="qwen3", head_dim=16, layer_types=None)
+    config = _class("LightOnOcrConfig")(
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "head_dim": 16,
+            "image_size": 64,
+            "patch_size": 4,
+        },
+        text_config=text,
+        image_token_id=LIGHTON_IMAGE_ID,
+        spatial_merge_size=2,
+    )
+    return _model(_class("LightOnOcrForConditionalGeneration"), config, attn, seed, dtype)
+
+
+@functools.cache
+def build_lighton_ocr_processor() -> Any:
+    """The stock ``LightOnOcrProcessor`` (Pixtral's PIL image processor, images up to 64 px, sides multiples of 8)."""
+    from transformers import PixtralImageProcessorPil
+
+    from piofvlm.tiny.llava import WORDS, word_level_tokenizer
+
+    tokenizer = word_level_tokenizer([*LIGHTON_TOKENS, *WORDS], LIGHTON_TOKENS)
+    tokenizer.image_token, tokenizer.image_break_token, tokenizer.image_end_token = LIGHTON_TOKENS
+    ids = tokenizer.convert_tokens_to_ids(LIGHTON_TOKENS)
+    tokenizer.image_token_id, tokenizer.image_break_token_id, tokenizer.image_end_token_id = ids
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
+    return _class("LightOnOcrProcessor")(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=4, spatial_merge_size=2
+    )
+
+
+def lighton_ocr_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``LightOnOcrProcessor`` itself; no video: sample 1's video slot is a second
+    image."""
+    from piofvlm.tiny.families import _images, _prompts
+
+    prompts = _prompts(indices, LIGHTON_TOKENS[0], None)
+    return build_lighton_ocr_processor()(
+        images=_images(indices, True), text=prompts, return_tensors="pt", padding=True
+    )
+
+
 def register(families: dict[str, TinyFamily], unavailable: dict[str, str]) -> None:
     """Add this module's families to ``families`` (or their reason to ``unavailable`` where the installed
     transformers cannot build them)."""
@@ -112,4 +193,22 @@ def register(families: dict[str, TinyFamily], unavailable: dict[str, str]) -> No
             lambda: build_got_ocr2_processor().tokenizer,
             has_video=False,
             counts=[[16], [48, 16], [48, 16]],  # crops (and thumbnail) x 16 tokens, one item per image
+        )
+    if _class("LightOnOcrProcessor") is None:
+        unavailable["lighton_ocr"] = f"transformers {version} has no LightOnOcrProcessor"
+    else:
+        families["lighton_ocr"] = TinyFamily(
+            "lighton_ocr",
+            build_lighton_ocr,
+            lighton_ocr_inputs,
+            lambda: build_lighton_ocr_processor().tokenizer,
+            has_video=False,
+            counts=[[16], [32, 16], [40, 16]],  # (h // 8) * (w // 8) tokens an image
+        )
+    if _class("ShieldGemma2Config") is None:
+        unavailable["shieldgemma2"] = f"transformers {version} has no ShieldGemma2Config"
+    elif "gemma3" in families:  # Gemma 3's processor layout and counts
+        gemma3 = families["gemma3"]
+        families["shieldgemma2"] = TinyFamily(
+            "shieldgemma2", build_shieldgemma2, gemma3.inputs, gemma3.tokenizer, has_video=False, counts=gemma3.counts
         )
