@@ -76,3 +76,21 @@ def test_shieldgemma2_classifier_prunes_through_its_inner_model():
     assert [k.tolist() for k in method.last_selection[0].kept] == kept
     torch.testing.assert_close(pruned, direct, rtol=0, atol=0)
     assert not torch.equal(pruned, reference)
+
+
+# ------------------------------------------------------------------------------------------------------- DeepSeek-VL
+@pytest.mark.skipif("deepseek_vl" not in FAMILIES, reason="no DeepSeek-VL here")
+def test_deepseek_vl_boxes_leave_the_square_padding_unplaced():
+    """The processor pads a 64 x 32 picture to a square (centred): of its 4 x 4 token grid the first and last rows
+    cover padding only (no place), the middle rows cover the picture in halves; a square picture fills the grid.
+    Without the pictures' sizes the boxes are refused (the padding depends on them)."""
+    model = common.build_deepseek_vl(num_layers=2)
+    inputs = dict(common.deepseek_vl_inputs((1,)))  # a 64 x 32 image, then a 32 x 32 one
+    adapter = get_adapter(model)
+    wide, square = adapter.token_boxes(inputs, source_sizes=[(64, 32), (32, 32)])
+    assert wide.view.tolist() == [-1] * 4 + [0] * 8 + [-1] * 4
+    assert sorted(set(wide.boxes[4:12, [1, 3]].flatten().tolist())) == [0.0, 0.5, 1.0]
+    assert torch.equal(wide.boxes[4:8, 0], torch.tensor([0.0, 0.25, 0.5, 0.75]))
+    assert bool((square.view == 0).all()) and square.boxes[-1].tolist() == [0.75, 0.75, 1.0, 1.0]
+    with pytest.raises(ValueError, match="padded to a square .*source_sizes"):
+        adapter.token_boxes(inputs)

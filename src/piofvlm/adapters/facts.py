@@ -23,7 +23,7 @@ from typing import ClassVar
 from torch import nn
 
 from piofvlm.adapters.base import ModelAdapter
-from piofvlm.adapters.parts import EqualTokensPerImage, TiledImageRuns
+from piofvlm.adapters.parts import EqualTokensPerImage, PaddedSquareGrid, TiledImageRuns
 from piofvlm.adapters.registry import register_adapter
 
 
@@ -104,6 +104,12 @@ COMMON_FAMILIES: tuple[Family, ...] = (
         "SAM-style ViT on a Qwen2; an image's tiles (``crop_to_patches``) form one run of ``<imgpad>``, its item "
         "(``pool`` pools each tile's grid).",
         parts=(TiledImageRuns,),
+    ),
+    Family(
+        ("deepseek_vl",),
+        "DeepSeek-VL (``DeepseekVLForConditionalGeneration``): a SigLIP tower (``model.model.vision_model``) and an "
+        "MLP aligner, the same number of tokens per image (576) on a Llama; images padded to a square.",
+        parts=(PaddedSquareGrid,),
     ),
 )
 

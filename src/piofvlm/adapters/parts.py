@@ -105,3 +105,64 @@ class TiledImageRuns:
             view = (tile == tiles - 1).long()  # 0: the tiles, 1: the thumbnail
             items.append(TokenBoxes(sample, "image", tokens, boxes, view, ("tiles", "thumbnail")))
         return items
+
+
+class PaddedSquareGrid(EqualTokensPerImage):
+    """Every image is the same ``side x side`` token grid in raster order over the picture resized so its longer side
+    fits and padded to a square, centred (DeepSeek-VL's and Janus's image processors, ``do_pad``): the counts of
+    :class:`EqualTokensPerImage`, :meth:`visual_token_sources` (``pool`` pools each image's grid) and
+    :meth:`token_boxes` (tokens on the padding only have no place; those on its edge are clipped to the picture)."""
+
+    def _square_side(self, model_kwargs: dict[str, Any]) -> tuple[list[int], int]:
+        visual = self.visual_slots(model_kwargs)  # type: ignore[attr-defined]
+        counts = self.image_token_counts(int(visual.sum()), model_kwargs)
+        if counts is None:
+            raise ValueError(f"{self.model_type}: pixel_values are needed to lay out the image tokens")  # type: ignore[attr-defined]
+        side = round(counts[0] ** 0.5) if counts else 0
+        if any(count != side * side for count in counts):
+            raise ValueError(f"{self.model_type}: images of {counts} tokens are not square token grids")  # type: ignore[attr-defined]
+        return counts, side
+
+    def visual_token_sources(self, model_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Per image: ``crop`` = the image, ``patch`` = its token, ``grid`` 0, ``row``/``col`` on the square grid."""
+        import torch
+
+        counts, side = self._square_side(model_kwargs)
+        token = torch.arange(side * side)
+        return [
+            {
+                "crop": torch.full_like(token, i),
+                "patch": token,
+                "grid": torch.zeros_like(token),
+                "row": token // side,
+                "col": token % side,
+            }
+            for i in range(len(counts))
+        ]
+
+    def token_boxes(self, model_kwargs: dict[str, Any], source_sizes: Any = None) -> list[Any]:
+        """Per image: the square grid mapped from the padded square onto the picture (``source_sizes``: the
+        ``(width, height)`` of each image in prompt order, needed for its padding)."""
+        import torch
+
+        from piofvlm.adapters.boxes import TokenBoxes, no_place, raster_boxes, split_by_sample
+
+        counts, side = self._square_side(model_kwargs)
+        if source_sizes is None or len(source_sizes) < len(counts):
+            raise ValueError(
+                f"{self.model_type}: images are padded to a square before the vision tower, so where a token lies "  # type: ignore[attr-defined]
+                "on the picture depends on its size: pass source_sizes=[(width, height), ...] of the images in "
+                "prompt order"
+            )
+        placed = split_by_sample(self.visual_slots(model_kwargs), counts)  # type: ignore[attr-defined]
+        items = []
+        for (sample, tokens), (width, height) in zip(placed, source_sizes, strict=False):
+            fx, fy = width / max(width, height), height / max(width, height)  # the picture's share of the square
+            square = raster_boxes(side, side)
+            origin = torch.tensor([(1 - fx) / 2, (1 - fy) / 2] * 2)
+            boxes = ((square - origin) / torch.tensor([fx, fy, fx, fy])).clamp(0, 1)
+            inside = (boxes[:, 2] > boxes[:, 0] + 1e-9) & (boxes[:, 3] > boxes[:, 1] + 1e-9)
+            boxes[~inside] = no_place(int((~inside).sum()))
+            view = torch.where(inside, 0, -1)
+            items.append(TokenBoxes(sample, "image", tokens, boxes, view, ("image",)))
+        return items

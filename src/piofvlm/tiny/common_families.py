@@ -175,6 +175,55 @@ def lighton_ocr_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
     )
 
 
+# --------------------------------------------------------------------------------------------------------- DeepSeek-VL
+DEEPSEEK_TOKENS = ["<image_placeholder>"]
+DEEPSEEK_IMAGE_ID = 4
+
+
+def build_deepseek_vl(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """DeepSeek-VL: a SigLIP tower at 16 px, patch 4 (4 x 4 = 16 tokens an image, 576 in the checkpoints), its MLP
+    aligner and the toy Llama text model."""
+    from piofvlm.tiny.families import _model, text_config
+
+    config = _class("DeepseekVLConfig")(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 4,
+        },
+        text_config=text_config(num_layers).to_dict(),
+        image_token_id=DEEPSEEK_IMAGE_ID,
+    )
+    return _model(_class("DeepseekVLForConditionalGeneration"), config, attn, seed, dtype)
+
+
+@functools.cache
+def build_deepseek_vl_processor() -> Any:
+    """The stock ``DeepseekVLProcessor`` with its PIL image processor (longer side to 16 px, padded to a square)."""
+    from piofvlm.tiny.llava import WORDS, word_level_tokenizer
+
+    tokenizer = word_level_tokenizer([*DEEPSEEK_TOKENS, *WORDS], DEEPSEEK_TOKENS)
+    tokenizer.image_token = DEEPSEEK_TOKENS[0]
+    image_processor = _class("DeepseekVLImageProcessorPil")(size={"height": 16, "width": 16}, min_size=4)
+    return _class("DeepseekVLProcessor")(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16)
+
+
+def deepseek_vl_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``DeepseekVLProcessor`` itself; no video: sample 1's video slot is a second
+    image."""
+    from piofvlm.tiny.families import _images, _prompts
+
+    prompts = _prompts(indices, DEEPSEEK_TOKENS[0], None)
+    processor = build_deepseek_vl_processor()
+    return processor(images=_images(indices, True), text=prompts, return_tensors="pt", padding=True)
+
+
 def register(families: dict[str, TinyFamily], unavailable: dict[str, str]) -> None:
     """Add this module's families to ``families`` (or their reason to ``unavailable`` where the installed
     transformers cannot build them)."""
@@ -204,6 +253,17 @@ def register(families: dict[str, TinyFamily], unavailable: dict[str, str]) -> No
             lambda: build_lighton_ocr_processor().tokenizer,
             has_video=False,
             counts=[[16], [32, 16], [40, 16]],  # (h // 8) * (w // 8) tokens an image
+        )
+    if _class("DeepseekVLImageProcessorPil") is None:
+        unavailable["deepseek_vl"] = f"transformers {version} has no DeepseekVLImageProcessorPil"
+    else:
+        families["deepseek_vl"] = TinyFamily(
+            "deepseek_vl",
+            build_deepseek_vl,
+            deepseek_vl_inputs,
+            lambda: build_deepseek_vl_processor().tokenizer,
+            has_video=False,
+            counts=[[16], [16, 16], [16, 16]],
         )
     if _class("ShieldGemma2Config") is None:
         unavailable["shieldgemma2"] = f"transformers {version} has no ShieldGemma2Config"
