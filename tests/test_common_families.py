@@ -94,3 +94,32 @@ def test_deepseek_vl_boxes_leave_the_square_padding_unplaced():
     assert bool((square.view == 0).all()) and square.boxes[-1].tolist() == [0.75, 0.75, 1.0, 1.0]
     with pytest.raises(ValueError, match="padded to a square .*source_sizes"):
         adapter.token_boxes(inputs)
+
+
+# ------------------------------------------------------------------------------------------------------------- Janus
+@pytest.mark.skipif("janus" not in FAMILIES, reason="no Janus here")
+def test_janus_keeps_the_image_delimiters_as_text():
+    """``<begin_of_image>`` / ``<end_of_image>`` around each image are text: never counted nor dropped. Pruned to 4
+    tokens an image, the pruned prefill equals the unpruned model run on the prompt without the dropped tokens."""
+    model = common.build_janus(num_layers=2)
+    inputs = dict(common.janus_inputs((1,)))
+    ids = inputs["input_ids"][0]
+    adapter = get_adapter(model)
+    delimiters = (ids == 5) | (ids == 6)
+    assert int(delimiters.sum()) == 4 and not bool(adapter.visual_token_mask(ids[None])[0][delimiters].any())
+    method = piofvlm.get_method("random", layers=[0], keep=4, seed=1)
+    with torch.no_grad(), method(model):
+        pruned = model(**inputs).logits[0, -1]
+    kept = method.last_selection[0].kept[0]
+    visual = adapter.visual_token_mask(ids[None])[0].nonzero()[:, 0]
+    dropped = visual[~torch.isin(torch.arange(len(visual)), kept)]
+    keep_slots = ~torch.isin(torch.arange(len(ids)), dropped)
+    assert len(kept) == 8 and bool(keep_slots[delimiters].all())
+    with torch.no_grad():
+        embeds = model.model.get_input_embeddings()(ids[None]).clone()
+        features = model.model.get_image_features(inputs["pixel_values"]).pooler_output.reshape(-1, embeds.shape[-1])
+        embeds[0, visual] = features
+        positions = keep_slots.nonzero()[:, 0][None]
+        out = model.model.language_model(inputs_embeds=embeds[:, keep_slots], position_ids=positions)
+        reference = model.lm_head(out.last_hidden_state)[0, -1]
+    torch.testing.assert_close(pruned, reference, rtol=1e-5, atol=1e-5)

@@ -111,6 +111,13 @@ COMMON_FAMILIES: tuple[Family, ...] = (
         "MLP aligner, the same number of tokens per image (576) on a Llama; images padded to a square.",
         parts=(PaddedSquareGrid,),
     ),
+    Family(
+        ("janus",),
+        "Janus / Janus-Pro (``JanusForConditionalGeneration``), image understanding: DeepSeek-VL's layout (a SigLIP "
+        "tower and an MLP aligner, 576 tokens per image between ``<begin_of_image>`` / ``<end_of_image>``, images "
+        "padded to a square) on a Llama; its image-generation path (``generation_mode='image'``) is not pruned.",
+        parts=(PaddedSquareGrid,),
+    ),
 )
 
 ADAPTERS_FROM_FACTS: dict[str, type[ModelAdapter]] = {

@@ -224,6 +224,68 @@ def deepseek_vl_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
     return processor(images=_images(indices, True), text=prompts, return_tensors="pt", padding=True)
 
 
+# ------------------------------------------------------------------------------------------------------------- Janus
+JANUS_TOKENS = ["<image_placeholder>", "<begin_of_image>", "<end_of_image>"]
+JANUS_IMAGE_ID = 4
+
+
+def build_janus(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Janus: its SigLIP-style tower at 16 px, patch 4 (16 tokens an image, 576 in the checkpoints), MLP aligner,
+    the toy Llama text model, and a small VQ-VAE with its generation heads (built, unused by text generation)."""
+    from piofvlm.tiny.families import _model, text_config
+
+    config = _class("JanusConfig")(
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 4,
+            "mlp_ratio": 2.0,
+            "projection_dim": 64,
+            "num_image_tokens": 16,
+        },
+        vq_config={
+            "embed_dim": 8,
+            "num_embeddings": 32,
+            "latent_channels": 32,
+            "base_channels": 32,
+            "channel_multiplier": [1, 1],
+            "num_res_blocks": 1,
+            "num_patches": 4,
+            "projection_dim": 64,
+            "image_token_embed_dim": 64,
+        },
+        text_config=text_config(num_layers).to_dict(),
+        image_token_id=JANUS_IMAGE_ID,
+    )
+    return _model(_class("JanusForConditionalGeneration"), config, attn, seed, dtype)
+
+
+@functools.cache
+def build_janus_processor() -> Any:
+    """The stock ``JanusProcessor`` (no default system prompt) with its PIL image processor (longer side to 16 px,
+    padded to a square): an image is ``<begin_of_image>`` + 16 ``<image_placeholder>`` + ``<end_of_image>``."""
+    from piofvlm.tiny.llava import WORDS, word_level_tokenizer
+
+    tokenizer = word_level_tokenizer([*JANUS_TOKENS, *WORDS], JANUS_TOKENS)
+    tokenizer.image_token, tokenizer.boi_token, tokenizer.eoi_token = JANUS_TOKENS
+    image_processor = _class("JanusImageProcessorPil")(size={"height": 16, "width": 16}, min_size=4)
+    return _class("JanusProcessor")(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16, use_default_system_prompt=False
+    )
+
+
+def janus_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``JanusProcessor`` itself; no video: sample 1's video slot is a second image."""
+    from piofvlm.tiny.families import _images, _prompts
+
+    prompts = _prompts(indices, JANUS_TOKENS[0], None)
+    return build_janus_processor()(images=_images(indices, True), text=prompts, return_tensors="pt", padding=True)
+
+
 def register(families: dict[str, TinyFamily], unavailable: dict[str, str]) -> None:
     """Add this module's families to ``families`` (or their reason to ``unavailable`` where the installed
     transformers cannot build them)."""
@@ -262,6 +324,17 @@ def register(families: dict[str, TinyFamily], unavailable: dict[str, str]) -> No
             build_deepseek_vl,
             deepseek_vl_inputs,
             lambda: build_deepseek_vl_processor().tokenizer,
+            has_video=False,
+            counts=[[16], [16, 16], [16, 16]],
+        )
+    if _class("JanusImageProcessorPil") is None:
+        unavailable["janus"] = f"transformers {version} has no JanusImageProcessorPil"
+    else:
+        families["janus"] = TinyFamily(
+            "janus",
+            build_janus,
+            janus_inputs,
+            lambda: build_janus_processor().tokenizer,
             has_video=False,
             counts=[[16], [16, 16], [16, 16]],
         )
