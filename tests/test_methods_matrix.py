@@ -245,7 +245,7 @@ def test_new_families_generate_prefill_matches_forward(kind, name):
 #: explicit vision-attention scores yet;
 #: LLaVA-NeXT-Video's encoder-side methods refuse prompts with a video.
 #: Families of issue 24 (``tiny/common_families.py``) without a vision-attention map.
-ISSUE24_NO_VISION_MAP = ("shieldgemma2", "lighton_ocr", "deepseek_vl", "janus")
+ISSUE24_NO_VISION_MAP = ("shieldgemma2", "lighton_ocr", "deepseek_vl", "janus", "deepseek_vl_hybrid")
 REFUSED = {
     **{
         (name, kind): kind

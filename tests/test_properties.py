@@ -72,7 +72,7 @@ def _inputs(kind: str, indices: tuple[int, ...], image_seed: int) -> dict[str, t
 def get_inputs(kind: str, indices: tuple[int, ...], image_seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Processor outputs (cached; copied so a test never changes the cache), pixels in ``dtype``."""
     inputs = {k: v.clone() for k, v in _inputs(kind, indices, image_seed).items()}
-    for key in ("pixel_values", "pixel_values_videos"):
+    for key in ("pixel_values", "pixel_values_videos", "high_res_pixel_values"):
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
     return inputs

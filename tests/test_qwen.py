@@ -415,7 +415,7 @@ def test_fast_proxy_equals_reference(kind, attn, dtype):
     m = model(kind, attn, dtype=dtype)
     # eager fp64 with padding is NaN in stock transformers (see test_pio): that case runs one unpadded sample
     inputs = make_inputs(kind, indices=(1,) if (attn, dtype) == ("eager", torch.float64) else (0, 1, 2))
-    for key in ("pixel_values", "pixel_values_videos"):
+    for key in ("pixel_values", "pixel_values_videos", "high_res_pixel_values"):
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
     ctx = capture_context(m, inputs, layer=2)

@@ -51,6 +51,7 @@ NOTES: dict[str, str] = {
     "pp_chart2table": "PP-Chart2Table: GOT-OCR 2.0's classes and entry",
     "lighton_ocr": "LightOnOCR: Mistral 3's adapter on a Qwen3 (no row breaks); no vision-attention map",
     "deepseek_vl": "DeepSeek-VL: a data entry (Llama), images padded to a square grid; no vision-attention map",
+    "deepseek_vl_hybrid": "DeepSeek-VL hybrid: DeepSeek-VL's data entry (SAM high-res features fused per token)",
     "janus": "Janus / Janus-Pro (understanding): DeepSeek-VL's data entry; image generation not pruned",
     "shieldgemma2": "ShieldGemma 2: Gemma 3's model and adapter (the image classifier: apply to its `.model`)",
 }

@@ -118,6 +118,13 @@ COMMON_FAMILIES: tuple[Family, ...] = (
         "padded to a square) on a Llama; its image-generation path (``generation_mode='image'``) is not pruned.",
         parts=(PaddedSquareGrid,),
     ),
+    Family(
+        ("deepseek_vl_hybrid",),
+        "DeepSeek-VL hybrid (``DeepseekVLHybridForConditionalGeneration``): DeepSeek-VL's layout with a SAM tower at "
+        "high resolution whose features are interpolated onto the SigLIP grid and fused by the aligner (576 tokens "
+        "per image, both views padded to a square) on a Llama.",
+        parts=(PaddedSquareGrid,),
+    ),
 )
 
 ADAPTERS_FROM_FACTS: dict[str, type[ModelAdapter]] = {

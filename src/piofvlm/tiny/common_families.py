@@ -286,6 +286,56 @@ def janus_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
     return build_janus_processor()(images=_images(indices, True), text=prompts, return_tensors="pt", padding=True)
 
 
+# -------------------------------------------------------------------------------------------------- DeepSeek-VL hybrid
+def build_deepseek_vl_hybrid(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """DeepSeek-VL hybrid: the tiny DeepSeek-VL's SigLIP (16 px, 16 tokens an image) and a SAM tower at 64 px (patch
+    4, windowed attention with one global layer) interpolated onto the SigLIP grid; the toy Llama text model."""
+    from piofvlm.tiny.families import _model, text_config
+
+    config = _class("DeepseekVLHybridConfig")(
+        vision_config=build_deepseek_vl(num_layers=1).config.vision_config.to_dict(),
+        high_res_vision_config={
+            "hidden_size": 32,
+            "output_channels": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 4,
+            "window_size": 4,
+            "global_attn_indexes": [1],
+            "mlp_dim": 64,
+        },
+        text_config=text_config(num_layers).to_dict(),
+        image_token_id=DEEPSEEK_IMAGE_ID,
+    )
+    return _model(_class("DeepseekVLHybridForConditionalGeneration"), config, attn, seed, dtype)
+
+
+@functools.cache
+def build_deepseek_vl_hybrid_processor() -> Any:
+    """The stock ``DeepseekVLHybridProcessor`` with its PIL image processor (16 px and 64 px views, both padded to
+    a square)."""
+    image_processor = _class("DeepseekVLHybridImageProcessorPil")(
+        size={"height": 16, "width": 16}, high_res_size={"height": 64, "width": 64}, min_size=4
+    )
+    tokenizer = build_deepseek_vl_processor().tokenizer
+    return _class("DeepseekVLHybridProcessor")(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16
+    )
+
+
+def deepseek_vl_hybrid_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples through ``DeepseekVLHybridProcessor`` itself (``pixel_values`` and
+    ``high_res_pixel_values``); no video: sample 1's video slot is a second image."""
+    from piofvlm.tiny.families import _images, _prompts
+
+    prompts = _prompts(indices, DEEPSEEK_TOKENS[0], None)
+    processor = build_deepseek_vl_hybrid_processor()
+    return processor(images=_images(indices, True), text=prompts, return_tensors="pt", padding=True)
+
+
 def register(families: dict[str, TinyFamily], unavailable: dict[str, str]) -> None:
     """Add this module's families to ``families`` (or their reason to ``unavailable`` where the installed
     transformers cannot build them)."""
@@ -324,6 +374,17 @@ def register(families: dict[str, TinyFamily], unavailable: dict[str, str]) -> No
             build_deepseek_vl,
             deepseek_vl_inputs,
             lambda: build_deepseek_vl_processor().tokenizer,
+            has_video=False,
+            counts=[[16], [16, 16], [16, 16]],
+        )
+    if _class("DeepseekVLHybridImageProcessorPil") is None or "deepseek_vl" not in families:
+        unavailable["deepseek_vl_hybrid"] = f"transformers {version} has no DeepseekVLHybridImageProcessorPil"
+    else:
+        families["deepseek_vl_hybrid"] = TinyFamily(
+            "deepseek_vl_hybrid",
+            build_deepseek_vl_hybrid,
+            deepseek_vl_hybrid_inputs,
+            lambda: build_deepseek_vl_hybrid_processor().tokenizer,
             has_video=False,
             counts=[[16], [16, 16], [16, 16]],
         )
