@@ -46,7 +46,7 @@ FixedSelection = ReplaySelection
 
 #: Families that run exactly the code of another one (same adapter, same text-model class): the parametrized
 #: invariant matrices run them in the slow suite, except the tests named in ``QUICK_FOR_TWINS``.
-TWIN_FAMILIES = {"glm46v": "glm4v"}
+TWIN_FAMILIES = {"glm46v": "glm4v", "pp_chart2table": "got_ocr2", "shieldgemma2": "gemma3"}
 QUICK_FOR_TWINS = ("test_toy_inputs_and_item_counts", "test_keep_all_is_identical", "test_self_test_passes")
 
 

@@ -30,7 +30,7 @@ def _model_and_inputs(kind: str, dtype: torch.dtype = torch.float32, indices=(0,
         m, inputs = conftest.model(kind, dtype=dtype), conftest.make_inputs(kind, indices=indices)
     else:
         m, inputs = tq.model(kind, dtype=dtype), tq.make_inputs(kind, indices=indices)
-    for key in ("pixel_values", "pixel_values_videos"):
+    for key in ("pixel_values", "pixel_values_videos", "high_res_pixel_values"):
         if key in inputs and inputs[key].is_floating_point():
             inputs[key] = inputs[key].to(dtype)
     return m, inputs

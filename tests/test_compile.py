@@ -93,7 +93,7 @@ def test_inductor_compiled_decode_equals_eager():
 
 #: Compiled decoding runs on a static cache, which Qwen3.5 (linear-attention layers) and Gemma 3 / 4 (sliding-window
 #: layers) refuse (tests/test_qwen3_5.py, tests/test_gemma3.py, tests/test_static_cache.py).
-NO_STATIC_CACHE = ("qwen3_5", "gemma3", "gemma4", "qwen3_5_moe")
+NO_STATIC_CACHE = ("qwen3_5", "gemma3", "gemma4", "qwen3_5_moe", "shieldgemma2")
 
 
 @pytest.mark.parametrize(

@@ -244,6 +244,8 @@ def test_new_families_generate_prefill_matches_forward(kind, name):
 #: shuffle), GLM-4.xV (its Qwen-like tower is not wired yet) and Gemma 3 (SigLIP + pooling, not wired yet) have no
 #: explicit vision-attention scores yet;
 #: LLaVA-NeXT-Video's encoder-side methods refuse prompts with a video.
+#: Families of issue 24 (``tiny/common_families.py``) without a vision-attention map.
+ISSUE24_NO_VISION_MAP = ("shieldgemma2", "lighton_ocr", "deepseek_vl", "janus", "deepseek_vl_hybrid")
 REFUSED = {
     **{
         (name, kind): kind
@@ -262,6 +264,10 @@ REFUSED = {
     **{(name, "vipllava"): "vipllava" for name in ("visionzip", "vscan", "chain")},
     # Idefics2: perceiver latents, no patch grid (pool) and no vision-attention map
     **{(name, "idefics2"): "idefics2" for name in ENCODER_SIDE},
+    # GOT-OCR 2.0 / PP-Chart2Table: no vision-attention map (SAM-style tower, convolutional projector)
+    **{(name, kind): kind for name in ("visionzip", "vscan", "chain") for kind in ("got_ocr2", "pp_chart2table")},
+    # issue 24's other families: no vision-attention map wired (Gemma 3's and Mistral 3's towers, DeepSeek-VL's SigLIP)
+    **{(name, kind): kind for name in ("visionzip", "vscan", "chain") for kind in ISSUE24_NO_VISION_MAP},
 }
 
 

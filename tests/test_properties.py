@@ -35,7 +35,7 @@ FAMILIES = list(TINY_CASES)
 LLAVA_FAMILIES = ("llava", "llava_next")
 #: Families whose norms compute in fp32 whatever the model dtype (``Gemma3RMSNorm``; Gemma 4's vision pooler too, its
 #: unhooked fp64 model differs by ~1.3e-6 between a batch and its samples): fp64 is only fp32-exact there.
-FP32_NORM_KINDS = ("gemma3", "gemma4")
+FP32_NORM_KINDS = ("gemma3", "gemma4", "shieldgemma2")
 NUM_LAYERS = 4  # every tiny model here
 #: The fast profile runs each property on every family: a few examples each.
 FAST = settings(
@@ -72,7 +72,7 @@ def _inputs(kind: str, indices: tuple[int, ...], image_seed: int) -> dict[str, t
 def get_inputs(kind: str, indices: tuple[int, ...], image_seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Processor outputs (cached; copied so a test never changes the cache), pixels in ``dtype``."""
     inputs = {k: v.clone() for k, v in _inputs(kind, indices, image_seed).items()}
-    for key in ("pixel_values", "pixel_values_videos"):
+    for key in ("pixel_values", "pixel_values_videos", "high_res_pixel_values"):
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
     return inputs

@@ -156,7 +156,7 @@ def test_toy_inputs_and_item_counts(kind):
     assert counts == EXPECTED_COUNTS[kind]
     got = get_adapter(model(kind)).image_token_counts(0, dict(inputs))
     # None: the family's items are its contiguous runs (InternVL, SmolVLM, Idefics3); test_exact_counts checks them
-    runs_are_items = ("internvl", "smolvlm", "idefics3", "idefics2")
+    runs_are_items = ("internvl", "smolvlm", "idefics3", "idefics2", "got_ocr2", "pp_chart2table")
     assert got == [n for sample in counts for n in sample] or (got is None and kind in runs_are_items)
     if kind in QWEN_KINDS:
         assert set(inputs["mm_token_type_ids"][1].tolist()) == {0, 1, 2}
@@ -354,7 +354,7 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     x = hidden.clone().requires_grad_(True)
     seq = x.shape[1]
     mask, rotary, extra = None, None, {}
-    if kind not in ("gemma3", "gemma4"):
+    if kind not in ("gemma3", "gemma4", "shieldgemma2"):
         rotary = lm.rotary_emb(x, positions)
     else:  # the layer's own RoPE base; a local layer sees the last `sliding_window` slots only
         layer_type = lm.config.layer_types[layer]
@@ -415,7 +415,7 @@ def test_fast_proxy_equals_reference(kind, attn, dtype):
     m = model(kind, attn, dtype=dtype)
     # eager fp64 with padding is NaN in stock transformers (see test_pio): that case runs one unpadded sample
     inputs = make_inputs(kind, indices=(1,) if (attn, dtype) == ("eager", torch.float64) else (0, 1, 2))
-    for key in ("pixel_values", "pixel_values_videos"):
+    for key in ("pixel_values", "pixel_values_videos", "high_res_pixel_values"):
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
     ctx = capture_context(m, inputs, layer=2)

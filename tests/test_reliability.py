@@ -519,7 +519,7 @@ def test_merging_methods_keep_fp64_precision(name, kind):
         m, inputs = model(kind, dtype=torch.float64), make_inputs(kind, indices=(2, 0, 1))
     else:
         m, inputs = tq.model(kind, dtype=torch.float64), tq.make_inputs(kind, indices=(2, 0, 1))
-    for key in ("pixel_values", "pixel_values_videos"):
+    for key in ("pixel_values", "pixel_values_videos", "high_res_pixel_values"):
         if key in inputs:
             inputs[key] = inputs[key].to(torch.float64)
     valid = inputs["attention_mask"].bool()

@@ -47,6 +47,13 @@ NOTES: dict[str, str] = {
     "glm4v_moe": "GLM-4.5V: GLM-4.1V's multimodal adapter on a pre-norm MoE decoder (first layer dense)",
     "vipllava": "ViP-LLaVA: LLaVA-1.5's layout, features of several vision layers (`visionzip`, `vscan` refuse)",
     "idefics2": "Idefics2: perceiver latents, each run one item; encoder-side methods and `pool` refuse",
+    "got_ocr2": "GOT-OCR 2.0: a data entry; an image's tiles are one item (`pool`: per tile); no vision-attention map",
+    "pp_chart2table": "PP-Chart2Table: GOT-OCR 2.0's classes and entry",
+    "lighton_ocr": "LightOnOCR: Mistral 3's adapter on a Qwen3 (no row breaks); no vision-attention map",
+    "deepseek_vl": "DeepSeek-VL: a data entry (Llama), images padded to a square grid; no vision-attention map",
+    "deepseek_vl_hybrid": "DeepSeek-VL hybrid: DeepSeek-VL's data entry (SAM high-res features fused per token)",
+    "janus": "Janus / Janus-Pro (understanding): DeepSeek-VL's data entry; image generation not pruned",
+    "shieldgemma2": "ShieldGemma 2: Gemma 3's model and adapter (the image classifier: apply to its `.model`)",
 }
 
 

@@ -39,9 +39,11 @@ from piofvlm.adapters.parts import (
     ClipVisionTower,
     EqualTokensPerImage,
     NoSlidingWindow,
+    PaddedSquareGrid,
     PatchGridPerImage,
     RunsAreItems,
     SquarePatchGrid,
+    TiledImageRuns,
 )
 from piofvlm.adapters.registry import register_adapter
 from piofvlm.adapters.smolvlm import SmolVLMTiles
@@ -168,6 +170,47 @@ COMMON_FAMILIES: tuple[Family, ...] = (
         parts=(NoSlidingWindow, PixtralImageGrid),
         settings={"sliding_window_note": "the released Mistral Small 3.x checkpoints have none"},
         class_name="Mistral3Adapter",
+    ),
+    # issue 24's common-layout families (ViP-LLaVA, above, keeps its vision-side settings)
+    Family(
+        ("got_ocr2", "pp_chart2table"),
+        "GOT-OCR 2.0 and PP-Chart2Table (``GotOcr2ForConditionalGeneration``): a fixed number of tokens per tile of a "
+        "SAM-style ViT on a Qwen2; an image's tiles (``crop_to_patches``) form one run of ``<imgpad>``, its item "
+        "(``pool`` pools each tile's grid).",
+        parts=(TiledImageRuns,),
+    ),
+    Family(
+        ("deepseek_vl",),
+        "DeepSeek-VL (``DeepseekVLForConditionalGeneration``): a SigLIP tower (``model.model.vision_model``) and an "
+        "MLP aligner, the same number of tokens per image (576) on a Llama; images padded to a square.",
+        parts=(PaddedSquareGrid,),
+    ),
+    Family(
+        ("janus",),
+        "Janus / Janus-Pro (``JanusForConditionalGeneration``), image understanding: DeepSeek-VL's layout (a SigLIP "
+        "tower and an MLP aligner, 576 tokens per image between ``<begin_of_image>`` / ``<end_of_image>``, images "
+        "padded to a square) on a Llama; its image-generation path (``generation_mode='image'``) is not pruned.",
+        parts=(PaddedSquareGrid,),
+    ),
+    Family(
+        ("deepseek_vl_hybrid",),
+        "DeepSeek-VL hybrid (``DeepseekVLHybridForConditionalGeneration``): DeepSeek-VL's layout with a SAM tower at "
+        "high resolution whose features are interpolated onto the SigLIP grid and fused by the aligner (576 tokens "
+        "per image, both views padded to a square) on a Llama.",
+        parts=(PaddedSquareGrid,),
+    ),
+    # LightOnOCR, read from transformers 5.24 (processing/modeling_lighton_ocr.py): ``replace_image_token`` writes an
+    # image of h x w pixels as (h // (patch * merge)) * (w // (patch * merge)) image tokens in raster order, one run,
+    # with no [IMG_BREAK] / [IMG_END] between rows: Mistral 3's parts apply unchanged (a run without breaks is one item
+    # as a run with them). 1-D RoPE (Qwen3): positions="renumber" works. No vision-attention map: visionzip / vscan /
+    # chain refuse, as for Mistral 3.
+    Family(
+        ("lighton_ocr",),
+        "LightOnOCR (``LightOnOcrForConditionalGeneration``): Mistral 3's multimodal layout (a Pixtral tower and a "
+        "2 x 2 patch merger, counts from ``image_sizes``) on a Qwen3 text model, no row-break tokens.",
+        parts=(NoSlidingWindow, PixtralImageGrid),
+        settings={"sliding_window_note": "the released LightOnOCR checkpoints have none"},
+        class_name="LightOnOcrAdapter",
     ),
 )
 

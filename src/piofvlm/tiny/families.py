@@ -1252,3 +1252,9 @@ else:
         f"transformers {transformers_compat.TRANSFORMERS_VERSION}'s Idefics2ImageProcessorPil needs torchvision "
         "(not installable here), so its tiny inputs cannot be built"
     )
+
+
+# ------------------------------------------------------------------------------ common-layout families of issue 24
+from piofvlm.tiny import common_families as _common_families  # noqa: E402  (its functions import this module's helpers)
+
+_common_families.register(FAMILIES, UNAVAILABLE)
