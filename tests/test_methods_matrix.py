@@ -262,6 +262,11 @@ REFUSED = {
     **{(name, "vipllava"): "vipllava" for name in ("visionzip", "vscan", "chain")},
     # Idefics2: perceiver latents, no patch grid (pool) and no vision-attention map
     **{(name, "idefics2"): "idefics2" for name in ENCODER_SIDE},
+    # PaliGemma 2: no vision-attention map; attention softcapping is not in the explicit attention recomputation
+    **{
+        (name, "paligemma"): "paligemma"
+        for name in ("visionzip", "vscan", "chain", "fastv", "pdrop", "sparsevlm", "dart")
+    },
 }
 
 

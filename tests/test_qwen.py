@@ -181,7 +181,12 @@ def test_keep_all_is_identical(kind, attn, batch):
     assert [len(k) for k in method.last_selection[0].kept] == [sum(c) for c in visual_counts(kind, inputs)]
 
 
-@pytest.mark.parametrize(("kind", "attn"), kinds_and_attn())
+#: Families whose prompt is a bidirectional prefix by design (PaliGemma's prefix-LM: every prompt token sees every
+#: other): tests/test_paligemma.py checks their prefill against the unhooked model on the kept sequence instead.
+BIDIRECTIONAL_PROMPT_KINDS = ("paligemma",)
+
+
+@pytest.mark.parametrize(("kind", "attn"), [c for c in kinds_and_attn() if c[0] not in BIDIRECTIONAL_PROMPT_KINDS])
 def test_prefill_stays_causal_after_pruning(kind, attn):
     """Changing the last prompt token changes no earlier logit (the authors' Qwen path became bidirectional here)."""
     m = model(kind, attn)
@@ -341,7 +346,9 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     """Full-layer autograd on the unhooked model's hidden states at ``layer``; Qwen M-RoPE from ``get_rope_index``."""
     with torch.no_grad():
         hidden = m(**inputs, output_hidden_states=True).hidden_states[layer]
-    if kind not in MROPE_KINDS:  # 1-D RoPE
+    if kind == "paligemma":  # 1-indexed positions
+        positions = torch.arange(1, hidden.shape[1] + 1)[None]
+    elif kind not in MROPE_KINDS:  # 1-D RoPE
         positions = torch.arange(hidden.shape[1])[None]
     else:
         positions, _ = m.model.get_rope_index(
@@ -354,7 +361,12 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     x = hidden.clone().requires_grad_(True)
     seq = x.shape[1]
     mask, rotary, extra = None, None, {}
-    if kind not in ("gemma3", "gemma4"):
+    if kind == "paligemma":  # one unpadded sample: its whole prompt is the bidirectional prefix, in every layer type
+        rotary = lm.rotary_emb(x, positions)
+        mask = torch.ones(1, 1, seq, seq, dtype=torch.bool)
+        if m.config.text_config._attn_implementation == "eager":
+            mask = torch.zeros(1, 1, seq, seq, dtype=x.dtype)  # additive
+    elif kind not in ("gemma3", "gemma4"):
         rotary = lm.rotary_emb(x, positions)
     else:  # the layer's own RoPE base; a local layer sees the last `sliding_window` slots only
         layer_type = lm.config.layer_types[layer]
@@ -374,6 +386,9 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     with torch.enable_grad():
         out = lm.layers[layer](x, attention_mask=mask, position_embeddings=rotary, **extra)
         logits = m.lm_head(lm.norm(out))[0].float()
+        cap = getattr(lm.config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma 2 (PaliGemma 2): the model's logits are softcapped
+            logits = torch.tanh(logits / cap) * cap
         window = logits[seq - 5 : seq - 1]
         (grad,) = torch.autograd.grad(F.cross_entropy(window, window.argmax(-1)), x)
     visual = get_adapter(m).visual_token_mask(inputs["input_ids"])[0]
@@ -382,7 +397,7 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
 
 #: Families without a fast proxy (their adapter's rotary_fn is None: PIO runs the layer's own forward, tested against
 #: the independent computation above); tests/test_gemma4.py checks that fast=True takes that path.
-REFERENCE_PROXY_KINDS = ("gemma4",)
+REFERENCE_PROXY_KINDS = ("gemma4", "paligemma")  # PaliGemma 2: attention softcapping (tests/test_paligemma.py)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -56,7 +56,7 @@ def family(kind: str, attn: str = "sdpa"):
 
 #: Families with sliding-window or linear-attention layers: a static cache is refused (tests/test_gemma3.py and
 #: tests/test_qwen3_5.py check the error).
-SLIDING_KINDS = ("gemma3", "qwen3_5", "gemma4", "qwen3_5_moe")
+SLIDING_KINDS = ("gemma3", "qwen3_5", "gemma4", "qwen3_5_moe", "paligemma")  # PaliGemma: tests/test_paligemma.py
 FAMILIES = [
     ("llava", "sdpa"),
     ("llava", "eager"),

@@ -47,6 +47,7 @@ NOTES: dict[str, str] = {
     "glm4v_moe": "GLM-4.5V: GLM-4.1V's multimodal adapter on a pre-norm MoE decoder (first layer dense)",
     "vipllava": "ViP-LLaVA: LLaVA-1.5's layout, features of several vision layers (`visionzip`, `vscan` refuse)",
     "idefics2": "Idefics2: perceiver latents, each run one item; encoder-side methods and `pool` refuse",
+    "paligemma": "PaliGemma / PaliGemma 2: the kept prefix stays bidirectional; softcapped Gemma 2: reference proxy",
 }
 
 

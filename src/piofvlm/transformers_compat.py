@@ -356,6 +356,48 @@ def layer_type_mask(
     )
 
 
+def prefix_lm_mask(
+    config: Any,
+    key_valid: torch.Tensor,
+    query_length: int,
+    dtype: torch.dtype,
+    sliding_window: int | None = None,
+    block_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The mask of a PaliGemma layer over ``key_valid`` keys whose last ``query_length`` keys are the queries, composed
+    as ``modeling_paligemma.PaliGemmaModel.forward`` composes it through ``create_causal_mask`` /
+    ``create_sliding_window_causal_mask`` with ``block_sequence_ids``: full = causal OR same block; sliding = (causal
+    AND ``kv > q - sliding_window``) OR same block (the window does not cut the prefix block, unlike Gemma 3's image
+    blocks: :func:`layer_type_mask`). Without ``block_ids`` (decoding): :func:`layer_type_mask`'s causal masks."""
+    if block_ids is None:
+        return layer_type_mask(config, key_valid, query_length, dtype, sliding_window=sliding_window)
+    from transformers import masking_utils as mu
+
+    batch_size, kv_length = key_valid.shape
+    if sliding_window is None:
+        mask_function: Any = mu.causal_mask_function
+        extra: dict[str, Any] = {}
+    else:
+        mask_function = mu.sliding_window_causal_mask_function(sliding_window)
+        extra = {"local_size": sliding_window}
+    mask_function = mu.or_masks(mask_function, mu.blockwise_overlay(block_ids))
+    return mu.ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+        batch_size=batch_size,
+        q_length=query_length,
+        kv_length=kv_length,
+        q_offset=kv_length - query_length,
+        kv_offset=0,
+        mask_function=mask_function,
+        attention_mask=key_valid,
+        allow_is_causal_skip=False,
+        use_vmap=False,
+        dtype=dtype,
+        config=config,
+        device=key_valid.device,
+        **extra,
+    )
+
+
 def image_block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
     """``(B, S)`` long: the index of the image block each token of a Gemma 3 prompt belongs to (-1 for text), from
     its ``token_type_ids`` (``modeling_gemma3.get_block_sequence_ids_for_mask``): tokens of one block attend to each
@@ -593,6 +635,9 @@ _ROTARY_MODULES = {
     "qwen3_vl_moe": "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
     "qwen3_5_moe": "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
     "glm4v_moe": "transformers.models.glm4v_moe.modeling_glm4v_moe",
+    # PaliGemma's text models (Gemma, Gemma 2): Llama's rotate_half over the whole head
+    "gemma": "transformers.models.gemma.modeling_gemma",
+    "gemma2": "transformers.models.gemma2.modeling_gemma2",
 }
 #: Families whose attention rotates interleaved pairs ``(x0, x1), (x2, x3), ...`` instead of halves.
 _PAIRWISE_ROTARY = frozenset({"glm4v"})

@@ -1252,3 +1252,116 @@ else:
         f"transformers {transformers_compat.TRANSFORMERS_VERSION}'s Idefics2ImageProcessorPil needs torchvision "
         "(not installable here), so its tiny inputs cannot be built"
     )
+
+
+# ---------------------------------------------------------------------------------------------------- PaliGemma
+PALIGEMMA_IMAGE_ID = 4
+#: Visual tokens of every tiny PaliGemma image: SigLIP at 32 px, patch 8 (4 x 4 patches, no pooling).
+PALIGEMMA_TOKENS = 16
+#: Sliding window of the tiny PaliGemma 2's local layers: shorter than every standard prompt (27-45 tokens), so the
+#: generated (suffix) tokens' windows count kept slots; the prefix is not cut by it (see adapters/paligemma.py).
+PALIGEMMA_WINDOW = 16
+
+
+def build_paligemma(
+    attn: str = "sdpa",
+    num_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    text_model: str = "gemma2",
+    attn_softcap: float | None = 50.0,
+) -> torch.nn.Module:
+    """PaliGemma 2 (``text_model="gemma2"``, the checkpoints' text model: local and global layers alternating, local
+    first, a 16-slot window, sandwich norms, ``final_logit_softcapping`` 30 and ``attn_logit_softcapping``
+    ``attn_softcap`` (50 as the checkpoints); its text model always runs eager attention, ``attn`` sets the vision
+    tower's) or PaliGemma (``text_model="gemma"``: Gemma's pre-norm layers, all global, ``attn`` everywhere), with a
+    SigLIP 32 px / patch 8 tower: :data:`PALIGEMMA_TOKENS` tokens an image."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    text: dict[str, Any] = {
+        "model_type": text_model,
+        "vocab_size": 64,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 1024,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+    }
+    if text_model == "gemma2":
+        text.update(
+            query_pre_attn_scalar=16,
+            sliding_window=PALIGEMMA_WINDOW,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+            attn_logit_softcapping=attn_softcap,
+            final_logit_softcapping=30.0,
+        )
+    config = PaliGemmaConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "vision_use_head": False,
+        },
+        text_config=text,
+        image_token_index=PALIGEMMA_IMAGE_ID,
+        vocab_size=64,
+        projection_dim=64,
+        hidden_size=64,
+    )
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).to(dtype).eval()
+    # Gemma 2 has no sdpa attention in transformers (softcapping): its text model runs eager, as the checkpoints load
+    model.set_attn_implementation({"text_config": "eager" if text_model == "gemma2" else attn, "vision_config": attn})
+    return model
+
+
+@functools.cache
+def build_paligemma_processor() -> Any:
+    """The stock ``PaliGemmaProcessor`` with ``SiglipImageProcessorPil`` (32 px) over the tiny tokenizer (``<image>``
+    id 4): it expands each ``<image>`` to :data:`PALIGEMMA_TOKENS` tokens, puts ``<bos>`` after the last image and
+    ``\\n`` after the prompt, and returns ``token_type_ids`` (0: the bidirectional prefix)."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = PALIGEMMA_TOKENS
+    tokenizer = word_level_tokenizer(["<image>", *WORDS], ["<image>"])
+    tokenizer.image_token, tokenizer.image_token_id = "<image>", PALIGEMMA_IMAGE_ID
+    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def paligemma_inputs(indices: tuple[int, ...] = (0, 1, 2), images_first: bool = False) -> BatchFeature:
+    """The standard samples through ``PaliGemmaProcessor`` (``<image>`` where the samples put their images; sample
+    1's video is a second image); ``images_first``: the checkpoints' own layout instead, every image before the
+    prompt (the processor's prompt without placeholders). The processor's ``labels`` (all -100 without a suffix)
+    are dropped."""
+    processor = build_paligemma_processor()
+    images = [[random_image(10 * i + j, s) for j, s in enumerate(SAMPLES[i][1])] for i in indices]
+    for sample, i in zip(images, indices, strict=True):
+        if SAMPLES[i][2]:
+            sample.append(random_image(10 * i + 9, (32, 32)))
+    if images_first:
+        text = [SAMPLES[i][0].replace(f" {VIDEO}", "").replace(f" {IMAGE}", "") for i in indices]
+    else:
+        text = _prompts(indices, "<image>", None)
+    inputs = processor(images=images, text=text, return_tensors="pt", padding=True)
+    inputs.pop("labels", None)
+    return inputs
+
+
+FAMILIES["paligemma"] = TinyFamily(
+    "paligemma",
+    build_paligemma,
+    paligemma_inputs,
+    lambda: build_paligemma_processor().tokenizer,
+    has_video=False,
+    counts=[[PALIGEMMA_TOKENS], [PALIGEMMA_TOKENS] * 2, [PALIGEMMA_TOKENS] * 2],
+)
