@@ -267,6 +267,8 @@ REFUSED = {
         (name, "paligemma"): "paligemma"
         for name in ("visionzip", "vscan", "chain", "fastv", "pdrop", "sparsevlm", "dart")
     },
+    # Llama 4: no vision-attention map or patch grid; its attention (complex RoPE, L2 QK-norm, NoPE) is not modelled
+    **{(name, "llama4"): "llama4" for name in (*ENCODER_SIDE, "fastv", "pdrop", "sparsevlm", "dart")},
 }
 
 

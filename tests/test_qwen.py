@@ -366,6 +366,15 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
         mask = torch.ones(1, 1, seq, seq, dtype=torch.bool)
         if m.config.text_config._attn_implementation == "eager":
             mask = torch.zeros(1, 1, seq, seq, dtype=x.dtype)  # additive
+    elif kind == "llama4":  # complex rotary table; a chunked layer sees the keys of its chunk only (no padding)
+        rotary = lm.rotary_emb(x, positions)
+        query, key = torch.arange(seq)[:, None], torch.arange(seq)[None]
+        allowed = key <= query
+        if lm.config.layer_types[layer] == "chunked_attention":
+            allowed &= key // lm.config.attention_chunk_size == query // lm.config.attention_chunk_size
+        mask = allowed[None, None]
+        if m.config.text_config._attn_implementation == "eager":
+            mask = torch.zeros(1, 1, seq, seq, dtype=x.dtype).masked_fill(~mask, torch.finfo(x.dtype).min)
     elif kind not in ("gemma3", "gemma4"):
         rotary = lm.rotary_emb(x, positions)
     else:  # the layer's own RoPE base; a local layer sees the last `sliding_window` slots only
@@ -385,7 +394,7 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
         extra = {"per_layer_input": per_layer[:, :, layer], "shared_kv_states": {}}
     with torch.enable_grad():
         out = lm.layers[layer](x, attention_mask=mask, position_embeddings=rotary, **extra)
-        logits = m.lm_head(lm.norm(out))[0].float()
+        logits = m.get_output_embeddings()(lm.norm(out))[0].float()  # Llama 4: language_model.lm_head
         cap = getattr(lm.config, "final_logit_softcapping", None)
         if cap is not None:  # Gemma 2 (PaliGemma 2): the model's logits are softcapped
             logits = torch.tanh(logits / cap) * cap
@@ -397,7 +406,8 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
 
 #: Families without a fast proxy (their adapter's rotary_fn is None: PIO runs the layer's own forward, tested against
 #: the independent computation above); tests/test_gemma4.py checks that fast=True takes that path.
-REFERENCE_PROXY_KINDS = ("gemma4", "paligemma")  # PaliGemma 2: attention softcapping (tests/test_paligemma.py)
+#: PaliGemma 2: attention softcapping (tests/test_paligemma.py); Llama 4: complex RoPE, NoPE (tests/test_llama4.py).
+REFERENCE_PROXY_KINDS = ("gemma4", "paligemma", "llama4")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -406,6 +416,7 @@ def test_kept_indices_match_independent_computation(kind, layer):
     m = model(kind)
     inputs = make_inputs(kind, indices=(1,))
     scores, feats = independent_scores(kind, m, inputs, layer)
+    assert bool((scores > 0).any())
     k = expected_kept(0.3, len(scores))
     method = piofvlm.get_method("pio", layers=[layer], keep=0.3, budget_scope="sample")
     with torch.no_grad(), method(m):

@@ -48,6 +48,7 @@ NOTES: dict[str, str] = {
     "vipllava": "ViP-LLaVA: LLaVA-1.5's layout, features of several vision layers (`visionzip`, `vscan` refuse)",
     "idefics2": "Idefics2: perceiver latents, each run one item; encoder-side methods and `pool` refuse",
     "paligemma": "PaliGemma / PaliGemma 2: the kept prefix stays bidirectional; softcapped Gemma 2: reference proxy",
+    "llama4": "Llama 4 (transformers >= 5.25): chunks count kept slots, MoE, NoPE layers; reference PIO proxy only",
 }
 
 

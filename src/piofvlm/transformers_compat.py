@@ -398,6 +398,41 @@ def prefix_lm_mask(
     )
 
 
+def chunked_causal_mask(
+    config: Any,
+    key_valid: torch.Tensor,
+    query_length: int,
+    dtype: torch.dtype,
+    chunk_size: int,
+    visible: int | None = None,
+) -> torch.Tensor | None:
+    """The mask of a chunked-attention layer (Llama 4) as ``masking_utils.create_chunked_causal_mask`` builds it:
+    causal AND the same chunk, chunks of ``chunk_size`` slots counted from each sample's first real slot
+    (``key_valid`` ``(B, L)``: every slot the layer has seen, left padding first, the last ``query_length`` are the
+    queries), over the last ``visible`` keys (default all; a sliding cache presents its last ``chunk_size - 1`` past
+    keys: ``kv_offset = L - visible`` as ``Cache.get_mask_sizes`` gives it)."""
+    from transformers import masking_utils as mu
+
+    batch_size, length = key_valid.shape
+    visible = length if visible is None else visible
+    left_padding = (key_valid.long().cumsum(-1) == 0).sum(-1)
+    return mu.ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+        batch_size=batch_size,
+        q_length=query_length,
+        kv_length=visible,
+        q_offset=length - query_length,
+        kv_offset=length - visible,
+        mask_function=mu.chunked_causal_mask_function(chunk_size, left_padding),
+        attention_mask=key_valid,
+        allow_is_causal_skip=True,
+        local_size=chunk_size,
+        dtype=dtype,
+        config=config,
+        use_vmap=False,
+        device=key_valid.device,
+    )
+
+
 def image_block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
     """``(B, S)`` long: the index of the image block each token of a Gemma 3 prompt belongs to (-1 for text), from
     its ``token_type_ids`` (``modeling_gemma3.get_block_sequence_ids_for_mask``): tokens of one block attend to each
@@ -607,6 +642,24 @@ def gemma4_unsupported_reason(version: str | None = None) -> str | None:
         f"piofvlm supports gemma4 models on transformers >= {GEMMA4_TESTED_FROM} only (tested there); the Gemma 4 of "
         f"transformers {installed} lays out its per-layer inputs and its KV-shared prefill differently. Install "
         f"pip install 'transformers>={GEMMA4_TESTED_FROM},<{TESTED_RANGE[1]}'"
+    )
+
+
+#: First transformers release whose ``Llama4ForConditionalGeneration`` runs (5.24.0's forward reads
+#: ``outputs.image_outputs`` off the language model's output and raises on every call) and where piofvlm tests it.
+LLAMA4_TESTED_FROM = "5.25.0"
+
+
+def llama4_unsupported_reason(version: str | None = None) -> str | None:
+    """Why ``llama4`` models are refused on transformers ``version`` (default: the installed one), or ``None``."""
+    installed = Version(version or TRANSFORMERS_VERSION)
+    if installed >= Version(LLAMA4_TESTED_FROM):
+        return None
+    return (
+        f"piofvlm supports llama4 models on transformers >= {LLAMA4_TESTED_FROM} only (tested there); "
+        f"transformers 5.24's Llama4ForConditionalGeneration.forward fails by itself (AttributeError: "
+        f"'image_outputs'), earlier releases are untested. Install "
+        f"pip install 'transformers>={LLAMA4_TESTED_FROM},<{TESTED_RANGE[1]}'"
     )
 
 

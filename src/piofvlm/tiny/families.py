@@ -1365,3 +1365,131 @@ FAMILIES["paligemma"] = TinyFamily(
     has_video=False,
     counts=[[PALIGEMMA_TOKENS], [PALIGEMMA_TOKENS] * 2, [PALIGEMMA_TOKENS] * 2],
 )
+
+
+# ------------------------------------------------------------------------------------------------------- Llama 4
+LLAMA4_TOKENS = ["<|patch|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|tile_x_separator|>"]
+LLAMA4_TOKENS.append("<|tile_y_separator|>")
+LLAMA4_IMAGE_ID, LLAMA4_BOI_ID, LLAMA4_EOI_ID = 4, 5, 6
+#: Tokens of one tile (or the global view): 32 px, patch 4 (8 x 8 patches), pixel shuffle 0.5 -> 16.
+LLAMA4_TILE_TOKENS = 16
+#: Chunk size of the tiny Llama 4's chunked layers: shorter than the standard prompts with two images (70-87 tokens),
+#: so chunks cut them and pruning moves the boundaries; long enough that the last prompt tokens' chunk holds visual
+#: tokens (PIO's proxy at a chunked layer sees only the keys of its loss positions' chunk).
+LLAMA4_CHUNK = 48
+#: Per sample: each image's tiles (rows, columns) as ``Llama4ImageProcessor`` splits it (32 px tiles; one tile: no
+#: global view); sample 1's video slot is a second image.
+LLAMA4_TILES: list[list[tuple[int, int]]] = [[(1, 1)], [(1, 2), (1, 1)], [(2, 1), (1, 1)]]
+LLAMA4_COUNTS = [[LLAMA4_TILE_TOKENS * (h * w + (h * w > 1)) for h, w in tiles] for tiles in LLAMA4_TILES]
+
+
+def build_llama4(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Llama 4 with a tiny vision tower (32 px tiles, patch 4, pixel shuffle 0.5: 16 tokens a tile) and text model:
+    chunked RoPE layers with L2 QK-norm and a NoPE global layer every 4th (as the checkpoints), chunks of
+    :data:`LLAMA4_CHUNK` slots, MoE feed-forwards (4 experts, top-1 sigmoid router, a shared expert) on every other
+    layer (as Maverick; Scout: every layer), dense ones between; routers at std 0.5 (decisive top-1 choices)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    config = Llama4Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 128,  # also the pixel-shuffled width (4 x hidden_size) the projector MLP takes
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 4,
+            "vision_output_dim": 64,
+            "projector_input_dim": 64,
+            "projector_output_dim": 64,
+            "pixel_shuffle_ratio": 0.5,
+        },
+        text_config={
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 32,
+            "intermediate_size_mlp": 128,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 2,
+            "attention_chunk_size": LLAMA4_CHUNK,
+            "max_position_embeddings": 1024,
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+        },
+        boi_token_index=LLAMA4_BOI_ID,
+        eoi_token_index=LLAMA4_EOI_ID,
+        image_token_index=LLAMA4_IMAGE_ID,
+    )
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # not model.to(dtype): the vision tower's complex rotary buffer would lose its imaginary
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(dtype)
+    model.set_attn_implementation(attn)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.language_model.model.layers:
+            router = getattr(layer.feed_forward, "router", None)
+            if router is not None:
+                router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * 0.5)
+    return model
+
+
+@functools.cache
+def build_llama4_tokenizer() -> Any:
+    return word_level_tokenizer([*LLAMA4_TOKENS, *WORDS], LLAMA4_TOKENS)
+
+
+def _llama4_image(tiles: tuple[int, int]) -> str:
+    """``Llama4Processor._prompt_split_image``: the tiles row by row (x separators inside a row, a y separator after
+    it), then ``<|image|>`` and the global view; one tile: ``<|image|>`` and its patches only."""
+    patches = " ".join(["<|patch|>"] * LLAMA4_TILE_TOKENS)
+    rows, cols = tiles
+    text = "<|image_start|>"
+    if rows * cols > 1:
+        for _ in range(rows):
+            text += " <|tile_x_separator|> ".join([f" {patches} "] * cols) + " <|tile_y_separator|>"
+    return f"{text} <|image|> {patches} <|image_end|>"
+
+
+def llama4_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples in ``Llama4Processor``'s layout, hand-built (``Llama4ImageProcessor`` needs torchvision):
+    each image as :func:`_llama4_image` writes it, ``pixel_values`` ``(tiles, 3, 32, 32)`` with each image's tiles
+    then its global view (random, seeded by sample and place)."""
+    tokenizer = build_llama4_tokenizer()
+    prompts, pixels = [], []
+    for i in indices:
+        parts = SAMPLES[i][0].replace(VIDEO, IMAGE).split(IMAGE)
+        text = parts[0]
+        for j, (tiles, part) in enumerate(zip(LLAMA4_TILES[i], parts[1:], strict=True)):
+            text += f" {_llama4_image(tiles)} " + part
+            chunks = tiles[0] * tiles[1] + (tiles[0] * tiles[1] > 1)
+            generator = torch.Generator().manual_seed(100 * i + j)
+            pixels.append(torch.rand(chunks, 3, 32, 32, generator=generator))
+        prompts.append(text)
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    inputs.pop("token_type_ids", None)
+    inputs["pixel_values"] = torch.cat(pixels)
+    return BatchFeature(dict(inputs))
+
+
+if (_reason := transformers_compat.llama4_unsupported_reason()) is not None:
+    UNAVAILABLE["llama4"] = _reason
+else:
+    FAMILIES["llama4"] = TinyFamily(
+        "llama4",
+        build_llama4,
+        llama4_inputs,
+        build_llama4_tokenizer,
+        has_video=False,
+        counts=LLAMA4_COUNTS,
+        joiners=(LLAMA4_TOKENS.index("<|tile_x_separator|>") + 4, LLAMA4_TOKENS.index("<|tile_y_separator|>") + 4, 7),
+    )
