@@ -129,11 +129,15 @@ def test_images_first_layout_counts_each_image():
         visual = (row[valid] == PALIGEMMA_IMAGE_ID).nonzero()[:, 0]
         assert visual.tolist() == list(range(2 * PALIGEMMA_TOKENS))  # the images come first, one run
     method = piofvlm.get_method("random", layers=[1], keep=0.5, budget_scope="image")
-    with torch.no_grad(), method(m):
-        m(**inputs)
-    for kept in method.last_selection[0].kept:
-        per_image = [int(((kept >= lo) & (kept < lo + PALIGEMMA_TOKENS)).sum()) for lo in (0, PALIGEMMA_TOKENS)]
-        assert per_image == [expected_kept(0.5, PALIGEMMA_TOKENS)] * 2
+    for call in ("forward", "generate"):  # generate() passes pre-encoded features instead of pixel_values
+        with torch.no_grad(), method(m):
+            if call == "forward":
+                m(**inputs)
+            else:
+                m.generate(**inputs, max_new_tokens=2, do_sample=False)
+        for kept in method.last_selection[0].kept:
+            per_image = [int(((kept >= lo) & (kept < lo + PALIGEMMA_TOKENS)).sum()) for lo in (0, PALIGEMMA_TOKENS)]
+            assert per_image == [expected_kept(0.5, PALIGEMMA_TOKENS)] * 2, call
     with torch.no_grad():
         reference = m(**inputs).logits
         with piofvlm.get_method("pio", layers=[0, 2], keep=[1.0, 1.0])(m):

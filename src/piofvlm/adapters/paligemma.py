@@ -45,7 +45,6 @@ from piofvlm import transformers_compat
 from piofvlm.adapters.base import ModelAdapter
 from piofvlm.adapters.boxes import TokenBoxes, raster_boxes, split_by_sample
 from piofvlm.adapters.gemma3 import Gemma3Adapter
-from piofvlm.adapters.parts import EqualTokensPerImage
 from piofvlm.adapters.registry import register_adapter
 from piofvlm.core.guard import guarded
 
@@ -79,7 +78,7 @@ def _refuse_static_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 @register_adapter
-class PaliGemmaAdapter(EqualTokensPerImage, Gemma3Adapter):
+class PaliGemmaAdapter(Gemma3Adapter):
     """PaliGemma / PaliGemma 2: a bidirectional prefix (images + prompt), Gemma or Gemma 2 text models."""
 
     model_types = ("paligemma",)
@@ -91,11 +90,23 @@ class PaliGemmaAdapter(EqualTokensPerImage, Gemma3Adapter):
         vision = self.model.config.vision_config
         return int(vision.image_size // vision.patch_size) ** 2
 
+    def image_token_counts(self, num_image_tokens: int, model_kwargs: dict[str, Any]) -> list[int] | None:
+        """Every image is :attr:`tokens_per_image` tokens: the call's image tokens split into images of that size
+        (adjacent images, the checkpoints' layout, are told apart; with or without ``pixel_values``, e.g. the
+        features ``generate()`` pre-encoded)."""
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is not None:
+            num_image_tokens = int(self.visual_token_mask(input_ids).sum())
+        tokens = self.tokens_per_image
+        if num_image_tokens % tokens:
+            raise ValueError(
+                f"{num_image_tokens} image tokens are not a whole number of paligemma images of {tokens} tokens "
+                "(image_size / patch_size squared): build the prompt with the model's PaliGemmaProcessor"
+            )
+        return [tokens] * (num_image_tokens // tokens)
+
     def item_token_counts(self, model_kwargs: dict[str, Any], modality: str) -> list[int] | None:
-        if modality != "image":
-            return None
-        counts = self.image_token_counts(0, model_kwargs)
-        return counts
+        return self.image_token_counts(0, model_kwargs) if modality == "image" else None
 
     def token_boxes(
         self, model_kwargs: dict[str, Any], source_sizes: Sequence[tuple[int, int]] | None = None
