@@ -51,7 +51,7 @@ def test_invalid_hyperparameters(fields, message):
 
 def test_unknown_model_type_names_the_supported_ones():
     llm = LlamaForCausalLM(toy.text_config())
-    supported = r"supported model types: .*internvl, llava, llava_next"
+    supported = r"supported model types: .*internvl, (llama4, )?llava, llava_next"
     with pytest.raises(ValueError, match=rf"unsupported model type 'llama'.*{supported}"):
         piofvlm.get_method("pio").apply(llm)
 
