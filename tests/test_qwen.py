@@ -186,7 +186,10 @@ def test_keep_all_is_identical(kind, attn, batch):
 BIDIRECTIONAL_PROMPT_KINDS = ("paligemma",)
 
 
-@pytest.mark.parametrize(("kind", "attn"), [c for c in kinds_and_attn() if c[0] not in BIDIRECTIONAL_PROMPT_KINDS])
+@pytest.mark.parametrize(
+    ("kind", "attn"),
+    [c for c in kinds_and_attn() if getattr(c, "values", c)[0] not in BIDIRECTIONAL_PROMPT_KINDS],
+)
 def test_prefill_stays_causal_after_pruning(kind, attn):
     """Changing the last prompt token changes no earlier logit (the authors' Qwen path became bidirectional here)."""
     m = model(kind, attn)
