@@ -92,8 +92,9 @@ def test_inductor_compiled_decode_equals_eager():
 
 
 #: Compiled decoding runs on a static cache, which Qwen3.5 (linear-attention layers) and Gemma 3 / 4 (sliding-window
-#: layers) refuse (tests/test_qwen3_5.py, tests/test_gemma3.py, tests/test_static_cache.py).
-NO_STATIC_CACHE = ("qwen3_5", "gemma3", "gemma4", "qwen3_5_moe", "shieldgemma2")
+#: layers) refuse (tests/test_qwen3_5.py, tests/test_gemma3.py, tests/test_static_cache.py), as do PaliGemma (its
+#: prefix mask) and Llama 4 (chunked layers) (tests/test_paligemma.py, tests/test_llama4.py).
+NO_STATIC_CACHE = ("qwen3_5", "gemma3", "gemma4", "qwen3_5_moe", "shieldgemma2", "paligemma", "llama4")
 
 
 @pytest.mark.parametrize(

@@ -109,7 +109,7 @@ def _config_dir(tmp_path: Path, config: dict) -> Path:
     ("config", "says"),
     [
         ({"model_type": "llama", "hidden_size": 8}, "model type 'llama' is a text-only model (no vision_config)"),
-        ({"model_type": "llama4", "vision_config": {}}, "model type 'llama4' is not supported yet"),
+        ({"model_type": "chameleon", "vision_config": {}}, "model type 'chameleon' is not supported yet"),
         ({"model_type": "mllama", "vision_config": {}}, "model type 'mllama' is refused by design (the visual"),
         ({"model_type": "no_such_vlm", "vision_config": {}}, "model type 'no_such_vlm' is not a family piofvlm"),
     ],

@@ -268,6 +268,13 @@ REFUSED = {
     **{(name, kind): kind for name in ("visionzip", "vscan", "chain") for kind in ("got_ocr2", "pp_chart2table")},
     # issue 24's other families: no vision-attention map wired (Gemma 3's and Mistral 3's towers, DeepSeek-VL's SigLIP)
     **{(name, kind): kind for name in ("visionzip", "vscan", "chain") for kind in ISSUE24_NO_VISION_MAP},
+    # PaliGemma 2: no vision-attention map; attention softcapping is not in the explicit attention recomputation
+    **{
+        (name, "paligemma"): "paligemma"
+        for name in ("visionzip", "vscan", "chain", "fastv", "pdrop", "sparsevlm", "dart")
+    },
+    # Llama 4: no vision-attention map or patch grid; its attention (complex RoPE, L2 QK-norm, NoPE) is not modelled
+    **{(name, "llama4"): "llama4" for name in (*ENCODER_SIDE, "fastv", "pdrop", "sparsevlm", "dart")},
 }
 
 

@@ -181,7 +181,15 @@ def test_keep_all_is_identical(kind, attn, batch):
     assert [len(k) for k in method.last_selection[0].kept] == [sum(c) for c in visual_counts(kind, inputs)]
 
 
-@pytest.mark.parametrize(("kind", "attn"), kinds_and_attn())
+#: Families whose prompt is a bidirectional prefix by design (PaliGemma's prefix-LM: every prompt token sees every
+#: other): tests/test_paligemma.py checks their prefill against the unhooked model on the kept sequence instead.
+BIDIRECTIONAL_PROMPT_KINDS = ("paligemma",)
+
+
+@pytest.mark.parametrize(
+    ("kind", "attn"),
+    [c for c in kinds_and_attn() if getattr(c, "values", c)[0] not in BIDIRECTIONAL_PROMPT_KINDS],
+)
 def test_prefill_stays_causal_after_pruning(kind, attn):
     """Changing the last prompt token changes no earlier logit (the authors' Qwen path became bidirectional here)."""
     m = model(kind, attn)
@@ -341,7 +349,9 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     """Full-layer autograd on the unhooked model's hidden states at ``layer``; Qwen M-RoPE from ``get_rope_index``."""
     with torch.no_grad():
         hidden = m(**inputs, output_hidden_states=True).hidden_states[layer]
-    if kind not in MROPE_KINDS:  # 1-D RoPE
+    if kind == "paligemma":  # 1-indexed positions
+        positions = torch.arange(1, hidden.shape[1] + 1)[None]
+    elif kind not in MROPE_KINDS:  # 1-D RoPE
         positions = torch.arange(hidden.shape[1])[None]
     else:
         positions, _ = m.model.get_rope_index(
@@ -354,7 +364,21 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
     x = hidden.clone().requires_grad_(True)
     seq = x.shape[1]
     mask, rotary, extra = None, None, {}
-    if kind not in ("gemma3", "gemma4", "shieldgemma2"):
+    if kind == "paligemma":  # one unpadded sample: its whole prompt is the bidirectional prefix, in every layer type
+        rotary = lm.rotary_emb(x, positions)
+        mask = torch.ones(1, 1, seq, seq, dtype=torch.bool)
+        if m.config.text_config._attn_implementation == "eager":
+            mask = torch.zeros(1, 1, seq, seq, dtype=x.dtype)  # additive
+    elif kind == "llama4":  # complex rotary table; a chunked layer sees the keys of its chunk only (no padding)
+        rotary = lm.rotary_emb(x, positions)
+        query, key = torch.arange(seq)[:, None], torch.arange(seq)[None]
+        allowed = key <= query
+        if lm.config.layer_types[layer] == "chunked_attention":
+            allowed &= key // lm.config.attention_chunk_size == query // lm.config.attention_chunk_size
+        mask = allowed[None, None]
+        if m.config.text_config._attn_implementation == "eager":
+            mask = torch.zeros(1, 1, seq, seq, dtype=x.dtype).masked_fill(~mask, torch.finfo(x.dtype).min)
+    elif kind not in ("gemma3", "gemma4", "shieldgemma2"):
         rotary = lm.rotary_emb(x, positions)
     else:  # the layer's own RoPE base; a local layer sees the last `sliding_window` slots only
         layer_type = lm.config.layer_types[layer]
@@ -373,7 +397,10 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
         extra = {"per_layer_input": per_layer[:, :, layer], "shared_kv_states": {}}
     with torch.enable_grad():
         out = lm.layers[layer](x, attention_mask=mask, position_embeddings=rotary, **extra)
-        logits = m.lm_head(lm.norm(out))[0].float()
+        logits = m.get_output_embeddings()(lm.norm(out))[0].float()  # Llama 4: language_model.lm_head
+        cap = getattr(lm.config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma 2 (PaliGemma 2): the model's logits are softcapped
+            logits = torch.tanh(logits / cap) * cap
         window = logits[seq - 5 : seq - 1]
         (grad,) = torch.autograd.grad(F.cross_entropy(window, window.argmax(-1)), x)
     visual = get_adapter(m).visual_token_mask(inputs["input_ids"])[0]
@@ -382,7 +409,8 @@ def independent_scores(kind, m, inputs, layer: int) -> tuple[torch.Tensor, torch
 
 #: Families without a fast proxy (their adapter's rotary_fn is None: PIO runs the layer's own forward, tested against
 #: the independent computation above); tests/test_gemma4.py checks that fast=True takes that path.
-REFERENCE_PROXY_KINDS = ("gemma4",)
+#: PaliGemma 2: attention softcapping (tests/test_paligemma.py); Llama 4: complex RoPE, NoPE (tests/test_llama4.py).
+REFERENCE_PROXY_KINDS = ("gemma4", "paligemma", "llama4")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -391,6 +419,7 @@ def test_kept_indices_match_independent_computation(kind, layer):
     m = model(kind)
     inputs = make_inputs(kind, indices=(1,))
     scores, feats = independent_scores(kind, m, inputs, layer)
+    assert bool((scores > 0).any())
     k = expected_kept(0.3, len(scores))
     method = piofvlm.get_method("pio", layers=[layer], keep=0.3, budget_scope="sample")
     with torch.no_grad(), method(m):

@@ -56,7 +56,8 @@ def family(kind: str, attn: str = "sdpa"):
 
 #: Families with sliding-window or linear-attention layers: a static cache is refused (tests/test_gemma3.py and
 #: tests/test_qwen3_5.py check the error).
-SLIDING_KINDS = ("gemma3", "qwen3_5", "gemma4", "qwen3_5_moe", "shieldgemma2")
+#: PaliGemma and Llama 4: tests/test_paligemma.py, tests/test_llama4.py.
+SLIDING_KINDS = ("gemma3", "qwen3_5", "gemma4", "qwen3_5_moe", "shieldgemma2", "paligemma", "llama4")
 FAMILIES = [
     ("llava", "sdpa"),
     ("llava", "eager"),

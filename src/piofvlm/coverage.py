@@ -54,6 +54,8 @@ NOTES: dict[str, str] = {
     "deepseek_vl_hybrid": "DeepSeek-VL hybrid: DeepSeek-VL's data entry (SAM high-res features fused per token)",
     "janus": "Janus / Janus-Pro (understanding): DeepSeek-VL's data entry; image generation not pruned",
     "shieldgemma2": "ShieldGemma 2: Gemma 3's model and adapter (the image classifier: apply to its `.model`)",
+    "paligemma": "PaliGemma / PaliGemma 2: the kept prefix stays bidirectional; softcapped Gemma 2: reference proxy",
+    "llama4": "Llama 4 (transformers >= 5.25): chunks count kept slots, MoE, NoPE layers; reference PIO proxy only",
 }
 
 

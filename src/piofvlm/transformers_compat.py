@@ -431,6 +431,83 @@ def layer_type_mask(
     )
 
 
+def prefix_lm_mask(
+    config: Any,
+    key_valid: torch.Tensor,
+    query_length: int,
+    dtype: torch.dtype,
+    sliding_window: int | None = None,
+    block_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The mask of a PaliGemma layer over ``key_valid`` keys whose last ``query_length`` keys are the queries, composed
+    as ``modeling_paligemma.PaliGemmaModel.forward`` composes it through ``create_causal_mask`` /
+    ``create_sliding_window_causal_mask`` with ``block_sequence_ids``: full = causal OR same block; sliding = (causal
+    AND ``kv > q - sliding_window``) OR same block (the window does not cut the prefix block, unlike Gemma 3's image
+    blocks: :func:`layer_type_mask`). Without ``block_ids`` (decoding): :func:`layer_type_mask`'s causal masks."""
+    if block_ids is None:
+        return layer_type_mask(config, key_valid, query_length, dtype, sliding_window=sliding_window)
+    from transformers import masking_utils as mu
+
+    batch_size, kv_length = key_valid.shape
+    if sliding_window is None:
+        mask_function: Any = mu.causal_mask_function
+        extra: dict[str, Any] = {}
+    else:
+        mask_function = mu.sliding_window_causal_mask_function(sliding_window)
+        extra = {"local_size": sliding_window}
+    mask_function = mu.or_masks(mask_function, mu.blockwise_overlay(block_ids))
+    return mu.ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+        batch_size=batch_size,
+        q_length=query_length,
+        kv_length=kv_length,
+        q_offset=kv_length - query_length,
+        kv_offset=0,
+        mask_function=mask_function,
+        attention_mask=key_valid,
+        allow_is_causal_skip=False,
+        use_vmap=False,
+        dtype=dtype,
+        config=config,
+        device=key_valid.device,
+        **extra,
+    )
+
+
+def chunked_causal_mask(
+    config: Any,
+    key_valid: torch.Tensor,
+    query_length: int,
+    dtype: torch.dtype,
+    chunk_size: int,
+    visible: int | None = None,
+) -> torch.Tensor | None:
+    """The mask of a chunked-attention layer (Llama 4) as ``masking_utils.create_chunked_causal_mask`` builds it:
+    causal AND the same chunk, chunks of ``chunk_size`` slots counted from each sample's first real slot
+    (``key_valid`` ``(B, L)``: every slot the layer has seen, left padding first, the last ``query_length`` are the
+    queries), over the last ``visible`` keys (default all; a sliding cache presents its last ``chunk_size - 1`` past
+    keys: ``kv_offset = L - visible`` as ``Cache.get_mask_sizes`` gives it)."""
+    from transformers import masking_utils as mu
+
+    batch_size, length = key_valid.shape
+    visible = length if visible is None else visible
+    left_padding = (key_valid.long().cumsum(-1) == 0).sum(-1)
+    return mu.ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+        batch_size=batch_size,
+        q_length=query_length,
+        kv_length=visible,
+        q_offset=length - query_length,
+        kv_offset=length - visible,
+        mask_function=mu.chunked_causal_mask_function(chunk_size, left_padding),
+        attention_mask=key_valid,
+        allow_is_causal_skip=True,
+        local_size=chunk_size,
+        dtype=dtype,
+        config=config,
+        use_vmap=False,
+        device=key_valid.device,
+    )
+
+
 def image_block_ids(token_type_ids: torch.Tensor) -> torch.Tensor:
     """``(B, S)`` long: the index of the image block each token of a Gemma 3 prompt belongs to (-1 for text), from
     its ``token_type_ids`` (``modeling_gemma3.get_block_sequence_ids_for_mask``): tokens of one block attend to each
@@ -591,6 +668,24 @@ def gemma4_unsupported_reason(version: str | None = None) -> str | None:
     )
 
 
+#: First transformers release whose ``Llama4ForConditionalGeneration`` runs (5.24.0's forward reads
+#: ``outputs.image_outputs`` off the language model's output and raises on every call) and where piofvlm tests it.
+LLAMA4_TESTED_FROM = "5.25.0"
+
+
+def llama4_unsupported_reason(version: str | None = None) -> str | None:
+    """Why ``llama4`` models are refused on transformers ``version`` (default: the installed one), or ``None``."""
+    installed = Version(version or TRANSFORMERS_VERSION)
+    if installed >= Version(LLAMA4_TESTED_FROM):
+        return None
+    return (
+        f"piofvlm supports llama4 models on transformers >= {LLAMA4_TESTED_FROM} only (tested there); "
+        f"transformers 5.24's Llama4ForConditionalGeneration.forward fails by itself (AttributeError: "
+        f"'image_outputs'), earlier releases are untested. Install "
+        f"pip install 'transformers>={LLAMA4_TESTED_FROM},<{TESTED_RANGE[1]}'"
+    )
+
+
 # ------------------------------------------------------------------------------------------------- rotary tables
 def rotary_table_flops(head_dim: int, num_positions: int) -> int:
     """FLOPs of one Llama-style rotary-table computation over ``num_positions`` as ``FlopCounterMode`` counts them.
@@ -616,6 +711,9 @@ _ROTARY_MODULES = {
     "qwen3_vl_moe": "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
     "qwen3_5_moe": "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
     "glm4v_moe": "transformers.models.glm4v_moe.modeling_glm4v_moe",
+    # PaliGemma's text models (Gemma, Gemma 2): Llama's rotate_half over the whole head
+    "gemma": "transformers.models.gemma.modeling_gemma",
+    "gemma2": "transformers.models.gemma2.modeling_gemma2",
 }
 #: Families whose attention rotates interleaved pairs ``(x0, x1), (x2, x3), ...`` instead of halves.
 _PAIRWISE_ROTARY = frozenset({"glm4v"})

@@ -9,6 +9,8 @@ from piofvlm.adapters import moe  # noqa: F401,I001
 from piofvlm.adapters import vipllava  # noqa: F401,I001
 from piofvlm.adapters import idefics2  # noqa: F401,I001
 from piofvlm.adapters import shieldgemma2  # noqa: F401,I001
+from piofvlm.adapters import paligemma  # noqa: F401,I001
+from piofvlm.adapters import llama4  # noqa: F401,I001
 from piofvlm.adapters import facts  # noqa: F401,I001  (the common-layout families, declared as data)
 from piofvlm.adapters.base import SUPPORTED_ATTENTION, ModelAdapter
 from piofvlm.adapters.registry import ADAPTERS, get_adapter, register_adapter

@@ -374,10 +374,10 @@ class CacheLayouts:
             if mask_2d is not None and mask_2d.shape[1] >= new_tokens:
                 new_valid = mask_2d[:, mask_2d.shape[1] - new_tokens :].to(device=hidden.device, dtype=torch.bool)
             key_valid = torch.cat([segment.valid, new_valid], dim=1)
+            visible = key_valid.shape[1]
             if cache is not None:  # a sliding-window layer presents only its last keys (counted in kept slots)
-                past = transformers_compat.visible_past_keys(cache, kv_index, query_length)
-                key_valid = key_valid[:, key_valid.shape[1] - past - query_length :]
-            mask = self.adapter.decode_mask(layer_type, key_valid, query_length, hidden.dtype)
+                visible = transformers_compat.visible_past_keys(cache, kv_index, query_length) + query_length
+            mask = self.adapter.decode_mask_over(layer_type, key_valid, visible, query_length, hidden.dtype)
         if not call.renumber:
             return mask, None, None
         position_ids = call.position_ids

@@ -170,11 +170,17 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
             )
         attention_mask = kwargs.get("attention_mask")
         outer_mask = (pending[1] if pending is not None else {}).get("attention_mask")
-        if isinstance(attention_mask, dict) and self.adapter.rebuilds_layer_type_masks:
-            # Per-layer-type masks the multimodal model built (Gemma 3): rebuilt from its 2-D padding mask.
+        prepared = isinstance(attention_mask, dict) or (
+            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+        )
+        if prepared and self.adapter.rebuilds_layer_type_masks:
+            # Per-layer-type masks the multimodal model built (Gemma 3; PaliGemma's one 4-D prefix-LM mask): rebuilt
+            # from its 2-D padding mask.
             if outer_mask is not None and not (isinstance(outer_mask, torch.Tensor) and outer_mask.dim() == 2):
+                static = " (generate() prepared it for a static KV cache: use the default dynamic cache)"
                 raise ValueError(
                     "piofvlm needs a 2-D padding attention_mask (or None); a custom or prepared 4-D mask was given"
+                    + (static if static_length is not None else "")
                 )
             attention_mask = outer_mask
         attention_mask, mask_4d = self._split_mask(attention_mask, static_length)

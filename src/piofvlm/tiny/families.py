@@ -1258,3 +1258,242 @@ else:
 from piofvlm.tiny import common_families as _common_families  # noqa: E402  (its functions import this module's helpers)
 
 _common_families.register(FAMILIES, UNAVAILABLE)
+# ---------------------------------------------------------------------------------------------------- PaliGemma
+PALIGEMMA_IMAGE_ID = 4
+#: Visual tokens of every tiny PaliGemma image: SigLIP at 32 px, patch 8 (4 x 4 patches, no pooling).
+PALIGEMMA_TOKENS = 16
+#: Sliding window of the tiny PaliGemma 2's local layers: shorter than every standard prompt (27-45 tokens), so the
+#: generated (suffix) tokens' windows count kept slots; the prefix is not cut by it (see adapters/paligemma.py).
+PALIGEMMA_WINDOW = 16
+
+
+def build_paligemma(
+    attn: str = "sdpa",
+    num_layers: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    text_model: str = "gemma2",
+    attn_softcap: float | None = 50.0,
+) -> torch.nn.Module:
+    """PaliGemma 2 (``text_model="gemma2"``, the checkpoints' text model: local and global layers alternating, local
+    first, a 16-slot window, sandwich norms, ``final_logit_softcapping`` 30 and ``attn_logit_softcapping``
+    ``attn_softcap`` (50 as the checkpoints); its text model always runs eager attention, ``attn`` sets the vision
+    tower's) or PaliGemma (``text_model="gemma"``: Gemma's pre-norm layers, all global, ``attn`` everywhere), with a
+    SigLIP 32 px / patch 8 tower: :data:`PALIGEMMA_TOKENS` tokens an image."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    text: dict[str, Any] = {
+        "model_type": text_model,
+        "vocab_size": 64,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 1024,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+    }
+    if text_model == "gemma2":
+        text.update(
+            query_pre_attn_scalar=16,
+            sliding_window=PALIGEMMA_WINDOW,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+            attn_logit_softcapping=attn_softcap,
+            final_logit_softcapping=30.0,
+        )
+    config = PaliGemmaConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "vision_use_head": False,
+        },
+        text_config=text,
+        image_token_index=PALIGEMMA_IMAGE_ID,
+        vocab_size=64,
+        projection_dim=64,
+        hidden_size=64,
+    )
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).to(dtype).eval()
+    # Gemma 2 has no sdpa attention in transformers (softcapping): its text model runs eager, as the checkpoints load
+    model.set_attn_implementation({"text_config": "eager" if text_model == "gemma2" else attn, "vision_config": attn})
+    return model
+
+
+@functools.cache
+def build_paligemma_processor() -> Any:
+    """The stock ``PaliGemmaProcessor`` with ``SiglipImageProcessorPil`` (32 px) over the tiny tokenizer (``<image>``
+    id 4): it expands each ``<image>`` to :data:`PALIGEMMA_TOKENS` tokens, puts ``<bos>`` after the last image and
+    ``\\n`` after the prompt, and returns ``token_type_ids`` (0: the bidirectional prefix)."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = PALIGEMMA_TOKENS
+    tokenizer = word_level_tokenizer(["<image>", *WORDS], ["<image>"])
+    tokenizer.image_token, tokenizer.image_token_id = "<image>", PALIGEMMA_IMAGE_ID
+    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def paligemma_inputs(indices: tuple[int, ...] = (0, 1, 2), images_first: bool = False) -> BatchFeature:
+    """The standard samples through ``PaliGemmaProcessor`` (``<image>`` where the samples put their images; sample
+    1's video is a second image); ``images_first``: the checkpoints' own layout instead, every image before the
+    prompt (the processor's prompt without placeholders). The processor's ``labels`` (all -100 without a suffix)
+    are dropped."""
+    processor = build_paligemma_processor()
+    images = [[random_image(10 * i + j, s) for j, s in enumerate(SAMPLES[i][1])] for i in indices]
+    for sample, i in zip(images, indices, strict=True):
+        if SAMPLES[i][2]:
+            sample.append(random_image(10 * i + 9, (32, 32)))
+    if images_first:
+        text = [SAMPLES[i][0].replace(f" {VIDEO}", "").replace(f" {IMAGE}", "") for i in indices]
+    else:
+        text = _prompts(indices, "<image>", None)
+    inputs = processor(images=images, text=text, return_tensors="pt", padding=True)
+    inputs.pop("labels", None)
+    return inputs
+
+
+FAMILIES["paligemma"] = TinyFamily(
+    "paligemma",
+    build_paligemma,
+    paligemma_inputs,
+    lambda: build_paligemma_processor().tokenizer,
+    has_video=False,
+    counts=[[PALIGEMMA_TOKENS], [PALIGEMMA_TOKENS] * 2, [PALIGEMMA_TOKENS] * 2],
+)
+
+
+# ------------------------------------------------------------------------------------------------------- Llama 4
+LLAMA4_TOKENS = ["<|patch|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|tile_x_separator|>"]
+LLAMA4_TOKENS.append("<|tile_y_separator|>")
+LLAMA4_IMAGE_ID, LLAMA4_BOI_ID, LLAMA4_EOI_ID = 4, 5, 6
+#: Tokens of one tile (or the global view): 32 px, patch 4 (8 x 8 patches), pixel shuffle 0.5 -> 16.
+LLAMA4_TILE_TOKENS = 16
+#: Chunk size of the tiny Llama 4's chunked layers: shorter than the standard prompts with two images (70-87 tokens),
+#: so chunks cut them and pruning moves the boundaries; long enough that the last prompt tokens' chunk holds visual
+#: tokens (PIO's proxy at a chunked layer sees only the keys of its loss positions' chunk).
+LLAMA4_CHUNK = 48
+#: Per sample: each image's tiles (rows, columns) as ``Llama4ImageProcessor`` splits it (32 px tiles; one tile: no
+#: global view); sample 1's video slot is a second image.
+LLAMA4_TILES: list[list[tuple[int, int]]] = [[(1, 1)], [(1, 2), (1, 1)], [(2, 1), (1, 1)]]
+LLAMA4_COUNTS = [[LLAMA4_TILE_TOKENS * (h * w + (h * w > 1)) for h, w in tiles] for tiles in LLAMA4_TILES]
+
+
+def build_llama4(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """Llama 4 with a tiny vision tower (32 px tiles, patch 4, pixel shuffle 0.5: 16 tokens a tile) and text model:
+    chunked RoPE layers with L2 QK-norm and a NoPE global layer every 4th (as the checkpoints), chunks of
+    :data:`LLAMA4_CHUNK` slots, MoE feed-forwards (4 experts, top-1 sigmoid router, a shared expert) on every other
+    layer (as Maverick; Scout: every layer), dense ones between; routers at std 0.5 (decisive top-1 choices)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    config = Llama4Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 128,  # also the pixel-shuffled width (4 x hidden_size) the projector MLP takes
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 4,
+            "vision_output_dim": 64,
+            "projector_input_dim": 64,
+            "projector_output_dim": 64,
+            "pixel_shuffle_ratio": 0.5,
+        },
+        text_config={
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 32,
+            "intermediate_size_mlp": 128,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 2,
+            "attention_chunk_size": LLAMA4_CHUNK,
+            "max_position_embeddings": 1024,
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+        },
+        boi_token_index=LLAMA4_BOI_ID,
+        eoi_token_index=LLAMA4_EOI_ID,
+        image_token_index=LLAMA4_IMAGE_ID,
+    )
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # not model.to(dtype): the vision tower's complex rotary buffer would lose its imaginary
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(dtype)
+    model.set_attn_implementation(attn)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.language_model.model.layers:
+            router = getattr(layer.feed_forward, "router", None)
+            if router is not None:
+                router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * 0.5)
+    return model
+
+
+@functools.cache
+def build_llama4_tokenizer() -> Any:
+    return word_level_tokenizer([*LLAMA4_TOKENS, *WORDS], LLAMA4_TOKENS)
+
+
+def _llama4_image(tiles: tuple[int, int]) -> str:
+    """``Llama4Processor._prompt_split_image``: the tiles row by row (x separators inside a row, a y separator after
+    it), then ``<|image|>`` and the global view; one tile: ``<|image|>`` and its patches only."""
+    patches = " ".join(["<|patch|>"] * LLAMA4_TILE_TOKENS)
+    rows, cols = tiles
+    text = "<|image_start|>"
+    if rows * cols > 1:
+        for _ in range(rows):
+            text += " <|tile_x_separator|> ".join([f" {patches} "] * cols) + " <|tile_y_separator|>"
+    return f"{text} <|image|> {patches} <|image_end|>"
+
+
+def llama4_inputs(indices: tuple[int, ...] = (0, 1, 2)) -> BatchFeature:
+    """The standard samples in ``Llama4Processor``'s layout, hand-built (``Llama4ImageProcessor`` needs torchvision):
+    each image as :func:`_llama4_image` writes it, ``pixel_values`` ``(tiles, 3, 32, 32)`` with each image's tiles
+    then its global view (random, seeded by sample and place)."""
+    tokenizer = build_llama4_tokenizer()
+    prompts, pixels = [], []
+    for i in indices:
+        parts = SAMPLES[i][0].replace(VIDEO, IMAGE).split(IMAGE)
+        text = parts[0]
+        for j, (tiles, part) in enumerate(zip(LLAMA4_TILES[i], parts[1:], strict=True)):
+            text += f" {_llama4_image(tiles)} " + part
+            chunks = tiles[0] * tiles[1] + (tiles[0] * tiles[1] > 1)
+            generator = torch.Generator().manual_seed(100 * i + j)
+            pixels.append(torch.rand(chunks, 3, 32, 32, generator=generator))
+        prompts.append(text)
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    inputs.pop("token_type_ids", None)
+    inputs["pixel_values"] = torch.cat(pixels)
+    return BatchFeature(dict(inputs))
+
+
+if (_reason := transformers_compat.llama4_unsupported_reason()) is not None:
+    UNAVAILABLE["llama4"] = _reason
+else:
+    FAMILIES["llama4"] = TinyFamily(
+        "llama4",
+        build_llama4,
+        llama4_inputs,
+        build_llama4_tokenizer,
+        has_video=False,
+        counts=LLAMA4_COUNTS,
+        joiners=(LLAMA4_TOKENS.index("<|tile_x_separator|>") + 4, LLAMA4_TOKENS.index("<|tile_y_separator|>") + 4, 7),
+    )

@@ -64,6 +64,15 @@ class LayerTypeMasks:
         keys the layer's KV cache presents (its visible past, then the new tokens). Default: causal."""
         return transformers_compat.causal_padding_mask(self.text_config, key_valid, query_length, dtype)
 
+    def decode_mask_over(
+        self, layer_type: str, all_keys: torch.Tensor, visible: int, query_length: int, dtype: torch.dtype
+    ) -> Any:
+        """The decode mask of layers of ``layer_type`` when their cache presents the last ``visible`` of ``all_keys``
+        ``(B, L_all)`` (every slot the layer has seen, padding included, then the ``query_length`` new tokens): for
+        masks that depend on a key's absolute slot (Llama 4's chunks). Default: :meth:`decode_mask` over the visible
+        keys."""
+        return self.decode_mask(layer_type, all_keys[:, all_keys.shape[1] - visible :], query_length, dtype)
+
     def allowed_keys(
         self,
         layer_type: str,
