@@ -17,7 +17,7 @@ from piofvlm.adapters import ADAPTERS, get_adapter, registry
 from piofvlm.adapters.facts import ADAPTERS_FROM_FACTS, COMMON_FAMILIES, LLAVA, FactsAdapter, Family, declare
 from piofvlm.adapters.llava import LlavaAdapter
 from piofvlm.adapters.parts import ClipVisionTower, EqualTokensPerImage
-from piofvlm.tiny.cases import TINY_CASES
+from piofvlm.tiny.cases import TINY_CASES, UNAVAILABLE
 
 #: model type -> the code adapter its data entry replaced.
 OLD = {
@@ -43,10 +43,12 @@ VISION_METHOD = {
 def test_every_entry_is_registered_and_every_converted_family_is_covered():
     registered = {t: ADAPTERS[t] for f in COMMON_FAMILIES for t in f.model_types}
     assert all(issubclass(cls, FactsAdapter) and cls.family in COMMON_FAMILIES for cls in registered.values())
-    assert set(registered) == set(OLD)
+    assert set(OLD) <= set(registered)  # every converted family; the others were born as entries (issue 24)
+    born_as_data = set(registered) - set(OLD)
+    assert born_as_data <= set(TINY_CASES) | set(UNAVAILABLE)  # so each runs in every family matrix
     assert LlavaAdapter is ADAPTERS["llava"] is ADAPTERS_FROM_FACTS["llava"] and LlavaAdapter.family is LLAVA
     assert issubclass(LlavaAdapter, EqualTokensPerImage) and issubclass(LlavaAdapter, ClipVisionTower)
-    assert [cls.__name__ for cls in ADAPTERS_FROM_FACTS.values()] == [
+    assert [cls.__name__ for cls in list(ADAPTERS_FROM_FACTS.values())[:6]] == [  # the converted ones, first
         "LlavaAdapter",
         "VipLlavaAdapter",
         "InternVLAdapter",
