@@ -337,3 +337,28 @@ def test_seed_makes_sampling_reproducible(server):
     assert answer(1234) == answer(1234)
     assert len({answer(seed) for seed in range(6)}) > 1  # temperature > 0 does sample
     torch.manual_seed(0)  # the seed is set in this process (the inference thread): leave later tests a known state
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(server):
+    """A stream of up to 400 tokens (eos pushed down) whose client reads its first event and disconnects: the
+    generation stops (the model ran far fewer than 400 steps), and the next request is answered."""
+    sample = data.make_sample("test", 4)
+    server.chat(ask(sample["image"], sample["question"], max_tokens=1))  # loaded
+    steps = []
+    hook = server.served.slot.model.register_forward_pre_hook(lambda *args: steps.append(1))
+    try:
+        body = ask(sample["image"], sample["question"], max_tokens=400, logit_bias={str(EOS): -100}, stream=True)
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT_S)
+        connection.request(
+            "POST", "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.read(6) == b"data: "  # the first event has come
+        response.close()  # the socket closes with the last of its users
+        connection.close()
+        status, _, raw = server.chat(ask(sample["image"], sample["question"], max_tokens=2))  # queued behind it
+        assert status == 200, raw
+    finally:
+        hook.remove()
+    assert len(steps) < 200, len(steps)
