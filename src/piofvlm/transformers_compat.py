@@ -349,6 +349,40 @@ def layer_mlp(layer: torch.nn.Module) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------- masks
+def _mask_from_function(
+    config: Any,
+    key_valid: torch.Tensor,
+    query_length: int,
+    dtype: torch.dtype,
+    mask_function: Any,
+    *,
+    kv_length: int | None = None,
+    q_offset: int | None = None,
+    kv_offset: int = 0,
+    **options: Any,
+) -> torch.Tensor | None:
+    """``mask_function`` materialised by the model's own mask interface (``masking_utils.ALL_MASK_ATTENTION_FUNCTIONS``
+    of ``config._attn_implementation``) over ``key_valid`` ``(B, L)`` keys: ``kv_length`` of them (default ``L``)
+    from ``kv_offset``, the queries from ``q_offset`` (default ``L - query_length``); ``options`` are the interface's
+    other arguments (``allow_is_causal_skip``, ``use_vmap``, ``local_size``)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    batch_size, length = key_valid.shape
+    return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+        batch_size=batch_size,
+        q_length=query_length,
+        kv_length=length if kv_length is None else kv_length,
+        q_offset=length - query_length if q_offset is None else q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=key_valid,
+        dtype=dtype,
+        config=config,
+        device=key_valid.device,
+        **options,
+    )
+
+
 def causal_padding_mask(
     config: Any, key_valid: torch.Tensor, query_length: int, dtype: torch.dtype, q_offset: int | None = None
 ) -> torch.Tensor | None:
@@ -366,23 +400,17 @@ def causal_padding_mask(
     Returns:
         sdpa: ``(B, 1, L_q, L_kv)`` bool or None; eager: ``(B, 1, L_q, L_kv)`` float; flash: ``(B, L_kv)`` or None.
     """
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+    from transformers.masking_utils import causal_mask_function
 
-    batch_size, kv_length = key_valid.shape
-    mask_interface = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
-    return mask_interface(
-        batch_size=batch_size,
-        q_length=query_length,
-        kv_length=kv_length,
-        q_offset=kv_length - query_length if q_offset is None else q_offset,
-        kv_offset=0,
-        mask_function=causal_mask_function,
-        attention_mask=key_valid,
+    return _mask_from_function(
+        config,
+        key_valid,
+        query_length,
+        dtype,
+        causal_mask_function,
+        q_offset=q_offset,
         allow_is_causal_skip=True,
-        dtype=dtype,
-        config=config,
         use_vmap=False,
-        device=key_valid.device,
     )
 
 
@@ -404,7 +432,6 @@ def layer_type_mask(
     """
     from transformers import masking_utils as mu
 
-    batch_size, kv_length = key_valid.shape
     mask_function: Any = mu.causal_mask_function
     extra: dict[str, Any] = {"allow_is_causal_skip": True, "use_vmap": False}
     if block_ids is not None:
@@ -416,19 +443,7 @@ def layer_type_mask(
     elif sliding_window is not None:
         mask_function = mu.sliding_window_causal_mask_function(sliding_window)
         extra["local_size"] = sliding_window
-    return mu.ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
-        batch_size=batch_size,
-        q_length=query_length,
-        kv_length=kv_length,
-        q_offset=kv_length - query_length,
-        kv_offset=0,
-        mask_function=mask_function,
-        attention_mask=key_valid,
-        dtype=dtype,
-        config=config,
-        device=key_valid.device,
-        **extra,
-    )
+    return _mask_from_function(config, key_valid, query_length, dtype, mask_function, **extra)
 
 
 def prefix_lm_mask(
@@ -448,7 +463,6 @@ def prefix_lm_mask(
         return layer_type_mask(config, key_valid, query_length, dtype, sliding_window=sliding_window)
     from transformers import masking_utils as mu
 
-    batch_size, kv_length = key_valid.shape
     if sliding_window is None:
         mask_function: Any = mu.causal_mask_function
         extra: dict[str, Any] = {}
@@ -456,20 +470,8 @@ def prefix_lm_mask(
         mask_function = mu.sliding_window_causal_mask_function(sliding_window)
         extra = {"local_size": sliding_window}
     mask_function = mu.or_masks(mask_function, mu.blockwise_overlay(block_ids))
-    return mu.ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
-        batch_size=batch_size,
-        q_length=query_length,
-        kv_length=kv_length,
-        q_offset=kv_length - query_length,
-        kv_offset=0,
-        mask_function=mask_function,
-        attention_mask=key_valid,
-        allow_is_causal_skip=False,
-        use_vmap=False,
-        dtype=dtype,
-        config=config,
-        device=key_valid.device,
-        **extra,
+    return _mask_from_function(
+        config, key_valid, query_length, dtype, mask_function, allow_is_causal_skip=False, use_vmap=False, **extra
     )
 
 
@@ -488,23 +490,20 @@ def chunked_causal_mask(
     keys: ``kv_offset = L - visible`` as ``Cache.get_mask_sizes`` gives it)."""
     from transformers import masking_utils as mu
 
-    batch_size, length = key_valid.shape
+    length = key_valid.shape[1]
     visible = length if visible is None else visible
     left_padding = (key_valid.long().cumsum(-1) == 0).sum(-1)
-    return mu.ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
-        batch_size=batch_size,
-        q_length=query_length,
+    return _mask_from_function(
+        config,
+        key_valid,
+        query_length,
+        dtype,
+        mu.chunked_causal_mask_function(chunk_size, left_padding),
         kv_length=visible,
-        q_offset=length - query_length,
         kv_offset=length - visible,
-        mask_function=mu.chunked_causal_mask_function(chunk_size, left_padding),
-        attention_mask=key_valid,
         allow_is_causal_skip=True,
         local_size=chunk_size,
-        dtype=dtype,
-        config=config,
         use_vmap=False,
-        device=key_valid.device,
     )
 
 
