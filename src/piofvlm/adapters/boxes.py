@@ -97,6 +97,45 @@ def split_by_sample(visual: torch.Tensor, counts: Sequence[int]) -> list[tuple[i
     return items
 
 
+def tiled_image_boxes(
+    model_type: str,
+    visual: torch.Tensor,
+    sources: list[dict[str, torch.Tensor]],
+    side: int,
+    tile_pixels: int,
+    source_sizes: Sequence[tuple[int, int]] | None,
+) -> list[TokenBoxes]:
+    """Boxes of images seen as square tiles (InternVL, GOT-OCR 2.0): per image (``sources``: its tokens' tile
+    ``grid`` and ``row``/``col`` in a ``side x side`` tile grid, in prompt order over the ``visual`` ``(B, S)`` slots),
+    one tile over the whole picture, or ``n`` tiles laid out ``rows x cols`` over the picture as the processor chose
+    for its aspect (view ``"tiles"``, needs ``source_sizes``: ``(width, height)`` per image) and the thumbnail, the
+    last tile (view ``"thumbnail"``)."""
+    from piofvlm import transformers_compat
+
+    placed = split_by_sample(visual, [len(source["grid"]) for source in sources])
+    items = []
+    for index, ((sample, tokens), source) in enumerate(zip(placed, sources, strict=True)):
+        tile = source["grid"]
+        tiles = int(tile.max()) + 1
+        boxes = cell_boxes(source["row"], source["col"], side, side)  # within its tile
+        if tiles == 1:
+            items.append(TokenBoxes(sample, "image", tokens, boxes, torch.zeros_like(tile), ("image",)))
+            continue
+        if source_sizes is None or index >= len(source_sizes):
+            raise ValueError(
+                f"{model_type}: image {index} has {tiles - 1} tiles + a thumbnail, laid out according to the "
+                "picture's size: pass source_sizes=[(width, height), ...] of the images in prompt order"
+            )
+        width, height = source_sizes[index]
+        cols, rows = transformers_compat.tiled_canvas(height, width, tile_pixels, tiles - 1)
+        for t in range(tiles - 1):
+            region = ((t % cols) / cols, (t // cols) / rows, (t % cols + 1) / cols, (t // cols + 1) / rows)
+            boxes[tile == t] = in_region(boxes[tile == t], region)
+        view = (tile == tiles - 1).long()  # 0: the tiles, 1: the thumbnail
+        items.append(TokenBoxes(sample, "image", tokens, boxes, view, ("tiles", "thumbnail")))
+    return items
+
+
 def closest_grid(tiles: int, width: int, height: int) -> tuple[int, int]:
     """``(rows, cols)`` with ``rows * cols == tiles`` whose aspect ``cols / rows`` is closest to ``width / height``
     (in log scale; ties: the wider grid for a wide picture, else the taller)."""

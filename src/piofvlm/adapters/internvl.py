@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from piofvlm import transformers_compat
-from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, in_region, split_by_sample
+from piofvlm.adapters.boxes import TokenBoxes, tiled_image_boxes
 
 
 class InternVLTiles:
@@ -75,28 +74,12 @@ class InternVLTiles:
         ``n`` tiles laid out ``rows x cols`` over the picture (view ``"tiles"``) plus the thumbnail (view
         ``"thumbnail"``, the whole picture). The grid is the processor's choice for the picture's aspect among the
         grids of ``n`` tiles, so ``source_sizes`` are needed for images of several tiles."""
-        sources = self.visual_token_sources(model_kwargs)
-        side = self.tile_side
         tile_pixels = int(self.model.config.vision_config.image_size[0])
-        placed = split_by_sample(self.visual_slots(model_kwargs), [len(source["grid"]) for source in sources])
-        items = []
-        for index, ((sample, tokens), source) in enumerate(zip(placed, sources, strict=True)):
-            tile, row, col = source["grid"], source["row"], source["col"]
-            tiles = int(tile.max()) + 1
-            boxes = cell_boxes(row, col, side, side)  # within its tile
-            if tiles == 1:
-                items.append(TokenBoxes(sample, "image", tokens, boxes, torch.zeros_like(tile), ("image",)))
-                continue
-            if source_sizes is None or index >= len(source_sizes):
-                raise ValueError(
-                    f"internvl: image {index} has {tiles - 1} tiles + a thumbnail, laid out according to the "
-                    "picture's size: pass source_sizes=[(width, height), ...] of the images in prompt order"
-                )
-            width, height = source_sizes[index]
-            cols, rows = transformers_compat.tiled_canvas(height, width, tile_pixels, tiles - 1)
-            for t in range(tiles - 1):
-                region = ((t % cols) / cols, (t // cols) / rows, (t % cols + 1) / cols, (t // cols + 1) / rows)
-                boxes[tile == t] = in_region(boxes[tile == t], region)
-            view = (tile == tiles - 1).long()  # 0: the tiles, 1: the thumbnail
-            items.append(TokenBoxes(sample, "image", tokens, boxes, view, ("tiles", "thumbnail")))
-        return items
+        return tiled_image_boxes(
+            "internvl",
+            self.visual_slots(model_kwargs),
+            self.visual_token_sources(model_kwargs),
+            self.tile_side,
+            tile_pixels,
+            source_sizes,
+        )

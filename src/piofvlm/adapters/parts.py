@@ -263,36 +263,12 @@ class TiledImageRuns:
         the picture (view ``"tiles"``) and the thumbnail (view ``"thumbnail"``, the whole picture); the grid is the
         processor's choice for the picture's aspect among the grids of ``n`` tiles, so images of several tiles need
         ``source_sizes`` (``(width, height)`` per image in prompt order)."""
-        import torch
+        from piofvlm.adapters.boxes import tiled_image_boxes
 
-        from piofvlm import transformers_compat
-        from piofvlm.adapters.boxes import TokenBoxes, cell_boxes, in_region, split_by_sample
-
-        sources = self.visual_token_sources(model_kwargs)
         side, tile_pixels = self.tile_grid()
         visual = self.visual_slots(model_kwargs)  # type: ignore[attr-defined]
-        placed = split_by_sample(visual, [len(source["grid"]) for source in sources])
-        items = []
-        for index, ((sample, tokens), source) in enumerate(zip(placed, sources, strict=True)):
-            tile = source["grid"]
-            tiles = int(tile.max()) + 1
-            boxes = cell_boxes(source["row"], source["col"], side, side)  # within its tile
-            if tiles == 1:
-                items.append(TokenBoxes(sample, "image", tokens, boxes, torch.zeros_like(tile), ("image",)))
-                continue
-            if source_sizes is None or index >= len(source_sizes):
-                raise ValueError(
-                    f"{self.model_type}: image {index} has {tiles - 1} tiles + a thumbnail, laid out according to the "  # type: ignore[attr-defined]
-                    "picture's size: pass source_sizes=[(width, height), ...] of the images in prompt order"
-                )
-            width, height = source_sizes[index]
-            cols, rows = transformers_compat.tiled_canvas(height, width, tile_pixels, tiles - 1)
-            for t in range(tiles - 1):
-                region = ((t % cols) / cols, (t // cols) / rows, (t % cols + 1) / cols, (t // cols + 1) / rows)
-                boxes[tile == t] = in_region(boxes[tile == t], region)
-            view = (tile == tiles - 1).long()  # 0: the tiles, 1: the thumbnail
-            items.append(TokenBoxes(sample, "image", tokens, boxes, view, ("tiles", "thumbnail")))
-        return items
+        sources = self.visual_token_sources(model_kwargs)
+        return tiled_image_boxes(self.model_type, visual, sources, side, tile_pixels, source_sizes)  # type: ignore[attr-defined]
 
 
 class PaddedSquareGrid(EqualTokensPerImage):
