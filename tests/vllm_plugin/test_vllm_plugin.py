@@ -447,14 +447,21 @@ def test_vllm_qwen3_vl_answers_equal_piofvlm_on_transformers(name, qwen3_vl, res
     _check_qwen_family("qwen3_vl", name, QWEN3_METHODS[name], qwen3_vl, results_dir)
 
 
-def test_qwen3_vl_gpu_position_route_equals_the_cpu_route():
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_gpu_position_route_equals_the_cpu_route(family):
     """vLLM's GPU model runner rewrites the positions through the model's ``recompute_mrope_positions`` (not run on
-    this CPU build); the plugin's Qwen3-VL override of it must give what its CPU route gives (the shorter prompt's
-    positions + each kept token's coordinate at its slot), also when chunked prefill splits an image."""
+    this CPU build); the plugin's override of it must give what its CPU route gives (the shorter prompt's positions +
+    each kept token's coordinate at its slot), also when chunked prefill splits an image."""
     from types import SimpleNamespace
 
-    from piofvlm.integrations.vllm.qwen3_vl import PiofvlmQwen3VLForConditionalGeneration as Model
+    from piofvlm.integrations.vllm.qwen3_vl import PiofvlmQwen3VLForConditionalGeneration
+    from piofvlm.integrations.vllm.qwen_vl import PiofvlmQwen2_5_VLForConditionalGeneration
     from piofvlm.integrations.vllm.selection import kept_mrope_channels, shorter_prompt_mrope_positions
+
+    Model = {  # noqa: N806
+        "qwen2_5_vl": PiofvlmQwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": PiofvlmQwen3VLForConditionalGeneration,
+    }[family]
     from piofvlm.tiny import qwen
 
     config = SimpleNamespace(

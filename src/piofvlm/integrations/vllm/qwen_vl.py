@@ -18,10 +18,12 @@ model runner never takes it). The plugin uses that route for images where the ru
 * ``get_mrope_input_positions`` lays out the shorter prompt with the text after each image where the unpruned prompt
   has it (every slot of the image at the image's start, its (0, 0, 0) coordinate);
 * ``embed_multimodal`` runs piofvlm's ``select`` on each image's merged tokens and appends the kept tokens' own grid
-  coordinates, and ``max(h, w) / merge`` as the text continuation, so vLLM's ``recompute_mrope_positions`` gives the
-  positions piofvlm gives on transformers (decoding continues from the largest position, as there). Where the runner
-  does not recompute (the CPU runner), ``embed_input_ids`` strips the channels and ``forward`` adds each multimodal
-  slot's coordinate to its position (every slot sits at its item's start, so the sum is the token's own position).
+  coordinates, and ``max(h, w) / merge`` as the text continuation; the plugin's own ``recompute_mrope_positions``
+  (:class:`KeptMropeMixin`, not vLLM's EVS function) then writes each slot's position as its item's start + its
+  coordinate, which is what piofvlm gives on transformers (decoding continues from the largest position, as there).
+  Where the runner does not recompute (the CPU runner), ``embed_input_ids`` strips the channels and ``forward`` adds
+  each multimodal slot's coordinate to its position (every slot sits at its item's start, so the sum is the token's
+  own position).
 * The runner only takes that route where video pruning is enabled, so the model sets ``video_pruning_rate`` of its
   own worker's multimodal config (EVS itself stays off: videos get their full count of placeholders from this
   plugin's processor and pass unpruned, with their positions appended as EVS would with nothing pruned).
