@@ -135,7 +135,10 @@ class PromptKeyMixin:
         return {modality: [f"{h}-piofvlm-{self._prompt_key}" for h in items] for modality, items in hashes.items()}
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
-        processed = super()._call_hf_processor(hf_data, hf_kwargs)  # type: ignore[misc]
+        return self._with_prompt_key(super()._call_hf_processor(hf_data, hf_kwargs))  # type: ignore[misc]
+
+    def _with_prompt_key(self, processed: Any) -> Any:
+        """``processed`` (the HF processor's outputs) with each image's prompt key, for prompt-seeded methods."""
         if self._prompt_seeded() and "pixel_values" in processed:
             # one key per image (Qwen's pixel_values are every image's patches, its image_grid_thw one row per image)
             images = len(processed["image_grid_thw"] if "image_grid_thw" in processed else processed["pixel_values"])

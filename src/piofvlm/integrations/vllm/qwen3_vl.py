@@ -76,6 +76,18 @@ class PiofvlmQwen3VLMultiModalProcessor(QwenPromptKeyMixin, Qwen3VLMultiModalPro
     """Qwen3-VL's processor: each image gets the budget's placeholders (the configured count, or a ratio of its
     ``h * w / merge**2`` tokens)."""
 
+    def _finalize_hf_mm_data(
+        self,
+        hf_data: Mapping[str, object],
+        hf_kwargs: Mapping[str, object],
+        passthrough_data: Mapping[str, object],
+        processed_data: Any = None,
+    ) -> Any:
+        # vLLM's Qwen3-VL calls the HF processor itself (per modality), not through _call_hf_processor: the prompt
+        # key of prompt-seeded methods (random) is added to its outputs here
+        finalized = super()._finalize_hf_mm_data(hf_data, hf_kwargs, passthrough_data, processed_data)
+        return self._with_prompt_key(finalized)
+
     def _get_prompt_updates(
         self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs: Any
     ) -> Sequence[Any]:
