@@ -69,7 +69,7 @@ clean:
 
 # The vLLM plugin (docs/vllm.md): a separate venv with the CPU build of vLLM, pinned by requirements-vllm.lock (not the
 # main lock), and its end-to-end tests (tests/vllm_plugin: 200 test samples per method and family (LLaVA-1.5,
-# LLaVA-NeXT, Qwen2.5-VL), the OpenAI server, tensor parallelism 2; about 50 minutes on the 2-core CPU).
+# LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL), the OpenAI server, tensor parallelism 2; about 60 minutes on the 2-core CPU).
 # VLLM_SAMPLES=20 for a quicker run; VLLM_K='qwen' (a pytest -k expression) for a part; VLLM_RESULTS keeps the JSON.
 VLLM_VENV ?= .venv-vllm
 VLLM_SAMPLES ?= 200

@@ -172,8 +172,14 @@ def test_hf_overrides_names_the_plugin_class_and_refuses_what_it_cannot_run(tmp_
         hf_overrides("Qwen2_5_VLForConditionalGeneration", "divprune", keep=64, positions="renumber")
     with pytest.raises(ValueError, match="positions='renumber'"):
         hf_overrides("LlavaNextForConditionalGeneration", "divprune", keep=64, positions="keep")
-    with pytest.raises(ValueError, match="deepstack"):
-        hf_overrides("Qwen3VLForConditionalGeneration", "divprune", keep=64)
+    assert hf_overrides("Qwen3VLForConditionalGeneration", "random", keep=0.25) == {
+        "architectures": ["PiofvlmQwen3VLForConditionalGeneration"],
+        "piofvlm": {"method": "random", "keep": 0.25},
+    }
+    with pytest.raises(ValueError, match="M-RoPE positions are grid coordinates"):
+        hf_overrides("Qwen3VLForConditionalGeneration", "pool", keep=0.25, positions="renumber")
+    with pytest.raises(ValueError, match="does not run Qwen3VLMoeForConditionalGeneration .*not written"):
+        hf_overrides("Qwen3VLMoeForConditionalGeneration", "divprune", keep=64)
     with pytest.raises(ValueError, match="does not run GemmaForCausalLM"):
         hf_overrides("GemmaForCausalLM", "divprune", keep=64)
     with pytest.raises(ValueError, match="cannot run in vLLM"):
@@ -313,27 +319,50 @@ QWEN_CONFIGS = [
 ]
 
 
+QWEN_KINDS = ["qwen2_5_vl", "qwen3_vl"]
+
+
 @functools.cache
-def _tiny_qwen():
+def _tiny_qwen(kind: str = "qwen2_5_vl", dtype: torch.dtype = torch.float32):
     from piofvlm.tiny.qwen import build_qwen, build_qwen_processor
 
-    return build_qwen("qwen2_5_vl"), build_qwen_processor("qwen2_5_vl")
+    return build_qwen(kind, dtype=dtype), build_qwen_processor(kind)
 
 
-def _qwen_inputs():
+def _qwen_inputs(kind: str = "qwen2_5_vl", sizes=QWEN_SIZES, dtype: torch.dtype = torch.float32):
     from piofvlm.tiny.llava import random_image
     from piofvlm.tiny.qwen import IMAGE
 
-    model, processor = _tiny_qwen()
-    images = [random_image(i, size) for i, size in enumerate(QWEN_SIZES)]
+    model, processor = _tiny_qwen(kind, dtype)
+    images = [random_image(i, size) for i, size in enumerate(sizes)]
     text = [f"{IMAGE} what is the colour of the shape ?" for _ in images]
     return model, processor(images=images, text=text, return_tensors="pt", padding=True)
 
 
-def test_qwen_layout_equals_the_adapters():
+def _qwen_encoder_rows(model, inputs) -> list[torch.Tensor]:
+    """Each image's encoder output as vLLM's Qwen-VL models return it from the vision tower: one row per merged
+    token, ``[features | deepstack level 0 | level 1 | ...]`` (Qwen3-VL; Qwen2.5-VL: the features), read from the
+    unpruned model's call of its language model (images only, in batch order)."""
+    seen = {}
+
+    def store(module, args, kwargs) -> None:
+        seen.update(kwargs)
+
+    hook = model.model.language_model.register_forward_pre_hook(store, with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    rows = torch.cat([seen["inputs_embeds"][is_image], *(seen.get("deepstack_visual_embeds") or [])], dim=1)
+    return list(rows.split([t * h * w // 4 for t, h, w in inputs["image_grid_thw"].tolist()]))
+
+
+@pytest.mark.parametrize("kind", QWEN_KINDS)
+def test_qwen_layout_equals_the_adapters(kind):
     from piofvlm.integrations.vllm.selection import merged_grid_sources
 
-    model, inputs = _qwen_inputs()
+    model, inputs = _qwen_inputs(kind)
     expected = get_adapter(model).visual_token_sources(dict(inputs))
     grids = inputs["image_grid_thw"].tolist()
     assert len({t * h * w for t, h, w in grids}) >= 4
@@ -343,28 +372,155 @@ def test_qwen_layout_equals_the_adapters():
             assert torch.equal(mine[name], expected[b][name]), (b, name)
 
 
+@pytest.mark.parametrize("kind", QWEN_KINDS)
 @pytest.mark.parametrize("config", QWEN_CONFIGS, ids=lambda c: c["method"])
 @torch.no_grad()
-def test_plugin_selection_equals_piofvlm_on_qwen2_5_vl(config):
-    """The plugin's kept indices (and their features) == piofvlm's on transformers with positions="keep", per image
-    of different grids (different counts and budgets)."""
+def test_plugin_selection_equals_piofvlm_on_qwen_vl(config, kind):
+    """The plugin's kept indices == piofvlm's on transformers with positions="keep", per image of different grids
+    (different counts and budgets)."""
     from piofvlm.integrations.vllm.selection import merged_grid_sources
 
-    model, inputs = _qwen_inputs()
+    model, inputs = _qwen_inputs(kind)
     method = method_from_config(config, positions="keep")
     reference = method_from_config(config, positions="keep")
     with reference(model):
         model(**inputs)
     kept_reference = reference.last_selection[0].kept
-    out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
-    features = out.pooler_output if hasattr(out, "pooler_output") else out
     grids = inputs["image_grid_thw"].tolist()
-    features = list(torch.cat(list(features)).split([t * h * w // 4 for t, h, w in grids]))
+    features = [rows[:, : model.config.text_config.hidden_size] for rows in _qwen_encoder_rows(model, inputs)]
     tower = VisionTower(num_layers=2, feature_layer_index=1, has_cls=False, side=0)
     keys = _sample_keys(inputs["input_ids"], inputs["attention_mask"].bool())
     sources = [merged_grid_sources(grid, 2, b) for b, grid in enumerate(grids)]
-    got = select_image_tokens(method, features, tower, sample_keys=keys, sources=sources, model_type="qwen2_5_vl")
+    got = select_image_tokens(method, features, tower, sample_keys=keys, sources=sources, model_type=kind)
     for b in range(len(grids)):
         k = tokens_per_image(method, features[b].shape[0])
         assert len(got.kept[b]) == k == len(kept_reference[b])
         assert torch.equal(got.kept[b].cpu(), kept_reference[b].cpu()), f"image {b}"
+
+
+# ------------------------------------------------------------------------------------------------------ Qwen3-VL
+# Deepstack: vLLM's Qwen3-VL encoder returns each visual token as one row [features | deepstack levels]; the plugin
+# selects among the features and the kept rows' levels follow them (with_kept_rows), and it gives the kept tokens
+# their own M-RoPE coordinates (shorter_prompt_mrope_positions + kept_mrope_channels). Here those pieces feed the
+# transformers language model the way vLLM feeds its own (shorter prompt, kept embeddings at the image's slots,
+# deepstack levels added there after layers 0 and 1), against piofvlm's pruned forward on transformers.
+QWEN3_CONFIGS = [*QWEN_CONFIGS, {"method": "divprune", "keep": 1}]
+
+
+def _plugin_language_model_logits(
+    model, input_ids, rows, kept, grid, coordinates: bool = True, rows_of_kept: bool = True
+) -> torch.Tensor:
+    """The last position's logits of the shorter prompt as vLLM runs it with the plugin's kept rows (one image).
+    ``coordinates=False`` leaves every kept token at its image's start; ``rows_of_kept=False`` takes the deepstack
+    levels of the image's first tokens instead of the kept ones (both: what the checks must tell apart)."""
+    from piofvlm.integrations.vllm.selection import kept_mrope_channels, shorter_prompt_mrope_positions
+
+    width = model.config.text_config.hidden_size
+    ids = input_ids[0]
+    slots = (ids == model.config.image_token_id).nonzero()[:, 0]
+    offset, k = int(slots[0]), len(kept)
+    shorter = torch.cat([ids[:offset], ids.new_full((k,), model.config.image_token_id), ids[offset + len(slots) :]])
+    positions, _ = shorter_prompt_mrope_positions(
+        len(shorter), [(offset, k, grid[0], grid[1] // 2, grid[2] // 2, 1.0)]
+    )
+    if coordinates:
+        positions[:, offset : offset + k] += kept_mrope_channels(grid, 2, kept)[:, :3].T
+    deep = rows[kept if rows_of_kept else torch.arange(k), width:]
+    embeds = model.model.get_input_embeddings()(shorter)[None].clone()
+    embeds[0, offset : offset + k] = rows[kept, :width]
+    levels = deep.shape[1] // width
+    out = model.model.language_model(
+        inputs_embeds=embeds,
+        position_ids=positions[:, None],
+        attention_mask=torch.ones_like(shorter)[None],
+        visual_pos_masks=(shorter == model.config.image_token_id)[None],
+        deepstack_visual_embeds=[deep[:, i * width : (i + 1) * width] for i in range(levels)],
+    )
+    return model.lm_head(out.last_hidden_state[:, -1])[0]
+
+
+@pytest.mark.parametrize("config", QWEN3_CONFIGS, ids=lambda c: f"{c['method']}-{c.get('keep', 'chain')}")
+@torch.no_grad()
+def test_plugin_qwen3_vl_deepstack_and_positions_give_piofvlms_logits(config):
+    """Per image of a different grid (one sample each, fp64): the logits of vLLM's inputs built by the plugin's
+    pieces == piofvlm's on transformers (positions="keep"); without the kept tokens' coordinates, or with the
+    deepstack levels of other tokens, they differ (what this test tells apart)."""
+    from piofvlm.integrations.vllm.selection import merged_grid_sources, with_kept_rows
+
+    for size in QWEN_SIZES[-2:]:  # 5 x 3 and 3 x 5 merged tokens
+        model, inputs = _qwen_inputs("qwen3_vl", sizes=[size], dtype=torch.float64)
+        assert len(model.config.vision_config.deepstack_visual_indexes) == 2
+        reference = method_from_config(config, positions="keep")
+        with reference(model):
+            expected = model(**inputs).logits[0, -1]
+        (grid,) = inputs["image_grid_thw"].tolist()
+        (rows,) = _qwen_encoder_rows(model, inputs)
+        width = model.config.text_config.hidden_size
+        assert rows.shape[1] == 3 * width  # the features and two deepstack levels
+        method = method_from_config(config, positions="keep")
+        keys = _sample_keys(inputs["input_ids"], inputs["attention_mask"].bool())
+        got = select_image_tokens(
+            method,
+            [rows[:, :width]],
+            VisionTower(num_layers=2, feature_layer_index=1, has_cls=False, side=0),
+            sample_keys=keys,
+            sources=[merged_grid_sources(grid, 2, 0)],
+            model_type="qwen3_vl",
+        )
+        (kept,) = got.kept
+        assert torch.equal(kept.cpu(), reference.last_selection[0].kept[0].cpu())
+        (joined,) = with_kept_rows(got.embeddings, [rows[:, width:]], got.kept)
+        assert torch.equal(joined[:, width:], rows[kept, width:])
+        # pool writes the cell's mean into the kept centre token; the other methods keep the token's own features
+        full = rows.clone()
+        full[kept, :width] = joined[:, :width]
+        logits = _plugin_language_model_logits(model, inputs["input_ids"], full, kept, grid)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-10)
+        if len(kept) > 1:  # a lone kept token at (0, 0, 0) or among the first rows would not tell them apart
+            moved = _plugin_language_model_logits(model, inputs["input_ids"], full, kept, grid, coordinates=False)
+            assert (moved - expected).abs().max() > 1e-6
+        if not torch.equal(kept.cpu(), torch.arange(len(kept))):
+            others = _plugin_language_model_logits(model, inputs["input_ids"], full, kept, grid, rows_of_kept=False)
+            assert (others - expected).abs().max() > 1e-6
+
+
+def test_kept_mrope_channels_and_the_shorter_prompt_are_the_unpruned_positions_of_the_kept_tokens():
+    """Independent of any model: the shorter prompt's positions + each kept token's channels == the unpruned
+    prompt's M-RoPE positions at the kept slots (text included), for images of several grids, two per prompt."""
+    from piofvlm.integrations.vllm.selection import kept_mrope_channels, shorter_prompt_mrope_positions
+
+    generator = torch.Generator().manual_seed(0)
+    for grids in ([(1, 4, 6), (1, 8, 4)], [(1, 6, 6), (1, 2, 10)], [(1, 10, 2), (1, 4, 4)]):
+        # unpruned: 3 text tokens, image 0, 2 text tokens, image 1, 4 text tokens (Qwen's get_rope_index rule)
+        pieces, unpruned, start = [], [], 0
+        for grid in grids:
+            h, w = grid[1] // 2, grid[2] // 2
+            text = torch.arange(3 if not pieces else 2) + start
+            unpruned.append(text.expand(3, -1))
+            base = int(text[-1]) + 1
+            coords = torch.stack(
+                [torch.zeros(h * w, dtype=torch.long), torch.arange(h * w) // w, torch.arange(h * w) % w]
+            )
+            unpruned.append(coords + base)
+            start = base + max(h, w)
+            pieces.append(h * w)
+        unpruned.append((torch.arange(4) + start).expand(3, -1))
+        unpruned = torch.cat(unpruned, dim=1)
+        kept = [torch.randperm(n, generator=generator)[: max(1, n // 3)].sort().values for n in pieces]
+        # the shorter prompt and the slots of the unpruned one it keeps
+        items, keep_slots, offset, source = [], [], 0, 0
+        for i, (grid, n, k) in enumerate(zip(grids, pieces, kept, strict=True)):
+            text = 3 if i == 0 else 2
+            keep_slots += list(range(source, source + text)) + (source + text + k).tolist()
+            offset += text
+            items.append((offset, len(k), *grid[:1], grid[1] // 2, grid[2] // 2, 1.0))
+            offset += len(k)
+            source += text + n
+        keep_slots += list(range(source, source + 4))
+        positions, delta = shorter_prompt_mrope_positions(offset + 4, items)
+        for (slot, k, *_), grid, index in zip(items, grids, kept, strict=True):
+            channels = kept_mrope_channels(grid, 2, index)
+            assert torch.equal(channels[:, 3], torch.full((len(index),), max(grid[1], grid[2]) // 2))
+            positions[:, slot : slot + k] += channels[:, :3].T
+        assert torch.equal(positions, unpruned[:, keep_slots])
+        assert delta == int(unpruned.max()) + 1 - (offset + 4)

@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default=None, help="a checkpoint folder (default: the testbed)")
-    parser.add_argument("--family", default="llava", help="llava (the testbed's images) or llava_next (resized)")
+    parser.add_argument(
+        "--family", default="llava", help="llava (the testbed's images), llava_next, qwen2_5_vl or qwen3_vl (resized)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     record = out.with_suffix(".kept.jsonl")
@@ -71,7 +73,7 @@ def main() -> None:
         from vllm_models import next_image  # this folder's helper (the runner is run as a script from it)
 
         images = [next_image(image, i) for i, image in enumerate(images)]
-    elif args.family == "qwen2_5_vl":
+    elif args.family in ("qwen2_5_vl", "qwen3_vl"):
         from vllm_models import qwen_image, qwen_prompt
 
         images, prompt = [qwen_image(image, i) for i, image in enumerate(images)], qwen_prompt
@@ -82,6 +84,20 @@ def main() -> None:
     start = time.time()
     outputs = llm.generate(requests, SamplingParams(temperature=0, max_tokens=2, logprobs=5), use_tqdm=False)
     generated = time.time() - start
+    video_error = None
+    if args.family == "qwen3_vl":  # images only: a video request is refused, and the engine goes on
+        import numpy as np
+
+        metadata = {"fps": 2.0, "total_num_frames": 4, "duration": 2.0, "frames_indices": [0, 1, 2, 3]}
+        video = (np.zeros((4, 56, 56, 3), np.uint8), {**metadata, "video_backend": "opencv"})
+        text = "<|vision_start|> <|video_pad|> <|vision_end|> what"
+        request = {"prompt": text, "multi_modal_data": {"video": video}}
+        try:
+            llm.generate(request, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+        except Exception as error:  # noqa: BLE001 - the message is what the test checks
+            video_error = f"{type(error).__name__}: {error}"
+        again = llm.generate(requests[:1], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+        assert list(again[0].outputs[0].token_ids) == list(outputs[0].outputs[0].token_ids)
     kept = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     result = {
         "spec": spec,
@@ -95,6 +111,7 @@ def main() -> None:
         ],
         "kept": kept,
         "seconds": {"load": round(loaded, 1), "generate": round(generated, 1)},
+        "video_error": video_error,
     }
     out.write_text(json.dumps(result))
 

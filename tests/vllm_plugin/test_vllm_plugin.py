@@ -387,15 +387,15 @@ def reference_qwen(pair, spec: dict, samples: list[dict], images: list) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", list(QWEN_METHODS))
-def test_vllm_qwen2_5_vl_answers_equal_piofvlm_on_transformers(name, qwen2_5_vl, results_dir):
+def _check_qwen_family(family: str, name: str, spec: dict, checkpoint, results_dir: Path) -> dict:
+    """vLLM with the plugin against piofvlm on transformers (``positions="keep"``) on a tiny random Qwen-VL: prompt
+    lengths, >= 99% equal generated token ids, kept sets, first-token log-probabilities where the kept sets agree."""
     from vllm_models import qwen_image
 
-    path, pair = qwen2_5_vl
-    spec = QWEN_METHODS[name]
+    path, pair = checkpoint
     samples = data.make_split("test", N)
     images = [qwen_image(s["image"], i) for i, s in enumerate(samples)]
-    got = run_vllm(spec, results_dir, name, model=path, family="qwen2_5_vl")
+    got = run_vllm(spec, results_dir, name, model=path, family=family)
     got["answers"] = got["token_ids"]
     ref = reference_qwen(pair, spec, samples, images)
     method = method_from_config(spec, positions="keep")
@@ -405,9 +405,95 @@ def test_vllm_qwen2_5_vl_answers_equal_piofvlm_on_transformers(name, qwen2_5_vl,
     assert got["prompt_tokens"] == [length - full + k for length, full, k in lengths]
     if method is not None:
         assert [len(k) for k in ref["kept"]] == budgets
-    report = compare(name, spec, got, ref, results_dir, family="qwen2_5_vl")
+    report = compare(name, spec, got, ref, results_dir, family=family)
     assert report["answers_equal"] >= 0.99 * N, report
     # A tiny random model's answers hardly depend on the image tokens' positions; its log-probabilities do, a little:
     # with the kept tokens' own M-RoPE positions they are within 6e-7 of transformers' (8 samples, 2026-12-06), with
     # every kept token left at its image's start (the plugin's coordinates not added) 9e-5 to 5e-4 apart.
     assert report.get("logprob_max_diff_same_kept", report["logprob_max_diff"]) < 1e-5, report
+    if family == "qwen3_vl":  # images only: the runner's video request was refused with the reason
+        assert got["video_error"] and "VLLMValidationError" in got["video_error"], got["video_error"]
+        assert "runs Qwen3-VL with images only" in got["video_error"], got["video_error"]
+    return report
+
+
+@pytest.mark.parametrize("name", list(QWEN_METHODS))
+def test_vllm_qwen2_5_vl_answers_equal_piofvlm_on_transformers(name, qwen2_5_vl, results_dir):
+    _check_qwen_family("qwen2_5_vl", name, QWEN_METHODS[name], qwen2_5_vl, results_dir)
+
+
+# Qwen3-VL: as Qwen2.5-VL, plus deepstack (the vision tower's features of blocks 0 and 1 added to the kept tokens after
+# decoder layers 0 and 1: each kept token's own, as piofvlm does on transformers). Images only.
+QWEN3_METHODS = {
+    **QWEN_METHODS,
+    "chain": {"method": "chain", "encoder": {"method": "divprune", "keep": 0.5}},
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl(tmp_path_factory):
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    from vllm_models import save_qwen3_vl
+
+    path = save_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl"))
+    model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return path, (model, processor)
+
+
+@pytest.mark.parametrize("name", list(QWEN3_METHODS))
+def test_vllm_qwen3_vl_answers_equal_piofvlm_on_transformers(name, qwen3_vl, results_dir):
+    _check_qwen_family("qwen3_vl", name, QWEN3_METHODS[name], qwen3_vl, results_dir)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_gpu_position_route_equals_the_cpu_route(family):
+    """vLLM's GPU model runner rewrites the positions through the model's ``recompute_mrope_positions`` (not run on
+    this CPU build); the plugin's override of it must give what its CPU route gives (the shorter prompt's positions +
+    each kept token's coordinate at its slot), also when chunked prefill splits an image."""
+    from types import SimpleNamespace
+
+    from piofvlm.integrations.vllm.qwen3_vl import PiofvlmQwen3VLForConditionalGeneration
+    from piofvlm.integrations.vllm.qwen_vl import PiofvlmQwen2_5_VLForConditionalGeneration
+    from piofvlm.integrations.vllm.selection import kept_mrope_channels, shorter_prompt_mrope_positions
+
+    Model = {  # noqa: N806
+        "qwen2_5_vl": PiofvlmQwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": PiofvlmQwen3VLForConditionalGeneration,
+    }[family]
+    from piofvlm.tiny import qwen
+
+    config = SimpleNamespace(
+        vision_start_token_id=qwen.VISION_START_ID,
+        image_token_id=qwen.IMAGE_TOKEN_ID,
+        video_token_id=qwen.VIDEO_TOKEN_ID,
+    )
+    width = 8
+    fake = SimpleNamespace(piofvlm_method=object(), config=config, _embedding_width=lambda: width)
+    grids = [(1, 8, 6), (1, 4, 10)]
+    kept = [torch.tensor([1, 4, 5, 11]), torch.tensor([0, 3, 7])]
+    ids, items = [20, 21, qwen.VISION_START_ID], []
+    for i, (grid, index) in enumerate(zip(grids, kept, strict=True)):
+        items.append((len(ids), len(index), grid[0], grid[1] // 2, grid[2] // 2, 1.0))
+        ids += [qwen.IMAGE_TOKEN_ID] * len(index) + [qwen.VISION_END_ID, 22, 23]
+        ids += [qwen.VISION_START_ID] if i == 0 else [24]
+    before, delta_before = shorter_prompt_mrope_positions(len(ids), items)
+    channels = [kept_mrope_channels(grid, 2, index) for grid, index in zip(grids, kept, strict=True)]
+    expected = before.clone()
+    for (offset, k, *_), channel in zip(items, channels, strict=True):
+        expected[:, offset : offset + k] += channel[:, :3].T
+    embeddings = [torch.cat([torch.randn(len(c), width), c.float()], dim=1) for c in channels]
+    out, positions, delta = Model.recompute_mrope_positions(fake, ids, embeddings, before.clone(), 0)
+    assert torch.equal(positions, expected)
+    assert delta == delta_before
+    assert [tuple(e.shape) for e in out] == [(len(c), width) for c in channels]
+    # chunked prefill: the first chunk ends inside image 0 (2 of its 4 kept tokens), the second takes the rest
+    first = items[0][0] + 2
+    positions = before.clone()
+    _, positions, _ = Model.recompute_mrope_positions(fake, ids, [embeddings[0][:2]], positions, 0)
+    _, positions, delta = Model.recompute_mrope_positions(
+        fake, ids, [embeddings[0][2:], embeddings[1]], positions, first
+    )
+    assert torch.equal(positions, expected)
+    assert delta == delta_before

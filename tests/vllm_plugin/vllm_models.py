@@ -151,3 +151,70 @@ def save_qwen2_5_vl(directory: str | Path, seed: int = 0) -> Path:
         image_processor=image_processor, tokenizer=qwen.build_qwen_tokenizer(), video_processor=video_processor
     ).save_pretrained(directory)
     return directory
+
+
+def save_qwen3_vl(directory: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random Qwen3-VL (the layout of :mod:`piofvlm.tiny.qwen`: interleaved M-RoPE, deepstack from both
+    vision blocks into decoder layers 0 and 1; head size 32, which vLLM's CPU attention supports) with its tokenizer
+    and processor (image + video processors) in ``directory``."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from piofvlm.tiny import qwen
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": 64,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 1024,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [4, 6, 6],
+            "mrope_interleaved": True,
+        },
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 2,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "spatial_merge_size": 2,
+        "out_hidden_size": 128,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0, 1],
+    }
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=qwen.IMAGE_TOKEN_ID,
+        video_token_id=qwen.VIDEO_TOKEN_ID,
+        vision_start_token_id=qwen.VISION_START_ID,
+        vision_end_token_id=qwen.VISION_END_ID,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.save_pretrained(directory)
+    pixels = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
+    image_processor = Qwen2VLImageProcessor(**pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
+    video_processor = Qwen3VLVideoProcessor(
+        size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    Qwen3VLProcessor(
+        image_processor=image_processor, tokenizer=qwen.build_qwen_tokenizer(), video_processor=video_processor
+    ).save_pretrained(directory)
+    return directory

@@ -2,7 +2,7 @@
 
 * :func:`register` is listed under the entry-point group ``vllm.general_plugins`` (pyproject), so every vLLM process
   (the engine, its workers, the OpenAI server) calls it on start. It registers one model class per supported family
-  (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL: :data:`ARCHITECTURES`) with ``ModelRegistry.register_model``:
+  (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL: :data:`ARCHITECTURES`) with ``ModelRegistry.register_model``:
   ``Piofvlm<Architecture>`` (e.g. ``PiofvlmLlavaForConditionalGeneration``),
   a subclass of vLLM's own model class whose multimodal processor gives each image the budget's number of
   placeholder tokens and whose ``embed_multimodal`` runs the method's selection (piofvlm's own code) on the image's
@@ -36,14 +36,16 @@ ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": (
         "piofvlm.integrations.vllm.qwen_vl:PiofvlmQwen2_5_VLForConditionalGeneration"
     ),
+    "Qwen3VLForConditionalGeneration": "piofvlm.integrations.vllm.qwen3_vl:PiofvlmQwen3VLForConditionalGeneration",
 }
 #: Families piofvlm supports on transformers that the plugin does not (yet) run in vLLM, and why.
 NOT_SUPPORTED = {
-    "Qwen3VLForConditionalGeneration": "not written yet: Qwen3-VL's deepstack feeds features of several vision "
-    "layers into the first decoder layers at the image's positions, which would have to be pruned alike",
+    "Qwen3VLMoeForConditionalGeneration": "not written yet: the Qwen3-VL route "
+    "(PiofvlmQwen3VLForConditionalGeneration) "
+    "would apply to vLLM's Qwen3-VL-MoE class, but it has no plugin class and is untested",
 }
 #: piofvlm's positions mode of each family in vLLM (default "renumber").
-POSITIONS = {"Qwen2_5_VLForConditionalGeneration": "keep"}
+POSITIONS = {"Qwen2_5_VLForConditionalGeneration": "keep", "Qwen3VLForConditionalGeneration": "keep"}
 PREFIX = "Piofvlm"
 
 __all__ = ["ARCHITECTURES", "CONFIG_KEY", "ENCODER_METHODS", "NOT_SUPPORTED", "hf_overrides", "register"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -68,15 +68,22 @@ def _method_of(config: Any, positions: str = "renumber") -> Any:
     return _method_cached(json.dumps(spec, sort_keys=True), positions)
 
 
-class PiofvlmLlavaProcessingInfo(LlavaProcessingInfo):
+class BudgetInfoMixin:
+    """A vLLM processing info whose ``get_num_image_tokens`` is the configured budget of the image's unpruned count
+    (``get_full_image_tokens``: the family's own count); mixed into LLaVA's and LLaVA-NeXT's processing infos."""
+
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         full = self.get_full_image_tokens(image_width=image_width, image_height=image_height)
-        method = _method_of(self.get_hf_config())
+        method = _method_of(self.get_hf_config())  # type: ignore[attr-defined]
         return full if method is None else tokens_per_image(method, full)
 
     def get_full_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        """Tokens the image has unpruned (vLLM's LLaVA count)."""
-        return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        """Tokens the image has unpruned (the vLLM family's own count)."""
+        return super().get_num_image_tokens(image_width=image_width, image_height=image_height)  # type: ignore[misc]
+
+
+class PiofvlmLlavaProcessingInfo(BudgetInfoMixin, LlavaProcessingInfo):
+    """LLaVA's processing info; each image gets the budget's placeholders (vLLM's LLaVA count unpruned)."""
 
 
 class PromptKeyMixin:
@@ -128,7 +135,10 @@ class PromptKeyMixin:
         return {modality: [f"{h}-piofvlm-{self._prompt_key}" for h in items] for modality, items in hashes.items()}
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> Any:
-        processed = super()._call_hf_processor(hf_data, hf_kwargs)  # type: ignore[misc]
+        return self._with_prompt_key(super()._call_hf_processor(hf_data, hf_kwargs))  # type: ignore[misc]
+
+    def _with_prompt_key(self, processed: Any) -> Any:
+        """``processed`` (the HF processor's outputs) with each image's prompt key, for prompt-seeded methods."""
         if self._prompt_seeded() and "pixel_values" in processed:
             # one key per image (Qwen's pixel_values are every image's patches, its image_grid_thw one row per image)
             images = len(processed["image_grid_thw"] if "image_grid_thw" in processed else processed["pixel_values"])
@@ -158,22 +168,27 @@ def _vision_tower_keys(name: str) -> str:
     return name
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    PiofvlmLlavaMultiModalProcessor, info=PiofvlmLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
-)
-class PiofvlmLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """vLLM's LLaVA with a piofvlm input/encoder-side method in ``embed_multimodal``."""
+class ClipTowerMixin:
+    """The glue LLaVA-1.5 and LLaVA-NeXT share in vLLM (CLIP-style vision towers, ``vision_tower.vision_model``):
+    the method from the config, the tower's description, captures of the vision blocks the method reads, their
+    attention recomputed from vLLM's fused ``qkv_proj``, the selection on the projected features, the record of what
+    each image kept, and the checkpoint key renaming. Mixed in before vLLM's model class."""
 
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+    config: Any
+    vision_tower: Any
+    piofvlm_method: Any
+    piofvlm_tower: VisionTower
+    _captured: dict[int, torch.Tensor]
+
+    def _init_piofvlm(self, model_type: str) -> None:
+        """Read the method from the config, describe the vision tower, check the method against it, and hook the
+        vision blocks whose inputs it reads (called at the end of ``__init__``)."""
         config = self.config
         self.piofvlm_method = _method_of(config)
         vision = config.vision_config
         blocks = self._vision_blocks()
         layer = config.vision_feature_layer
-        feature_index = -1
-        if isinstance(layer, int):
-            feature_index = layer % (vision.num_hidden_layers + 1) - 1
+        feature_index = layer % (vision.num_hidden_layers + 1) - 1 if isinstance(layer, int) else -1
         strategy = config.vision_feature_select_strategy
         self.piofvlm_tower = VisionTower(
             num_layers=len(blocks),
@@ -182,10 +197,15 @@ class PiofvlmLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             side=vision.image_size // vision.patch_size,
             attention=self._vision_attention,
         )
-        self._captured: dict[int, torch.Tensor] = {}
-        if self.piofvlm_method is None:
-            return
+        self._captured = {}
         method = self.piofvlm_method
+        if method is None:
+            return
+        if model_type == "llava_next" and strategy != "default":
+            raise ValueError(
+                f"the piofvlm plugin runs LLaVA-NeXT with vision_feature_select_strategy 'default' (no [CLS] token "
+                f"among the visual tokens); this model has {strategy!r}"
+            )
         if method.name in ("visionzip", "vscan"):
             if not isinstance(layer, int) or feature_index < 0:
                 raise ValueError(
@@ -197,7 +217,7 @@ class PiofvlmLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     f"{method.name} in vLLM supports CLIP vision towers with the 'default' feature strategy; this "
                     f"model has {vision.model_type} / {strategy!r} (use divprune, pool or random)"
                 )
-        check_method(method, self.piofvlm_tower, config.text_config.num_hidden_layers, "llava")
+        check_method(method, self.piofvlm_tower, config.text_config.num_hidden_layers, model_type)
         for index in vision_layers_needed(method, self.piofvlm_tower):
             blocks[index].register_forward_pre_hook(functools.partial(self._capture, index))
 
@@ -227,24 +247,19 @@ class PiofvlmLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             k = tensor_model_parallel_all_gather(k.contiguous(), dim=1)
         return probs, k.mean(1)
 
-    def embed_multimodal(self, **kwargs: object) -> Any:
-        keys = kwargs.pop(KEY_FIELD, None)
-        if self.piofvlm_method is None:
-            return super().embed_multimodal(**kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if (
-            isinstance(image_input, dict)
-            and image_input.get("type") == "image_embeds"
-            or isinstance(image_input, LlavaImageEmbeddingInputs)
-        ):
-            raise ValueError("the piofvlm plugin selects among encoded images: send images, not image_embeds")
+    def _select_encoded(
+        self,
+        image_input: Any,
+        keys: Any,
+        encode: Callable[[], list[torch.Tensor] | torch.Tensor],
+        model_type: str,
+        sources: list[dict[str, torch.Tensor]] | None = None,
+    ) -> list[torch.Tensor]:
+        """Encode the images (``encode()``, with this instance's captures of the vision blocks the method reads) and
+        run the method's selection on the projected features; returns the kept embeddings of each image."""
         self._captured.clear()
         try:
-            features = self._process_image_input(image_input)
-            if not isinstance(features, torch.Tensor):
-                features = torch.stack(list(features))
+            features = encode()
             if keys is not None:
                 keys = torch.as_tensor(keys if isinstance(keys, torch.Tensor) else torch.stack(list(keys))).reshape(-1)
             selection = select_image_tokens(
@@ -254,6 +269,8 @@ class PiofvlmLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 self._captured,
                 sample_keys=keys,
                 num_text_layers=self.config.text_config.num_hidden_layers,
+                model_type=model_type,
+                sources=sources,
             )
         finally:
             self._captured.clear()
@@ -276,4 +293,35 @@ class PiofvlmLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 file.write(json.dumps(line) + "\n")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights((_vision_tower_keys(name), tensor) for name, tensor in weights)
+        return super().load_weights((_vision_tower_keys(name), tensor) for name, tensor in weights)  # type: ignore[misc]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PiofvlmLlavaMultiModalProcessor, info=PiofvlmLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class PiofvlmLlavaForConditionalGeneration(ClipTowerMixin, LlavaForConditionalGeneration):
+    """vLLM's LLaVA with a piofvlm input/encoder-side method in ``embed_multimodal``."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_piofvlm("llava")
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        keys = kwargs.pop(KEY_FIELD, None)
+        if self.piofvlm_method is None:
+            return super().embed_multimodal(**kwargs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if (
+            isinstance(image_input, dict)
+            and image_input.get("type") == "image_embeds"
+            or isinstance(image_input, LlavaImageEmbeddingInputs)
+        ):
+            raise ValueError("the piofvlm plugin selects among encoded images: send images, not image_embeds")
+
+        def encode() -> torch.Tensor:
+            features = self._process_image_input(image_input)
+            return features if isinstance(features, torch.Tensor) else torch.stack(list(features))
+
+        return self._select_encoded(image_input, keys, encode, "llava")

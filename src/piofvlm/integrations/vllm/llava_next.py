@@ -17,9 +17,6 @@ Imports vLLM: loaded by vLLM's ``ModelRegistry`` for the architecture ``PiofvlmL
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -32,33 +29,13 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageSize
 
-from piofvlm.integrations.vllm.llava import (
-    KEY_FIELD,
-    RECORD_ENV,
-    PiofvlmLlavaForConditionalGeneration,
-    PromptKeyMixin,
-    _method_of,
-    _vision_tower_keys,
-)
-from piofvlm.integrations.vllm.selection import (
-    VisionTower,
-    anyres_sources,
-    check_method,
-    select_image_tokens,
-    tokens_per_image,
-    vision_layers_needed,
-)
+from piofvlm.integrations.vllm.llava import KEY_FIELD, BudgetInfoMixin, ClipTowerMixin, PromptKeyMixin
+from piofvlm.integrations.vllm.selection import anyres_sources
 
 
-class PiofvlmLlavaNextProcessingInfo(LlavaNextProcessingInfo):
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        full = self.get_full_image_tokens(image_width=image_width, image_height=image_height)
-        method = _method_of(self.get_hf_config())
-        return full if method is None else tokens_per_image(method, full)
-
-    def get_full_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        """Tokens the image has unpruned (vLLM's LLaVA-NeXT count: base view + unpadded grid + newlines)."""
-        return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+class PiofvlmLlavaNextProcessingInfo(BudgetInfoMixin, LlavaNextProcessingInfo):
+    """LLaVA-NeXT's processing info: the budget of each image's unpruned count (vLLM's LLaVA-NeXT count: base view
+    + unpadded grid + newlines)."""
 
     def get_image_size_with_most_features(self) -> ImageSize:
         """The largest image for memory profiling, by its unpruned count (the encoder's work), not the budget."""
@@ -80,53 +57,12 @@ class PiofvlmLlavaNextMultiModalProcessor(PromptKeyMixin, LlavaNextMultiModalPro
 @MULTIMODAL_REGISTRY.register_processor(
     PiofvlmLlavaNextMultiModalProcessor, info=PiofvlmLlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class PiofvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class PiofvlmLlavaNextForConditionalGeneration(ClipTowerMixin, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT with a piofvlm input/encoder-side method in ``embed_multimodal``."""
-
-    _vision_blocks = PiofvlmLlavaForConditionalGeneration._vision_blocks
-    _capture = PiofvlmLlavaForConditionalGeneration._capture
-    _vision_attention = PiofvlmLlavaForConditionalGeneration._vision_attention
-    _record = PiofvlmLlavaForConditionalGeneration._record
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = self.config
-        self.piofvlm_method = _method_of(config)
-        vision = config.vision_config
-        layer = config.vision_feature_layer
-        strategy = config.vision_feature_select_strategy
-        blocks = self._vision_blocks()
-        feature_index = layer % (vision.num_hidden_layers + 1) - 1 if isinstance(layer, int) else -1
-        self.piofvlm_tower = VisionTower(
-            num_layers=len(blocks),
-            feature_layer_index=feature_index,
-            has_cls=strategy == "default" and vision.model_type == "clip_vision_model",
-            side=vision.image_size // vision.patch_size,
-            attention=self._vision_attention,
-        )
-        self._captured: dict[int, torch.Tensor] = {}
-        if self.piofvlm_method is None:
-            return
-        method = self.piofvlm_method
-        if strategy != "default":
-            raise ValueError(
-                f"the piofvlm plugin runs LLaVA-NeXT with vision_feature_select_strategy 'default' (no [CLS] token "
-                f"among the visual tokens); this model has {strategy!r}"
-            )
-        if method.name in ("visionzip", "vscan"):
-            if not isinstance(layer, int) or feature_index < 0:
-                raise ValueError(
-                    f"{method.name} needs a single vision feature layer (a block's output); this model has "
-                    f"vision_feature_layer={layer!r}"
-                )
-            if vision.model_type != "clip_vision_model":
-                raise ValueError(
-                    f"{method.name} in vLLM supports CLIP vision towers; this model has {vision.model_type} (use "
-                    "divprune, pool or random)"
-                )
-        check_method(method, self.piofvlm_tower, config.text_config.num_hidden_layers, "llava_next")
-        for index in vision_layers_needed(method, self.piofvlm_tower):
-            blocks[index].register_forward_pre_hook(functools.partial(self._capture, index))
+        self._init_piofvlm("llava_next")
 
     def _sources(self, pixel_values: Any, image_sizes: Any) -> list[dict[str, torch.Tensor]]:
         """Each image's token layout; ``crop`` indexes the vision tower's batch as vLLM stacked it (a padded
@@ -161,26 +97,7 @@ class PiofvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
         image_sizes = image_input.get("image_sizes")
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs each image's size (image_sizes) to lay out its tokens")
-        self._captured.clear()
-        try:
-            features = list(self._process_image_input(image_input))
-            if keys is not None:
-                keys = torch.as_tensor(keys if isinstance(keys, torch.Tensor) else torch.stack(list(keys))).reshape(-1)
-            selection = select_image_tokens(
-                self.piofvlm_method,
-                features,
-                self.piofvlm_tower,
-                self._captured,
-                sample_keys=keys,
-                num_text_layers=self.config.text_config.num_hidden_layers,
-                model_type="llava_next",
-                sources=self._sources(pixel_values, image_sizes),
-            )
-        finally:
-            self._captured.clear()
-        if os.environ.get(RECORD_ENV):
-            self._record(pixel_values, selection.kept, keys)
-        return selection.embeddings
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights((_vision_tower_keys(name), tensor) for name, tensor in weights)
+        sources = self._sources(pixel_values, image_sizes)
+        return self._select_encoded(
+            image_input, keys, lambda: list(self._process_image_input(image_input)), "llava_next", sources
+        )

@@ -18,10 +18,12 @@ model runner never takes it). The plugin uses that route for images where the ru
 * ``get_mrope_input_positions`` lays out the shorter prompt with the text after each image where the unpruned prompt
   has it (every slot of the image at the image's start, its (0, 0, 0) coordinate);
 * ``embed_multimodal`` runs piofvlm's ``select`` on each image's merged tokens and appends the kept tokens' own grid
-  coordinates, and ``max(h, w) / merge`` as the text continuation, so vLLM's ``recompute_mrope_positions`` gives the
-  positions piofvlm gives on transformers (decoding continues from the largest position, as there). Where the runner
-  does not recompute (the CPU runner), ``embed_input_ids`` strips the channels and ``forward`` adds each multimodal
-  slot's coordinate to its position (every slot sits at its item's start, so the sum is the token's own position).
+  coordinates, and ``max(h, w) / merge`` as the text continuation; the plugin's own ``recompute_mrope_positions``
+  (:class:`KeptMropeMixin`, not vLLM's EVS function) then writes each slot's position as its item's start + its
+  coordinate, which is what piofvlm gives on transformers (decoding continues from the largest position, as there).
+  Where the runner does not recompute (the CPU runner), ``embed_input_ids`` strips the channels and ``forward`` adds
+  each multimodal slot's coordinate to its position (every slot sits at its item's start, so the sum is the token's
+  own position).
 * The runner only takes that route where video pruning is enabled, so the model sets ``video_pruning_rate`` of its
   own worker's multimodal config (EVS itself stays off: videos get their full count of placeholders from this
   plugin's processor and pass unpruned, with their positions appended as EVS would with nothing pruned).
@@ -38,7 +40,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
@@ -54,9 +55,12 @@ from piofvlm.integrations.vllm.llava import KEY_FIELD, RECORD_ENV, PromptKeyMixi
 from piofvlm.integrations.vllm.selection import (
     VisionTower,
     check_method,
+    kept_mrope_channels,
     merged_grid_sources,
     select_image_tokens,
+    shorter_prompt_mrope_positions,
     tokens_per_image,
+    with_kept_rows,
 )
 
 POSITIONS = "keep"
@@ -68,19 +72,27 @@ def _method(config: Any) -> Any:
     return _method_of(config, POSITIONS)
 
 
-class PiofvlmQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+class QwenBudgetInfoMixin:
+    """A Qwen-VL processing info whose ``get_num_image_tokens`` is the budget of the image's ``t * h * w / merge**2``
+    tokens (mixed into vLLM's Qwen2.5-VL / Qwen3-VL processing infos)."""
+
     def get_num_image_tokens(self, **kwargs: Any) -> int:
         full = self.get_full_image_tokens(**kwargs)
-        method = _method(self.get_hf_config())
+        method = _method(self.get_hf_config())  # type: ignore[attr-defined]
         return full if method is None else tokens_per_image(method, full)
 
     def get_full_image_tokens(self, **kwargs: Any) -> int:
         """Tokens the image has unpruned: ``t * h * w / merge**2`` of its grid."""
-        return super().get_num_image_tokens(**kwargs)
+        return super().get_num_image_tokens(**kwargs)  # type: ignore[misc]
 
 
-class PiofvlmQwen2_5_VLMultiModalProcessor(PromptKeyMixin, Qwen2_5_VLMultiModalProcessor):
-    """Qwen2.5-VL's processor: each image gets the budget's placeholders, each video its full count."""
+class PiofvlmQwen2_5_VLProcessingInfo(QwenBudgetInfoMixin, Qwen2_5_VLProcessingInfo):
+    """Qwen2.5-VL's processing info; each image gets the budget's placeholders."""
+
+
+class QwenPromptKeyMixin(PromptKeyMixin):
+    """:class:`PromptKeyMixin` for Qwen-VL processors: each image's unpruned count from its size (dynamic
+    resolution), positions mode ``"keep"``."""
 
     positions = POSITIONS
 
@@ -98,6 +110,10 @@ class PiofvlmQwen2_5_VLMultiModalProcessor(PromptKeyMixin, Qwen2_5_VLMultiModalP
                 )
             )
         return counts
+
+
+class PiofvlmQwen2_5_VLMultiModalProcessor(QwenPromptKeyMixin, Qwen2_5_VLMultiModalProcessor):
+    """Qwen2.5-VL's processor: each image gets the budget's placeholders, each video its full count."""
 
     def _get_prompt_updates(
         self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs: Any
@@ -125,17 +141,23 @@ class PiofvlmQwen2_5_VLMultiModalProcessor(PromptKeyMixin, Qwen2_5_VLMultiModalP
         ]
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    PiofvlmQwen2_5_VLMultiModalProcessor,
-    info=PiofvlmQwen2_5_VLProcessingInfo,
-    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
-)
-class PiofvlmQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    """vLLM's Qwen2.5-VL with a piofvlm input/encoder-side method in ``embed_multimodal`` and the kept tokens' own
-    M-RoPE positions (piofvlm's ``positions="keep"``)."""
+class KeptMropeMixin:
+    """What the plugin's Qwen-VL classes share in vLLM (Qwen2.5-VL, Qwen3-VL): the method from the config, the
+    kept tokens' own M-RoPE coordinates (appended to their embeddings as EVS's 4 position channels; stripped and added
+    to the positions in :meth:`embed_input_ids` / :meth:`forward` where the model runner does not recompute them), the
+    selection on each image's merged tokens, and the record of what each image kept. Mixed in before vLLM's class."""
 
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+    config: Any
+    visual: Any
+    piofvlm_method: Any
+    piofvlm_tower: VisionTower
+    is_multimodal_pruning_enabled: bool
+    #: piofvlm's model type (for the method's checks and messages) and the family's name in messages
+    piofvlm_model_type: str = "qwen2_5_vl"
+    piofvlm_family: str = "Qwen2.5-VL"
+
+    def _init_piofvlm(self, vllm_config: Any) -> None:
+        """Read the method, check it, and enable the model runner's position recompute (end of ``__init__``)."""
         config = self.config
         self.piofvlm_method = _method(config)
         vision = config.vision_config
@@ -147,44 +169,74 @@ class PiofvlmQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         method = self.piofvlm_method
         if method.name in _VISION_ATTENTION:
             raise ValueError(
-                f"{method.name} on Qwen2.5-VL is not available in the vLLM plugin yet: it reads the vision tower's "
-                "attention, which the plugin recomputes for CLIP towers (LLaVA, LLaVA-NeXT) only, not for the Qwen "
-                "ViT's windowed blocks with 2-D rotary; use divprune, pool or random"
+                f"{method.name} on {self.piofvlm_family} is not available in the vLLM plugin yet: it reads the "
+                "vision tower's attention, which the plugin recomputes for CLIP towers (LLaVA, LLaVA-NeXT) only, not "
+                "for the Qwen ViT's windowed blocks with 2-D rotary; use divprune, pool or random"
             )
-        check_method(method, self.piofvlm_tower, config.text_config.num_hidden_layers, "qwen2_5_vl")
+        check_method(method, self.piofvlm_tower, config.text_config.num_hidden_layers, self.piofvlm_model_type)
         # vLLM's model runner rewrites a request's M-RoPE positions from the embeddings' extra channels after
         # encoding only where multimodal pruning is enabled, which it reads from video_pruning_rate (EVS). This
-        # worker's copy of the config is set so; EVS stays off (this class's processor and embed_multimodal never
+        # worker's copy of the config is set so; EVS stays off (the plugin's processors and embed_multimodal never
         # prune videos).
         multimodal = vllm_config.model_config.multimodal_config
         if not multimodal.is_multimodal_pruning_enabled():
             multimodal.video_pruning_rate = 1e-6
         self.is_multimodal_pruning_enabled = True
 
-    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
-        """The shorter prompt's positions before encoding: text where the unpruned prompt has it (after an item, at
-        its start + its largest grid coordinate + 1); every slot of an image or video at the item's start (its
-        (0, 0, 0) coordinate). The kept tokens' own coordinates are added after encoding (``recompute_mrope_positions``
-        where the model runner calls it, else :meth:`embed_input_ids` and :meth:`forward`)."""
+    def _embedding_width(self) -> int:
+        """Channels of an item's embedding as the language model side takes it (before the 4 position channels)."""
+        return int(self.config.text_config.hidden_size)
+
+    def _split_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An image's encoder output ``(n, c)`` -> the tokens the method selects among and per-token extras that
+        follow each kept token (``None``: none)."""
+        return features, None
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.Tensor,
+        num_computed_tokens: int,
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        """The model runner's position rewrite after encoding (vLLM's GPU runners, where multimodal pruning is
+        enabled): strip the 4 position channels the plugin appended and write each item slot's position as its
+        item's start + its (t, h, w) coordinate; the text keeps the positions :meth:`get_mrope_input_positions` gave
+        it (already those of the unpruned prompt).
+
+        ``multimodal_embeddings`` are the rows of this step's chunk: the prompt's image / video slots from
+        ``num_computed_tokens`` on, in order (a chunk may end or start inside an item). An item's start is the
+        position of the vision-start token before it + 1 (text positions are never rewritten, so calling this again
+        on the same slots gives the same positions). vLLM's own EVS function is not used: it places an item that
+        follows a split item in the same chunk as a continuation of the split one (vLLM 0.32).
+        """
         if self.piofvlm_method is None:
-            return super().get_mrope_input_positions(input_tokens, mm_features)
-        pieces: list[np.ndarray] = []
-        start, next_position = 0, 0
-        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            ((offset, t, h, w, t_factor),) = list(self.iter_mm_grid_thw([feature]))
-            length = int(feature.mm_position.length)
-            text = offset - start
-            pieces.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
-            base = next_position + text
-            pieces.append(np.full((3, length), base, dtype=np.int64))
-            last_t = int((t - 1) * t_factor) if t_factor != 1.0 else t - 1
-            next_position = base + max(last_t, h - 1, w - 1) + 1
-            start = offset + length
-        if start < len(input_tokens):
-            text = len(input_tokens) - start
-            pieces.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
-        positions = np.concatenate(pieces, axis=1).reshape(3, -1)
-        return torch.from_numpy(positions), int(positions.max() + 1 - len(input_tokens))
+            return super().recompute_mrope_positions(  # type: ignore[misc]
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
+            )
+        width = self._embedding_width()
+        positions = mrope_positions.clone()
+        items = [item for item in multimodal_embeddings if item.shape[0]]
+        if items:
+            ids = torch.as_tensor(input_ids, dtype=torch.long).to(positions.device)
+            config = self.config
+            media = (ids == config.image_token_id) | (ids == config.video_token_id)
+            first = int(media[:num_computed_tokens].sum())
+            coordinates = torch.cat([item[:, width : width + 3] for item in items]).round().long().to(positions.device)
+            slots = media.nonzero()[:, 0][first : first + coordinates.shape[0]]
+            if slots.shape[0] != coordinates.shape[0]:
+                raise RuntimeError(
+                    f"{coordinates.shape[0]} multimodal rows but {slots.shape[0]} image / video slots after token "
+                    f"{num_computed_tokens} of the prompt"
+                )
+            # each slot's run of media tokens starts after a vision-start token, whose position + 1 is the item's start
+            starts = torch.cummax(torch.where(media, -1, torch.arange(len(ids), device=ids.device)), 0).values
+            opener = starts[slots]
+            if bool((opener < 0).any()) or bool((ids[opener.clamp(min=0)] != config.vision_start_token_id).any()):
+                raise RuntimeError("an image or video placeholder of the prompt does not follow a vision-start token")
+            positions[:, slots] = positions[0, opener] + 1 + coordinates.T.to(positions.dtype)
+        stripped = [item[:, :width] for item in multimodal_embeddings]
+        return stripped, positions, int(positions.max()) + 1 - len(input_ids)
 
     def embed_input_ids(
         self, input_ids: torch.Tensor, multimodal_embeddings: Any = None, *, is_multimodal: Any = None
@@ -192,13 +244,13 @@ class PiofvlmQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         """Where the model runner did not take the recompute route (vLLM's CPU model runner never enables it), the
         items' embeddings still carry their 4 position channels: strip them here and keep each multimodal slot's
         (t, h, w) coordinate for :meth:`forward`."""
-        hidden = self.config.text_config.hidden_size
+        width = self._embedding_width()
         items = list(multimodal_embeddings) if multimodal_embeddings is not None else []
-        if items and is_multimodal is not None and items[0].shape[-1] == hidden + 4:
-            coordinates = torch.cat([item[:, hidden : hidden + 3] for item in items]).round().long()
+        if items and is_multimodal is not None and items[0].shape[-1] == width + 4:
+            coordinates = torch.cat([item[:, width : width + 3] for item in items]).round().long()
             self._pending_coordinates = (is_multimodal.nonzero()[:, 0], coordinates)
-            multimodal_embeddings = [item[:, :hidden] for item in items]
-        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+            multimodal_embeddings = [item[:, :width] for item in items]
+        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)  # type: ignore[misc]
 
     def forward(self, input_ids: Any, positions: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         pending, self._pending_coordinates = getattr(self, "_pending_coordinates", None), None
@@ -206,56 +258,40 @@ class PiofvlmQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             slots, coordinates = pending
             positions = positions.clone()
             positions[:, slots] += coordinates.T.to(positions.device, positions.dtype)
-        return super().forward(input_ids, positions, *args, **kwargs)
+        return super().forward(input_ids, positions, *args, **kwargs)  # type: ignore[misc]
 
     def _with_positions(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``embeddings`` with EVS's 4 position channels: (t, h, w) from the item's start, and the continuation of
         the text after it (the largest coordinate + 1, as the unpruned prompt continues)."""
         return torch.cat([embeddings, positions.to(embeddings.device, embeddings.dtype)], dim=1)
 
-    def embed_multimodal(self, **kwargs: object) -> Any:
-        keys = kwargs.pop(KEY_FIELD, None)
-        if self.piofvlm_method is None:
-            return super().embed_multimodal(**kwargs)
-        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
+    def _select_images(self, item: Any, keys: Any) -> list[torch.Tensor]:
+        """The kept embeddings of each image of ``item`` (vLLM's parsed image input), with their position channels:
+        piofvlm's ``select`` on each image's merged tokens in raster order."""
+        if item["type"] != "pixel_values":
+            raise ValueError("the piofvlm plugin selects among encoded images: send images, not image_embeds")
         merge = self.visual.spatial_merge_size
-        out: list[torch.Tensor] = []
-        for modality, item in inputs.items():
-            if modality == "image":
-                if item["type"] != "pixel_values":
-                    raise ValueError("the piofvlm plugin selects among encoded images: send images, not image_embeds")
-                grids = item["image_grid_thw"].tolist()
-                features = list(self._process_image_input(item))
-                if keys is not None:
-                    keys = torch.as_tensor(keys if isinstance(keys, torch.Tensor) else torch.stack(list(keys)))
-                    keys = keys.reshape(-1)
-                selection = select_image_tokens(
-                    self.piofvlm_method,
-                    features,
-                    self.piofvlm_tower,
-                    sample_keys=keys,
-                    num_text_layers=self.config.text_config.num_hidden_layers,
-                    model_type="qwen2_5_vl",
-                    sources=[merged_grid_sources(grid, merge, i) for i, grid in enumerate(grids)],
-                )
-                for embeddings, kept, grid in zip(selection.embeddings, selection.kept, grids, strict=True):
-                    positions = compute_mrope_for_media(grid, merge)
-                    continuation = int(positions[:, :3].max()) + 1
-                    positions = positions[kept.cpu()]
-                    positions[:, 3] = continuation
-                    out.append(self._with_positions(embeddings, positions))
-                if os.environ.get(RECORD_ENV):
-                    self._record(item["pixel_values"], grids, selection.kept, keys)
-            elif modality == "video":
-                grids = item["video_grid_thw"].tolist()
-                seconds = item.get("second_per_grid_ts")
-                tokens_per_second = self.config.vision_config.tokens_per_second
-                for i, (embeddings, grid) in enumerate(zip(self._process_video_input(item), grids, strict=True)):
-                    per_grid = 1.0 if seconds is None else float(seconds[i])
-                    positions = compute_mrope_for_media(grid, merge, tokens_per_second, per_grid)
-                    positions[:, 3] = int(positions[:, :3].max()) + 1
-                    out.append(self._with_positions(embeddings, positions))
-        return tuple(out)
+        grids = item["image_grid_thw"].tolist()
+        features, extras = zip(*(self._split_features(f) for f in self._process_image_input(item)), strict=True)  # type: ignore[attr-defined]
+        if keys is not None:
+            keys = torch.as_tensor(keys if isinstance(keys, torch.Tensor) else torch.stack(list(keys))).reshape(-1)
+        selection = select_image_tokens(
+            self.piofvlm_method,
+            list(features),
+            self.piofvlm_tower,
+            sample_keys=keys,
+            num_text_layers=self.config.text_config.num_hidden_layers,
+            model_type=self.piofvlm_model_type,
+            sources=[merged_grid_sources(grid, merge, i) for i, grid in enumerate(grids)],
+        )
+        embeddings = with_kept_rows(selection.embeddings, extras, selection.kept)
+        out = [
+            self._with_positions(rows, kept_mrope_channels(grid, merge, kept))
+            for rows, kept, grid in zip(embeddings, selection.kept, grids, strict=True)
+        ]
+        if os.environ.get(RECORD_ENV):
+            self._record(item["pixel_values"], grids, selection.kept, keys)
+        return out
 
     def _record(self, pixel_values: Any, grids: list, kept: list[torch.Tensor], keys: torch.Tensor | None) -> None:
         from vllm.distributed import get_tensor_model_parallel_rank
@@ -272,3 +308,51 @@ class PiofvlmQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                     "kept": index.tolist(),
                 }
                 file.write(json.dumps(line) + "\n")
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PiofvlmQwen2_5_VLMultiModalProcessor,
+    info=PiofvlmQwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class PiofvlmQwen2_5_VLForConditionalGeneration(KeptMropeMixin, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with a piofvlm input/encoder-side method in ``embed_multimodal`` and the kept tokens' own
+    M-RoPE positions (piofvlm's ``positions="keep"``)."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_piofvlm(vllm_config)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        """The shorter prompt's positions before encoding (:func:`~piofvlm.integrations.vllm.selection.
+        shorter_prompt_mrope_positions`: text where the unpruned prompt has it, each item's slots at its start); the
+        kept tokens' own coordinates are added after encoding (``recompute_mrope_positions`` where the model runner
+        calls it, else :meth:`embed_input_ids` and :meth:`forward`)."""
+        if self.piofvlm_method is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        items = []
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            ((offset, t, h, w, t_factor),) = list(self.iter_mm_grid_thw([feature]))
+            items.append((offset, int(feature.mm_position.length), t, h, w, t_factor))
+        return shorter_prompt_mrope_positions(len(input_tokens), items)
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        keys = kwargs.pop(KEY_FIELD, None)
+        if self.piofvlm_method is None:
+            return super().embed_multimodal(**kwargs)
+        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
+        merge = self.visual.spatial_merge_size
+        out: list[torch.Tensor] = []
+        for modality, item in inputs.items():
+            if modality == "image":
+                out.extend(self._select_images(item, keys))
+            elif modality == "video":
+                grids = item["video_grid_thw"].tolist()
+                seconds = item.get("second_per_grid_ts")
+                tokens_per_second = self.config.vision_config.tokens_per_second
+                for i, (embeddings, grid) in enumerate(zip(self._process_video_input(item), grids, strict=True)):
+                    per_grid = 1.0 if seconds is None else float(seconds[i])
+                    positions = compute_mrope_for_media(grid, merge, tokens_per_second, per_grid)
+                    positions[:, 3] = int(positions[:, :3].max()) + 1
+                    out.append(self._with_positions(embeddings, positions))
+        return tuple(out)

@@ -249,6 +249,59 @@ def merged_grid_sources(grid_thw: Sequence[int], merge_size: int, crop: int) -> 
     }
 
 
+def kept_mrope_channels(grid_thw: Sequence[int], merge_size: int, kept: torch.Tensor) -> torch.Tensor:
+    """The 4 position channels the plugin appends to an image's kept embeddings (Qwen-VL, ``positions="keep"``):
+    each kept token's (t, h, w) M-RoPE coordinate on the merged grid, counted from the image's start, and the text
+    continuation after the image (its largest coordinate + 1, as in the unpruned prompt). ``(len(kept), 4)`` int64;
+    the layout of vLLM's EVS channels (``compute_mrope_for_media``) for an image."""
+    t, h, w = (int(v) for v in grid_thw)
+    height, width = h // merge_size, w // merge_size
+    index = torch.arange(t * height * width)
+    coordinates = torch.stack([index // (height * width), index % (height * width) // width, index % width], dim=1)
+    continuation = max(t - 1, height - 1, width - 1) + 1
+    kept = kept.cpu().long()
+    return torch.cat([coordinates[kept], torch.full((len(kept), 1), continuation)], dim=1)
+
+
+def shorter_prompt_mrope_positions(
+    num_tokens: int, items: Sequence[tuple[int, int, int, int, int, float]]
+) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions ``(3, num_tokens)`` of a prompt whose images were pruned, before the kept tokens are known:
+    text where the unpruned prompt has it (after an item, at its start + its largest grid coordinate + 1), every slot
+    of an item at the item's start (its (0, 0, 0) coordinate), and the delta of the next position over
+    ``num_tokens`` (vLLM's ``mrope_position_delta``). Adding each kept token's coordinate
+    (:func:`kept_mrope_channels`) to its slot gives piofvlm's ``positions="keep"``.
+
+    ``items``: ``(offset, slots, t, h, w, t_factor)`` of each image / video in prompt order (``h``, ``w`` on the
+    merged grid; ``t_factor`` scales a video's temporal coordinate, 1.0 for images)."""
+    pieces: list[torch.Tensor] = []
+    start, next_position = 0, 0
+    for offset, length, t, h, w, t_factor in items:
+        text = offset - start
+        pieces.append(torch.arange(text).expand(3, text) + next_position)
+        base = next_position + text
+        pieces.append(torch.full((3, length), base, dtype=torch.long))
+        last_t = int((t - 1) * t_factor) if t_factor != 1.0 else t - 1
+        next_position = base + max(last_t, h - 1, w - 1) + 1
+        start = offset + length
+    if start < num_tokens:
+        text = num_tokens - start
+        pieces.append(torch.arange(text).expand(3, text) + next_position)
+    positions = torch.cat(pieces, dim=1).reshape(3, -1)
+    return positions, int(positions.max()) + 1 - num_tokens
+
+
+def with_kept_rows(
+    embeddings: Sequence[torch.Tensor], extras: Sequence[torch.Tensor | None], kept: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each image's kept embeddings ``(k, d)`` followed by the rows ``kept`` of its per-token extras ``(n, e)``
+    (Qwen3-VL: the deepstack levels of each kept token, so each kept token brings its own; ``None``: none)."""
+    return [
+        row if extra is None else torch.cat([row, extra[index.to(extra.device)].to(row.dtype)], dim=1)
+        for row, extra, index in zip(embeddings, extras, kept, strict=True)
+    ]
+
+
 def grid_sources(side: int) -> dict[str, torch.Tensor]:
     """Where each visual token of a LLaVA-1.5 image comes from: one ``side x side`` crop in raster order."""
     patch = torch.arange(side * side)
