@@ -231,7 +231,7 @@ class TokenPruner(Method):
         compiles with inductor and ``dynamic=False``; a dict gives ``torch.compile`` options (``backend``, ``mode``,
         ``fullgraph``, ``dynamic``, ``options``), e.g. ``{"mode": "reduce-overhead"}`` for CUDA graphs on a GPU.
         Decoding, the selection and the layers before the prune point stay eager; removing the handle restores the
-        layers' forwards. Each new batch size or kept length compiles once (``docs/benchmarks.md`` section 7.7).
+        layers' forwards. Each new batch size or kept length compiles once (``docs/benchmarks.md`` section 7.5b).
         """
         adapter = get_adapter(model)
         self.check_model(adapter)

@@ -326,7 +326,7 @@ def _head_loss(head: Callable[[torch.Tensor], Any], hidden: torch.Tensor) -> tor
 
     For a plain bias-free ``nn.Linear`` fp32 head on the CPU and at most 16 rows, in one pass over the vocabulary
     matrix (:class:`_FusedHeadLoss`: 33 against 38.5 ms at 4 x 32064 x 1024 on the 2-core EPYC of
-    ``docs/benchmarks.md`` section 7.7); otherwise the head's logits and their cross-entropy. bf16 keeps the two
+    ``docs/benchmarks.md`` section 7.5b); otherwise the head's logits and their cross-entropy. bf16 keeps the two
     passes (blockwise it was slower there: 27 against 23 ms); fp64 too (its softmax is the fp32 one of
     ``_self_argmax_loss`` bit for bit, which the fp64 tests compare to 1e-10)."""
     weight = _plain_head_weight(head)
