@@ -1,8 +1,9 @@
-"""A/B of PIO's selection (issue 25 item 5, docs/benchmarks.md section 7.5b): the ``piofvlm.select`` time of PIO
-with this branch's closed form ("new") and with the previous one restored in the same process ("old": the LM head's
-two passes, ``x . dL/d(P n)`` recomputed, the norm and rotation probes run at every call), and FastV's, alternating
-(rotating order), on the speed benchmark's prefill stand-in (``next-1024x24``, 4 layers, fp32, 1 thread, 11.1%
-after layer 2). Also checks that old and new keep the same tokens.
+"""A/B of PIO's selection (issue 25 item 5, docs/benchmarks.md section 7.5b): the time of ``method.select`` (wall,
+and the thread's CPU time with 1 thread) of PIO with this branch's closed form ("new") and with the previous one
+restored in the same process ("old": the LM head's two passes, ``x . dL/d(P n)`` recomputed, the norm and rotation
+probes run at every call), and FastV's, alternating (rotating order), on the speed benchmark's prefill stand-in
+(``next-1024x24``, 4 layers, fp32, 1 thread, 11.1% after layer 2). Also checks that old and new keep the same
+tokens.
 
     PYTHONPATH=src python scripts/pio_select_ab.py [repeats]
 """
@@ -12,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import statistics
 import sys
+import time
 
 import torch
 
 import piofvlm
-from piofvlm.bench.measure import load_average, profile_labels
+from piofvlm.bench.measure import load_average
 from piofvlm.bench.shapes import build_inputs, build_model
 from piofvlm.bench.speed import _shape
 from piofvlm.methods.pio import proxy_loss
@@ -62,17 +64,33 @@ def main() -> None:
         for name in names[shift:] + names[:shift]:
             method_name, old = variants[name]
             method = piofvlm.get_method(method_name, keep=0.111, layers=[2])
+            seconds: list[tuple[float, float]] = []
+            select = method.select
+
+            def timed_select(ctx, select=select, seconds=seconds):  # noqa: ANN001, ANN202 - a method's select
+                begin, begin_cpu = time.perf_counter(), time.thread_time()
+                result = select(ctx)
+                seconds.append((time.perf_counter() - begin, time.thread_time() - begin_cpu))
+                return result
+
+            method.select = timed_select
             with previous_closed_form() if old else contextlib.nullcontext(), method(model), torch.no_grad():
-                labels, _ = profile_labels(lambda: model(**inputs, use_cache=True, logits_to_keep=1), model.device)
+                model(**inputs, use_cache=True, logits_to_keep=1)
             kept[name] = [k.tolist() for k in method.last_selection[0].kept]
             if round_index:
-                times[name].append(1000 * labels["select"])
-    medians = {name: statistics.median(value) for name, value in times.items()}
+                times[name].append(seconds[0])
     print(f"load {load} -> {load_average()}; {repeats} rounds; torch {torch.__version__}")
+    medians = {}
     for name, value in times.items():
-        print(f"{name}: select median {medians[name]:.1f} ms [{min(value):.1f}-{max(value):.1f}]")
-    new, old = medians["pio new"] / medians["fastv"], medians["pio old"] / medians["fastv"]
-    print(f"pio/fastv: new {new:.2f}x, old {old:.2f}x")
+        wall, cpu = [1000 * w for w, _ in value], [1000 * c for _, c in value]
+        medians[name] = statistics.median(wall), statistics.median(cpu)
+        print(
+            f"{name}: select wall median {medians[name][0]:.1f} ms [{min(wall):.1f}-{max(wall):.1f}], "
+            f"thread CPU median {medians[name][1]:.1f} ms [{min(cpu):.1f}-{max(cpu):.1f}]"
+        )
+    for index, what in enumerate(("wall", "CPU")):
+        new, old = (medians[key][index] / medians["fastv"][index] for key in ("pio new", "pio old"))
+        print(f"pio/fastv ({what}): new {new:.2f}x, old {old:.2f}x")
     print(f"old and new keep the same tokens: {kept['pio new'] == kept['pio old']}")
 
 
