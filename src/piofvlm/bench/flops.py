@@ -104,16 +104,15 @@ def pio_proxy_flops(
 ) -> dict[str, int]:
     """One PIO stage's proxy on ``seq_len`` tokens: ``{"forward", "backward", "nms"}`` FLOPs.
 
-        Fast path (``methods/pio/proxy_loss.py``, its closed form): keys over the sequence; queries, scores (block-diagonal
-        queries against all key heads), the attention weights applied to the normed hidden states (``P normed``, then
-        ``v_proj`` on those rows), output projection, MLP and LM head at the ``positions`` loss slots. Reference path: the
-        full layer and the LM head everywhere. The backward computes input gradients only (no weight gradients): each
-        product costs its forward again, twice where both operands need a gradient (scores, ``P normed``; attention twice
-        its forward in the reference path); the rows' ``g . x`` reuse the backward's ``x (w dL/d(P n))^T`` (no product of
-    their own since branch ``i25e``). NMS: the
-        cosine-similarity matrix over the first prefix the NMS always compares (``min(candidates, max(2 kept, 64))``
-        tokens), a lower bound: the prefix grows when suppression leaves fewer than ``kept`` tokens (its fixed-point
-        rounds are matrix-vector products, not counted).
+    Fast path (``methods/pio/proxy_loss.py``, its closed form): keys over the sequence; queries, scores (block-diagonal
+    queries against all key heads), the attention weights applied to the normed hidden states (``P normed``, then
+    ``v_proj`` on those rows), output projection, MLP and LM head at the ``positions`` loss slots. Reference path: the
+    full layer and the LM head everywhere. The backward computes input gradients only (no weight gradients): each
+    product costs its forward again, twice where both operands need a gradient (scores, ``P normed``; attention twice
+    its forward in the reference path); the rows' ``g . x`` reuse the backward's ``x (w dL/d(P n))^T`` (no product
+    of their own since branch ``i25e``). NMS: the cosine-similarity matrix over the first prefix the NMS always
+    compares (``min(candidates, max(2 kept, 64))`` tokens), a lower bound: the prefix grows when suppression leaves
+    fewer than ``kept`` tokens (its fixed-point rounds are matrix-vector products, not counted).
     """
     d = shape.hidden_size
     prefix = min(candidates, max(2 * kept, 64))
