@@ -217,3 +217,55 @@ def test_bf16_cosine_neighbors_decide_as_fp32():
     rounded = torch.bmm(features, features.transpose(1, 2)).float()
     norms = torch.linalg.vector_norm(features.float(), dim=-1)
     assert not torch.equal((rounded / (norms[:, :, None] * norms[:, None, :]) >= tau)[clear], expected[clear])
+
+
+def test_fused_head_loss_equals_the_two_passes(monkeypatch):
+    """The one-pass head (online softmax over vocabulary blocks, with and without a remainder block) gives the loss
+    and the gradient of ``_self_argmax_loss`` through the head to fp32 rounding, in fp32 and fp64 weights; the fp64
+    closed form keeps the two passes (bit-for-bit fp32 softmax)."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(proxy_loss, "_FUSED_HEAD_ROWS", 16)
+    for vocab in (16 * 8, 16 * 8 + 5):
+        for dtype in (torch.float32, torch.float64):
+            weight = torch.randn(vocab, 24, dtype=dtype)
+            hidden = torch.randn(2, 3, 24, dtype=dtype)
+            leaf = hidden.clone().requires_grad_(True)
+            expected_loss = proxy_loss._self_argmax_loss(leaf @ weight.T)
+            (expected,) = torch.autograd.grad(expected_loss, leaf)
+            leaf = hidden.clone().requires_grad_(True)
+            loss = proxy_loss._FusedHeadLoss.apply(leaf, weight)
+            (grad,) = torch.autograd.grad(2.0 * loss, leaf)  # the incoming gradient scales it
+            torch.testing.assert_close(loss, expected_loss.to(loss.dtype), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(grad, 2.0 * expected, rtol=1e-5, atol=1e-6)
+    head = torch.nn.Linear(24, 64, bias=False)
+    calls = []
+    monkeypatch.setattr(proxy_loss, "_self_argmax_loss", lambda logits: calls.append(logits.dtype) or logits.sum())
+    proxy_loss._head_loss(head, torch.randn(1, 4, 24))  # fp32, 64 >= 4 blocks of 16: fused
+    proxy_loss._head_loss(head.double(), torch.randn(1, 4, 24, dtype=torch.float64))  # fp64: two passes
+    proxy_loss._head_loss(head.float(), torch.randn(1, 17, 24))  # more than 16 rows: two passes
+    assert calls == [torch.float64, torch.float32]
+
+
+def test_fused_head_keeps_the_kept_set(monkeypatch):
+    """PIO on the fp32 tiny LLaVA with the one-pass head (blocks of 8 of its 64 ids) keeps the tokens the two-pass
+    head keeps, with the same scores to fp32 rounding."""
+    import piofvlm
+
+    m, inputs = _model_and_inputs("llava", indices=(0, 2))
+    method = piofvlm.get_method("pio", layers=[2], keep=0.25)
+
+    def run():
+        with method(m), torch.no_grad():
+            m(**inputs)
+        return method.last_selection[0]
+
+    two_pass = run()
+    monkeypatch.setattr(proxy_loss, "_FUSED_HEAD_ROWS", 8)
+    fused_calls = []
+    apply = proxy_loss._FusedHeadLoss.apply
+    monkeypatch.setattr(proxy_loss._FusedHeadLoss, "apply", lambda *a: fused_calls.append(1) or apply(*a))
+    fused = run()
+    assert fused_calls == [1]
+    assert [k.tolist() for k in fused.kept] == [k.tolist() for k in two_pass.kept]
+    for a, b in zip(fused.scores, two_pass.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

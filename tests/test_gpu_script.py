@@ -45,4 +45,7 @@ def test_gpu_script_dry_run(tmp_path):
     assert all(row["tokens_equal"] for row in speed["compiled"])  # compiled (dynamo, eager backend) == eager
     assert [row["variant"] for row in speed["prefill"]["rows"]] == ["none", "direct", "random", "fastv", "pio"]
     assert {row["batch"] for row in speed["throughput"]["rows"]} == {1, 2}
+    rows = speed["compiled_prefill"]["rows"]  # the compiled post-prune prefill (dynamo, eager backend) == eager
+    assert [row["variant"] for row in rows] == ["direct", "random", "random compiled", "pio", "pio compiled"]
+    assert all(row["same_kept"] and row["max_abs_logit_diff"] == 0 for row in rows if "compiled" in row["variant"])
     assert "Prefill against the direct bound" in report and "Throughput" in report

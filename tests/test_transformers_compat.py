@@ -389,6 +389,27 @@ def test_dynamic_cache_layers_can_be_left_padded():
     assert transformers_compat.is_dynamic_cache(DynamicCache())
 
 
+def test_own_cache_layer_copies_what_a_graphed_layer_wrote():
+    """The compiled post-prune prefill under CUDA graphs copies a layer's keys and values out of the graphs' pool:
+    the cache must keep reading (and appending to) the copies."""
+    model = toy.build_llava(num_layers=2)
+    with torch.no_grad():
+        out = model.model.language_model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+    cache = transformers_compat.output_cache(out)
+    keys, values = cache.layers[1].keys, cache.layers[1].values
+    transformers_compat.own_cache_layer(cache, 1)
+    copied = cache.layers[1].keys
+    contract(
+        torch.equal(copied, keys) and copied.data_ptr() != keys.data_ptr()
+        and torch.equal(cache.layers[1].values, values) and cache.layers[0].keys.data_ptr() != copied.data_ptr(),
+        "DynamicLayer.keys/values (the tensors the cache reads)",
+        "own_cache_layer",
+    )  # fmt: skip
+    keys[:] = 0  # what a replay of the graph would do to its pool
+    contract(not torch.equal(cache.layers[1].keys, keys), "DynamicLayer.keys", "own_cache_layer")
+    transformers_compat.own_cache_layer(cache, 5)  # no such layer: nothing
+
+
 # ---------------------------------------------------------------------------------------------------------- Gemma 3
 @functools.cache
 def gemma3():

@@ -177,6 +177,20 @@ def is_dynamic_cache(cache: Any) -> bool:
     )
 
 
+def own_cache_layer(cache: Any, layer_idx: int) -> None:
+    """Replace the keys and values layer ``layer_idx`` of a dynamic ``cache`` holds by copies (a compiled layer that
+    replays a CUDA graph wrote tensors of the graph's memory pool, which its next replay overwrites). Nothing for
+    another kind of cache or layer."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or layer_idx >= len(layers):
+        return
+    layer = layers[layer_idx]
+    for name in ("keys", "values"):
+        value = getattr(layer, name, None)
+        if isinstance(value, torch.Tensor):
+            setattr(layer, name, value.clone())
+
+
 def _linear_attention_layer_class() -> type | None:
     from transformers import cache_utils
 

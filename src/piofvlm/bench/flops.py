@@ -109,10 +109,10 @@ def pio_proxy_flops(
     ``v_proj`` on those rows), output projection, MLP and LM head at the ``positions`` loss slots. Reference path: the
     full layer and the LM head everywhere. The backward computes input gradients only (no weight gradients): each
     product costs its forward again, twice where both operands need a gradient (scores, ``P normed``; attention twice
-    its forward in the reference path), plus one ``P normed``-sized product for the rows' ``g . x``. NMS: the
-    cosine-similarity matrix over the first prefix the NMS always compares (``min(candidates, max(2 kept, 64))``
-    tokens), a lower bound: the prefix grows when suppression leaves fewer than ``kept`` tokens (its fixed-point
-    rounds are matrix-vector products, not counted).
+    its forward in the reference path); the rows' ``g . x`` reuse the backward's ``x (w dL/d(P n))^T`` (no product
+    of their own since branch ``i25e``). NMS: the cosine-similarity matrix over the first prefix the NMS always
+    compares (``min(candidates, max(2 kept, 64))`` tokens), a lower bound: the prefix grows when suppression leaves
+    fewer than ``kept`` tokens (its fixed-point rounds are matrix-vector products, not counted).
     """
     d = shape.hidden_size
     prefix = min(candidates, max(2 * kept, 64))
@@ -128,9 +128,8 @@ def pio_proxy_flops(
     mixed = 2 * shape.num_heads * n * seq_len * d
     small = 2 * n * d * shape.q_dim * 3 + 3 * 2 * n * d * shape.intermediate_size + lm_head_flops(shape, n)  # q, v, o
     forward = keys + scores + mixed + small
-    # + the rows' g . x from x (w dL/d(P n))^T (the closed form's norms on layers without a key bias or key norm, as
-    # every preset here; the others take an element-wise product instead, not counted)
-    return {"forward": forward, "backward": forward + scores + 2 * mixed, "nms": nms}
+    # the rows' g . x take x (w dL/d(P n))^T from the backward of P normed: no product of their own
+    return {"forward": forward, "backward": forward + scores + mixed, "nms": nms}
 
 
 def paper_layer_macs(shape: TextShape, n_visual: float) -> float:

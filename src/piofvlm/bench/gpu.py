@@ -66,9 +66,12 @@ SPEED_GPU = {
     "throughput_layers": None,
     "new_tokens": 16,
     "kv_budget_gib": 40.0,
-    "parts": ["decode", "compiled", "prefill", "selection", "throughput"],
+    "parts": ["decode", "compiled", "prefill", "selection", "throughput", "compiled_prefill"],
     "compile_mode": "reduce-overhead",
     "compile_methods": ["pio"],  # each compiled variant compiles a 7B decode step (tens of seconds)
+    # compiled_prefill: the layers after the prune point compiled per layer with CUDA graphs; random and pio keep the
+    # same length, so they share the compiled code.
+    "compile_prefill_methods": ["random", "pio"],
 }
 
 

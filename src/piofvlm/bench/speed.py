@@ -94,6 +94,9 @@ class SpeedConfig:
     compile_mode: str | None = None
     compile_backend: str | None = None
     compile_methods: list[str] = field(default_factory=lambda: ["random", "pio"])
+    #: ``compiled_prefill`` (issue 25 item 3, not in the default parts): the methods whose prefill is timed eager and
+    #: with ``compile_prefill`` (torch.compile options: ``compile_mode`` and ``compile_backend`` above).
+    compile_prefill_methods: list[str] = field(default_factory=lambda: ["random", "pio"])
     seed: int = 0
 
 
@@ -430,6 +433,79 @@ def direct_bound(model: nn.Module, inputs: dict[str, torch.Tensor], config: Spee
     }
 
 
+def compiled_prefill_bound(model: nn.Module, inputs: dict[str, torch.Tensor], config: SpeedConfig) -> dict[str, Any]:
+    """Prefill of each method eager and with the compiled post-prune prefill (``compile_prefill``: the layers after
+    the prune point through ``torch.compile``), against the direct bound (eager), interleaved. The first round
+    (untimed) compiles. Also whether the compiled prefill kept the same tokens and its logits' distance to eager."""
+    device = next(model.parameters()).device
+    timer = Timer(device)
+    options: dict[str, Any] = {}
+    if config.compile_mode is not None:
+        options["mode"] = config.compile_mode
+    if config.compile_backend is not None:
+        options["backend"] = config.compile_backend
+    methods = {name: _method(name, config) for name in config.compile_prefill_methods}
+    length = inputs["input_ids"].shape[1]
+    with methods[next(iter(methods))](model), torch.no_grad():
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+    kept_len = fl.cache_layer_lengths(transformers_compat.output_cache(out))[config.layer]
+    visual = model.config.image_token_id == inputs["input_ids"][0]
+    text_slots, visual_slots = torch.nonzero(~visual).flatten(), torch.nonzero(visual).flatten()
+    kept = torch.sort(torch.cat([text_slots, visual_slots[: kept_len - text_slots.numel()]])).values
+
+    def forward() -> Any:
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+        begin_cpu = time.thread_time()
+        with torch.no_grad():
+            seconds = timer(fn)[0]
+        return seconds, time.thread_time() - begin_cpu
+
+    checks: dict[str, dict[str, Any]] = {}
+
+    def run_method(name: str, compiled: bool) -> tuple[float, float]:
+        method = methods[name]
+        with method(model, compile_prefill=options if compiled else False):
+            result = timed(forward)
+            with torch.no_grad():
+                logits = forward().logits
+            checks.setdefault(name, {})["compiled" if compiled else "eager"] = (
+                logits,
+                [k.tolist() for k in method.last_selection[0].kept],
+            )
+        return result
+
+    variants: dict[str, Callable[[], Any]] = {
+        "direct": lambda: timed(lambda: direct_prefill(model, inputs, config.layer, kept))
+    }
+    for name in methods:
+        variants[name] = lambda name=name: run_method(name, False)
+        variants[f"{name} compiled"] = lambda name=name: run_method(name, True)
+    times = _interleaved(variants, config.prefill_repeats)
+    medians = {name: _median_ms([wall for wall, _ in value]) for name, value in times.items()}
+    cpu = {name: _median_ms([c for _, c in value]) for name, value in times.items()}
+    rows = []
+    for name in variants:
+        row = {"variant": name, "prefill_ms": medians[name], "prefill_cpu_ms": cpu[name]}
+        row["of_direct_bound"] = medians["direct"] / medians[name]
+        row["of_direct_bound_cpu"] = cpu["direct"] / cpu[name]
+        method_name = name.removesuffix(" compiled")
+        if name.endswith(" compiled"):
+            eager_logits, eager_kept = checks[method_name]["eager"]
+            logits, kept_now = checks[method_name]["compiled"]
+            row["same_kept"] = kept_now == eager_kept
+            row["max_abs_logit_diff"] = float((logits.float() - eager_logits.float()).abs().max())
+        rows.append(row)
+    return {
+        "prompt_length": length,
+        "kept_length": kept_len,
+        "compile_options": {key: str(value) for key, value in options.items()},
+        "rows": rows,
+        "raw_s": times,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- throughput
 def _batch_inputs(model: nn.Module, shape: Any, batch: int, seed: int) -> dict[str, torch.Tensor]:
     """``batch`` prompts of one length (different images and text ids): no padding needed."""
@@ -541,7 +617,7 @@ def run(config: SpeedConfig) -> dict[str, Any]:
             result["compiled"] = compiled_decode(model, inputs, config, config.compile_mode)
             result["compiled_load"] = [load, load_average()]
         del model
-    if "prefill" in config.parts or "selection" in config.parts:
+    if "prefill" in config.parts or "selection" in config.parts or "compiled_prefill" in config.parts:
         shape = _shape(config.prefill_preset, config.prefill_layers, None)
         model = build_model(shape, dtype, config.attn, config.device, seed=config.seed)
         inputs = build_inputs(model, shape, seed=config.seed)
@@ -554,6 +630,10 @@ def run(config: SpeedConfig) -> dict[str, Any]:
             load = load_average()
             result["selection"] = selection_cost(model, inputs, config)
             result["selection"]["load"] = [load, load_average()]
+        if "compiled_prefill" in config.parts:
+            load = load_average()
+            result["compiled_prefill"] = compiled_prefill_bound(model, inputs, config)
+            result["compiled_prefill"]["load"] = [load, load_average()]
         del model
     if "throughput" in config.parts:
         load = load_average()
@@ -656,6 +736,28 @@ def render(result: dict[str, Any]) -> str:
                 f"({100 * row['of_direct_bound_cpu']:.1f}%) |"
             )
         lines.append("")
+    if "compiled_prefill" in result:
+        part, shape = result["compiled_prefill"], result["prefill_shape"]
+        options = ", ".join(f"{k}={v}" for k, v in part["compile_options"].items()) or "inductor defaults"
+        lines += [
+            f"## Compiled post-prune prefill ({shape['name']}: {shape['hidden_size']} wide, {shape['num_layers']} "
+            f"layers; {part['prompt_length']} -> {part['kept_length']} tokens after layer {config['layer']}; "
+            f"compile_prefill: dynamic=False, {options}; load {part['load'][0][0]}-{part['load'][1][0]})",
+            "",
+            "Wall ms, and in brackets the thread's CPU ms; the direct bound is the eager unhooked model on the kept "
+            "sequence.",
+            "",
+            "| variant | prefill ms | fraction of the direct bound | same kept set as eager | max abs logit diff |",
+            "|---|---|---|---|---|",
+        ]
+        for row in part["rows"]:
+            same = {True: "yes", False: "NO"}.get(row.get("same_kept"), "-")
+            diff = "-" if "max_abs_logit_diff" not in row else f"{row['max_abs_logit_diff']:.2e}"
+            lines.append(
+                f"| {row['variant']} | {row['prefill_ms']:.1f} ({row['prefill_cpu_ms']:.1f}) | "
+                f"{100 * row['of_direct_bound']:.1f}% ({100 * row['of_direct_bound_cpu']:.1f}%) | {same} | {diff} |"
+            )
+        lines.append("")
     if "selection" in result:
         part = result["selection"]
         flops = part["selection_flops"]
@@ -699,7 +801,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="a JSON file of SpeedConfig fields (flags below override it)")
     parser.add_argument("--quick", action="store_true", help="tiny presets, 1 repeat: a smoke run of every part")
     parser.add_argument("--device", help="cpu or cuda")
-    parser.add_argument("--parts", help="comma-separated: decode,prefill,throughput,selection")
+    parser.add_argument(
+        "--parts", help="comma-separated: decode,prefill,throughput,selection,compiled,compiled_prefill"
+    )
     args = parser.parse_args(argv)
     data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.quick:

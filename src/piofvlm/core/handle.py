@@ -33,6 +33,7 @@ from piofvlm.core.cache import (
     _pruned_cache_class,
     static_length_of,
 )
+from piofvlm.core.compiled_prefill import CompiledPrefill, compile_options
 from piofvlm.core.guard import guarded
 from piofvlm.core.labels import LabelsOverKept
 from piofvlm.core.prefill import Prefill, _Call
@@ -67,9 +68,13 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
         model: nn.Module,
         adapter: ModelAdapter,
         on_prefill: Callable[[list[StageRecord]], None] | None = None,
+        compile_prefill: bool | dict[str, Any] = False,
     ) -> None:
         """``on_prefill(records)`` is called at the start of each prefill with the list the stages of that call fill
-        (the calling thread's :attr:`records`); ``Method.apply`` passes its ``remember_selection``."""
+        (the calling thread's :attr:`records`); ``Method.apply`` passes its ``remember_selection``.
+        ``compile_prefill``: compile the decoder layers after the first prune point for pruned prefills
+        (``core/compiled_prefill.py``; ``True`` or ``torch.compile`` options)."""
+        options = compile_options(compile_prefill)
         if model in _ACTIVE:
             raise RuntimeError(
                 "a piofvlm method is already applied to this model; remove its handle (or leave its `with` block) "
@@ -82,6 +87,7 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
         self.on_prefill = on_prefill
         self._stage_at_layer = {layer: stage for stage, layer in enumerate(method.layers)}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._compiled: CompiledPrefill | None = None
         try:
             # Every hook is guarded: a model carrying them refuses copy.deepcopy and pickling (core/guard.py).
             self._hooks.append(model.register_forward_pre_hook(guarded(self._take_labels), with_kwargs=True))
@@ -104,6 +110,8 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
                 self._hooks.append(hook)
             adapter.attach(self)
             method.attach(self)
+            if options is not None:
+                self._compiled = CompiledPrefill(self, options)
         except Exception:
             self.remove()
             raise
@@ -120,6 +128,9 @@ class PruningHandle(Prefill, CacheLayouts, LabelsOverKept):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._compiled is not None:
+            self._compiled.remove()
+            self._compiled = None
         self._call = None
         self._pending = None
         self._segments = []

@@ -63,13 +63,14 @@ class Method:
 
     name: ClassVar[str] = ""
 
-    def apply(self, model: nn.Module) -> Any:  # pragma: no cover - interface
+    def apply(self, model: nn.Module, *, compile_prefill: bool | dict[str, Any] = False) -> Any:  # pragma: no cover
         raise NotImplementedError
 
     @contextmanager
-    def __call__(self, model: nn.Module) -> Iterator[Any]:
-        """Hooks on ``model`` for the duration of the ``with`` block; removed even if the block raises."""
-        handle = self.apply(model)
+    def __call__(self, model: nn.Module, *, compile_prefill: bool | dict[str, Any] = False) -> Iterator[Any]:
+        """Hooks on ``model`` for the duration of the ``with`` block; removed even if the block raises.
+        ``compile_prefill``: see :meth:`TokenPruner.apply`."""
+        handle = self.apply(model, compile_prefill=compile_prefill)
         try:
             yield handle
         finally:
@@ -222,11 +223,19 @@ class TokenPruner(Method):
         For methods that need more than the decoder's hidden states (e.g. vision-tower attention). Default: nothing.
         """
 
-    def apply(self, model: nn.Module) -> PruningHandle:
-        """Put this method's hooks on ``model`` (this instance only). Call ``.remove()`` on the handle to undo."""
+    def apply(self, model: nn.Module, *, compile_prefill: bool | dict[str, Any] = False) -> PruningHandle:
+        """Put this method's hooks on ``model`` (this instance only). Call ``.remove()`` on the handle to undo.
+
+        ``compile_prefill`` (opt-in, off by default): in a pruned prefill, run the decoder layers after the first
+        prune point through ``torch.compile`` (their input length is fixed by the budget: static shapes). ``True``
+        compiles with inductor and ``dynamic=False``; a dict gives ``torch.compile`` options (``backend``, ``mode``,
+        ``fullgraph``, ``dynamic``, ``options``), e.g. ``{"mode": "reduce-overhead"}`` for CUDA graphs on a GPU.
+        Decoding, the selection and the layers before the prune point stay eager; removing the handle restores the
+        layers' forwards. Each new batch size or kept length compiles once (``docs/benchmarks.md`` section 7.5b).
+        """
         adapter = get_adapter(model)
         self.check_model(adapter)
-        return PruningHandle(self, model, adapter, on_prefill=self.remember_selection)
+        return PruningHandle(self, model, adapter, on_prefill=self.remember_selection, compile_prefill=compile_prefill)
 
 
 @dataclass
@@ -235,7 +244,11 @@ class NoReduction(Method):
 
     name: ClassVar[str] = "none"
 
-    def apply(self, model: nn.Module) -> _NullHandle:
+    def apply(self, model: nn.Module, *, compile_prefill: bool | dict[str, Any] = False) -> _NullHandle:
+        """Nothing is pruned, so nothing is compiled (``compile_prefill`` is checked, then has no effect)."""
+        from piofvlm.core.compiled_prefill import compile_options
+
+        compile_options(compile_prefill)
         get_adapter(model)  # same model-type check as real methods
         self.remember_selection([])
         return _NullHandle()

@@ -176,7 +176,8 @@ def _check_gradient_flows(scores: torch.Tensor, ctx: StageContext) -> None:
     """Refuse a selection from all-zero gradient scores: the proxy's backward did not reach the hidden states (some
     quantized weights have no backward on some devices), so the kept set would be the tie order, silently."""
     visual = ctx.groups >= 0
-    dead = [b for b in range(scores.shape[0]) if bool(visual[b].any()) and not bool(scores[b][visual[b]].any())]
+    dead_rows = visual.any(1) & ~((scores != 0) & visual).any(1)  # one device sync, not two per sample
+    dead = dead_rows.nonzero()[:, 0].tolist()
     if not dead:
         return
     quantization = getattr(getattr(ctx.model, "config", None), "quantization_config", None)

@@ -20,6 +20,8 @@ The fast path's gradient comes in one of two exact ways:
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -163,11 +165,20 @@ def rms_norm_parts(norm: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Ten
         return None
     if any(name != "weight" for name, _ in norm.named_parameters()):
         return None
-    # A non-zero mean and an uneven spread: tells RMSNorm from LayerNorm, and fp32 arithmetic from fp64.
-    probe = torch.linspace(-1.0, 3.0, size, dtype=torch.float64, device=like.device).to(like.dtype)[None]  # (1, d)
-    with torch.no_grad():
-        actual, expected = norm(probe), _rms_norm_formula(probe, weight, eps)
-    return (weight, eps) if actual.dtype == expected.dtype and torch.equal(actual, expected) else None
+    # The verdict is remembered per module and what it depends on (each probe costs a device sync on a GPU).
+    key = (like.dtype, like.device, size, weight.dtype, weight.device, eps)
+    verdicts = _NORM_VERDICTS.setdefault(norm, {})
+    if key not in verdicts:
+        # A non-zero mean and an uneven spread: tells RMSNorm from LayerNorm, and fp32 arithmetic from fp64.
+        probe = torch.linspace(-1.0, 3.0, size, dtype=torch.float64, device=like.device).to(like.dtype)[None]
+        with torch.no_grad():
+            actual, expected = norm(probe), _rms_norm_formula(probe, weight, eps)
+        verdicts[key] = actual.dtype == expected.dtype and torch.equal(actual, expected)
+    return (weight, eps) if verdicts[key] else None
+
+
+# norm module -> {(input dtype, device, size, weight dtype, weight device, eps): computes _rms_norm_formula}; weak.
+_NORM_VERDICTS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
 
 
 class _Norm:
@@ -284,8 +295,8 @@ def _few_rows_times(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return total.to(rows.dtype)
 
 
-def _output_head(head: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
-    """``head`` itself, or :class:`_LinearHead` on its weight for a plain bias-free ``nn.Linear``."""
+def _plain_head_weight(head: Callable[[torch.Tensor], Any]) -> torch.Tensor | None:
+    """The ``(V, d)`` weight of a plain bias-free ``nn.Linear`` head (dense, materialised), else ``None``."""
     weight = getattr(head, "weight", None)
     if (
         isinstance(head, torch.nn.Linear)
@@ -293,8 +304,97 @@ def _output_head(head: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor]
         and type(weight) in (torch.Tensor, torch.nn.Parameter)
         and weight.device.type != "meta"
     ):
+        return weight
+    return None
+
+
+def _output_head(head: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    """``head`` itself, or :class:`_LinearHead` on its weight for a plain bias-free ``nn.Linear``."""
+    weight = _plain_head_weight(head)
+    if weight is not None:
         return lambda hidden: _LinearHead.apply(hidden, weight)
     return head
+
+
+#: Vocabulary rows per block of :class:`_FusedHeadLoss` (2 MiB of fp32 weights: the block is still in cache when
+#: it is read the second time).
+_FUSED_HEAD_ROWS = 512
+
+
+def _head_loss(head: Callable[[torch.Tensor], Any], hidden: torch.Tensor) -> torch.Tensor:
+    """``_self_argmax_loss(head(hidden))`` for ``hidden`` ``(B, n, d)``: the proxy's loss after the final norm.
+
+    For a plain bias-free ``nn.Linear`` fp32 head on the CPU and at most 16 rows, in one pass over the vocabulary
+    matrix (:class:`_FusedHeadLoss`: 33 against 38.5 ms at 4 x 32064 x 1024 on the 2-core EPYC of
+    ``docs/benchmarks.md`` section 7.5b); otherwise the head's logits and their cross-entropy. bf16 keeps the two
+    passes (blockwise it was slower there: 27 against 23 ms); fp64 too (its softmax is the fp32 one of
+    ``_self_argmax_loss`` bit for bit, which the fp64 tests compare to 1e-10)."""
+    weight = _plain_head_weight(head)
+    rows = hidden.shape[0] * hidden.shape[1]
+    if (
+        weight is None
+        or hidden.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or hidden.dtype != torch.float32
+        or rows > 16
+        or weight.shape[0] < 4 * _FUSED_HEAD_ROWS
+    ):
+        return _self_argmax_loss(_output_head(head)(hidden))
+    return _FusedHeadLoss.apply(hidden, weight)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """:func:`_self_argmax_loss` of ``hidden @ weight^T`` (``hidden`` ``(B, n, d)``, a constant ``weight``
+    ``(V, d)``) and its gradient, streaming the vocabulary matrix once instead of twice.
+
+    The gradient of a row's cross-entropy against its own argmax ``a`` is ``(softmax(l) - e_a) W = (sum_v e^(l_v -
+    m) W_v) / (sum_v e^(l_v - m)) - W_a``. Both sums are accumulated block by block over the vocabulary (an online
+    softmax: each block's exponentials relative to the running maximum ``m``, the sums rescaled when it grows), so
+    each block of ``W`` is read for its logits and, still in cache, for its share of ``softmax(l) W``. The argmax is
+    the first maximal index (as ``argmax``); logits and exponentials in fp32 (as ``_self_argmax_loss``), the
+    products in the weight's dtype, accumulated in fp32. Same FLOPs as the two passes; the gradient equals theirs to
+    fp32 rounding (tested), not bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        batch_size, num_rows, width = hidden.shape
+        rows = hidden.reshape(-1, width)  # (N, d)
+        count = rows.shape[0]
+        compute = torch.float32
+        running_max = torch.full((count,), float("-inf"), dtype=compute, device=rows.device)
+        total = torch.zeros(count, dtype=compute, device=rows.device)
+        weighted = torch.zeros(count, width, dtype=compute, device=rows.device)  # sum_v e^(l_v - m) W_v
+        best = torch.full((count,), float("-inf"), dtype=compute, device=rows.device)
+        label = torch.zeros(count, dtype=torch.long, device=rows.device)
+        for start in range(0, weight.shape[0], _FUSED_HEAD_ROWS):
+            block = weight[start : start + _FUSED_HEAD_ROWS]
+            logits = (block @ rows.T).T.to(compute)  # (N, R), as _LinearHead computes them
+            block_max, block_arg = logits.max(1)
+            better = block_max > best  # strictly: the first maximal index wins, as argmax
+            label = torch.where(better, block_arg + start, label)
+            best = torch.where(better, block_max, best)
+            new_max = torch.maximum(running_max, block_max)
+            rescale = torch.exp(running_max - new_max)
+            exponentials = torch.exp(logits - new_max[:, None])
+            total = total * rescale + exponentials.sum(1)
+            weighted.mul_(rescale[:, None])
+            if weight.dtype == compute:
+                weighted.addmm_(exponentials, block)
+            else:
+                weighted += (exponentials.to(weight.dtype) @ block).to(compute)
+            running_max = new_max
+        # loss per row: logsumexp - the argmax logit; a sum over samples of the mean over loss rows
+        per_row = running_max + torch.log(total) - best
+        loss = per_row.view(batch_size, num_rows).mean(1).sum()
+        grad = (weighted / total[:, None] - weight[label].to(compute)) / num_rows
+        ctx.save_for_backward(grad.to(hidden.dtype).view_as(hidden))
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None
 
 
 def _rotate(rotary: Callable[..., Any], t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -305,8 +405,10 @@ def _rotate(rotary: Callable[..., Any], t: torch.Tensor, cos: torch.Tensor, sin:
     return rotated
 
 
+@functools.lru_cache(maxsize=64)
 def _is_rotate_half(rotary: Callable[..., Any], head_dim: int, table_dim: int) -> bool:
-    """Whether ``rotary`` is Llama's ``t cos + rotate_half(t) sin`` over the whole head (checked on a probe)."""
+    """Whether ``rotary`` is Llama's ``t cos + rotate_half(t) sin`` over the whole head (checked on a probe, once
+    per function and sizes)."""
     if table_dim != head_dim or head_dim % 2:
         return False
     probe = torch.linspace(-1.0, 1.0, 2 * head_dim).view(2, 1, head_dim)  # (2, 1, hd)
@@ -348,17 +450,25 @@ class _RowsTimes(torch.autograd.Function):
 
 class _WeightedRows(torch.autograd.Function):
     """``weights @ rows`` ``(B, R, c)`` for constant ``rows`` ``(B, S, c)``, differentiable in ``weights``
-    ``(B, R, S)``; the backward ``(rows @ grad^T)^T`` keeps ``rows`` in its layout (see :class:`_RowsTimes`)."""
+    ``(B, R, S)``; the backward ``(rows @ grad^T)^T`` keeps ``rows`` in its layout (see :class:`_RowsTimes`).
+    ``keep``: a dict that receives ``rows @ grad^T`` ``(B, S, R)`` under ``"rows_grad"`` (the closed form reuses it:
+    one ``S x c x R`` pass fewer)."""
 
     @staticmethod
-    def forward(ctx: Any, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, weights: torch.Tensor, rows: torch.Tensor, keep: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         ctx.save_for_backward(rows)
+        ctx.keep = keep
         return weights @ rows
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (rows,) = ctx.saved_tensors
-        return (rows @ grad.transpose(1, 2)).transpose(1, 2), None
+        product = rows @ grad.transpose(1, 2)  # (B, S, R)
+        if ctx.keep is not None:
+            ctx.keep["rows_grad"] = product
+        return product.transpose(1, 2), None, None
 
 
 def _closed_form_gradient(
@@ -455,7 +565,8 @@ def _closed_form_gradient(
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(dtype)  # (B, H, n, S)
         # P n = ((P r) x) w: the row and column factors on the small operands.
         probs_scaled = norm.scale_columns(probs.reshape(batch_size, num_heads * num_q, seq_len))  # (B, H n, S)
-        mixed = norm.fold_weight(_WeightedRows.apply(probs_scaled, norm.base))  # (B, H n, d)
+        kept_products: dict[str, torch.Tensor] = {}  # the backward's x_j . dL/d(P n)_i, reused below
+        mixed = norm.fold_weight(_WeightedRows.apply(probs_scaled, norm.base, kept_products))  # (B, H n, d)
         v_weight = attn.v_proj.weight.view(num_kv, head_dim, -1)  # (H_kv, hd, d)
         attn_out = mixed.view(batch_size, num_kv, group * num_q, -1) @ v_weight.transpose(-1, -2)  # (B,H_kv,G n,hd)
         if attn.v_proj.bias is not None:
@@ -465,7 +576,7 @@ def _closed_form_gradient(
             attn_out = attn_out * torch.sigmoid(gate)
         attn_out = attn.o_proj(attn_out)  # (B, n, d)
         out = adapter.decoder_layer_output(layer, x_q, attn_out)
-        loss = _self_argmax_loss(_output_head(head)(adapter.final_norm(out)))
+        loss = _head_loss(head, adapter.final_norm(out))
 
     with record_function("piofvlm.proxy.backward"):
         # d_raw: dL/d(k q^T), with r_j already in row j when folded (autograd through the row scaling)
@@ -489,7 +600,11 @@ def _closed_form_gradient(
             if norms and fold and norm.rstd is not None:
                 # g_j . x_j without an S x d pass: (r R^T W_k^T dk_j) . (w x_j) = dL/d(k q^T)_j . (k q^T)_j (the
                 # rotation is orthogonal), and (P^T D)_j . x_j = P_j . (x_j D^T) with D^T only H n columns wide.
-                value_dot = _RowsTimes.apply(d_mixed, norm.base)  # (B, S, H n): x_j . D_i
+                # (B, S, H n): x_j . D_i, D = w dL/d(P n): computed by the backward of P n already (its incoming
+                # gradient is dL/d(P n) w, the same product)
+                value_dot = kept_products.get("rows_grad")
+                if value_dot is None:
+                    value_dot = _RowsTimes.apply(d_mixed, norm.base)
                 dot = torch.linalg.vecdot(d_raw.to(compute), raw_products.detach().to(compute))
                 dot += torch.linalg.vecdot(probs_rows.to(compute), value_dot.to(compute))
             else:
