@@ -5,6 +5,8 @@ the fast suite for random (pio: slow, ~15 s here); inductor is slow on a CPU (sl
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -63,6 +65,8 @@ def test_compiled_post_prune_prefill_equals_eager_and_leaves_the_model_as_it_was
         assert backend.graphs == 3  # one graph per layer after the prune point, shared by every prefill of a shape
         again = _run(m, inputs)
         assert backend.graphs == 3  # same batch and kept length: no recompile
+        with pytest.raises(RuntimeError, match="cannot be deep-copied or pickled"):
+            copy.deepcopy(m.model.language_model.layers[2])  # a copy would carry a forward bound to this layer
     assert torch.equal(compiled[0], eager[0])  # the prefill's logits
     assert torch.equal(compiled[1], eager[1])  # generated tokens
     assert torch.equal(compiled[2], eager[2])  # their logits (decoding stays eager on the pruned cache)

@@ -20,7 +20,8 @@ graph, and one code object would hit dynamo's recompile limit after 8 layers), k
 let dynamo generalise the length instead.
 
 Removing the handle restores every ``forward`` (the model is left as it was); the compiled code is only ever called
-through the dispatchers, so a later unhooked call never reaches it.
+through the dispatchers, so a later unhooked call never reaches it. Like the hooks, the dispatchers refuse
+``copy.deepcopy`` and pickling while the method is applied (:mod:`piofvlm.core.guard`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from piofvlm import transformers_compat
+from piofvlm.core.guard import guarded
 
 if TYPE_CHECKING:
     from piofvlm.core.handle import PruningHandle
@@ -134,8 +136,9 @@ class CompiledPrefill:
                 )
             return output
 
-        forward.__wrapped__ = own  # type: ignore[attr-defined]
-        return forward
+        # Guarded like every hook: a deep copy (or pickle) of a wrapped layer would carry a forward bound to this
+        # layer and handle; it is refused with the same message while the method is applied.
+        return guarded(forward)
 
     def remove(self) -> None:
         """Give every wrapped layer its own forward back."""
