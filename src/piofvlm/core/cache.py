@@ -346,7 +346,7 @@ class CacheLayouts:
             and call.layout_ref is not None
             and adapter.attn_implementation == "sdpa"
             and adapter.layer_type(index) == "full_attention"
-            and _default_decode_mask(adapter)
+            and adapter.default_decode_mask
             and not torch.compiler.is_compiling()
             and call.layout_ref.unpadded(segment_id)
         )
@@ -386,12 +386,6 @@ class CacheLayouts:
         position_ids = self.adapter.renumber_positions(position_ids, segment.shift[:, None])
         position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, position_ids, layer_type))
         return mask, position_embeddings, position_ids
-
-
-def _default_decode_mask(adapter: ModelAdapter) -> bool:
-    """Whether ``adapter`` keeps the base class's ``decode_mask`` (causal over the keys, nothing family-specific)."""
-    owner = next(cls for cls in type(adapter).__mro__ if "decode_mask" in vars(cls))
-    return owner.__name__ == "ModelAdapter" and owner.__module__ == "piofvlm.adapters.base"
 
 
 #: A decode input meaning "the mask the model gave this layer" (see :meth:`CacheLayouts._mask_as_given`).
