@@ -23,7 +23,7 @@ CONCERNS = {
     positions.Positions: "position_batch_dim rotary_batch_dim supports_renumber default_position_ids "
     "rotary_embeddings renumber_positions layer_position_ids",
     layer_types.LayerTypeMasks: "rebuilds_layer_type_masks per_token_layer_input layer_type layer_types "
-    "prefill_masks decode_mask decode_mask_over allowed_keys",
+    "prefill_masks decode_mask decode_mask_over default_decode_mask allowed_keys",
     hybrid.HybridStack: "is_attention_layer token_mixer check_attention_map kv_layer",
     proxy.FastProxySupport: "proxy_layer_kwargs rotary_fn attention_queries decoder_layer_output",
     vision.VisionTower: "_no_vision vision_tower vision_layers vision_feature_layer_index vision_local_layer_index "
@@ -44,7 +44,8 @@ def test_model_adapter_composes_one_class_per_concern():
             assert name not in seen, f"{name} in {seen.get(name)} and {concern}"
             seen[name] = concern
             assert getattr(ModelAdapter, name) is getattr(concern, name)
-    assert len(seen) + 1 == 54  # the 53 members of the old one-class ModelAdapter (attach included) + decode_mask_over
+    # the 53 members of the old one-class ModelAdapter (attach included) + decode_mask_over + default_decode_mask
+    assert len(seen) + 1 == 55
 
 
 def test_no_adapter_calls_a_member_through_a_class_name():

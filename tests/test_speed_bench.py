@@ -137,7 +137,7 @@ def test_compiled_reduce_overhead_decode_under_a_method_equals_eager():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_decode_passes_the_models_none_mask_only_where_it_is_exact(tiny, attn):
+def test_decode_passes_the_models_none_mask_only_where_it_is_exact(tiny, attn, monkeypatch):
     """Unpadded SDPA decoding: the pruned layers get the model's own ``None`` mask (no mask built per step); eager:
     a mask built for the segment's shorter cache, sized to its keys. Logits equal a no-cache forward either way (the
     invariant suites); here the path taken is checked."""
@@ -146,10 +146,16 @@ def test_decode_passes_the_models_none_mask_only_where_it_is_exact(tiny, attn):
     try:
         method = piofvlm.get_method("random", keep=0.25, layers=[2])
         seen: list = []
+        built: list = []
         name = transformers_compat.cache_kwarg_name(model)
+        build = transformers_compat.causal_padding_mask
 
         def spy(module, args, kwargs):
             seen.append(kwargs.get("attention_mask"))
+
+        def counting(*args, **kwargs):
+            built.append(args[2] if len(args) > 2 else kwargs.get("query_length"))
+            return build(*args, **kwargs)
 
         with method(model), torch.no_grad():
             # registered after the method's hook on layer 3, so it sees what the method passes on
@@ -160,13 +166,19 @@ def test_decode_passes_the_models_none_mask_only_where_it_is_exact(tiny, attn):
                 kept = fl.cache_layer_lengths(cache)[3]
                 seen.clear()
                 mask = torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long)
+                monkeypatch.setattr(transformers_compat, "causal_padding_mask", counting)
                 model(input_ids=torch.tensor([[7]]), attention_mask=mask, **{name: cache})
             finally:
                 handle.remove()
+                monkeypatch.undo()
         assert len(seen) == 1
+        assert get_adapter(model).default_decode_mask
         if attn == "sdpa":
-            assert seen[0] is None
+            # the model's own None mask, and no mask built by the mechanism (the same function would give None too,
+            # so only the count of masks built tells the paths apart)
+            assert seen[0] is None and built == []
         else:
             assert isinstance(seen[0], torch.Tensor) and seen[0].shape[-1] == kept + 1
+            assert len(built) == 1  # one mask per step and segment, shared by the segment's layers
     finally:
         model.set_attn_implementation("sdpa")

@@ -184,3 +184,36 @@ def test_custom_4d_mask_is_still_refused():
     full = mask[:, None, None, :] & torch.ones(1, 1, mask.shape[1], 1, dtype=torch.bool).tril()
     with torch.no_grad(), piofvlm.get_method("random", keep=0.5)(m), pytest.raises(ValueError, match="4-D mask"):
         m(**{**inputs, "attention_mask": full})
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_multi_token_continuation_with_padding_on_a_static_cache_equals_dynamic(attn):
+    """A continuation of several tokens at once (query rows causal among themselves) whose 2-D mask has a zero
+    among the appended tokens, then single tokens, on a pruned static cache passed by hand: the same logits as on a
+    dynamic cache (the static decode mask's generated keys, their causal rows and the appended padding)."""
+    m, inputs = family("llava", attn)
+    method = piofvlm.get_method("random", layers=[1, 3], keep=[0.5, 0.25], seed=1)
+    batch = inputs["input_ids"].shape[0]
+    steps = [
+        (torch.tensor([[5, 6, 7]] * batch), torch.tensor([[1, 0, 1]] * batch)),
+        (torch.tensor([[8]] * batch), torch.ones(batch, 1, dtype=torch.long)),
+        (torch.tensor([[9, 10]] * batch), torch.tensor([[1, 1]] * batch)),
+    ]
+
+    def run(cache):
+        logits, mask = [], inputs["attention_mask"]
+        name = transformers_compat.cache_kwarg_name(m)
+        with torch.no_grad():
+            out = m(**inputs, use_cache=True, **{name: cache})
+            for ids, new in steps:
+                mask = torch.cat([mask, new], 1)
+                out = m(
+                    input_ids=ids, attention_mask=mask, use_cache=True, **{name: transformers_compat.output_cache(out)}
+                )
+                logits.append(out.logits[new.bool()[:1].expand(batch, -1)].view(batch, -1, out.logits.shape[-1]))
+        return torch.cat(logits, 1)
+
+    with method(m):
+        dynamic = run(None)
+        static = run(StaticCache(config=m.config, max_cache_len=inputs["input_ids"].shape[1] + 8))
+    torch.testing.assert_close(static, dynamic, rtol=0, atol=1e-5)

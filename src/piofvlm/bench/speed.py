@@ -239,6 +239,11 @@ def decode_tax(
         }
         row["tax_pct"] = 100.0 * (row["hooked_ms"] / row["direct_ms"] - 1.0)
         row["tax_cpu_pct"] = 100.0 * (row["hooked_cpu_ms"] / row["direct_cpu_ms"] - 1.0)
+        # Paired: hooked against direct of the same round (adjacent in time), median over rounds; on a shared
+        # machine this follows the load drift better than the ratio of the two medians.
+        pairs = list(zip(times["hooked"], times["direct"], strict=True))
+        row["tax_paired_pct"] = 100.0 * statistics.median(h[0] / d[0] - 1.0 for h, d in pairs)
+        row["tax_paired_cpu_pct"] = 100.0 * statistics.median(h[1] / d[1] - 1.0 for h, d in pairs)
         if "unpruned_ms" in row:
             row["vs_unpruned"] = row["unpruned_ms"] / row["hooked_ms"]
             row["vs_unpruned_cpu"] = row["unpruned_cpu_ms"] / row["hooked_cpu_ms"]
@@ -685,8 +690,10 @@ def render(result: dict[str, Any]) -> str:
             "Wall ms/token, and in brackets the thread's CPU ms/token (on a shared CPU with one thread the CPU time",
             "is the figure to compare; the wall time includes what the scheduler gave other processes).",
             "",
-            "| cache | method | hooked | direct (same lengths) | tax | unpruned | unpruned / hooked | load |",
-            "|---|---|---|---|---|---|---|---|",
+            "*tax*: ratio of the medians; *paired*: median over rounds of hooked / direct within a round.",
+            "",
+            "| cache | method | hooked | direct (same lengths) | tax | paired | unpruned | unpruned / hooked | load |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in result["decode"]:
             unpruned = row.get("unpruned_ms")
@@ -699,7 +706,8 @@ def render(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {row['cache']} | {row['method']} | {row['hooked_ms']:.3f} ({row['hooked_cpu_ms']:.3f}) | "
                 f"{row['direct_ms']:.3f} ({row['direct_cpu_ms']:.3f}) | {row['tax_pct']:+.1f}% "
-                f"({row['tax_cpu_pct']:+.1f}%) | {versus} | {row['load'][0][0]}-{row['load'][1][0]} |"
+                f"({row['tax_cpu_pct']:+.1f}%) | {row['tax_paired_pct']:+.1f}% ({row['tax_paired_cpu_pct']:+.1f}%) | "
+                f"{versus} | {row['load'][0][0]}-{row['load'][1][0]} |"
             )
         lines.append("")
     if "compiled" in result:
@@ -804,6 +812,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--parts", help="comma-separated: decode,prefill,throughput,selection,compiled,compiled_prefill"
     )
+    parser.add_argument("--methods", help="comma-separated methods (default: random,fastv,pio)")
+    parser.add_argument("--caches", help="decode tax: comma-separated dynamic,static")
+    parser.add_argument(
+        "--repeats", type=int, help="timed blocks per variant of the decode tax and the compiled rounds (default 5)"
+    )
     args = parser.parse_args(argv)
     data: dict[str, Any] = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.quick:
@@ -812,6 +825,12 @@ def main(argv: list[str] | None = None) -> int:
         data["device"] = args.device
     if args.parts:
         data["parts"] = args.parts.split(",")
+    if args.methods:
+        data["methods"] = args.methods.split(",")
+    if args.caches:
+        data["caches"] = args.caches.split(",")
+    if args.repeats is not None:
+        data["repeats"] = args.repeats
     config = SpeedConfig(**data)
     logging.basicConfig(level=logging.INFO, format="[speed %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     result = run(config)

@@ -50,6 +50,23 @@ class _CacheLayout:
     model_id: int | None = None  # id() of the model whose hooks pruned it (see _PrunedDynamicCache)
     _plan: tuple[tuple[int, str] | None, ...] | None = field(default=None, repr=False, compare=False)
     _unpadded: dict[int, bool] = field(default_factory=dict, repr=False, compare=False)
+    #: Static caches: per (segment, buffer length, device, dtype), the step-independent parts of the decode mask
+    #: (:func:`_static_mask_parts`), built at the first decode step instead of at every step.
+    _static_parts: dict[tuple[Any, ...], _StaticMaskParts] = field(default_factory=dict, repr=False, compare=False)
+
+    def static_mask_parts(
+        self, segment_id: int, length: int, device: torch.device, dtype: torch.dtype | None
+    ) -> _StaticMaskParts:
+        """:func:`_static_mask_parts` of a segment, kept on the layout (computed afresh inside compiled code, which
+        must not write Python state)."""
+        if torch.compiler.is_compiling():
+            return _static_mask_parts(self.segments[segment_id].valid, length, device, dtype)
+        key = (segment_id, length, device, dtype)
+        parts = self._static_parts.get(key)
+        if parts is None:
+            parts = _static_mask_parts(self.segments[segment_id].valid, length, device, dtype)
+            self._static_parts[key] = parts
+        return parts
 
     def unpadded(self, segment_id: int) -> bool:
         """Whether every cached prompt slot of a segment is a real token (no padding, no masked slot): read once per
@@ -71,6 +88,34 @@ class _CacheLayout:
                 plan.append((before[-1], adapter.layer_type(index)) if attends else None)
             self._plan = tuple(plan)
         return self._plan
+
+
+@dataclass
+class _StaticMaskParts:
+    """What a pruned segment's decode mask on a static cache of ``length`` slots keeps from step to step: the
+    segment's cached prompt keys ``prompt`` ``(B, 1, 1, L)`` (its valid slots, False from ``seg_len`` on), and for
+    every slot the index to compare with the layer's write position, ``generated`` ``(L,)`` (the slot itself from
+    ``seg_len`` on, ``L`` before it: a prompt slot never counts as a generated key). Eager masks are additive:
+    ``zero`` and ``low`` are the 0-d values of an allowed and a masked key (None under SDPA)."""
+
+    prompt: torch.Tensor
+    generated: torch.Tensor
+    zero: torch.Tensor | None
+    low: torch.Tensor | None
+
+
+def _static_mask_parts(
+    valid: torch.Tensor, length: int, device: torch.device, dtype: torch.dtype | None
+) -> _StaticMaskParts:
+    seg_len = valid.shape[1]
+    keys = torch.arange(length, device=device)
+    generated = torch.where(keys >= seg_len, keys, length)
+    prompt = torch.nn.functional.pad(valid.to(device), (0, length - seg_len), value=False)[:, None, None, :]
+    zero = low = None
+    if dtype is not None:
+        zero = torch.zeros((), dtype=dtype, device=device)
+        low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return _StaticMaskParts(prompt, generated, zero, low)
 
 
 _LAYOUT_ATTR = "_piofvlm_layout"
@@ -251,27 +296,36 @@ class CacheLayouts:
         return valid.long()
 
     def _segment_static_mask(
-        self, segment: _Segment, call: _Call, cache: Any, index: int, query_length: int, dtype: torch.dtype
+        self, segment_id: int, call: _Call, cache: Any, index: int, query_length: int, dtype: torch.dtype
     ) -> torch.Tensor:
         """The decode mask of a pruned segment on a static cache, in tensor operations only (compiled decoding traces
         it): the segment's cached prompt keys, then every token written since the prompt up to each query (causal),
-        then the unused slots of the buffer (masked)."""
+        then the unused slots of the buffer (masked). The step-independent parts are built once per layout
+        (:meth:`_CacheLayout.static_mask_parts`); a step compares the layer's write position with the slots (one
+        comparison and one OR; eager: one more select)."""
+        segment = call.segments[segment_id]
         seg_len, length = segment.valid.shape[1], call.static_length
         device = segment.valid.device
+        eager = self.adapter.attn_implementation == "eager"  # additive masks, as transformers' eager masks
+        if call.layout_ref is not None:
+            parts = call.layout_ref.static_mask_parts(segment_id, length, device, dtype if eager else None)
+        else:
+            parts = _static_mask_parts(segment.valid, length, device, dtype if eager else None)
         written = transformers_compat.static_cache_position(cache, index)  # this layer's write position (tensor)
-        keys = torch.arange(length, device=device)
-        rows = torch.arange(query_length, device=device)
-        generated = (keys >= seg_len)[None, :] & (keys[None, :] <= written + rows[:, None])  # (L_q, L)
-        prompt = torch.nn.functional.pad(segment.valid, (0, length - seg_len), value=False)[:, None, None, :]
-        allowed = torch.where(keys < seg_len, prompt, generated[None, None])  # (B, 1, L_q, L)
+        if query_length == 1:
+            generated = parts.generated <= written  # (L,)
+        else:
+            last = written + torch.arange(query_length, device=device)[:, None]  # (L_q, 1): the key each row sees
+            generated = parts.generated[None, :] <= last  # (L_q, L)
+        allowed = parts.prompt | generated  # (B, 1, L_q, L)
         mask_2d = call.attention_mask_2d
         if mask_2d is not None and mask_2d.shape[1] > self._prompt_len:  # padding among appended tokens
-            appended = mask_2d[:, self._prompt_len :].to(device=device, dtype=torch.bool)
-            appended = appended[:, : length - seg_len]
-            appended = torch.nn.functional.pad(appended, (seg_len, length - seg_len - appended.shape[1]), value=True)
-            allowed = allowed & appended[:, None, None, :]
-        if self.adapter.attn_implementation == "eager":  # additive, as transformers' eager masks
-            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+            appended = mask_2d[:, self._prompt_len : self._prompt_len + length - seg_len]
+            allowed[..., seg_len : seg_len + appended.shape[1]] &= appended.to(device=device, dtype=torch.bool)[
+                :, None, None, :
+            ]
+        if eager:
+            return torch.where(allowed, parts.zero, parts.low)
         return allowed
 
     def _pad_first_layer_cache(self, call: _Call, cache: Any) -> dict[int, int]:
@@ -346,7 +400,7 @@ class CacheLayouts:
             and call.layout_ref is not None
             and adapter.attn_implementation == "sdpa"
             and adapter.layer_type(index) == "full_attention"
-            and _default_decode_mask(adapter)
+            and adapter.default_decode_mask
             and not torch.compiler.is_compiling()
             and call.layout_ref.unpadded(segment_id)
         )
@@ -362,11 +416,13 @@ class CacheLayouts:
             return _AS_GIVEN, None, None
         cache = transformers_compat.cache_from_kwargs(kwargs)
         kv_index = self.adapter.kv_layer(index)  # a KV-shared layer attends to an earlier layer's cache
-        cached = cache.get_seq_length(kv_index) if cache is not None else segment.valid.shape[1]
+        cached: Any = None  # tokens the layer's cache holds (read where needed: a static cache's is a tensor)
+        if call.static_length is None or call.renumber:
+            cached = cache.get_seq_length(kv_index) if cache is not None else segment.valid.shape[1]
         if as_given:
             mask = _AS_GIVEN
         elif call.static_length is not None:
-            mask = self._segment_static_mask(segment, call, cache, index, query_length, hidden.dtype)
+            mask = self._segment_static_mask(segment_id, call, cache, index, query_length, hidden.dtype)
         else:
             new_tokens = cached + query_length - segment.valid.shape[1]  # generated/appended tokens incl. this call's
             new_valid = torch.ones(hidden.shape[0], new_tokens, dtype=torch.bool, device=hidden.device)
@@ -386,12 +442,6 @@ class CacheLayouts:
         position_ids = self.adapter.renumber_positions(position_ids, segment.shift[:, None])
         position_embeddings = tuple(self.adapter.rotary_embeddings(hidden, position_ids, layer_type))
         return mask, position_embeddings, position_ids
-
-
-def _default_decode_mask(adapter: ModelAdapter) -> bool:
-    """Whether ``adapter`` keeps the base class's ``decode_mask`` (causal over the keys, nothing family-specific)."""
-    owner = next(cls for cls in type(adapter).__mro__ if "decode_mask" in vars(cls))
-    return owner.__name__ == "ModelAdapter" and owner.__module__ == "piofvlm.adapters.base"
 
 
 #: A decode input meaning "the mask the model gave this layer" (see :meth:`CacheLayouts._mask_as_given`).

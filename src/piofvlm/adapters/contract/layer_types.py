@@ -73,6 +73,17 @@ class LayerTypeMasks:
         keys."""
         return self.decode_mask(layer_type, all_keys[:, all_keys.shape[1] - visible :], query_length, dtype)
 
+    @property
+    def default_decode_mask(self) -> bool:
+        """Whether this adapter decodes with the default mask (neither :meth:`decode_mask` nor
+        :meth:`decode_mask_over` overridden: causal over the visible keys, nothing family-specific). The mechanism
+        may then take the model's own decode mask where it is provably the segment's
+        (``CacheLayouts._mask_as_given``)."""
+        cls = type(self)
+        return (
+            cls.decode_mask is LayerTypeMasks.decode_mask and cls.decode_mask_over is LayerTypeMasks.decode_mask_over
+        )
+
     def allowed_keys(
         self,
         layer_type: str,
