@@ -307,10 +307,7 @@ class CacheLayouts:
         seg_len, length = segment.valid.shape[1], call.static_length
         device = segment.valid.device
         eager = self.adapter.attn_implementation == "eager"  # additive masks, as transformers' eager masks
-        if call.layout_ref is not None:
-            parts = call.layout_ref.static_mask_parts(segment_id, length, device, dtype if eager else None)
-        else:
-            parts = _static_mask_parts(segment.valid, length, device, dtype if eager else None)
+        parts = call.layout_ref.static_mask_parts(segment_id, length, device, dtype if eager else None)
         written = transformers_compat.static_cache_position(cache, index)  # this layer's write position (tensor)
         if query_length == 1:
             generated = parts.generated <= written  # (L,)
