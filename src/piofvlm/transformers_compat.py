@@ -669,16 +669,24 @@ def reset_compiled(model: torch.nn.Module) -> None:
 GEMMA4_TESTED_FROM = "5.24.0"
 
 
-def gemma4_unsupported_reason(version: str | None = None) -> str | None:
-    """Why ``gemma4`` models are refused on transformers ``version`` (default: the installed one), or ``None``."""
+def _family_needs_release(model_type: str, tested_from: str, why: str, version: str | None) -> str | None:
+    """Why ``model_type`` models are refused on transformers ``version`` (default: the installed one) when piofvlm
+    tests them from ``tested_from`` on, or ``None``; ``why`` (formatted with ``installed``) says what differs below."""
     installed = Version(version or TRANSFORMERS_VERSION)
-    if installed >= Version(GEMMA4_TESTED_FROM):
+    if installed >= Version(tested_from):
         return None
     return (
-        f"piofvlm supports gemma4 models on transformers >= {GEMMA4_TESTED_FROM} only (tested there); the Gemma 4 of "
-        f"transformers {installed} lays out its per-layer inputs and its KV-shared prefill differently. Install "
-        f"pip install 'transformers>={GEMMA4_TESTED_FROM},<{TESTED_RANGE[1]}'"
+        f"piofvlm supports {model_type} models on transformers >= {tested_from} only (tested there); "
+        f"{why.format(installed=installed)} Install pip install 'transformers>={tested_from},<{TESTED_RANGE[1]}'"
     )
+
+
+def gemma4_unsupported_reason(version: str | None = None) -> str | None:
+    """Why ``gemma4`` models are refused on transformers ``version`` (default: the installed one), or ``None``."""
+    why = (
+        "the Gemma 4 of transformers {installed} lays out its per-layer inputs and its KV-shared prefill differently."
+    )
+    return _family_needs_release("gemma4", GEMMA4_TESTED_FROM, why, version)
 
 
 #: First transformers release whose ``Llama4ForConditionalGeneration`` runs (5.24.0's forward reads
@@ -688,15 +696,11 @@ LLAMA4_TESTED_FROM = "5.25.0"
 
 def llama4_unsupported_reason(version: str | None = None) -> str | None:
     """Why ``llama4`` models are refused on transformers ``version`` (default: the installed one), or ``None``."""
-    installed = Version(version or TRANSFORMERS_VERSION)
-    if installed >= Version(LLAMA4_TESTED_FROM):
-        return None
-    return (
-        f"piofvlm supports llama4 models on transformers >= {LLAMA4_TESTED_FROM} only (tested there); "
-        f"transformers 5.24's Llama4ForConditionalGeneration.forward fails by itself (AttributeError: "
-        f"'image_outputs'), earlier releases are untested. Install "
-        f"pip install 'transformers>={LLAMA4_TESTED_FROM},<{TESTED_RANGE[1]}'"
+    why = (
+        "transformers 5.24's Llama4ForConditionalGeneration.forward fails by itself (AttributeError: "
+        "'image_outputs'), earlier releases are untested."
     )
+    return _family_needs_release("llama4", LLAMA4_TESTED_FROM, why, version)
 
 
 # ------------------------------------------------------------------------------------------------- rotary tables
